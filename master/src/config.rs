@@ -1,0 +1,674 @@
+//! The master's configuration: one typed YAML document, validated at start-up. Every error names
+//! the file, the key and the reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    /// Dotted path of the offending key, e.g. `builders[0].steps[1].shell.command`.
+    pub key: String,
+    pub reason: String,
+}
+
+/// The whole configuration of a master.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Shown in the UI and logs.
+    #[serde(default = "default_title")]
+    pub title: String,
+    /// Database URL: `sqlite://PATH` (the embedded default) or `postgres://…`.
+    pub database: String,
+    /// Where the master keeps local state: the SQLite file, local workers' directories.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// A unique name for this master when several share one database. Defaults to host:data_dir.
+    #[serde(default)]
+    pub master_name: Option<String>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub workers: WorkersConfig,
+    pub builders: Vec<BuilderConfig>,
+    #[serde(default)]
+    pub schedulers: Vec<SchedulerConfig>,
+    #[serde(default)]
+    pub change_hooks: ChangeHooksConfig,
+    /// Collapse compatible pending requests of a builder (Buildbot's default: on).
+    #[serde(default = "yes", rename = "collapseRequests")]
+    pub collapse_requests: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the REST API, change hooks and metrics.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_body_limit")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+            max_body_bytes: default_body_limit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Address of the gRPC endpoint workers connect to.
+    #[serde(default = "default_grpc_listen")]
+    pub listen: SocketAddr,
+    /// Tokens that admit a worker. A worker may register under any name with a valid token.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Seconds between heartbeats; a session silent for three is lost.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: f64,
+    /// Seconds a claimed build request stays leased without renewal before another master may
+    /// take it back.
+    #[serde(default = "default_lease")]
+    pub lease_seconds: u64,
+    /// Worker processes the master starts and supervises on its own machine.
+    #[serde(default)]
+    pub local: Option<LocalPoolConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for the token, for logs.
+    pub name: String,
+    /// The token itself…
+    #[serde(default)]
+    pub value: Option<String>,
+    /// …or the environment variable that holds it.
+    #[serde(default)]
+    pub value_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalPoolConfig {
+    /// How many local workers to run.
+    pub count: u32,
+    /// Builds each local worker runs at once.
+    #[serde(default = "one")]
+    pub max_builds: u32,
+    /// The `kiln-worker` binary; by default the one beside `kiln-master`.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// Prefix of the workers' names: `local-1`, `local-2`, …
+    #[serde(default = "default_local_prefix")]
+    pub name_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Workers that may run this builder; empty means any.
+    #[serde(default)]
+    pub workernames: Vec<String>,
+    /// Directory of the builder on the worker, relative to its base directory.
+    #[serde(default)]
+    pub builddir: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
+    /// Overrides the global `collapseRequests`.
+    #[serde(default, rename = "collapseRequests")]
+    pub collapse_requests: Option<bool>,
+    pub steps: Vec<StepConfig>,
+}
+
+impl BuilderConfig {
+    pub fn builddir(&self) -> String {
+        self.builddir
+            .clone()
+            .unwrap_or_else(|| sanitize_dir(&self.name))
+    }
+}
+
+/// One step of a builder, written as a single-key map: `- shell: {...}`.
+#[derive(Debug, Clone)]
+pub enum StepConfig {
+    Git(GitStepConfig),
+    Shell(ShellStepConfig),
+    SetPropertyFromCommand(SetPropertyStepConfig),
+}
+
+impl<'de> Deserialize<'de> for StepConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StepVisitor;
+        impl<'de> serde::de::Visitor<'de> for StepVisitor {
+            type Value = StepConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map with one key: git, shell or set_property_from_command")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StepConfig, A::Error> {
+                use serde::de::Error;
+                let kind: String = map
+                    .next_key()?
+                    .ok_or_else(|| A::Error::custom("empty step: name its kind"))?;
+                let step = match kind.as_str() {
+                    "git" => StepConfig::Git(map.next_value()?),
+                    "shell" => StepConfig::Shell(map.next_value()?),
+                    "set_property_from_command" => {
+                        StepConfig::SetPropertyFromCommand(map.next_value()?)
+                    }
+                    other => {
+                        return Err(A::Error::unknown_variant(
+                            other,
+                            &["git", "shell", "set_property_from_command"],
+                        ));
+                    }
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(A::Error::custom(format!(
+                        "a step has exactly one kind; found also {extra:?}"
+                    )));
+                }
+                Ok(step)
+            }
+        }
+        deserializer.deserialize_map(StepVisitor)
+    }
+}
+
+/// Flags every step takes, with Buildbot's names and defaults.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct StepFlags {
+    #[serde(default, rename = "haltOnFailure")]
+    pub halt_on_failure: Option<bool>,
+    #[serde(default, rename = "flunkOnFailure")]
+    pub flunk_on_failure: Option<bool>,
+    #[serde(default, rename = "warnOnFailure")]
+    pub warn_on_failure: Option<bool>,
+    #[serde(default, rename = "alwaysRun")]
+    pub always_run: Option<bool>,
+}
+
+/// A command line as Buildbot takes it: a list of arguments, or one string for the shell.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    Argv(Vec<String>),
+    Script(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub command: CommandLine,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Seconds without output before the command is killed (Buildbot's default 1200).
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    #[serde(default, rename = "maxTime")]
+    pub max_time: Option<u32>,
+    #[serde(default, rename = "logEnviron")]
+    pub log_environ: Option<bool>,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Repository URL; defaults to the source stamp's repository.
+    #[serde(default)]
+    pub repourl: Option<String>,
+    /// Branch to build when the source stamp names none.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// `incremental` (default) or `full`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPropertyStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub property: String,
+    pub command: CommandLine,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Strip surrounding white space from the output (Buildbot's default: yes).
+    #[serde(default = "yes")]
+    pub strip: bool,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SchedulerConfig {
+    /// Buildbot's SingleBranchScheduler: matching changes become build requests.
+    SingleBranch {
+        name: String,
+        #[serde(rename = "builderNames")]
+        builder_names: Vec<String>,
+        /// Only changes on this branch; absent means any branch.
+        #[serde(default)]
+        branch: Option<String>,
+        #[serde(default)]
+        project: Option<String>,
+        #[serde(default)]
+        repository: Option<String>,
+        /// Seconds the tree must be stable before building. Not supported yet: leave unset.
+        #[serde(default, rename = "treeStableTimer")]
+        tree_stable_timer: Option<f64>,
+        #[serde(default)]
+        priority: i64,
+        #[serde(default)]
+        properties: BTreeMap<String, serde_json::Value>,
+    },
+    /// Buildbot's ForceScheduler: builds on demand through the REST control API.
+    Force {
+        name: String,
+        #[serde(rename = "builderNames")]
+        builder_names: Vec<String>,
+        #[serde(default, rename = "buttonName")]
+        button_name: Option<String>,
+        #[serde(default)]
+        label: Option<String>,
+        #[serde(default)]
+        properties: BTreeMap<String, serde_json::Value>,
+    },
+}
+
+impl SchedulerConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SchedulerConfig::SingleBranch { name, .. } | SchedulerConfig::Force { name, .. } => {
+                name
+            }
+        }
+    }
+
+    pub fn builder_names(&self) -> &[String] {
+        match self {
+            SchedulerConfig::SingleBranch { builder_names, .. }
+            | SchedulerConfig::Force { builder_names, .. } => builder_names,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeHooksConfig {
+    /// Enables `/change_hook/base`.
+    #[serde(default = "yes")]
+    pub base: bool,
+}
+
+impl Default for ChangeHooksConfig {
+    fn default() -> Self {
+        Self { base: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn default_title() -> String {
+    "Kiln".to_owned()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("kiln-data")
+}
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8010))
+}
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9989))
+}
+fn default_body_limit() -> usize {
+    1 << 20
+}
+fn default_heartbeat() -> f64 {
+    5.0
+}
+fn default_lease() -> u64 {
+    60
+}
+fn default_local_prefix() -> String {
+    "local".to_owned()
+}
+
+/// Makes a name safe as one directory component.
+pub fn sanitize_dir(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative paths in it are taken relative
+    /// to the current directory, like Buildbot's basedir.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            file: file.clone(),
+            key: "(file)".to_owned(),
+            reason: error.to_string(),
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let error = |key: String, reason: String| ConfigError {
+            file: file.to_owned(),
+            key,
+            reason,
+        };
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(document)".to_owned()
+            } else {
+                key
+            };
+            // serde_yaml's message carries a position; keep it, it helps find the line.
+            error(key, e.into_inner().to_string())
+        })?;
+        config
+            .validate()
+            .map_err(|(key, reason)| error(key, reason))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let db = &self.database;
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            return Err((
+                "database".into(),
+                format!("unsupported database URL {db:?}: use sqlite://PATH or postgres://…"),
+            ));
+        }
+        if self.workers.heartbeat_interval <= 0.0 || !self.workers.heartbeat_interval.is_finite() {
+            return Err((
+                "workers.heartbeat_interval".into(),
+                "must be a positive number of seconds".into(),
+            ));
+        }
+        if self.workers.lease_seconds < 5 {
+            return Err((
+                "workers.lease_seconds".into(),
+                "must be at least 5 seconds".into(),
+            ));
+        }
+        for (i, token) in self.workers.tokens.iter().enumerate() {
+            match (&token.value, &token.value_env) {
+                (Some(v), None) if v.is_empty() => {
+                    return Err((
+                        format!("workers.tokens[{i}].value"),
+                        "must not be empty".into(),
+                    ));
+                }
+                (Some(_), None) => {}
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => {}
+                    _ => {
+                        return Err((
+                            format!("workers.tokens[{i}].value_env"),
+                            format!("environment variable {var} is not set or empty"),
+                        ));
+                    }
+                },
+                _ => {
+                    return Err((
+                        format!("workers.tokens[{i}]"),
+                        "give exactly one of value and value_env".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(local) = &self.workers.local {
+            if local.count == 0 || local.max_builds == 0 {
+                return Err((
+                    "workers.local".into(),
+                    "count and max_builds must be at least 1".into(),
+                ));
+            }
+        }
+        if self.builders.is_empty() {
+            return Err(("builders".into(), "at least one builder is needed".into()));
+        }
+        let mut names = BTreeSet::new();
+        for (i, builder) in self.builders.iter().enumerate() {
+            if builder.name.is_empty() || builder.name.len() > 100 {
+                return Err((
+                    format!("builders[{i}].name"),
+                    "must be 1 to 100 characters".into(),
+                ));
+            }
+            if !names.insert(builder.name.as_str()) {
+                return Err((
+                    format!("builders[{i}].name"),
+                    format!("duplicate builder {:?}", builder.name),
+                ));
+            }
+            if builder.steps.is_empty() {
+                return Err((
+                    format!("builders[{i}].steps"),
+                    "a builder needs at least one step".into(),
+                ));
+            }
+            let mut step_names = BTreeSet::new();
+            for (j, step) in builder.steps.iter().enumerate() {
+                let key = format!("builders[{i}].steps[{j}]");
+                if let StepConfig::Shell(ShellStepConfig { command, .. })
+                | StepConfig::SetPropertyFromCommand(SetPropertyStepConfig {
+                    command, ..
+                }) = step
+                {
+                    match command {
+                        CommandLine::Argv(argv) if argv.is_empty() => {
+                            return Err((format!("{key}.command"), "must not be empty".into()));
+                        }
+                        CommandLine::Script(s) if s.trim().is_empty() => {
+                            return Err((format!("{key}.command"), "must not be empty".into()));
+                        }
+                        _ => {}
+                    }
+                }
+                if let StepConfig::Git(git) = step {
+                    if let Some(mode) = &git.mode {
+                        if mode != "incremental" && mode != "full" {
+                            return Err((
+                                format!("{key}.git.mode"),
+                                "must be incremental or full".into(),
+                            ));
+                        }
+                    }
+                }
+                let name = step_name(step, j);
+                if !step_names.insert(name.clone()) {
+                    return Err((
+                        format!("{key}.name"),
+                        format!("duplicate step name {name:?} in this builder"),
+                    ));
+                }
+            }
+        }
+        let mut scheduler_names = BTreeSet::new();
+        for (i, scheduler) in self.schedulers.iter().enumerate() {
+            if !scheduler_names.insert(scheduler.name()) {
+                return Err((
+                    format!("schedulers[{i}].name"),
+                    format!("duplicate scheduler {:?}", scheduler.name()),
+                ));
+            }
+            if scheduler.builder_names().is_empty() {
+                return Err((
+                    format!("schedulers[{i}].builderNames"),
+                    "name at least one builder".into(),
+                ));
+            }
+            for (j, builder) in scheduler.builder_names().iter().enumerate() {
+                if !names.contains(builder.as_str()) {
+                    return Err((
+                        format!("schedulers[{i}].builderNames[{j}]"),
+                        format!("unknown builder {builder:?}"),
+                    ));
+                }
+            }
+            if let SchedulerConfig::SingleBranch {
+                tree_stable_timer: Some(_),
+                ..
+            } = scheduler
+            {
+                return Err((
+                    format!("schedulers[{i}].treeStableTimer"),
+                    "tree-stable timers are not supported by this version; remove the key to build every change".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker tokens in effect, resolved from the environment where asked.
+    pub fn worker_tokens(&self) -> Vec<String> {
+        self.workers
+            .tokens
+            .iter()
+            .filter_map(|t| {
+                t.value
+                    .clone()
+                    .or_else(|| t.value_env.as_ref().and_then(|v| std::env::var(v).ok()))
+            })
+            .collect()
+    }
+
+    pub fn builder(&self, name: &str) -> Option<&BuilderConfig> {
+        self.builders.iter().find(|b| b.name == name)
+    }
+}
+
+/// The name a step shows: its configured name, or Buildbot's default for its kind.
+pub fn step_name(step: &StepConfig, index: usize) -> String {
+    let (configured, default) = match step {
+        StepConfig::Git(s) => (&s.name, "git".to_owned()),
+        StepConfig::Shell(s) => (&s.name, format!("shell_{index}")),
+        StepConfig::SetPropertyFromCommand(s) => (&s.name, format!("set_property_{}", s.property)),
+    };
+    configured.clone().unwrap_or(default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+database: sqlite://kiln.sqlite
+workers:
+  tokens: [{name: t, value: secret}]
+builders:
+  - name: b
+    steps:
+      - shell: {command: [echo, hi], haltOnFailure: true}
+      - git: {repourl: /tmp/repo}
+      - set_property_from_command: {property: v, command: "echo 1"}
+schedulers:
+  - {type: force, name: force, builderNames: [b]}
+  - {type: single_branch, name: main, branch: main, builderNames: [b]}
+"#;
+
+    #[test]
+    fn a_minimal_config_parses_with_buildbot_defaults() {
+        let config = Config::parse("mem.yaml", MINIMAL).unwrap();
+        assert_eq!(config.http.listen.port(), 8010);
+        assert_eq!(config.workers.listen.port(), 9989);
+        assert!(config.collapse_requests);
+        let StepConfig::Shell(shell) = &config.builders[0].steps[0] else {
+            panic!("not a shell step")
+        };
+        assert_eq!(shell.flags.halt_on_failure, Some(true));
+        assert_eq!(config.worker_tokens(), vec!["secret".to_owned()]);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_path() {
+        let text = MINIMAL.replace("haltOnFailure", "haltOnFailur");
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!(error.file, "mem.yaml");
+        assert!(error.key.starts_with("builders[0].steps[0]"), "{error}");
+        assert!(error.reason.contains("haltOnFailur"), "{error}");
+    }
+
+    #[test]
+    fn a_scheduler_naming_an_unknown_builder_is_refused() {
+        let text = MINIMAL.replace(
+            "builderNames: [b]}\n  - {type: single",
+            "builderNames: [nope]}\n  - {type: single",
+        );
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!(error.key, "schedulers[0].builderNames[0]");
+        assert!(error.reason.contains("nope"));
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let text = MINIMAL.replace("database: sqlite://kiln.sqlite", "database: [1]");
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!(error.key, "database");
+    }
+
+    #[test]
+    fn an_unsupported_database_is_refused() {
+        let text = MINIMAL.replace("sqlite://kiln.sqlite", "mysql://x");
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!(error.key, "database");
+    }
+}

@@ -1,0 +1,625 @@
+//! The build engine: runs one claimed build request on one worker, step by step, through the
+//! remote-command interface, and records steps, logs, properties and the result.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::{Instrument, info, warn};
+
+use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, step_name};
+use crate::properties::{Properties, SourceView, interpolate};
+use crate::remote::{
+    BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update,
+};
+use crate::results::Results;
+use crate::store::{ClaimedRequest, Store, StoreError};
+
+/// Why a build stops early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A user cancelled it.
+    Cancelled,
+    /// This master no longer holds the claim (its lease expired); another master may run it.
+    ClaimLost,
+    /// The master is shutting down and hands the request back.
+    Shutdown,
+}
+
+/// Everything a build needs from the master around it.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    pub store: Store,
+    pub masterid: i64,
+    pub builderid: i64,
+    pub builder: Arc<BuilderConfig>,
+}
+
+/// How a finished build ended, for the caller's bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOutcome {
+    pub buildid: i64,
+    pub results: Results,
+}
+
+/// What a step contributed.
+#[derive(Debug, Clone, PartialEq)]
+struct StepOutcome {
+    results: Results,
+    state: String,
+}
+
+/// The default flags of each kind of step, as in Buildbot: source steps halt the build on
+/// failure; shell steps flunk it but go on.
+fn effective_flags(step: &StepConfig) -> (bool, bool, bool, bool) {
+    let (flags, halt_default): (&StepFlags, bool) = match step {
+        StepConfig::Git(s) => (&s.flags, true),
+        StepConfig::Shell(s) => (&s.flags, false),
+        StepConfig::SetPropertyFromCommand(s) => (&s.flags, false),
+    };
+    (
+        flags.halt_on_failure.unwrap_or(halt_default),
+        flags.flunk_on_failure.unwrap_or(true),
+        flags.warn_on_failure.unwrap_or(false),
+        flags.always_run.unwrap_or(false),
+    )
+}
+
+/// How a step's result counts towards the build's, by Buildbot's rules.
+pub fn contribution(step: Results, flunk_on_failure: bool, warn_on_failure: bool) -> Results {
+    match step {
+        Results::Failure if flunk_on_failure => Results::Failure,
+        Results::Failure if warn_on_failure => Results::Warnings,
+        Results::Failure => Results::Success,
+        other => other,
+    }
+}
+
+/// Buildbot's state string of a finished build.
+pub fn build_state(results: Results, failed_step: Option<&str>) -> String {
+    match (results, failed_step) {
+        (Results::Success, _) => "build successful".to_owned(),
+        (Results::Warnings, _) => "build finished with warnings".to_owned(),
+        (Results::Failure, Some(step)) => format!("failed {step}"),
+        (Results::Failure, None) => "failed".to_owned(),
+        (Results::Exception, _) => "exception".to_owned(),
+        (Results::Retry, _) => "retry".to_owned(),
+        (Results::Cancelled, _) => "cancelled".to_owned(),
+        (Results::Skipped, _) => "skipped".to_owned(),
+    }
+}
+
+/// Runs a build for `request` on the worker behind `slot` and records it. Returns when the
+/// build has finished in the database; the caller then completes or releases the request.
+pub async fn run_build(
+    ctx: &BuildContext,
+    request: &ClaimedRequest,
+    slot: &BuildSlot,
+    mut stop: watch::Receiver<Option<StopReason>>,
+) -> Result<BuildOutcome, StoreError> {
+    let session = slot.session();
+    let builder = &ctx.builder;
+    let details = ctx.store.buildset_details(request.buildsetid).await?;
+    let mut props = Properties::new();
+    props.update(&details.properties);
+    for (name, value) in &builder.properties {
+        props.set(name.clone(), value.clone(), "Builder");
+    }
+    props.set("buildername", Value::from(builder.name.clone()), "Builder");
+    props.set("builderid", Value::from(ctx.builderid), "Builder");
+    props.set(
+        "workername",
+        Value::from(session.name().to_owned()),
+        "Worker",
+    );
+    let builddir = builder.builddir();
+    props.set(
+        "builddir",
+        Value::from(format!("{}/{builddir}", session.info.basedir)),
+        "Worker",
+    );
+    if let Some(ss) = details.sourcestamps.first() {
+        let text = |s: &Option<String>| s.clone().map_or(Value::Null, Value::from);
+        props.set("branch", text(&ss.branch), "Build");
+        props.set("revision", text(&ss.revision), "Build");
+        props.set("repository", Value::from(ss.repository.clone()), "Build");
+        props.set("project", Value::from(ss.project.clone()), "Build");
+        props.set("codebase", Value::from(ss.codebase.clone()), "Build");
+    }
+    let sources: Vec<SourceView> = details
+        .sourcestamps
+        .iter()
+        .map(|ss| SourceView {
+            codebase: ss.codebase.clone(),
+            branch: ss.branch.clone(),
+            revision: ss.revision.clone(),
+            repository: ss.repository.clone(),
+            project: ss.project.clone(),
+        })
+        .collect();
+
+    let build = ctx
+        .store
+        .new_build(
+            ctx.builderid,
+            request.brid,
+            session.workerid,
+            ctx.masterid,
+            &props,
+        )
+        .await?;
+    props.set("buildnumber", Value::from(build.number), "Build");
+    ctx.store
+        .set_build_properties(build.buildid, &props)
+        .await?;
+    let span = tracing::info_span!("build", buildid = build.buildid, builder = %builder.name, number = build.number);
+    async {
+        info!(
+            worker = session.name(),
+            brid = request.brid,
+            "build started"
+        );
+        let mut results = Results::Success;
+        let mut halted = false;
+        let mut failed_step = None;
+        for (index, step) in builder.steps.iter().enumerate() {
+            let name = step_name(step, index);
+            let stepid = ctx
+                .store
+                .add_step(build.buildid, index as i64, &name)
+                .await?;
+            let (halt_on_failure, flunk, warn_flag, always_run) = effective_flags(step);
+            if halted && !always_run {
+                ctx.store
+                    .finish_step(stepid, Results::Skipped, "skipped")
+                    .await?;
+                continue;
+            }
+            if stop.borrow().is_some() {
+                ctx.store
+                    .finish_step(stepid, Results::Skipped, "skipped")
+                    .await?;
+                continue;
+            }
+            let runner = StepRunner {
+                ctx,
+                slot,
+                buildid: build.buildid,
+                stepid,
+                sources: &sources,
+            };
+            let outcome = runner.run(step, &mut props, &mut stop).await?;
+            ctx.store
+                .finish_step(stepid, outcome.results, &outcome.state)
+                .await?;
+            if matches!(outcome.results, Results::Retry | Results::Cancelled) {
+                results = outcome.results;
+                break;
+            }
+            let counted = contribution(outcome.results, flunk, warn_flag);
+            if counted.worst(results) != results
+                && failed_step.is_none()
+                && counted != Results::Warnings
+            {
+                failed_step = Some(name.clone());
+            }
+            results = results.worst(counted);
+            if matches!(outcome.results, Results::Failure | Results::Exception) && halt_on_failure {
+                halted = true;
+            }
+        }
+        if let Some(reason) = *stop.borrow() {
+            results = match reason {
+                StopReason::Cancelled => Results::Cancelled,
+                StopReason::ClaimLost | StopReason::Shutdown => Results::Retry,
+            };
+        }
+        ctx.store
+            .set_build_properties(build.buildid, &props)
+            .await?;
+        ctx.store
+            .finish_build(
+                build.buildid,
+                results,
+                &build_state(results, failed_step.as_deref()),
+            )
+            .await?;
+        info!(results = %results, "build finished");
+        Ok(BuildOutcome {
+            buildid: build.buildid,
+            results,
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+struct StepRunner<'a> {
+    ctx: &'a BuildContext,
+    slot: &'a BuildSlot,
+    buildid: i64,
+    stepid: i64,
+    sources: &'a [SourceView],
+}
+
+impl StepRunner<'_> {
+    fn render(&self, template: &str, props: &Properties) -> Result<String, String> {
+        interpolate(template, props, self.sources).map_err(|e| e.to_string())
+    }
+
+    fn render_command(
+        &self,
+        line: &CommandLine,
+        props: &Properties,
+    ) -> Result<(Vec<String>, Option<String>), String> {
+        Ok(match line {
+            CommandLine::Argv(argv) => (
+                argv.iter()
+                    .map(|a| self.render(a, props))
+                    .collect::<Result<_, _>>()?,
+                None,
+            ),
+            CommandLine::Script(script) => (Vec::new(), Some(self.render(script, props)?)),
+        })
+    }
+
+    fn workdir(&self, workdir: &Option<String>, props: &Properties) -> Result<String, String> {
+        let workdir = match workdir {
+            Some(w) => self.render(w, props)?,
+            None => "build".to_owned(),
+        };
+        Ok(if workdir.starts_with('/') {
+            workdir
+        } else {
+            format!("{}/{workdir}", self.ctx.builder.builddir())
+        })
+    }
+
+    async fn run(
+        &self,
+        step: &StepConfig,
+        props: &mut Properties,
+        stop: &mut watch::Receiver<Option<StopReason>>,
+    ) -> Result<StepOutcome, StoreError> {
+        let store = &self.ctx.store;
+        let command = match self.build_command(step, props) {
+            Ok(command) => command,
+            Err(reason) => {
+                let logid = store.add_log(self.stepid, "err.text", "t").await?;
+                store.append_log(logid, 0, &format!("{reason}\n")).await?;
+                store.finish_log(logid).await?;
+                return Ok(StepOutcome {
+                    results: Results::Exception,
+                    state: format!("exception: {reason}"),
+                });
+            }
+        };
+        let description = describe(&command);
+        store
+            .start_step(self.stepid, &format!("{description} (running)"))
+            .await?;
+        let logid = store.add_log(self.stepid, "stdio", "s").await?;
+        let mut log = LogWriter::new(store.clone(), logid);
+        let session = self.slot.session();
+        let mut running = match session
+            .start(&self.ctx.builder.name, self.buildid, command)
+            .await
+        {
+            Ok(running) => running,
+            Err(error) => {
+                log.header(&format!("{error}\n"));
+                log.finish().await?;
+                let results = if session.is_closed() {
+                    Results::Retry
+                } else {
+                    Results::Exception
+                };
+                return Ok(StepOutcome {
+                    results,
+                    state: format!("{description} ({error})"),
+                });
+            }
+        };
+        let mut rc = None;
+        let mut stdout = Vec::new();
+        let capture = matches!(step, StepConfig::SetPropertyFromCommand(_));
+        let mut interrupted = false;
+        let mut flush_tick = tokio::time::interval(LogWriter::FLUSH_INTERVAL);
+        flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let error = loop {
+            let event = tokio::select! {
+                event = running.next() => event,
+                _ = flush_tick.tick() => {
+                    log.flush().await?;
+                    continue;
+                }
+                changed = stop.changed(), if !interrupted => {
+                    if changed.is_ok() && stop.borrow().is_some() {
+                        interrupted = true;
+                        interrupt(&running, "build stopped").await;
+                    }
+                    continue;
+                }
+            };
+            match event {
+                CommandEvent::Update(Update::Output(stream, data)) => {
+                    if capture && stream == Stream::Stdout {
+                        stdout.extend_from_slice(&data);
+                    }
+                    log.append(stream, &data);
+                    log.flush_if_due().await?;
+                }
+                CommandEvent::Update(Update::Rc(code)) => rc = Some(code),
+                CommandEvent::Update(Update::Property(name, value)) => {
+                    props.set(name, value, "Git")
+                }
+                CommandEvent::Update(Update::FailureReason(reason)) => {
+                    log.header(&format!("failure reason: {reason}\n"))
+                }
+                CommandEvent::Update(_) => {}
+                CommandEvent::Complete(error) => break error,
+                CommandEvent::Lost => {
+                    log.header("worker lost\n");
+                    log.finish().await?;
+                    return Ok(StepOutcome {
+                        results: Results::Retry,
+                        state: format!("{description} (worker lost)"),
+                    });
+                }
+            }
+        };
+        log.finish().await?;
+        if let Some(reason) = *stop.borrow() {
+            let results = if reason == StopReason::Cancelled {
+                Results::Cancelled
+            } else {
+                Results::Retry
+            };
+            return Ok(StepOutcome {
+                results,
+                state: format!("{description} (interrupted)"),
+            });
+        }
+        if let Some(error) = error {
+            return Ok(StepOutcome {
+                results: Results::Exception,
+                state: format!("{description} (exception: {error})"),
+            });
+        }
+        let results = match rc {
+            Some(0) => Results::Success,
+            _ => Results::Failure,
+        };
+        if results == Results::Success {
+            if let StepConfig::SetPropertyFromCommand(s) = step {
+                let text = String::from_utf8_lossy(&stdout);
+                let value = if s.strip {
+                    text.trim().to_owned()
+                } else {
+                    text.into_owned()
+                };
+                props.set(
+                    s.property.clone(),
+                    Value::from(value),
+                    "SetPropertyFromCommand Step",
+                );
+            }
+        }
+        let suffix = match results {
+            Results::Success => String::new(),
+            _ => format!(
+                " (failure: exit code {})",
+                rc.map_or("none".to_owned(), |c| c.to_string())
+            ),
+        };
+        Ok(StepOutcome {
+            results,
+            state: format!("{description}{suffix}"),
+        })
+    }
+
+    fn build_command(&self, step: &StepConfig, props: &Properties) -> Result<Command, String> {
+        Ok(match step {
+            StepConfig::Shell(s) => {
+                let (argv, script) = self.render_command(&s.command, props)?;
+                let env = s
+                    .env
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.render(v, props)?)))
+                    .collect::<Result<_, String>>()?;
+                Command::Shell(ShellCommand {
+                    argv,
+                    script,
+                    workdir: self.workdir(&s.workdir, props)?,
+                    env,
+                    timeout_secs: s.timeout.unwrap_or(1200),
+                    max_time_secs: s.max_time.unwrap_or(0),
+                    log_environ: s.log_environ.unwrap_or(false),
+                })
+            }
+            StepConfig::SetPropertyFromCommand(s) => {
+                let (argv, script) = self.render_command(&s.command, props)?;
+                Command::Shell(ShellCommand {
+                    argv,
+                    script,
+                    workdir: self.workdir(&s.workdir, props)?,
+                    timeout_secs: 1200,
+                    ..Default::default()
+                })
+            }
+            StepConfig::Git(g) => {
+                let source = self.sources.first();
+                let repourl = match &g.repourl {
+                    Some(url) => self.render(url, props)?,
+                    None => source.map(|s| s.repository.clone()).unwrap_or_default(),
+                };
+                if repourl.is_empty() {
+                    return Err(
+                        "no repository: set repourl or build a change that names one".to_owned(),
+                    );
+                }
+                let branch = source
+                    .and_then(|s| s.branch.clone())
+                    .or_else(|| g.branch.clone());
+                Command::Git(GitCommand {
+                    repourl,
+                    revision: source
+                        .and_then(|s| s.revision.clone())
+                        .filter(|r| !r.is_empty()),
+                    branch,
+                    workdir: self.workdir(&g.workdir, props)?,
+                    mode: g.mode.clone().unwrap_or_else(|| "incremental".to_owned()),
+                    timeout_secs: g.timeout.unwrap_or(1200),
+                })
+            }
+        })
+    }
+}
+
+async fn interrupt(running: &RunningCommand, reason: &str) {
+    running.interrupt(reason).await;
+}
+
+/// A short description of a command for state strings.
+fn describe(command: &Command) -> String {
+    match command {
+        Command::Shell(s) => {
+            let text = if s.argv.is_empty() {
+                s.script.clone().unwrap_or_default()
+            } else {
+                s.argv.join(" ")
+            };
+            let text: String = text.chars().take(60).collect();
+            format!("'{text}'")
+        }
+        Command::Git(g) => format!(
+            "git {}",
+            g.revision
+                .as_deref()
+                .or(g.branch.as_deref())
+                .unwrap_or("HEAD")
+        ),
+        other => other.name().to_owned(),
+    }
+}
+
+/// Buffers a step's output into lines with Buildbot's channel prefixes and writes them to the
+/// store in chunks while the step runs: when enough has gathered or every flush interval.
+struct LogWriter {
+    store: Store,
+    logid: i64,
+    next_line: i64,
+    /// Complete, prefixed lines not yet written.
+    pending: String,
+    /// Incomplete last line of each stream (stdout, stderr, header).
+    partial: [Vec<u8>; 3],
+    last_flush: Instant,
+}
+
+impl LogWriter {
+    const FLUSH_BYTES: usize = 64 * 1024;
+    const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+
+    fn new(store: Store, logid: i64) -> Self {
+        Self {
+            store,
+            logid,
+            next_line: 0,
+            pending: String::new(),
+            partial: Default::default(),
+            last_flush: Instant::now(),
+        }
+    }
+
+    fn header(&mut self, text: &str) {
+        self.append(Stream::Header, text.as_bytes());
+    }
+
+    fn append(&mut self, stream: Stream, data: &[u8]) {
+        let index = match stream {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+            Stream::Header => 2,
+        };
+        let partial = &mut self.partial[index];
+        partial.extend_from_slice(data);
+        let Some(last_newline) = partial.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = partial.drain(..=last_newline).collect();
+        for line in String::from_utf8_lossy(&complete).split_inclusive('\n') {
+            self.pending.push(stream.prefix());
+            self.pending.push_str(line);
+        }
+    }
+
+    async fn flush_if_due(&mut self) -> Result<(), StoreError> {
+        if self.pending.len() >= Self::FLUSH_BYTES
+            || self.last_flush.elapsed() >= Self::FLUSH_INTERVAL
+        {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        self.last_flush = Instant::now();
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let text = std::mem::take(&mut self.pending);
+        self.next_line = self
+            .store
+            .append_log(self.logid, self.next_line, &text)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(), StoreError> {
+        for (index, stream) in [Stream::Stdout, Stream::Stderr, Stream::Header]
+            .into_iter()
+            .enumerate()
+        {
+            if !self.partial[index].is_empty() {
+                self.append(stream, b"\n");
+            }
+        }
+        self.flush().await?;
+        self.store
+            .finish_log(self.logid)
+            .await
+            .inspect_err(|e| warn!(error = %e, "could not close log"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_counts_by_the_steps_flags() {
+        assert_eq!(
+            contribution(Results::Failure, true, false),
+            Results::Failure
+        );
+        assert_eq!(
+            contribution(Results::Failure, false, true),
+            Results::Warnings
+        );
+        assert_eq!(
+            contribution(Results::Failure, false, false),
+            Results::Success
+        );
+        assert_eq!(
+            contribution(Results::Exception, false, false),
+            Results::Exception
+        );
+    }
+
+    #[test]
+    fn state_strings_follow_buildbot() {
+        assert_eq!(build_state(Results::Success, None), "build successful");
+        assert_eq!(build_state(Results::Failure, Some("test")), "failed test");
+    }
+}

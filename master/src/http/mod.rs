@@ -1,0 +1,94 @@
+//! The HTTP adapter: Buildbot's REST data API v2 and JSON-RPC control, the change hooks, and the
+//! health probes. Handlers decode, call the master or the store, and encode; errors become HTTP
+//! responses in exactly one place ([`ApiError`]).
+
+mod hooks;
+mod rest;
+mod rpc;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde_json::json;
+
+use crate::master::Master;
+use crate::store::DataError;
+
+/// The router of the master's HTTP port.
+pub fn router(master: Arc<Master>) -> Router {
+    let limit = master.config.http.max_body_bytes;
+    Router::new()
+        .route("/api/v2", get(rest::root))
+        .route("/api/v2/", get(rest::root))
+        .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
+        .route("/change_hook", any(hooks::base))
+        .route("/change_hook/{dialect}", any(hooks::dialect))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(master)
+}
+
+async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
+    match master.store.ping().await {
+        Ok(()) if !master.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
+        Ok(()) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("database unreachable: {error}"),
+        )
+            .into_response(),
+    }
+}
+
+/// An error of the REST API, answered as Buildbot does: `{"error": "..."}`.
+#[derive(Debug)]
+pub enum ApiError {
+    NotFound(String),
+    BadRequest(String),
+    Internal(String),
+}
+
+impl From<DataError> for ApiError {
+    fn from(error: DataError) -> Self {
+        match error {
+            DataError::Store(inner) => {
+                tracing::error!(error = %inner, "database error in the data API");
+                ApiError::Internal("database error".into())
+            }
+            other => ApiError::BadRequest(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::NotFound(what) => ApiError::NotFound(what),
+            other => {
+                tracing::error!(error = %other, "store error in the data API");
+                ApiError::Internal("database error".into())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+        };
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({ "error": message }).to_string(),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,557 @@
+//! The read side of Buildbot's REST data API v2: path → resource and filters, Buildbot's query
+//! parameters, and the `{"<plural>": [...], "meta": {...}}` envelope.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::ApiError;
+use crate::config::SchedulerConfig;
+use crate::master::Master;
+use crate::store::{Filter, ListQuery, Op, Resource};
+
+pub async fn root() -> Json<Value> {
+    let names = [
+        "builders",
+        "builds",
+        "buildrequests",
+        "buildsets",
+        "changes",
+        "sourcestamps",
+        "workers",
+        "masters",
+        "steps",
+        "logs",
+        "forceschedulers",
+    ];
+    let links: Vec<Value> = names.iter().map(|n| json!({ "name": n })).collect();
+    Json(json!({ "rootlinks": links, "meta": { "total": names.len() } }))
+}
+
+/// What a path names.
+enum Target {
+    Collection(Resource, Vec<Filter>),
+    Single(Resource, Vec<Filter>),
+    LogContents(i64),
+    LogRaw {
+        logid: i64,
+        inline: bool,
+    },
+    ForceSchedulers {
+        name: Option<String>,
+        builder: Option<String>,
+    },
+}
+
+fn eq(field: &str, value: impl ToString) -> Filter {
+    Filter {
+        field: field.to_owned(),
+        op: Op::Eq,
+        values: vec![value.to_string()],
+    }
+}
+
+fn number(text: &str) -> Result<i64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::NotFound(format!("no such id {text:?}")))
+}
+
+/// A filter selecting an object by its numeric id or its name.
+fn id_or_name(id_field: &str, text: &str) -> Filter {
+    match text.parse::<i64>() {
+        Ok(id) => eq(id_field, id),
+        Err(_) => eq("name", text),
+    }
+}
+
+async fn one(
+    master: &Master,
+    resource: Resource,
+    filters: Vec<Filter>,
+) -> Result<Map<String, Value>, ApiError> {
+    let query = ListQuery {
+        filters,
+        limit: Some(1),
+        ..Default::default()
+    };
+    let (mut objects, _) = master.store.list(resource, &query).await?;
+    match objects.pop() {
+        Some(Value::Object(object)) => Ok(object),
+        _ => Err(ApiError::NotFound(format!(
+            "not found while getting from endpoint for {}",
+            resource.plural()
+        ))),
+    }
+}
+
+async fn id_of(
+    master: &Master,
+    resource: Resource,
+    filters: Vec<Filter>,
+    field: &str,
+) -> Result<i64, ApiError> {
+    one(master, resource, filters)
+        .await?
+        .get(field)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| ApiError::NotFound(resource.plural().to_owned()))
+}
+
+async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
+    use Resource::*;
+    use Target::{Collection, Single};
+    Ok(match path {
+        ["builders"] => Collection(Builders, vec![]),
+        ["builders", b] => Single(Builders, vec![id_or_name("builderid", b)]),
+        ["builders", b, "builds"] => {
+            Collection(Builds, vec![eq("builderid", builder_id(master, b).await?)])
+        }
+        ["builders", b, "buildrequests"] => Collection(
+            BuildRequests,
+            vec![eq("builderid", builder_id(master, b).await?)],
+        ),
+        ["builders", b, "workers"] => {
+            builder_id(master, b).await?;
+            Collection(Workers, vec![])
+        }
+        ["builders", b, "forceschedulers"] => {
+            let object = one(master, Builders, vec![id_or_name("builderid", b)]).await?;
+            let name = object
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            Target::ForceSchedulers {
+                name: None,
+                builder: Some(name),
+            }
+        }
+        ["builders", b, "builds", n, rest @ ..] => {
+            let builderid = builder_id(master, b).await?;
+            let buildid = id_of(
+                master,
+                Builds,
+                vec![eq("builderid", builderid), eq("number", number(n)?)],
+                "buildid",
+            )
+            .await?;
+            return Box::pin(resolve_build(master, buildid, rest)).await;
+        }
+        ["builds"] => Collection(Builds, vec![]),
+        ["builds", id, rest @ ..] => {
+            return Box::pin(resolve_build(master, number(id)?, rest)).await;
+        }
+        ["buildrequests"] => Collection(BuildRequests, vec![]),
+        ["buildrequests", id] => Single(BuildRequests, vec![eq("buildrequestid", number(id)?)]),
+        ["buildrequests", id, "builds"] => {
+            Collection(Builds, vec![eq("buildrequestid", number(id)?)])
+        }
+        ["buildsets"] => Collection(Buildsets, vec![]),
+        ["buildsets", id] => Single(Buildsets, vec![eq("bsid", number(id)?)]),
+        ["changes"] => Collection(Changes, vec![]),
+        ["changes", id] => Single(Changes, vec![eq("changeid", number(id)?)]),
+        ["sourcestamps"] => Collection(SourceStamps, vec![]),
+        ["sourcestamps", id] => Single(SourceStamps, vec![eq("ssid", number(id)?)]),
+        ["sourcestamps", id, "changes"] => {
+            Collection(Changes, vec![eq("sourcestampid", number(id)?)])
+        }
+        ["workers"] => Collection(Workers, vec![]),
+        ["workers", w] => Single(Workers, vec![id_or_name("workerid", w)]),
+        ["workers", w, "builds"] => {
+            let workerid =
+                id_of(master, Workers, vec![id_or_name("workerid", w)], "workerid").await?;
+            Collection(Builds, vec![eq("workerid", workerid)])
+        }
+        ["masters"] => Collection(Masters, vec![]),
+        ["masters", id] => Single(Masters, vec![eq("masterid", number(id)?)]),
+        ["steps", id, rest @ ..] => return Box::pin(resolve_step(master, number(id)?, rest)).await,
+        ["logs", id, rest @ ..] => return resolve_log(number(id)?, rest),
+        ["forceschedulers"] => Target::ForceSchedulers {
+            name: None,
+            builder: None,
+        },
+        ["forceschedulers", name] => Target::ForceSchedulers {
+            name: Some((*name).to_owned()),
+            builder: None,
+        },
+        _ => {
+            return Err(ApiError::NotFound(format!(
+                "no endpoint for /{}",
+                path.join("/")
+            )));
+        }
+    })
+}
+
+async fn builder_id(master: &Master, text: &str) -> Result<i64, ApiError> {
+    id_of(
+        master,
+        Resource::Builders,
+        vec![id_or_name("builderid", text)],
+        "builderid",
+    )
+    .await
+}
+
+async fn resolve_build(master: &Master, buildid: i64, rest: &[&str]) -> Result<Target, ApiError> {
+    Ok(match rest {
+        [] => Target::Single(Resource::Builds, vec![eq("buildid", buildid)]),
+        ["steps"] => Target::Collection(Resource::Steps, vec![eq("buildid", buildid)]),
+        ["steps", step, rest @ ..] => {
+            let by = match step.parse::<i64>() {
+                Ok(n) => eq("number", n),
+                Err(_) => eq("name", step),
+            };
+            let stepid = id_of(
+                master,
+                Resource::Steps,
+                vec![eq("buildid", buildid), by],
+                "stepid",
+            )
+            .await?;
+            return Box::pin(resolve_step(master, stepid, rest)).await;
+        }
+        _ => return Err(ApiError::NotFound("no such build endpoint".into())),
+    })
+}
+
+async fn resolve_step(master: &Master, stepid: i64, rest: &[&str]) -> Result<Target, ApiError> {
+    Ok(match rest {
+        [] => Target::Single(Resource::Steps, vec![eq("stepid", stepid)]),
+        ["logs"] => Target::Collection(Resource::Logs, vec![eq("stepid", stepid)]),
+        ["logs", slug, rest @ ..] => {
+            let logid = id_of(
+                master,
+                Resource::Logs,
+                vec![eq("stepid", stepid), eq("slug", slug)],
+                "logid",
+            )
+            .await?;
+            return resolve_log(logid, rest);
+        }
+        _ => return Err(ApiError::NotFound("no such step endpoint".into())),
+    })
+}
+
+fn resolve_log(logid: i64, rest: &[&str]) -> Result<Target, ApiError> {
+    Ok(match rest {
+        [] => Target::Single(Resource::Logs, vec![eq("logid", logid)]),
+        ["contents"] => Target::LogContents(logid),
+        ["raw"] => Target::LogRaw {
+            logid,
+            inline: false,
+        },
+        ["raw_inline"] => Target::LogRaw {
+            logid,
+            inline: true,
+        },
+        _ => return Err(ApiError::NotFound("no such log endpoint".into())),
+    })
+}
+
+/// Buildbot's query parameters, decoded.
+#[derive(Default)]
+struct Params {
+    fields: Vec<String>,
+    properties: Vec<String>,
+    query: ListQuery,
+}
+
+fn parse_params(
+    resource: Option<Resource>,
+    pairs: Vec<(String, String)>,
+    single: bool,
+) -> Result<Params, ApiError> {
+    let mut params = Params::default();
+    let unrecognized =
+        |name: &str| ApiError::BadRequest(format!("unrecognized query parameter '{name}'"));
+    let integer = |name: &str, value: &str| {
+        value
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "invalid {name} value {value:?}: expected a whole number"
+                ))
+            })
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "field" => {
+                for field in value.split(',').filter(|f| !f.is_empty()) {
+                    if let Some(resource) = resource {
+                        if !resource.has_field(field) {
+                            return Err(ApiError::BadRequest(format!("no such field '{field}'")));
+                        }
+                    }
+                    params.fields.push(field.to_owned());
+                }
+            }
+            "property" => params.properties.push(value),
+            "order" if !single => params.query.order.push(value),
+            "limit" if !single => params.query.limit = Some(integer("limit", &value)?),
+            "offset" if !single => params.query.offset = integer("offset", &value)?,
+            _ if single => return Err(unrecognized(&name)),
+            _ => {
+                let Some(resource) = resource else {
+                    return Err(unrecognized(&name));
+                };
+                let (field, op) = match name.split_once("__") {
+                    Some((field, op)) => (field, Op::parse(op).ok_or_else(|| unrecognized(&name))?),
+                    None => (name.as_str(), Op::Eq),
+                };
+                if !resource.has_field(field) {
+                    return Err(unrecognized(&name));
+                }
+                // A repeated equality means "any of these", as in Buildbot.
+                match params.query.filters.iter_mut().find(|f| {
+                    f.field == field && f.op == op && matches!(op, Op::Eq | Op::In | Op::NotIn)
+                }) {
+                    Some(existing) => existing.values.push(value),
+                    None => params.query.filters.push(Filter {
+                        field: field.to_owned(),
+                        op,
+                        values: vec![value],
+                    }),
+                }
+            }
+        }
+    }
+    Ok(params)
+}
+
+/// Applies `field=` and `property=` to one object.
+fn shape(resource: Resource, mut object: Map<String, Value>, params: &Params) -> Value {
+    if resource == Resource::Builds || resource == Resource::BuildRequests {
+        let all = object.remove("properties").unwrap_or(Value::Null);
+        let selected = if params.properties.is_empty() {
+            if resource == Resource::Builds {
+                json!({})
+            } else {
+                Value::Null
+            }
+        } else {
+            let wanted = |name: &str| params.properties.iter().any(|p| p == "*" || p == name);
+            match all {
+                Value::Object(map) => {
+                    Value::Object(map.into_iter().filter(|(k, _)| wanted(k)).collect())
+                }
+                _ => json!({}),
+            }
+        };
+        object.insert("properties".into(), selected);
+    }
+    if !params.fields.is_empty() {
+        object.retain(|k, _| params.fields.iter().any(|f| f == k));
+    }
+    Value::Object(object)
+}
+
+fn envelope(key: &str, items: Vec<Value>, meta: Value) -> Response {
+    let mut body = Map::new();
+    body.insert(key.to_owned(), Value::Array(items));
+    body.insert("meta".into(), meta);
+    Json(Value::Object(body)).into_response()
+}
+
+pub async fn get(
+    State(master): State<Arc<Master>>,
+    Path(path): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match resolve(&master, &segments).await? {
+        Target::Collection(resource, filters) => {
+            let mut params = parse_params(Some(resource), pairs, false)?;
+            params.query.filters.extend(filters);
+            let (objects, total) = master.store.list(resource, &params.query).await?;
+            let items = objects
+                .into_iter()
+                .map(|o| match o {
+                    Value::Object(map) => shape(resource, map, &params),
+                    other => other,
+                })
+                .collect();
+            Ok(envelope(
+                resource.plural(),
+                items,
+                json!({ "total": total }),
+            ))
+        }
+        Target::Single(resource, filters) => {
+            let params = parse_params(Some(resource), pairs, true)?;
+            let object = one(&master, resource, filters).await?;
+            Ok(envelope(
+                resource.plural(),
+                vec![shape(resource, object, &params)],
+                json!({}),
+            ))
+        }
+        Target::LogContents(logid) => {
+            let mut offset = 0;
+            let mut limit = None;
+            for (name, value) in pairs {
+                let parsed = value.parse::<i64>().ok().filter(|n| *n >= 0);
+                match (name.as_str(), parsed) {
+                    ("offset", Some(n)) => offset = n,
+                    ("limit", Some(n)) => limit = Some(n),
+                    ("offset" | "limit", None) => {
+                        return Err(ApiError::BadRequest(format!(
+                            "invalid {name} value {value:?}"
+                        )));
+                    }
+                    _ => {
+                        return Err(ApiError::BadRequest(format!(
+                            "unrecognized query parameter '{name}'"
+                        )));
+                    }
+                }
+            }
+            one(&master, Resource::Logs, vec![eq("logid", logid)]).await?;
+            let content = master.store.log_lines(logid, offset, limit).await?;
+            let chunk = json!({ "logid": logid, "firstline": offset, "content": content });
+            Ok(envelope("logchunks", vec![chunk], json!({})))
+        }
+        Target::LogRaw { logid, inline } => log_raw(&master, logid, inline).await,
+        Target::ForceSchedulers { name, builder } => {
+            let params = parse_params(None, pairs, name.is_some())?;
+            let items: Vec<Value> = master
+                .config
+                .schedulers
+                .iter()
+                .filter_map(|s| match s {
+                    SchedulerConfig::Force {
+                        name: n,
+                        builder_names,
+                        button_name,
+                        label,
+                        properties,
+                    } => {
+                        let wanted = name.as_ref().is_none_or(|x| x == n)
+                            && builder.as_ref().is_none_or(|b| builder_names.contains(b));
+                        wanted.then(|| {
+                            force_scheduler_json(n, builder_names, button_name, label, properties)
+                        })
+                    }
+                    SchedulerConfig::SingleBranch { .. } => None,
+                })
+                .collect();
+            if name.is_some() && items.is_empty() {
+                return Err(ApiError::NotFound("no such force scheduler".into()));
+            }
+            let _ = params;
+            let total = items.len();
+            Ok(envelope(
+                "forceschedulers",
+                items,
+                if name.is_some() {
+                    json!({})
+                } else {
+                    json!({ "total": total })
+                },
+            ))
+        }
+    }
+}
+
+fn force_scheduler_json(
+    name: &str,
+    builder_names: &[String],
+    button_name: &Option<String>,
+    label: &Option<String>,
+    properties: &std::collections::BTreeMap<String, Value>,
+) -> Value {
+    let field = |name: &str, label: &str, kind: &str, default: Value| {
+        json!({ "name": name, "fullName": name, "label": label, "type": kind, "default": default,
+                "required": false, "hide": false, "multiple": false, "regex": null, "tablabel": label })
+    };
+    let mut fields = vec![
+        field("username", "Your name:", "username", json!("")),
+        field("reason", "reason", "text", json!("force build")),
+        field("priority", "Priority:", "int", json!(0)),
+        field("branch", "Branch:", "text", json!("")),
+        field("revision", "Revision:", "text", json!("")),
+        field("repository", "Repository:", "text", json!("")),
+        field("project", "Project:", "text", json!("")),
+    ];
+    for (prop, default) in properties {
+        let kind = match default {
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "int",
+            _ => "text",
+        };
+        fields.push(field(prop, prop, kind, default.clone()));
+    }
+    json!({
+        "name": name,
+        "builder_names": builder_names,
+        "button_name": button_name.clone().unwrap_or_else(|| format!("Force {name}")),
+        "label": label.clone().unwrap_or_else(|| name.to_owned()),
+        "enabled": true,
+        "all_fields": fields,
+    })
+}
+
+async fn log_raw(master: &Master, logid: i64, inline: bool) -> Result<Response, ApiError> {
+    let log = one(master, Resource::Logs, vec![eq("logid", logid)]).await?;
+    let stepid = log.get("stepid").and_then(Value::as_i64).unwrap_or(0);
+    let step = one(master, Resource::Steps, vec![eq("stepid", stepid)]).await?;
+    let buildid = step.get("buildid").and_then(Value::as_i64).unwrap_or(0);
+    let build = one(master, Resource::Builds, vec![eq("buildid", buildid)]).await?;
+    let builderid = build.get("builderid").and_then(Value::as_i64).unwrap_or(0);
+    let builder = one(master, Resource::Builders, vec![eq("builderid", builderid)]).await?;
+    let worker_name = match build.get("workerid").and_then(Value::as_i64) {
+        Some(workerid) => one(master, Resource::Workers, vec![eq("workerid", workerid)])
+            .await
+            .ok()
+            .and_then(|w| w.get("name").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    let text = |o: &Map<String, Value>, k: &str| {
+        o.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let number = build.get("number").and_then(Value::as_i64).unwrap_or(0);
+    let stored = master.store.log_lines(logid, 0, None).await?;
+    let body = if text(&log, "type") == "s" {
+        // Drop the one-letter channel prefix of each stdio line.
+        stored
+            .split_inclusive('\n')
+            .map(|line| line.get(1..).unwrap_or_default())
+            .collect::<String>()
+    } else {
+        stored
+    };
+    let header_lines = format!(
+        "Builder: {}\nBuild number: {number}\nWorker name: {worker_name}\n",
+        text(&builder, "name")
+    );
+    let filename = format!(
+        "{}_build_{number}_{}_{}.log",
+        text(&builder, "name"),
+        text(&step, "name"),
+        text(&log, "slug")
+    );
+    let disposition = if inline {
+        "inline".to_owned()
+    } else {
+        format!("attachment; filename=\"{}\"", filename.replace('"', ""))
+    };
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        format!("{header_lines}{body}"),
+    )
+        .into_response())
+}

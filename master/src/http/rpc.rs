@@ -1,0 +1,201 @@
+//! Buildbot's control API: JSON-RPC 2.0 requests POSTed to data API paths.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::master::{ForceRequest, Master, SubmitError};
+use crate::store::SourceStamp;
+
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+const INTERNAL_ERROR: i64 = -32603;
+
+fn rpc_error(status: StatusCode, id: &Value, code: i64, message: impl Into<String>) -> Response {
+    let body =
+        json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message.into() } });
+    (status, Json(body)).into_response()
+}
+
+pub async fn post(
+    State(master): State<Arc<Master>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json_body {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &Value::Null,
+            INVALID_REQUEST,
+            "the request body must be application/json",
+        );
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                &Value::Null,
+                -32700,
+                format!("invalid JSON: {e}"),
+            );
+        }
+    };
+    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    let Some(method) = request.get("method").and_then(Value::as_str) else {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            INVALID_REQUEST,
+            "missing method",
+        );
+    };
+    let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
+    if !params.is_object() {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            INVALID_PARAMS,
+            "params must be an object",
+        );
+    }
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match (segments.as_slice(), method) {
+        (["forceschedulers", name], "force") => force(&master, name, &params, &id).await,
+        (["forceschedulers", _], _) => rpc_error(
+            StatusCode::NOT_IMPLEMENTED,
+            &id,
+            METHOD_NOT_FOUND,
+            format!("action '{method}' is not defined"),
+        ),
+        _ => rpc_error(
+            StatusCode::NOT_FOUND,
+            &id,
+            INVALID_REQUEST,
+            format!("no control endpoint for /{path}"),
+        ),
+    }
+}
+
+fn text_param(params: &Value, name: &str) -> Result<Option<String>, String> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone()).filter(|s| !s.is_empty())),
+        Some(other) => Err(format!("{name}: expected a string, got {other}")),
+    }
+}
+
+fn decode_force(params: &Value) -> Result<ForceRequest, String> {
+    let builderid = match params.get("builderid") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.as_i64().ok_or("builderid: expected an integer")?),
+        Some(Value::String(s)) => Some(s.parse().map_err(|_| "builderid: expected an integer")?),
+        Some(other) => return Err(format!("builderid: expected an integer, got {other}")),
+    };
+    let builder_names = match params.get("builderNames") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| "builderNames: expected a list of strings".to_owned())
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("builderNames: expected a list of strings".into()),
+    };
+    let priority = match params.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => n.as_i64().ok_or("priority: expected an integer")?,
+        Some(Value::String(s)) if s.is_empty() => 0,
+        Some(Value::String(s)) => s.parse().map_err(|_| "priority: expected an integer")?,
+        Some(other) => return Err(format!("priority: expected an integer, got {other}")),
+    };
+    let known = [
+        "builderid",
+        "builderNames",
+        "priority",
+        "username",
+        "owner",
+        "reason",
+        "branch",
+        "revision",
+        "repository",
+        "project",
+        "codebase",
+    ];
+    let properties = params
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| !known.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ForceRequest {
+        builder_names,
+        builderid,
+        reason: text_param(params, "reason")?.unwrap_or_else(|| "force build".into()),
+        owner: text_param(params, "username")?
+            .or(text_param(params, "owner")?)
+            .unwrap_or_else(|| "anonymous".into()),
+        priority,
+        sourcestamp: SourceStamp {
+            branch: text_param(params, "branch")?,
+            revision: text_param(params, "revision")?,
+            repository: text_param(params, "repository")?.unwrap_or_default(),
+            project: text_param(params, "project")?.unwrap_or_default(),
+            codebase: text_param(params, "codebase")?.unwrap_or_default(),
+        },
+        properties,
+    })
+}
+
+async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> Response {
+    let request = match decode_force(params) {
+        Ok(r) => r,
+        Err(reason) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, reason),
+    };
+    match master.force(scheduler, request).await {
+        Ok((bsid, brids)) => {
+            let map: serde_json::Map<String, Value> = brids
+                .into_iter()
+                .map(|(b, r)| (b.to_string(), Value::from(r)))
+                .collect();
+            Json(json!({ "jsonrpc": "2.0", "id": id, "result": [bsid, map] })).into_response()
+        }
+        Err(SubmitError::UnknownScheduler(name)) => rpc_error(
+            StatusCode::NOT_FOUND,
+            id,
+            INVALID_REQUEST,
+            format!("no force scheduler named {name:?}"),
+        ),
+        Err(SubmitError::Store(error)) => {
+            tracing::error!(%error, "force failed in the database");
+            rpc_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                id,
+                INTERNAL_ERROR,
+                "database error",
+            )
+        }
+        Err(other) => rpc_error(
+            StatusCode::BAD_REQUEST,
+            id,
+            INVALID_PARAMS,
+            other.to_string(),
+        ),
+    }
+}

@@ -1,0 +1,15 @@
+//! Kiln's build master: it keeps the queue, turns changes into build requests, hands builds to
+//! workers and runs their steps, and serves Buildbot's REST data API.
+
+pub mod config;
+pub mod engine;
+pub mod grpc;
+pub mod http;
+pub mod local_pool;
+pub mod master;
+pub mod properties;
+pub mod remote;
+pub mod results;
+pub mod schedulers;
+pub mod server;
+pub mod store;

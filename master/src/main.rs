@@ -1,0 +1,90 @@
+//! `kiln-master`: parses flags, loads the configuration, and runs the master until SIGINT or
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kiln_master::config::Config;
+use kiln_master::server::{self, Listeners};
+use tracing_subscriber::EnvFilter;
+
+/// Kiln's build master.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The YAML configuration file.
+    #[arg(
+        long,
+        short,
+        env = "KILN_CONFIG",
+        default_value = "config/quickstart.yaml"
+    )]
+    config: PathBuf,
+    /// Only check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("kiln-master: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let listeners = match Listeners::bind(&config).await {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            eprintln!("kiln-master: {}: {error}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let http = config.http.listen;
+    let grpc = config.workers.listen;
+    let force = config.schedulers.iter().find_map(|s| match s {
+        kiln_master::config::SchedulerConfig::Force { name, .. } => Some(name.clone()),
+        _ => None,
+    });
+    let result = server::run(config, listeners, shutdown_signal(), |master| {
+        println!("Kiln master {:?} is running.", master.name);
+        println!("  REST API:      http://{http}/api/v2/builds");
+        println!("  workers (gRPC): {grpc}");
+        println!("  change hook:   curl -d author=me -d branch=main -d revision=HEAD -d repository=$PWD http://{http}/change_hook/base");
+        if let Some(force) = force {
+            println!(
+                "  force a build: curl -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{}}}}' http://{http}/api/v2/forceschedulers/{force}"
+            );
+        }
+        println!("Press Ctrl-C to stop.");
+    })
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kiln-master: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

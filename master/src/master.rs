@@ -1,0 +1,721 @@
+//! The master's shared state and its two loops: the dispatcher, which hands claimable requests to
+//! free workers the moment either appears, and housekeeping, which renews this master's leases
+//! and takes back expired ones.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{BuilderConfig, Config, SchedulerConfig};
+use crate::engine::{self, BuildContext, StopReason};
+use crate::properties::Properties;
+use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
+use crate::results::Results;
+use crate::schedulers;
+use crate::store::{
+    Change, ClaimedRequest, NewBuildset, NewChange, SourceStamp, Store, StoreError,
+};
+
+/// Why a worker could not attach.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("a worker named {0:?} is already connected")]
+    NameTaken(String),
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+    #[error("the master is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a build could not be submitted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no scheduler named {0:?}")]
+    UnknownScheduler(String),
+    #[error("no builder named {0:?}")]
+    UnknownBuilder(String),
+    #[error("builder {builder:?} is not served by scheduler {scheduler:?}")]
+    BuilderNotInScheduler { builder: String, scheduler: String },
+    #[error("scheduler {0:?} is not a force scheduler")]
+    NotForceable(String),
+    #[error("invalid parameter {field}: {reason}")]
+    InvalidParameter { field: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a force asks for, already decoded from the API.
+#[derive(Debug, Clone, Default)]
+pub struct ForceRequest {
+    pub builder_names: Vec<String>,
+    pub builderid: Option<i64>,
+    pub reason: String,
+    pub owner: String,
+    pub priority: i64,
+    pub sourcestamp: SourceStamp,
+    pub properties: Vec<(String, Value)>,
+}
+
+struct Builder {
+    id: i64,
+    config: Arc<BuilderConfig>,
+}
+
+struct RunningBuild {
+    stop: watch::Sender<Option<StopReason>>,
+    claim_token: i64,
+}
+
+/// One master: configuration, database and the workers connected to it.
+pub struct Master {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub masterid: i64,
+    pub name: String,
+    builders: Vec<Builder>,
+    workers: Mutex<HashMap<String, Arc<WorkerSession>>>,
+    running: Mutex<HashMap<i64, RunningBuild>>,
+    /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
+    wake: Notify,
+    shutting_down: watch::Sender<bool>,
+    lease: Duration,
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master")
+            .field("name", &self.name)
+            .field("masterid", &self.masterid)
+            .finish()
+    }
+}
+
+impl Master {
+    /// Registers the master and its builders in the database.
+    pub async fn start(config: Arc<Config>, store: Store) -> Result<Arc<Master>, StoreError> {
+        let name = config.master_name.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(hostname);
+            format!("{host}:{}", config.data_dir.display())
+        });
+        let masterid = store.register_master(&name).await?;
+        let mut builders = Vec::new();
+        for builder in &config.builders {
+            let id = store
+                .upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags)
+                .await?;
+            builders.push(Builder {
+                id,
+                config: Arc::new(builder.clone()),
+            });
+        }
+        let (shutting_down, _) = watch::channel(false);
+        let master = Arc::new(Master {
+            lease: Duration::from_secs(config.workers.lease_seconds),
+            heartbeat: Duration::from_secs_f64(config.workers.heartbeat_interval),
+            config,
+            store,
+            masterid,
+            name,
+            builders,
+            workers: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            shutting_down,
+        });
+        info!(master = %master.name, masterid, "master registered");
+        Ok(master)
+    }
+
+    pub fn builder_id(&self, name: &str) -> Option<i64> {
+        self.builders
+            .iter()
+            .find(|b| b.config.name == name)
+            .map(|b| b.id)
+    }
+
+    fn builder_by_id(&self, id: i64) -> Option<&Builder> {
+        self.builders.iter().find(|b| b.id == id)
+    }
+
+    /// Wakes the dispatcher.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Connected workers, by name.
+    pub fn workers(&self) -> Vec<Arc<WorkerSession>> {
+        let mut list: Vec<_> = self
+            .workers
+            .lock()
+            .expect("workers poisoned")
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.name().cmp(b.name()));
+        list
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Workers
+
+    /// Admits a worker that has registered on some transport; `outbound` carries messages to it.
+    pub async fn attach_worker(
+        self: &Arc<Self>,
+        info: WorkerInfo,
+        outbound: mpsc::Sender<ToWorker>,
+    ) -> Result<Arc<WorkerSession>, AttachError> {
+        if self.is_shutting_down() {
+            return Err(AttachError::ShuttingDown);
+        }
+        if info.name.is_empty() || info.name.len() > 100 || info.name.chars().any(char::is_control)
+        {
+            return Err(AttachError::Invalid(
+                "the name must be 1 to 100 printable characters".into(),
+            ));
+        }
+        {
+            let workers = self.workers.lock().expect("workers poisoned");
+            if let Some(existing) = workers.get(&info.name) {
+                if !existing.is_closed() {
+                    return Err(AttachError::NameTaken(info.name));
+                }
+            }
+        }
+        let workerid = self
+            .store
+            .worker_connected(&info.name, &info.to_json(), Some(self.masterid))
+            .await?;
+        let session = WorkerSession::new(workerid, info, outbound);
+        {
+            let mut workers = self.workers.lock().expect("workers poisoned");
+            if workers.get(session.name()).is_some_and(|s| !s.is_closed()) {
+                return Err(AttachError::NameTaken(session.name().to_owned()));
+            }
+            workers.insert(session.name().to_owned(), Arc::clone(&session));
+        }
+        session
+            .send(ToWorker::Registered {
+                workerid,
+                master_name: self.name.clone(),
+                heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
+            })
+            .await
+            .map_err(|_| AttachError::Invalid("the worker went away while registering".into()))?;
+        info!(
+            worker = session.name(),
+            workerid,
+            max_builds = session.info.max_builds,
+            "worker connected"
+        );
+        self.wake();
+        Ok(session)
+    }
+
+    /// Handles a message from a worker.
+    pub async fn worker_message(&self, session: &Arc<WorkerSession>, message: FromWorker) {
+        let draining = matches!(message, FromWorker::Draining);
+        session.on_message(message).await;
+        if draining {
+            info!(
+                worker = session.name(),
+                running = session.running_builds(),
+                "worker is draining"
+            );
+            self.shutdown_if_drained(session).await;
+        }
+    }
+
+    async fn shutdown_if_drained(&self, session: &Arc<WorkerSession>) {
+        if session.is_draining() && session.running_builds() == 0 {
+            let _ = session
+                .send(ToWorker::Shutdown {
+                    reason: "drained".into(),
+                })
+                .await;
+        }
+    }
+
+    /// Forgets a worker whose session ended. Its running builds see the loss and end as RETRY.
+    pub async fn detach_worker(&self, session: &Arc<WorkerSession>) {
+        session.close();
+        {
+            let mut workers = self.workers.lock().expect("workers poisoned");
+            if workers
+                .get(session.name())
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                workers.remove(session.name());
+            }
+        }
+        if let Err(error) = self
+            .store
+            .worker_disconnected(session.workerid, self.masterid)
+            .await
+        {
+            warn!(worker = session.name(), %error, "could not record the disconnection");
+        }
+        info!(worker = session.name(), "worker disconnected");
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Changes and build submission
+
+    /// Stores a change durably, then lets every matching scheduler turn it into build requests.
+    pub async fn add_change(&self, change: NewChange) -> Result<Change, SubmitError> {
+        let stored = self.store.add_change(&change).await?;
+        info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
+        for scheduler in &self.config.schedulers {
+            if let SchedulerConfig::SingleBranch {
+                name,
+                builder_names,
+                priority,
+                properties,
+                ..
+            } = scheduler
+            {
+                if !schedulers::single_branch_accepts(scheduler, &change) {
+                    continue;
+                }
+                let mut props = Properties::new();
+                for (k, v) in properties {
+                    props.set(k.clone(), v.clone(), "Scheduler");
+                }
+                props.set("scheduler", Value::from(name.clone()), "Scheduler");
+                for (k, v, _) in change.properties.iter() {
+                    props.set(k, v.clone(), "Change");
+                }
+                let builderids = builder_names
+                    .iter()
+                    .filter_map(|b| self.builder_id(b))
+                    .collect();
+                let buildset = NewBuildset {
+                    reason: format!(
+                        "The SingleBranchScheduler scheduler named '{name}' triggered this build"
+                    ),
+                    external_idstring: None,
+                    properties: props,
+                    sourcestamps: vec![SourceStamp {
+                        branch: change.branch.clone(),
+                        revision: change.revision.clone(),
+                        repository: change.repository.clone(),
+                        project: change.project.clone(),
+                        codebase: change.codebase.clone(),
+                    }],
+                    builderids,
+                    priority: *priority,
+                };
+                self.submit(&buildset).await?;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Forces a build through a force scheduler.
+    pub async fn force(
+        &self,
+        scheduler_name: &str,
+        request: ForceRequest,
+    ) -> Result<(i64, Vec<(i64, i64)>), SubmitError> {
+        let scheduler = self
+            .config
+            .schedulers
+            .iter()
+            .find(|s| s.name() == scheduler_name)
+            .ok_or_else(|| SubmitError::UnknownScheduler(scheduler_name.to_owned()))?;
+        let SchedulerConfig::Force {
+            builder_names: allowed,
+            properties,
+            ..
+        } = scheduler
+        else {
+            return Err(SubmitError::NotForceable(scheduler_name.to_owned()));
+        };
+        let mut names = request.builder_names.clone();
+        if let Some(id) = request.builderid {
+            let builder = self
+                .builder_by_id(id)
+                .ok_or_else(|| SubmitError::UnknownBuilder(id.to_string()))?;
+            names.push(builder.config.name.clone());
+        }
+        if names.is_empty() {
+            names = allowed.clone();
+        }
+        let mut builderids = Vec::new();
+        for name in &names {
+            let id = self
+                .builder_id(name)
+                .ok_or_else(|| SubmitError::UnknownBuilder(name.clone()))?;
+            if !allowed.contains(name) {
+                return Err(SubmitError::BuilderNotInScheduler {
+                    builder: name.clone(),
+                    scheduler: scheduler_name.to_owned(),
+                });
+            }
+            if !builderids.contains(&id) {
+                builderids.push(id);
+            }
+        }
+        let mut props = Properties::new();
+        for (k, v) in properties {
+            props.set(k.clone(), v.clone(), "Scheduler");
+        }
+        props.set("scheduler", Value::from(scheduler_name), "Scheduler");
+        props.set(
+            "owner",
+            Value::from(request.owner.clone()),
+            "Force Build Form",
+        );
+        props.set(
+            "reason",
+            Value::from(request.reason.clone()),
+            "Force Build Form",
+        );
+        for (k, v) in &request.properties {
+            props.set(k.clone(), v.clone(), "Force Build Form");
+        }
+        let buildset = NewBuildset {
+            reason: format!(
+                "A build was forced by '{}': {}",
+                request.owner, request.reason
+            ),
+            external_idstring: None,
+            properties: props,
+            sourcestamps: vec![request.sourcestamp.clone()],
+            builderids,
+            priority: request.priority,
+        };
+        Ok(self.submit(&buildset).await?)
+    }
+
+    async fn submit(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
+        let submitted = self.store.add_buildset(buildset).await?;
+        debug!(
+            bsid = submitted.0,
+            requests = submitted.1.len(),
+            "buildset submitted"
+        );
+        self.store.notify_queue().await;
+        self.wake();
+        Ok(submitted)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Dispatch
+
+    /// Hands claimable requests to free workers until the queue or the free slots run out, then
+    /// waits to be woken. A safety sweep every few seconds covers wake-ups lost with a database
+    /// notification.
+    pub async fn run_dispatcher(self: Arc<Self>) {
+        let mut shutdown = self.shutting_down.subscribe();
+        let sweep = Duration::from_secs(5);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(error) = self.dispatch_round().await {
+                error!(%error, "dispatch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.wake();
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sweep) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Which builders a worker may run; `None` means all of them.
+    fn builders_for(&self, worker: &str) -> Option<Vec<i64>> {
+        if self
+            .builders
+            .iter()
+            .all(|b| b.config.workernames.is_empty())
+        {
+            return None;
+        }
+        Some(
+            self.builders
+                .iter()
+                .filter(|b| {
+                    b.config.workernames.is_empty()
+                        || b.config.workernames.iter().any(|w| w == worker)
+                })
+                .map(|b| b.id)
+                .collect(),
+        )
+    }
+
+    async fn dispatch_round(self: &Arc<Self>) -> Result<(), StoreError> {
+        let lease_ms = self.lease.as_millis() as i64;
+        loop {
+            if self.is_shutting_down() {
+                return Ok(());
+            }
+            let mut free: Vec<Arc<WorkerSession>> = self
+                .workers()
+                .into_iter()
+                .filter(|w| w.has_free_slot())
+                .collect();
+            if free.is_empty() {
+                return Ok(());
+            }
+            // Spread builds: least busy workers first.
+            free.sort_by_key(|w| w.running_builds());
+            let mut progressed = false;
+            let mut exhausted: HashSet<Option<Vec<i64>>> = HashSet::new();
+            for worker in free {
+                let builderids = self.builders_for(worker.name());
+                if exhausted.contains(&builderids) || !worker.has_free_slot() {
+                    continue;
+                }
+                match self
+                    .store
+                    .claim_next(self.masterid, builderids.as_deref(), lease_ms)
+                    .await?
+                {
+                    Some(request) => {
+                        progressed = true;
+                        self.spawn_build(request, &worker);
+                    }
+                    None => {
+                        exhausted.insert(builderids);
+                    }
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn spawn_build(self: &Arc<Self>, request: ClaimedRequest, worker: &Arc<WorkerSession>) {
+        let slot = worker.reserve();
+        let (stop_tx, stop_rx) = watch::channel(None);
+        self.running.lock().expect("running poisoned").insert(
+            request.brid,
+            RunningBuild {
+                stop: stop_tx,
+                claim_token: request.claim_token,
+            },
+        );
+        let master = Arc::clone(self);
+        tokio::spawn(async move {
+            let Some(builder) = master.builder_by_id(request.builderid) else {
+                // The dispatcher claims only for configured builders; this is a bug guard.
+                error!(
+                    brid = request.brid,
+                    builderid = request.builderid,
+                    "claimed a request of an unknown builder"
+                );
+                let _ = master
+                    .store
+                    .release_request(request.brid, request.claim_token)
+                    .await;
+                master
+                    .running
+                    .lock()
+                    .expect("running poisoned")
+                    .remove(&request.brid);
+                return;
+            };
+            let ctx = BuildContext {
+                store: master.store.clone(),
+                masterid: master.masterid,
+                builderid: builder.id,
+                builder: Arc::clone(&builder.config),
+            };
+            let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
+            let results = match outcome {
+                Ok(outcome) => outcome.results,
+                Err(error) => {
+                    error!(brid = request.brid, %error, "build failed in the database; re-queueing");
+                    Results::Retry
+                }
+            };
+            master
+                .running
+                .lock()
+                .expect("running poisoned")
+                .remove(&request.brid);
+            let finished = if results == Results::Retry {
+                master
+                    .store
+                    .release_request(request.brid, request.claim_token)
+                    .await
+            } else {
+                master
+                    .store
+                    .complete_request(request.brid, request.claim_token, results)
+                    .await
+            };
+            match finished {
+                Ok(true) => {}
+                Ok(false) => warn!(
+                    brid = request.brid,
+                    "the claim was taken back before the build finished; result not recorded"
+                ),
+                Err(error) => {
+                    error!(brid = request.brid, %error, "could not finish the request; its lease will expire and it will run again")
+                }
+            }
+            if results == Results::Retry {
+                master.store.notify_queue().await;
+            }
+            let session = Arc::clone(slot.session());
+            drop(slot);
+            master.shutdown_if_drained(&session).await;
+            master.wake();
+        });
+    }
+
+    /// Stops a running build of this master by its request id. Returns false if none runs here.
+    pub fn stop_build(&self, brid: i64, reason: StopReason) -> bool {
+        match self.running.lock().expect("running poisoned").get(&brid) {
+            Some(build) => {
+                let _ = build.stop.send(Some(reason));
+                true
+            }
+            None => false,
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Housekeeping
+
+    /// Renews this master's leases, stops builds whose claim was taken back, and re-queues
+    /// requests whose lease expired anywhere. If renewal keeps failing for most of a lease, this
+    /// master stops its own builds: another master will run them once the lease expires, and the
+    /// same build must never run twice at once.
+    pub async fn run_housekeeping(self: Arc<Self>) {
+        let mut shutdown = self.shutting_down.subscribe();
+        let period = (self.lease / 4).max(Duration::from_millis(250));
+        let mut last_renewal = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => return,
+            }
+            match self
+                .store
+                .renew_leases(self.masterid, self.lease.as_millis() as i64)
+                .await
+            {
+                Ok(_) => last_renewal = Instant::now(),
+                Err(error) => {
+                    warn!(%error, "could not renew leases");
+                    if last_renewal.elapsed() > self.lease * 2 / 3 {
+                        error!(
+                            "leases could not be renewed for most of a lease; stopping this master's builds"
+                        );
+                        for build in self.running.lock().expect("running poisoned").values() {
+                            let _ = build.stop.send(Some(StopReason::ClaimLost));
+                        }
+                    }
+                    continue;
+                }
+            }
+            let held: Vec<(i64, i64)> = self
+                .running
+                .lock()
+                .expect("running poisoned")
+                .iter()
+                .map(|(brid, b)| (*brid, b.claim_token))
+                .collect();
+            for (brid, token) in held {
+                if let Ok(false) = self.store.claim_held(brid, token).await {
+                    if self
+                        .running
+                        .lock()
+                        .expect("running poisoned")
+                        .contains_key(&brid)
+                    {
+                        warn!(brid, "claim taken back; stopping the build");
+                        self.stop_build(brid, StopReason::ClaimLost);
+                    }
+                }
+            }
+            match self.store.reap_expired_claims().await {
+                Ok(reaped) if !reaped.requeued.is_empty() => {
+                    warn!(requests = ?reaped.requeued, builds = ?reaped.retried_builds, "re-queued requests with expired leases");
+                    self.store.notify_queue().await;
+                    self.wake();
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "could not reap expired claims"),
+            }
+        }
+    }
+
+    /// Listens for queue changes made by other masters sharing the database (PostgreSQL only).
+    pub async fn run_queue_listener(self: Arc<Self>, database_url: String) {
+        let mut shutdown = self.shutting_down.subscribe();
+        loop {
+            let listener = self.store.listen_queue(&database_url).await;
+            let mut listener = match listener {
+                Ok(Some(listener)) => listener,
+                Ok(None) => return,
+                Err(error) => {
+                    warn!(%error, "cannot listen for queue notifications; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    event = listener.recv() => match event {
+                        Ok(()) => self.wake(),
+                        Err(error) => {
+                            warn!(%error, "queue notifications interrupted; reconnecting");
+                            self.wake();
+                            break;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+
+    /// Begins a graceful shutdown: no new claims or workers; running builds are stopped and their
+    /// requests handed back to the queue for another master or the next start.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutting_down.send(true);
+        for build in self.running.lock().expect("running poisoned").values() {
+            let _ = build.stop.send(Some(StopReason::Shutdown));
+        }
+        self.wake();
+    }
+
+    /// Waits until no build runs on this master, up to `limit`.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.running.lock().expect("running poisoned").is_empty()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}

@@ -1,0 +1,105 @@
+//! Numbered schema migrations per backend, embedded in the binary and applied at start-up. On
+//! PostgreSQL an advisory lock keeps two masters starting together from migrating twice.
+
+use sqlx::{AnyPool, Row};
+
+use super::{Backend, Result, StoreError, now_ms};
+
+struct Migration {
+    version: i64,
+    description: &'static str,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "initial schema",
+    sqlite: include_str!("../../migrations/sqlite/0001_init.sql"),
+    postgres: include_str!("../../migrations/postgres/0001_init.sql"),
+}];
+
+/// An arbitrary constant naming Kiln's migration lock.
+const ADVISORY_LOCK: i64 = 0x6b69_6c6e_6d69_67;
+
+/// The newest schema version this binary knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+pub async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(ADVISORY_LOCK)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let outcome = apply(&mut conn, backend).await;
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(ADVISORY_LOCK)
+            .execute(&mut *conn)
+            .await?;
+    }
+    outcome
+}
+
+async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<()> {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS kiln_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let rows = sqlx::query("SELECT version FROM kiln_migrations")
+        .fetch_all(&mut *conn)
+        .await?;
+    let applied: Vec<i64> = rows
+        .iter()
+        .map(|r| r.try_get::<i64, _>("version"))
+        .collect::<Result<_, _>>()?;
+    if let Some(newest) = applied.iter().max() {
+        if *newest > latest_version() {
+            return Err(StoreError::Corrupt(format!(
+                "the database has schema version {newest}, newer than this binary's {}; upgrade Kiln",
+                latest_version()
+            )));
+        }
+    }
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        let sql = match backend {
+            Backend::Sqlite => migration.sqlite,
+            Backend::Postgres => migration.postgres,
+        };
+        let wrap = |source| StoreError::Migration {
+            version: migration.version,
+            source,
+        };
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(wrap)?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(wrap)?;
+        sqlx::query(
+            "INSERT INTO kiln_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(migration.version)
+        .bind(migration.description)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(wrap)?;
+        tx.commit().await.map_err(wrap)?;
+        tracing::info!(
+            version = migration.version,
+            description = migration.description,
+            "applied migration"
+        );
+    }
+    Ok(())
+}
+
+/// The schema version a database is at.
+pub async fn current_version(pool: &AnyPool) -> Result<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM kiln_migrations")
+        .fetch_one(pool)
+        .await?;
+    Ok(row.try_get::<i64, _>("v")?)
+}

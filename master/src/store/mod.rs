@@ -1,0 +1,1040 @@
+//! All persistence: the queue, builds, steps, logs, changes and workers in SQLite or PostgreSQL.
+//! Every SQL statement of the master lives under this module; callers see domain types only.
+//!
+//! The same SQL serves both databases: placeholders are `$N` (SQLite accepts them too), booleans
+//! are 0/1 integers, times are integer milliseconds, and the only dialect difference — row locks
+//! for claiming — is chosen by [`Backend`].
+
+mod data;
+mod logs;
+mod migrations;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
+
+use crate::properties::Properties;
+use crate::results::Results;
+
+pub use data::{DataError, Filter, ListQuery, Op, Resource};
+pub use logs::{LogChunk, decode_chunk, encode_chunk};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("migration {version} failed: {source}")]
+    Migration { version: i64, source: sqlx::Error },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The handle to the database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    /// Writes go through here. On SQLite it holds one connection, so writers never contend.
+    write: AnyPool,
+    /// Reads go through here; on PostgreSQL it is the same pool as `write`.
+    read: AnyPool,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+/// A change as a change source or hook reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewChange {
+    pub author: String,
+    pub committer: Option<String>,
+    pub comments: String,
+    pub branch: Option<String>,
+    pub revision: Option<String>,
+    pub revlink: Option<String>,
+    /// Milliseconds; the time of the change itself, not of its arrival.
+    pub when_ms: i64,
+    pub category: Option<String>,
+    pub repository: String,
+    pub codebase: String,
+    pub project: String,
+    pub files: Vec<String>,
+    pub properties: Properties,
+}
+
+/// A stored change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub changeid: i64,
+    pub sourcestampid: i64,
+    pub change: NewChange,
+}
+
+/// The state of one codebase's sources a build is asked to build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceStamp {
+    pub branch: Option<String>,
+    pub revision: Option<String>,
+    pub repository: String,
+    pub project: String,
+    pub codebase: String,
+}
+
+/// What a scheduler asks to be built.
+#[derive(Debug, Clone, Default)]
+pub struct NewBuildset {
+    pub reason: String,
+    pub external_idstring: Option<String>,
+    pub properties: Properties,
+    pub sourcestamps: Vec<SourceStamp>,
+    pub builderids: Vec<i64>,
+    pub priority: i64,
+}
+
+/// A build request this master has claimed. `claim_token` fences it: only the holder of the
+/// current token may finish or release it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedRequest {
+    pub brid: i64,
+    pub buildsetid: i64,
+    pub builderid: i64,
+    pub priority: i64,
+    pub submitted_at_ms: i64,
+    pub claim_token: i64,
+}
+
+/// Everything a build needs to know about what it builds.
+#[derive(Debug, Clone, Default)]
+pub struct BuildsetDetails {
+    pub reason: String,
+    pub properties: Properties,
+    pub sourcestamps: Vec<SourceStamp>,
+}
+
+/// A build row just created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewBuild {
+    pub buildid: i64,
+    pub number: i64,
+}
+
+/// What became of expired claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Requests put back in the queue.
+    pub requeued: Vec<i64>,
+    /// Builds finished as RETRY.
+    pub retried_builds: Vec<i64>,
+}
+
+fn get_i64(row: &AnyRow, column: &str) -> Result<i64> {
+    Ok(row.try_get::<i64, _>(column)?)
+}
+
+impl Store {
+    /// Opens the database at `url`, creating a SQLite file if needed, and applies migrations.
+    pub async fn connect(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let connect_error = |source| StoreError::Connect {
+            url: redact(url),
+            source,
+        };
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = rest.split('?').next().unwrap_or(rest);
+            let in_memory = path.is_empty() || path == ":memory:";
+            if !in_memory {
+                if let Some(parent) = Path::new(path).parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| connect_error(sqlx::Error::Io(e)))?;
+                    }
+                }
+            }
+            let url = if rest.contains("mode=") || in_memory {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            let write = AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(sqlite_pragmas)
+                .connect(&url)
+                .await
+                .map_err(connect_error)?;
+            migrations::run(&write, Backend::Sqlite).await?;
+            let read = if in_memory {
+                write.clone()
+            } else {
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(sqlite_pragmas)
+                    .connect(&url)
+                    .await
+                    .map_err(connect_error)?
+            };
+            Ok(Store {
+                write,
+                read,
+                backend: Backend::Sqlite,
+            })
+        } else {
+            let pool = AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(connect_error)?;
+            migrations::run(&pool, Backend::Postgres).await?;
+            Ok(Store {
+                write: pool.clone(),
+                read: pool,
+                backend: Backend::Postgres,
+            })
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Masters, builders, workers
+
+    /// Registers (or re-activates) a master by name and returns its id.
+    pub async fn register_master(&self, name: &str) -> Result<i64> {
+        let now = now_ms();
+        let row = sqlx::query(
+            "INSERT INTO masters (name, active, last_active) VALUES ($1, 1, $2) \
+             ON CONFLICT (name) DO UPDATE SET active = 1, last_active = $2 RETURNING id",
+        )
+        .bind(name)
+        .bind(now)
+        .fetch_one(&self.write)
+        .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Records that a master is alive.
+    pub async fn master_heartbeat(&self, masterid: i64) -> Result<()> {
+        sqlx::query("UPDATE masters SET active = 1, last_active = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(masterid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a master stopped (on clean shutdown).
+    pub async fn master_stopped(&self, masterid: i64) -> Result<()> {
+        sqlx::query("UPDATE masters SET active = 0 WHERE id = $1")
+            .bind(masterid)
+            .execute(&self.write)
+            .await?;
+        sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE connected_masterid = $1")
+            .bind(masterid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates or updates a builder by name and returns its id.
+    pub async fn upsert_builder(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        tags: &[String],
+    ) -> Result<i64> {
+        let tags = serde_json::to_string(tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let row = sqlx::query(
+            "INSERT INTO builders (name, description, tags) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET description = $2, tags = $3 RETURNING id",
+        )
+        .bind(name)
+        .bind(description.map(str::to_owned))
+        .bind(tags)
+        .fetch_one(&self.write)
+        .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Records a worker's connection to a master (or its disconnection with `None`).
+    pub async fn worker_connected(
+        &self,
+        name: &str,
+        info: &serde_json::Value,
+        masterid: Option<i64>,
+    ) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO workers (name, info, connected_masterid, last_connected_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET info = $2, connected_masterid = $3, last_connected_at = $4 \
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(info.to_string())
+        .bind(masterid)
+        .bind(now_ms())
+        .fetch_one(&self.write)
+        .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Records that a worker left this master.
+    pub async fn worker_disconnected(&self, workerid: i64, masterid: i64) -> Result<()> {
+        sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE id = $1 AND connected_masterid = $2")
+            .bind(workerid)
+            .bind(masterid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Changes and buildsets
+
+    async fn find_or_create_sourcestamp(
+        conn: &mut sqlx::AnyConnection,
+        ss: &SourceStamp,
+        now: i64,
+    ) -> Result<i64> {
+        let hash = sourcestamp_hash(ss);
+        sqlx::query(
+            "INSERT INTO sourcestamps (ss_hash, branch, revision, repository, project, codebase, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (ss_hash) DO NOTHING",
+        )
+        .bind(&hash)
+        .bind(ss.branch.clone())
+        .bind(ss.revision.clone())
+        .bind(&ss.repository)
+        .bind(&ss.project)
+        .bind(&ss.codebase)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        let row = sqlx::query("SELECT id FROM sourcestamps WHERE ss_hash = $1")
+            .bind(&hash)
+            .fetch_one(&mut *conn)
+            .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Stores a change (and its source stamp) durably.
+    pub async fn add_change(&self, change: &NewChange) -> Result<Change> {
+        let mut tx = self.write.begin().await?;
+        let ss = SourceStamp {
+            branch: change.branch.clone(),
+            revision: change.revision.clone(),
+            repository: change.repository.clone(),
+            project: change.project.clone(),
+            codebase: change.codebase.clone(),
+        };
+        let ssid = Self::find_or_create_sourcestamp(&mut tx, &ss, now_ms()).await?;
+        let files =
+            serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let row = sqlx::query(
+            "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
+             category, repository, codebase, project, files, properties, sourcestampid) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING changeid",
+        )
+        .bind(&change.author)
+        .bind(change.committer.clone())
+        .bind(&change.comments)
+        .bind(change.branch.clone())
+        .bind(change.revision.clone())
+        .bind(change.revlink.clone())
+        .bind(change.when_ms)
+        .bind(change.category.clone())
+        .bind(&change.repository)
+        .bind(&change.codebase)
+        .bind(&change.project)
+        .bind(files)
+        .bind(change.properties.to_json().to_string())
+        .bind(ssid)
+        .fetch_one(&mut *tx)
+        .await?;
+        let changeid = get_i64(&row, "changeid")?;
+        tx.commit().await?;
+        Ok(Change {
+            changeid,
+            sourcestampid: ssid,
+            change: change.clone(),
+        })
+    }
+
+    /// Stores a buildset and one build request per builder, atomically. Returns the buildset id
+    /// and `(builderid, brid)` pairs.
+    pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>)> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(buildset.external_idstring.clone())
+        .bind(&buildset.reason)
+        .bind(now)
+        .bind(buildset.properties.to_json().to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let bsid = get_i64(&row, "id")?;
+        for ss in &buildset.sourcestamps {
+            let ssid = Self::find_or_create_sourcestamp(&mut tx, ss, now).await?;
+            sqlx::query(
+                "INSERT INTO buildset_sourcestamps (buildsetid, sourcestampid) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(bsid)
+            .bind(ssid)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut brids = Vec::with_capacity(buildset.builderids.len());
+        for &builderid in &buildset.builderids {
+            let row = sqlx::query(
+                "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at) VALUES ($1, $2, $3, $4) RETURNING id",
+            )
+            .bind(bsid)
+            .bind(builderid)
+            .bind(buildset.priority)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            brids.push((builderid, get_i64(&row, "id")?));
+        }
+        tx.commit().await?;
+        Ok((bsid, brids))
+    }
+
+    /// Reason, properties and source stamps of a buildset.
+    pub async fn buildset_details(&self, bsid: i64) -> Result<BuildsetDetails> {
+        let row = sqlx::query("SELECT reason, properties FROM buildsets WHERE id = $1")
+            .bind(bsid)
+            .fetch_optional(&self.read)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("buildset {bsid}")))?;
+        let reason: String = row.try_get("reason")?;
+        let props: String = row.try_get("properties")?;
+        let props = serde_json::from_str(&props).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(
+            "SELECT s.branch, s.revision, s.repository, s.project, s.codebase FROM sourcestamps s \
+             JOIN buildset_sourcestamps b ON b.sourcestampid = s.id WHERE b.buildsetid = $1 ORDER BY s.codebase",
+        )
+        .bind(bsid)
+        .fetch_all(&self.read)
+        .await?;
+        let mut sourcestamps = Vec::with_capacity(rows.len());
+        for row in rows {
+            sourcestamps.push(SourceStamp {
+                branch: row.try_get("branch")?,
+                revision: row.try_get("revision")?,
+                repository: row.try_get("repository")?,
+                project: row.try_get("project")?,
+                codebase: row.try_get("codebase")?,
+            });
+        }
+        Ok(BuildsetDetails {
+            reason,
+            properties: Properties::from_json(&props),
+            sourcestamps,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The queue
+
+    /// Claims the next claimable request — highest priority first, then oldest — among
+    /// `builderids` (all builders when `None`), under a lease of `lease_ms`. Several masters may
+    /// call this at once: on PostgreSQL the row is locked with `FOR UPDATE SKIP LOCKED`, so each
+    /// request goes to exactly one of them.
+    pub async fn claim_next(
+        &self,
+        masterid: i64,
+        builderids: Option<&[i64]>,
+        lease_ms: i64,
+    ) -> Result<Option<ClaimedRequest>> {
+        if builderids.is_some_and(<[i64]>::is_empty) {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let token: i64 = rand::random::<i64>() & i64::MAX;
+        let builder_filter = match builderids {
+            None => String::new(),
+            Some(ids) => {
+                let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+                format!("AND builderid IN ({})", list.join(","))
+            }
+        };
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE buildrequests SET claimed_by_masterid = $1, claimed_at = $2, claim_token = $3, lease_expires_at = $4 \
+             WHERE id = (SELECT id FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL {builder_filter} \
+                         ORDER BY priority DESC, submitted_at, id LIMIT 1 {lock}) \
+             AND complete = 0 AND claimed_by_masterid IS NULL \
+             RETURNING id, buildsetid, builderid, priority, submitted_at"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(masterid)
+            .bind(now)
+            .bind(token)
+            .bind(now + lease_ms)
+            .fetch_optional(&self.write)
+            .await?;
+        row.map(|row| {
+            Ok(ClaimedRequest {
+                brid: get_i64(&row, "id")?,
+                buildsetid: get_i64(&row, "buildsetid")?,
+                builderid: get_i64(&row, "builderid")?,
+                priority: get_i64(&row, "priority")?,
+                submitted_at_ms: get_i64(&row, "submitted_at")?,
+                claim_token: token,
+            })
+        })
+        .transpose()
+    }
+
+    /// Extends the leases of every request this master holds, and its own heartbeat.
+    pub async fn renew_leases(&self, masterid: i64, lease_ms: i64) -> Result<u64> {
+        let now = now_ms();
+        self.master_heartbeat(masterid).await?;
+        let done = sqlx::query(
+            "UPDATE buildrequests SET lease_expires_at = $1 WHERE claimed_by_masterid = $2 AND complete = 0",
+        )
+        .bind(now + lease_ms)
+        .bind(masterid)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether a claim is still held with this token.
+    pub async fn claim_held(&self, brid: i64, claim_token: i64) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 AS held FROM buildrequests WHERE id = $1 AND claim_token = $2 AND complete = 0")
+            .bind(brid)
+            .bind(claim_token)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Completes a claimed request with a final result, then its buildset if all of its requests
+    /// are complete. Returns false (and changes nothing) when the claim is no longer held.
+    pub async fn complete_request(
+        &self,
+        brid: i64,
+        claim_token: i64,
+        results: Results,
+    ) -> Result<bool> {
+        debug_assert_ne!(
+            results,
+            Results::Retry,
+            "RETRY re-queues; use release_request"
+        );
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let done = sqlx::query(
+            "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, lease_expires_at = NULL \
+             WHERE id = $3 AND claim_token = $4 AND complete = 0",
+        )
+        .bind(now)
+        .bind(results.code())
+        .bind(brid)
+        .bind(claim_token)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        Self::maybe_complete_buildset(&mut tx, brid, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn maybe_complete_buildset(
+        conn: &mut sqlx::AnyConnection,
+        brid: i64,
+        now: i64,
+    ) -> Result<()> {
+        let row = sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1")
+            .bind(brid)
+            .fetch_one(&mut *conn)
+            .await?;
+        let bsid = get_i64(&row, "buildsetid")?;
+        let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildsetid = $1")
+            .bind(bsid)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut worst: Option<Results> = None;
+        for row in &rows {
+            if get_i64(row, "complete")? == 0 {
+                return Ok(());
+            }
+            let r = Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception);
+            worst = Some(worst.map_or(r, |w| w.worst(r)));
+        }
+        let results = worst.unwrap_or(Results::Success);
+        sqlx::query("UPDATE buildsets SET complete = 1, complete_at = $1, results = $2 WHERE id = $3 AND complete = 0")
+            .bind(now)
+            .bind(results.code())
+            .bind(bsid)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a claimed request back in the queue (after a RETRY). Returns false when the claim
+    /// was no longer held.
+    pub async fn release_request(&self, brid: i64, claim_token: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
+             lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND complete = 0",
+        )
+        .bind(brid)
+        .bind(claim_token)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Takes back every claim whose lease has expired (its master vanished or stalled): the
+    /// builds running under it finish as RETRY and the requests return to the queue.
+    pub async fn reap_expired_claims(&self) -> Result<Reaped> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NOT NULL \
+             AND lease_expires_at < $1 ORDER BY id {lock}"
+        )))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut reaped = Reaped::default();
+        for row in rows {
+            let brid = get_i64(&row, "id")?;
+            let builds = sqlx::query(
+                "SELECT id FROM builds WHERE buildrequestid = $1 AND complete_at IS NULL",
+            )
+            .bind(brid)
+            .fetch_all(&mut *tx)
+            .await?;
+            for build in builds {
+                let buildid = get_i64(&build, "id")?;
+                Self::finish_open_build(
+                    &mut tx,
+                    buildid,
+                    Results::Retry,
+                    "retry: lease expired",
+                    now,
+                )
+                .await?;
+                reaped.retried_builds.push(buildid);
+            }
+            sqlx::query(
+                "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
+                 lease_expires_at = NULL WHERE id = $1",
+            )
+            .bind(brid)
+            .execute(&mut *tx)
+            .await?;
+            reaped.requeued.push(brid);
+        }
+        tx.commit().await?;
+        Ok(reaped)
+    }
+
+    async fn finish_open_build(
+        conn: &mut sqlx::AnyConnection,
+        buildid: i64,
+        results: Results,
+        state: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE steps SET complete_at = $1, results = $2, state_string = state_string || ' (interrupted)' \
+             WHERE buildid = $3 AND complete_at IS NULL AND started_at IS NOT NULL",
+        )
+        .bind(now)
+        .bind(results.code())
+        .bind(buildid)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE logs SET complete = 1 WHERE complete = 0 AND stepid IN (SELECT id FROM steps WHERE buildid = $1)",
+        )
+        .bind(buildid)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE builds SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4 AND complete_at IS NULL")
+            .bind(now)
+            .bind(results.code())
+            .bind(state)
+            .bind(buildid)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts requests waiting to be claimed.
+    pub async fn pending_count(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL")
+            .fetch_one(&self.read)
+            .await?;
+        get_i64(&row, "n")
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Builds and steps
+
+    /// Creates the next numbered build of a builder for a claimed request.
+    pub async fn new_build(
+        &self,
+        builderid: i64,
+        brid: i64,
+        workerid: i64,
+        masterid: i64,
+        properties: &Properties,
+    ) -> Result<NewBuild> {
+        let now = now_ms();
+        // Two masters may race for the same number; the unique (builderid, number) index decides
+        // and the loser takes the next one.
+        for _ in 0..20 {
+            let row = sqlx::query(
+                "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string, properties) \
+                 SELECT COALESCE(MAX(number), 0) + 1, $1, $2, $3, $4, $5, 'building', $6 FROM builds WHERE builderid = $1 \
+                 ON CONFLICT (builderid, number) DO NOTHING RETURNING id, number",
+            )
+            .bind(builderid)
+            .bind(brid)
+            .bind(workerid)
+            .bind(masterid)
+            .bind(now)
+            .bind(properties.to_json().to_string())
+            .fetch_optional(&self.write)
+            .await?;
+            if let Some(row) = row {
+                return Ok(NewBuild {
+                    buildid: get_i64(&row, "id")?,
+                    number: get_i64(&row, "number")?,
+                });
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "could not number a build of builder {builderid}"
+        )))
+    }
+
+    pub async fn set_build_properties(&self, buildid: i64, properties: &Properties) -> Result<()> {
+        sqlx::query("UPDATE builds SET properties = $1 WHERE id = $2")
+            .bind(properties.to_json().to_string())
+            .bind(buildid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_build_state(&self, buildid: i64, state: &str) -> Result<()> {
+        sqlx::query("UPDATE builds SET state_string = $1 WHERE id = $2")
+            .bind(state)
+            .bind(buildid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Finishes a build, closing any step or log it left open.
+    pub async fn finish_build(&self, buildid: i64, results: Results, state: &str) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        Self::finish_open_build(&mut tx, buildid, results, state, now_ms()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Adds a step that has not started yet.
+    pub async fn add_step(&self, buildid: i64, number: i64, name: &str) -> Result<i64> {
+        let row = sqlx::query("INSERT INTO steps (number, name, buildid, state_string) VALUES ($1, $2, $3, 'pending') RETURNING id")
+            .bind(number)
+            .bind(name)
+            .bind(buildid)
+            .fetch_one(&self.write)
+            .await?;
+        get_i64(&row, "id")
+    }
+
+    pub async fn start_step(&self, stepid: i64, state: &str) -> Result<()> {
+        sqlx::query("UPDATE steps SET started_at = $1, state_string = $2 WHERE id = $3")
+            .bind(now_ms())
+            .bind(state)
+            .bind(stepid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_step(&self, stepid: i64, results: Results, state: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE steps SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4",
+        )
+        .bind(now_ms())
+        .bind(results.code())
+        .bind(state)
+        .bind(stepid)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Logs
+
+    /// Adds a log to a step. `log_type` is Buildbot's: `s` stdio, `t` text, `h` html.
+    pub async fn add_log(&self, stepid: i64, name: &str, log_type: &str) -> Result<i64> {
+        let slug = crate::config::sanitize_dir(name);
+        let row = sqlx::query(
+            "INSERT INTO logs (name, slug, stepid, type) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(name)
+        .bind(slug)
+        .bind(stepid)
+        .bind(log_type)
+        .fetch_one(&self.write)
+        .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Appends whole lines (each ending in `\n`) to a log as one compressed chunk.
+    pub async fn append_log(&self, logid: i64, first_line: i64, text: &str) -> Result<i64> {
+        let lines = text.matches('\n').count() as i64;
+        if lines == 0 {
+            return Ok(first_line);
+        }
+        let (content, compressed) = encode_chunk(text.as_bytes());
+        let mut tx = self.write.begin().await?;
+        sqlx::query("INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES ($1, $2, $3, $4, $5)")
+            .bind(logid)
+            .bind(first_line)
+            .bind(first_line + lines - 1)
+            .bind(content)
+            .bind(compressed)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE logs SET num_lines = $1 WHERE id = $2")
+            .bind(first_line + lines)
+            .bind(logid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(first_line + lines)
+    }
+
+    pub async fn finish_log(&self, logid: i64) -> Result<()> {
+        sqlx::query("UPDATE logs SET complete = 1 WHERE id = $1")
+            .bind(logid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Lines `offset..offset+limit` of a log (all from `offset` when `limit` is `None`), as stored
+    /// (stdio lines keep their one-letter channel prefix).
+    pub async fn log_lines(&self, logid: i64, offset: i64, limit: Option<i64>) -> Result<String> {
+        let last = limit.map(|l| offset + l - 1).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT first_line, content, compressed FROM logchunks WHERE logid = $1 AND last_line >= $2 AND first_line <= $3 \
+             ORDER BY first_line",
+        )
+        .bind(logid)
+        .bind(offset)
+        .bind(last)
+        .fetch_all(&self.read)
+        .await?;
+        let mut out = String::new();
+        for row in rows {
+            let first: i64 = row.try_get("first_line")?;
+            let content: Vec<u8> = row.try_get("content")?;
+            let compressed: i64 = row.try_get("compressed")?;
+            let text = decode_chunk(&content, compressed)?;
+            for (i, line) in text.split_inclusive('\n').enumerate() {
+                let n = first + i as i64;
+                if n >= offset && n <= last {
+                    out.push_str(line);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tells other masters sharing the database that the queue changed (PostgreSQL only; a
+    /// SQLite database has one master).
+    pub async fn notify_queue(&self) {
+        if self.backend == Backend::Postgres {
+            if let Err(error) = sqlx::query("SELECT pg_notify('kiln_queue', '')")
+                .execute(&self.write)
+                .await
+            {
+                tracing::warn!(%error, "could not notify other masters");
+            }
+        }
+    }
+
+    /// Subscribes to queue changes made by other masters; `None` on SQLite.
+    pub async fn listen_queue(&self, url: &str) -> Result<Option<QueueListener>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen("kiln_queue").await?;
+        Ok(Some(QueueListener(listener)))
+    }
+
+    /// Reads one resource collection of the data API; see [`data`].
+    pub async fn list(
+        &self,
+        resource: Resource,
+        query: &ListQuery,
+    ) -> Result<(Vec<serde_json::Value>, i64), DataError> {
+        data::list(&self.read, resource, query).await
+    }
+}
+
+/// A subscription to the queue notifications of other masters.
+pub struct QueueListener(sqlx::postgres::PgListener);
+
+impl QueueListener {
+    /// Waits for the next notification.
+    pub async fn recv(&mut self) -> Result<()> {
+        self.0.recv().await?;
+        Ok(())
+    }
+}
+
+/// Settings of every SQLite connection: WAL so readers never block the writer, and a busy timeout
+/// so a checkpoint does not fail a write.
+fn sqlite_pragmas(
+    conn: &mut AnyConnection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::raw_sql(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+        )
+        .execute(conn)
+        .await
+        .map(|_| ())
+    })
+}
+
+/// A stable key for de-duplicating source stamps.
+fn sourcestamp_hash(ss: &SourceStamp) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in [
+        ss.branch.as_deref(),
+        ss.revision.as_deref(),
+        Some(&ss.repository),
+        Some(&ss.project),
+        Some(&ss.codebase),
+    ] {
+        match part {
+            Some(p) => {
+                hasher.update(b"s");
+                hasher.update(p.as_bytes());
+            }
+            None => hasher.update(b"n"),
+        }
+        hasher.update([0u8]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Hides the password of a database URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_in_urls() {
+        assert_eq!(
+            redact("postgres://kiln:secret@db:5432/kiln"),
+            "postgres://kiln:***@db:5432/kiln"
+        );
+        assert_eq!(redact("sqlite://kiln.sqlite"), "sqlite://kiln.sqlite");
+    }
+
+    #[test]
+    fn sourcestamp_hashes_tell_none_from_empty() {
+        let a = SourceStamp {
+            branch: None,
+            ..Default::default()
+        };
+        let b = SourceStamp {
+            branch: Some(String::new()),
+            ..Default::default()
+        };
+        assert_ne!(sourcestamp_hash(&a), sourcestamp_hash(&b));
+    }
+}

@@ -1,0 +1,101 @@
+//! `kiln-worker`: parses flags and serves a master until told to stop. The first SIGTERM drains
+//! (no new work, finish the running build, exit); a second one, or SIGINT, stops at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kiln_worker::{WorkerConfig, WorkerError};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// Kiln's build worker.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The master's gRPC address.
+    #[arg(long, env = "KILN_MASTER", default_value = "http://127.0.0.1:9989")]
+    master: String,
+    /// This worker's name; on Kubernetes, the pod name.
+    #[arg(long, env = "KILN_WORKER_NAME")]
+    name: Option<String>,
+    /// The token the master admits workers with.
+    #[arg(long, env = "KILN_WORKER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Where builds run.
+    #[arg(long, env = "KILN_WORKER_BASEDIR", default_value = "kiln-worker")]
+    basedir: PathBuf,
+    /// Where git mirrors and other shared caches live (a shared volume on Kubernetes).
+    #[arg(long, env = "KILN_WORKER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Builds run at once.
+    #[arg(long, env = "KILN_WORKER_MAX_BUILDS", default_value_t = 1)]
+    max_builds: u32,
+    /// Labels as key=value, repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let name = args.name.unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_else(|| "worker".to_owned())
+    });
+    let basedir = std::path::absolute(&args.basedir).unwrap_or(args.basedir);
+    let cache_dir = args
+        .cache_dir
+        .map(|c| std::path::absolute(&c).unwrap_or(c))
+        .unwrap_or_else(|| basedir.join(".cache"));
+    let config = WorkerConfig {
+        master_url: args.master,
+        name,
+        token: args.token,
+        basedir,
+        cache_dir,
+        max_builds: args.max_builds.max(1),
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    };
+    let (terminate_tx, terminate_rx) = watch::channel(false);
+    let (kill_tx, kill_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => { let _ = terminate_tx.send(true); }
+            _ = int.recv() => { let _ = terminate_tx.send(true); let _ = kill_tx.send(true); return; }
+        }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = kill_tx.send(true);
+    });
+    match kiln_worker::run(config, terminate_rx, kill_rx).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error @ WorkerError::Unauthenticated) | Err(error @ WorkerError::Refused(_)) => {
+            eprintln!("kiln-worker: {error}");
+            ExitCode::from(3)
+        }
+    }
+}
