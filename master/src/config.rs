@@ -58,10 +58,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self {
-            listen: default_http_listen(),
-            max_body_bytes: default_body_limit(),
-        }
+        Self { listen: default_http_listen(), max_body_bytes: default_body_limit() }
     }
 }
 
@@ -139,9 +136,7 @@ pub struct BuilderConfig {
 
 impl BuilderConfig {
     pub fn builddir(&self) -> String {
-        self.builddir
-            .clone()
-            .unwrap_or_else(|| sanitize_dir(&self.name))
+        self.builddir.clone().unwrap_or_else(|| sanitize_dir(&self.name))
     }
 }
 
@@ -163,31 +158,19 @@ impl<'de> Deserialize<'de> for StepConfig {
                 f.write_str("a map with one key: git, shell or set_property_from_command")
             }
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<StepConfig, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StepConfig, A::Error> {
                 use serde::de::Error;
-                let kind: String = map
-                    .next_key()?
-                    .ok_or_else(|| A::Error::custom("empty step: name its kind"))?;
+                let kind: String = map.next_key()?.ok_or_else(|| A::Error::custom("empty step: name its kind"))?;
                 let step = match kind.as_str() {
                     "git" => StepConfig::Git(map.next_value()?),
                     "shell" => StepConfig::Shell(map.next_value()?),
-                    "set_property_from_command" => {
-                        StepConfig::SetPropertyFromCommand(map.next_value()?)
-                    }
+                    "set_property_from_command" => StepConfig::SetPropertyFromCommand(map.next_value()?),
                     other => {
-                        return Err(A::Error::unknown_variant(
-                            other,
-                            &["git", "shell", "set_property_from_command"],
-                        ));
+                        return Err(A::Error::unknown_variant(other, &["git", "shell", "set_property_from_command"]));
                     }
                 };
                 if let Some(extra) = map.next_key::<String>()? {
-                    return Err(A::Error::custom(format!(
-                        "a step has exactly one kind; found also {extra:?}"
-                    )));
+                    return Err(A::Error::custom(format!("a step has exactly one kind; found also {extra:?}")));
                 }
                 Ok(step)
             }
@@ -316,16 +299,15 @@ pub enum SchedulerConfig {
 impl SchedulerConfig {
     pub fn name(&self) -> &str {
         match self {
-            SchedulerConfig::SingleBranch { name, .. } | SchedulerConfig::Force { name, .. } => {
-                name
-            }
+            SchedulerConfig::SingleBranch { name, .. } | SchedulerConfig::Force { name, .. } => name,
         }
     }
 
     pub fn builder_names(&self) -> &[String] {
         match self {
-            SchedulerConfig::SingleBranch { builder_names, .. }
-            | SchedulerConfig::Force { builder_names, .. } => builder_names,
+            SchedulerConfig::SingleBranch { builder_names, .. } | SchedulerConfig::Force { builder_names, .. } => {
+                builder_names
+            }
         }
     }
 }
@@ -377,15 +359,7 @@ fn default_local_prefix() -> String {
 
 /// Makes a name safe as one directory component.
 pub fn sanitize_dir(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
 impl Config {
@@ -401,60 +375,45 @@ impl Config {
         Self::parse(&file, &text)
     }
 
+    /// Replaces the database URL (from `--database` or `KILN_DATABASE_URL`) and validates again.
+    pub fn with_database(mut self, file: &str, url: String) -> Result<Config, ConfigError> {
+        self.database = url;
+        self.validate().map_err(|(key, reason)| ConfigError { file: file.to_owned(), key, reason })?;
+        Ok(self)
+    }
+
     /// Parses and validates configuration text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-        let error = |key: String, reason: String| ConfigError {
-            file: file.to_owned(),
-            key,
-            reason,
-        };
+        let error = |key: String, reason: String| ConfigError { file: file.to_owned(), key, reason };
         let deserializer = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." {
-                "(document)".to_owned()
-            } else {
-                key
-            };
+            let key = if key == "." { "(document)".to_owned() } else { key };
             // serde_yaml's message carries a position; keep it, it helps find the line.
             error(key, e.into_inner().to_string())
         })?;
-        config
-            .validate()
-            .map_err(|(key, reason)| error(key, reason))?;
+        config.validate().map_err(|(key, reason)| error(key, reason))?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         let db = &self.database;
-        if !(db.starts_with("sqlite:")
-            || db.starts_with("postgres://")
-            || db.starts_with("postgresql://"))
-        {
+        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
             return Err((
                 "database".into(),
                 format!("unsupported database URL {db:?}: use sqlite://PATH or postgres://…"),
             ));
         }
         if self.workers.heartbeat_interval <= 0.0 || !self.workers.heartbeat_interval.is_finite() {
-            return Err((
-                "workers.heartbeat_interval".into(),
-                "must be a positive number of seconds".into(),
-            ));
+            return Err(("workers.heartbeat_interval".into(), "must be a positive number of seconds".into()));
         }
         if self.workers.lease_seconds < 5 {
-            return Err((
-                "workers.lease_seconds".into(),
-                "must be at least 5 seconds".into(),
-            ));
+            return Err(("workers.lease_seconds".into(), "must be at least 5 seconds".into()));
         }
         for (i, token) in self.workers.tokens.iter().enumerate() {
             match (&token.value, &token.value_env) {
                 (Some(v), None) if v.is_empty() => {
-                    return Err((
-                        format!("workers.tokens[{i}].value"),
-                        "must not be empty".into(),
-                    ));
+                    return Err((format!("workers.tokens[{i}].value"), "must not be empty".into()));
                 }
                 (Some(_), None) => {}
                 (None, Some(var)) => match std::env::var(var) {
@@ -467,20 +426,14 @@ impl Config {
                     }
                 },
                 _ => {
-                    return Err((
-                        format!("workers.tokens[{i}]"),
-                        "give exactly one of value and value_env".into(),
-                    ));
+                    return Err((format!("workers.tokens[{i}]"), "give exactly one of value and value_env".into()));
                 }
             }
         }
-        if let Some(local) = &self.workers.local {
-            if local.count == 0 || local.max_builds == 0 {
-                return Err((
-                    "workers.local".into(),
-                    "count and max_builds must be at least 1".into(),
-                ));
-            }
+        if let Some(local) = &self.workers.local
+            && (local.count == 0 || local.max_builds == 0)
+        {
+            return Err(("workers.local".into(), "count and max_builds must be at least 1".into()));
         }
         if self.builders.is_empty() {
             return Err(("builders".into(), "at least one builder is needed".into()));
@@ -488,30 +441,19 @@ impl Config {
         let mut names = BTreeSet::new();
         for (i, builder) in self.builders.iter().enumerate() {
             if builder.name.is_empty() || builder.name.len() > 100 {
-                return Err((
-                    format!("builders[{i}].name"),
-                    "must be 1 to 100 characters".into(),
-                ));
+                return Err((format!("builders[{i}].name"), "must be 1 to 100 characters".into()));
             }
             if !names.insert(builder.name.as_str()) {
-                return Err((
-                    format!("builders[{i}].name"),
-                    format!("duplicate builder {:?}", builder.name),
-                ));
+                return Err((format!("builders[{i}].name"), format!("duplicate builder {:?}", builder.name)));
             }
             if builder.steps.is_empty() {
-                return Err((
-                    format!("builders[{i}].steps"),
-                    "a builder needs at least one step".into(),
-                ));
+                return Err((format!("builders[{i}].steps"), "a builder needs at least one step".into()));
             }
             let mut step_names = BTreeSet::new();
             for (j, step) in builder.steps.iter().enumerate() {
                 let key = format!("builders[{i}].steps[{j}]");
                 if let StepConfig::Shell(ShellStepConfig { command, .. })
-                | StepConfig::SetPropertyFromCommand(SetPropertyStepConfig {
-                    command, ..
-                }) = step
+                | StepConfig::SetPropertyFromCommand(SetPropertyStepConfig { command, .. }) = step
                 {
                     match command {
                         CommandLine::Argv(argv) if argv.is_empty() => {
@@ -523,52 +465,33 @@ impl Config {
                         _ => {}
                     }
                 }
-                if let StepConfig::Git(git) = step {
-                    if let Some(mode) = &git.mode {
-                        if mode != "incremental" && mode != "full" {
-                            return Err((
-                                format!("{key}.git.mode"),
-                                "must be incremental or full".into(),
-                            ));
-                        }
-                    }
+                if let StepConfig::Git(git) = step
+                    && let Some(mode) = &git.mode
+                    && mode != "incremental"
+                    && mode != "full"
+                {
+                    return Err((format!("{key}.git.mode"), "must be incremental or full".into()));
                 }
                 let name = step_name(step, j);
                 if !step_names.insert(name.clone()) {
-                    return Err((
-                        format!("{key}.name"),
-                        format!("duplicate step name {name:?} in this builder"),
-                    ));
+                    return Err((format!("{key}.name"), format!("duplicate step name {name:?} in this builder")));
                 }
             }
         }
         let mut scheduler_names = BTreeSet::new();
         for (i, scheduler) in self.schedulers.iter().enumerate() {
             if !scheduler_names.insert(scheduler.name()) {
-                return Err((
-                    format!("schedulers[{i}].name"),
-                    format!("duplicate scheduler {:?}", scheduler.name()),
-                ));
+                return Err((format!("schedulers[{i}].name"), format!("duplicate scheduler {:?}", scheduler.name())));
             }
             if scheduler.builder_names().is_empty() {
-                return Err((
-                    format!("schedulers[{i}].builderNames"),
-                    "name at least one builder".into(),
-                ));
+                return Err((format!("schedulers[{i}].builderNames"), "name at least one builder".into()));
             }
             for (j, builder) in scheduler.builder_names().iter().enumerate() {
                 if !names.contains(builder.as_str()) {
-                    return Err((
-                        format!("schedulers[{i}].builderNames[{j}]"),
-                        format!("unknown builder {builder:?}"),
-                    ));
+                    return Err((format!("schedulers[{i}].builderNames[{j}]"), format!("unknown builder {builder:?}")));
                 }
             }
-            if let SchedulerConfig::SingleBranch {
-                tree_stable_timer: Some(_),
-                ..
-            } = scheduler
-            {
+            if let SchedulerConfig::SingleBranch { tree_stable_timer: Some(_), .. } = scheduler {
                 return Err((
                     format!("schedulers[{i}].treeStableTimer"),
                     "tree-stable timers are not supported by this version; remove the key to build every change".into(),
@@ -583,11 +506,7 @@ impl Config {
         self.workers
             .tokens
             .iter()
-            .filter_map(|t| {
-                t.value
-                    .clone()
-                    .or_else(|| t.value_env.as_ref().and_then(|v| std::env::var(v).ok()))
-            })
+            .filter_map(|t| t.value.clone().or_else(|| t.value_env.as_ref().and_then(|v| std::env::var(v).ok())))
             .collect()
     }
 
@@ -631,9 +550,7 @@ schedulers:
         assert_eq!(config.http.listen.port(), 8010);
         assert_eq!(config.workers.listen.port(), 9989);
         assert!(config.collapse_requests);
-        let StepConfig::Shell(shell) = &config.builders[0].steps[0] else {
-            panic!("not a shell step")
-        };
+        let StepConfig::Shell(shell) = &config.builders[0].steps[0] else { panic!("not a shell step") };
         assert_eq!(shell.flags.halt_on_failure, Some(true));
         assert_eq!(config.worker_tokens(), vec!["secret".to_owned()]);
     }
@@ -649,10 +566,7 @@ schedulers:
 
     #[test]
     fn a_scheduler_naming_an_unknown_builder_is_refused() {
-        let text = MINIMAL.replace(
-            "builderNames: [b]}\n  - {type: single",
-            "builderNames: [nope]}\n  - {type: single",
-        );
+        let text = MINIMAL.replace("builderNames: [b]}\n  - {type: single", "builderNames: [nope]}\n  - {type: single");
         let error = Config::parse("mem.yaml", &text).unwrap_err();
         assert_eq!(error.key, "schedulers[0].builderNames[0]");
         assert!(error.reason.contains("nope"));

@@ -10,9 +10,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, step_name};
 use crate::properties::{Properties, SourceView, interpolate};
-use crate::remote::{
-    BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update,
-};
+use crate::remote::{BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update};
 use crate::results::Results;
 use crate::store::{ClaimedRequest, Store, StoreError};
 
@@ -108,17 +106,9 @@ pub async fn run_build(
     }
     props.set("buildername", Value::from(builder.name.clone()), "Builder");
     props.set("builderid", Value::from(ctx.builderid), "Builder");
-    props.set(
-        "workername",
-        Value::from(session.name().to_owned()),
-        "Worker",
-    );
+    props.set("workername", Value::from(session.name().to_owned()), "Worker");
     let builddir = builder.builddir();
-    props.set(
-        "builddir",
-        Value::from(format!("{}/{builddir}", session.info.basedir)),
-        "Worker",
-    );
+    props.set("builddir", Value::from(format!("{}/{builddir}", session.info.basedir)), "Worker");
     if let Some(ss) = details.sourcestamps.first() {
         let text = |s: &Option<String>| s.clone().map_or(Value::Null, Value::from);
         props.set("branch", text(&ss.branch), "Build");
@@ -139,69 +129,36 @@ pub async fn run_build(
         })
         .collect();
 
-    let build = ctx
-        .store
-        .new_build(
-            ctx.builderid,
-            request.brid,
-            session.workerid,
-            ctx.masterid,
-            &props,
-        )
-        .await?;
+    let build = ctx.store.new_build(ctx.builderid, request.brid, session.workerid, ctx.masterid, &props).await?;
     props.set("buildnumber", Value::from(build.number), "Build");
-    ctx.store
-        .set_build_properties(build.buildid, &props)
-        .await?;
+    ctx.store.set_build_properties(build.buildid, &props).await?;
     let span = tracing::info_span!("build", buildid = build.buildid, builder = %builder.name, number = build.number);
     async {
-        info!(
-            worker = session.name(),
-            brid = request.brid,
-            "build started"
-        );
+        info!(worker = session.name(), brid = request.brid, "build started");
         let mut results = Results::Success;
         let mut halted = false;
         let mut failed_step = None;
         for (index, step) in builder.steps.iter().enumerate() {
             let name = step_name(step, index);
-            let stepid = ctx
-                .store
-                .add_step(build.buildid, index as i64, &name)
-                .await?;
+            let stepid = ctx.store.add_step(build.buildid, index as i64, &name).await?;
             let (halt_on_failure, flunk, warn_flag, always_run) = effective_flags(step);
             if halted && !always_run {
-                ctx.store
-                    .finish_step(stepid, Results::Skipped, "skipped")
-                    .await?;
+                ctx.store.finish_step(stepid, Results::Skipped, "skipped").await?;
                 continue;
             }
             if stop.borrow().is_some() {
-                ctx.store
-                    .finish_step(stepid, Results::Skipped, "skipped")
-                    .await?;
+                ctx.store.finish_step(stepid, Results::Skipped, "skipped").await?;
                 continue;
             }
-            let runner = StepRunner {
-                ctx,
-                slot,
-                buildid: build.buildid,
-                stepid,
-                sources: &sources,
-            };
+            let runner = StepRunner { ctx, slot, buildid: build.buildid, stepid, sources: &sources };
             let outcome = runner.run(step, &mut props, &mut stop).await?;
-            ctx.store
-                .finish_step(stepid, outcome.results, &outcome.state)
-                .await?;
+            ctx.store.finish_step(stepid, outcome.results, &outcome.state).await?;
             if matches!(outcome.results, Results::Retry | Results::Cancelled) {
                 results = outcome.results;
                 break;
             }
             let counted = contribution(outcome.results, flunk, warn_flag);
-            if counted.worst(results) != results
-                && failed_step.is_none()
-                && counted != Results::Warnings
-            {
+            if counted.worst(results) != results && failed_step.is_none() && counted != Results::Warnings {
                 failed_step = Some(name.clone());
             }
             results = results.worst(counted);
@@ -215,21 +172,10 @@ pub async fn run_build(
                 StopReason::ClaimLost | StopReason::Shutdown => Results::Retry,
             };
         }
-        ctx.store
-            .set_build_properties(build.buildid, &props)
-            .await?;
-        ctx.store
-            .finish_build(
-                build.buildid,
-                results,
-                &build_state(results, failed_step.as_deref()),
-            )
-            .await?;
+        ctx.store.set_build_properties(build.buildid, &props).await?;
+        ctx.store.finish_build(build.buildid, results, &build_state(results, failed_step.as_deref())).await?;
         info!(results = %results, "build finished");
-        Ok(BuildOutcome {
-            buildid: build.buildid,
-            results,
-        })
+        Ok(BuildOutcome { buildid: build.buildid, results })
     }
     .instrument(span)
     .await
@@ -248,18 +194,9 @@ impl StepRunner<'_> {
         interpolate(template, props, self.sources).map_err(|e| e.to_string())
     }
 
-    fn render_command(
-        &self,
-        line: &CommandLine,
-        props: &Properties,
-    ) -> Result<(Vec<String>, Option<String>), String> {
+    fn render_command(&self, line: &CommandLine, props: &Properties) -> Result<(Vec<String>, Option<String>), String> {
         Ok(match line {
-            CommandLine::Argv(argv) => (
-                argv.iter()
-                    .map(|a| self.render(a, props))
-                    .collect::<Result<_, _>>()?,
-                None,
-            ),
+            CommandLine::Argv(argv) => (argv.iter().map(|a| self.render(a, props)).collect::<Result<_, _>>()?, None),
             CommandLine::Script(script) => (Vec::new(), Some(self.render(script, props)?)),
         })
     }
@@ -269,11 +206,7 @@ impl StepRunner<'_> {
             Some(w) => self.render(w, props)?,
             None => "build".to_owned(),
         };
-        Ok(if workdir.starts_with('/') {
-            workdir
-        } else {
-            format!("{}/{workdir}", self.ctx.builder.builddir())
-        })
+        Ok(if workdir.starts_with('/') { workdir } else { format!("{}/{workdir}", self.ctx.builder.builddir()) })
     }
 
     async fn run(
@@ -289,36 +222,21 @@ impl StepRunner<'_> {
                 let logid = store.add_log(self.stepid, "err.text", "t").await?;
                 store.append_log(logid, 0, &format!("{reason}\n")).await?;
                 store.finish_log(logid).await?;
-                return Ok(StepOutcome {
-                    results: Results::Exception,
-                    state: format!("exception: {reason}"),
-                });
+                return Ok(StepOutcome { results: Results::Exception, state: format!("exception: {reason}") });
             }
         };
         let description = describe(&command);
-        store
-            .start_step(self.stepid, &format!("{description} (running)"))
-            .await?;
+        store.start_step(self.stepid, &format!("{description} (running)")).await?;
         let logid = store.add_log(self.stepid, "stdio", "s").await?;
         let mut log = LogWriter::new(store.clone(), logid);
         let session = self.slot.session();
-        let mut running = match session
-            .start(&self.ctx.builder.name, self.buildid, command)
-            .await
-        {
+        let mut running = match session.start(&self.ctx.builder.name, self.buildid, command).await {
             Ok(running) => running,
             Err(error) => {
                 log.header(&format!("{error}\n"));
                 log.finish().await?;
-                let results = if session.is_closed() {
-                    Results::Retry
-                } else {
-                    Results::Exception
-                };
-                return Ok(StepOutcome {
-                    results,
-                    state: format!("{description} ({error})"),
-                });
+                let results = if session.is_closed() { Results::Retry } else { Results::Exception };
+                return Ok(StepOutcome { results, state: format!("{description} ({error})") });
             }
         };
         let mut rc = None;
@@ -351,9 +269,7 @@ impl StepRunner<'_> {
                     log.flush_if_due().await?;
                 }
                 CommandEvent::Update(Update::Rc(code)) => rc = Some(code),
-                CommandEvent::Update(Update::Property(name, value)) => {
-                    props.set(name, value, "Git")
-                }
+                CommandEvent::Update(Update::Property(name, value)) => props.set(name, value, "Git"),
                 CommandEvent::Update(Update::FailureReason(reason)) => {
                     log.header(&format!("failure reason: {reason}\n"))
                 }
@@ -362,24 +278,14 @@ impl StepRunner<'_> {
                 CommandEvent::Lost => {
                     log.header("worker lost\n");
                     log.finish().await?;
-                    return Ok(StepOutcome {
-                        results: Results::Retry,
-                        state: format!("{description} (worker lost)"),
-                    });
+                    return Ok(StepOutcome { results: Results::Retry, state: format!("{description} (worker lost)") });
                 }
             }
         };
         log.finish().await?;
         if let Some(reason) = *stop.borrow() {
-            let results = if reason == StopReason::Cancelled {
-                Results::Cancelled
-            } else {
-                Results::Retry
-            };
-            return Ok(StepOutcome {
-                results,
-                state: format!("{description} (interrupted)"),
-            });
+            let results = if reason == StopReason::Cancelled { Results::Cancelled } else { Results::Retry };
+            return Ok(StepOutcome { results, state: format!("{description} (interrupted)") });
         }
         if let Some(error) = error {
             return Ok(StepOutcome {
@@ -391,32 +297,18 @@ impl StepRunner<'_> {
             Some(0) => Results::Success,
             _ => Results::Failure,
         };
-        if results == Results::Success {
-            if let StepConfig::SetPropertyFromCommand(s) = step {
-                let text = String::from_utf8_lossy(&stdout);
-                let value = if s.strip {
-                    text.trim().to_owned()
-                } else {
-                    text.into_owned()
-                };
-                props.set(
-                    s.property.clone(),
-                    Value::from(value),
-                    "SetPropertyFromCommand Step",
-                );
-            }
+        if results == Results::Success
+            && let StepConfig::SetPropertyFromCommand(s) = step
+        {
+            let text = String::from_utf8_lossy(&stdout);
+            let value = if s.strip { text.trim().to_owned() } else { text.into_owned() };
+            props.set(s.property.clone(), Value::from(value), "SetPropertyFromCommand Step");
         }
         let suffix = match results {
             Results::Success => String::new(),
-            _ => format!(
-                " (failure: exit code {})",
-                rc.map_or("none".to_owned(), |c| c.to_string())
-            ),
+            _ => format!(" (failure: exit code {})", rc.map_or("none".to_owned(), |c| c.to_string())),
         };
-        Ok(StepOutcome {
-            results,
-            state: format!("{description}{suffix}"),
-        })
+        Ok(StepOutcome { results, state: format!("{description}{suffix}") })
     }
 
     fn build_command(&self, step: &StepConfig, props: &Properties) -> Result<Command, String> {
@@ -455,18 +347,12 @@ impl StepRunner<'_> {
                     None => source.map(|s| s.repository.clone()).unwrap_or_default(),
                 };
                 if repourl.is_empty() {
-                    return Err(
-                        "no repository: set repourl or build a change that names one".to_owned(),
-                    );
+                    return Err("no repository: set repourl or build a change that names one".to_owned());
                 }
-                let branch = source
-                    .and_then(|s| s.branch.clone())
-                    .or_else(|| g.branch.clone());
+                let branch = source.and_then(|s| s.branch.clone()).or_else(|| g.branch.clone());
                 Command::Git(GitCommand {
                     repourl,
-                    revision: source
-                        .and_then(|s| s.revision.clone())
-                        .filter(|r| !r.is_empty()),
+                    revision: source.and_then(|s| s.revision.clone()).filter(|r| !r.is_empty()),
                     branch,
                     workdir: self.workdir(&g.workdir, props)?,
                     mode: g.mode.clone().unwrap_or_else(|| "incremental".to_owned()),
@@ -485,21 +371,11 @@ async fn interrupt(running: &RunningCommand, reason: &str) {
 fn describe(command: &Command) -> String {
     match command {
         Command::Shell(s) => {
-            let text = if s.argv.is_empty() {
-                s.script.clone().unwrap_or_default()
-            } else {
-                s.argv.join(" ")
-            };
+            let text = if s.argv.is_empty() { s.script.clone().unwrap_or_default() } else { s.argv.join(" ") };
             let text: String = text.chars().take(60).collect();
             format!("'{text}'")
         }
-        Command::Git(g) => format!(
-            "git {}",
-            g.revision
-                .as_deref()
-                .or(g.branch.as_deref())
-                .unwrap_or("HEAD")
-        ),
+        Command::Git(g) => format!("git {}", g.revision.as_deref().or(g.branch.as_deref()).unwrap_or("HEAD")),
         other => other.name().to_owned(),
     }
 }
@@ -555,9 +431,7 @@ impl LogWriter {
     }
 
     async fn flush_if_due(&mut self) -> Result<(), StoreError> {
-        if self.pending.len() >= Self::FLUSH_BYTES
-            || self.last_flush.elapsed() >= Self::FLUSH_INTERVAL
-        {
+        if self.pending.len() >= Self::FLUSH_BYTES || self.last_flush.elapsed() >= Self::FLUSH_INTERVAL {
             self.flush().await?;
         }
         Ok(())
@@ -569,27 +443,18 @@ impl LogWriter {
             return Ok(());
         }
         let text = std::mem::take(&mut self.pending);
-        self.next_line = self
-            .store
-            .append_log(self.logid, self.next_line, &text)
-            .await?;
+        self.next_line = self.store.append_log(self.logid, self.next_line, &text).await?;
         Ok(())
     }
 
     async fn finish(mut self) -> Result<(), StoreError> {
-        for (index, stream) in [Stream::Stdout, Stream::Stderr, Stream::Header]
-            .into_iter()
-            .enumerate()
-        {
+        for (index, stream) in [Stream::Stdout, Stream::Stderr, Stream::Header].into_iter().enumerate() {
             if !self.partial[index].is_empty() {
                 self.append(stream, b"\n");
             }
         }
         self.flush().await?;
-        self.store
-            .finish_log(self.logid)
-            .await
-            .inspect_err(|e| warn!(error = %e, "could not close log"))
+        self.store.finish_log(self.logid).await.inspect_err(|e| warn!(error = %e, "could not close log"))
     }
 }
 
@@ -599,22 +464,10 @@ mod tests {
 
     #[test]
     fn a_failure_counts_by_the_steps_flags() {
-        assert_eq!(
-            contribution(Results::Failure, true, false),
-            Results::Failure
-        );
-        assert_eq!(
-            contribution(Results::Failure, false, true),
-            Results::Warnings
-        );
-        assert_eq!(
-            contribution(Results::Failure, false, false),
-            Results::Success
-        );
-        assert_eq!(
-            contribution(Results::Exception, false, false),
-            Results::Exception
-        );
+        assert_eq!(contribution(Results::Failure, true, false), Results::Failure);
+        assert_eq!(contribution(Results::Failure, false, true), Results::Warnings);
+        assert_eq!(contribution(Results::Failure, false, false), Results::Success);
+        assert_eq!(contribution(Results::Exception, false, false), Results::Exception);
     }
 
     #[test]

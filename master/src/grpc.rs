@@ -16,8 +16,7 @@ use tracing::{info, warn};
 
 use crate::master::{AttachError, Master};
 use crate::remote::{
-    Command, FromWorker, StatInfo, Stream as OutputStream, ToWorker, Update, WorkerInfo,
-    WorkerSession,
+    Command, FromWorker, StatInfo, Stream as OutputStream, ToWorker, Update, WorkerInfo, WorkerSession,
 };
 
 /// The `WorkerService` implementation.
@@ -28,10 +27,7 @@ pub struct WorkerGrpc {
 
 impl WorkerGrpc {
     pub fn new(master: Arc<Master>, tokens: Vec<String>) -> Self {
-        Self {
-            master,
-            tokens: Arc::new(tokens),
-        }
+        Self { master, tokens: Arc::new(tokens) }
     }
 
     pub fn into_server(self) -> pb::worker_service_server::WorkerServiceServer<WorkerGrpc> {
@@ -54,14 +50,8 @@ fn authenticate(tokens: &[String], metadata: &tonic::metadata::MetadataMap) -> R
         .ok_or_else(|| Status::unauthenticated("missing worker token"))?;
     let token = header.strip_prefix("Bearer ").unwrap_or(header);
     // Check every token so the time taken does not reveal which one was close.
-    let valid = tokens.iter().fold(false, |ok, t| {
-        constant_time_eq(t.as_bytes(), token.as_bytes()) | ok
-    });
-    if valid {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated("invalid worker token"))
-    }
+    let valid = tokens.iter().fold(false, |ok, t| constant_time_eq(t.as_bytes(), token.as_bytes()) | ok);
+    if valid { Ok(()) } else { Err(Status::unauthenticated("invalid worker token")) }
 }
 
 fn attach_status(error: AttachError) -> Status {
@@ -91,13 +81,8 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no registration within 10 s"))??;
-        let Some(pb::WorkerMessage {
-            body: Some(In::Register(register)),
-        }) = first
-        else {
-            return Err(Status::invalid_argument(
-                "the first message must be Register",
-            ));
+        let Some(pb::WorkerMessage { body: Some(In::Register(register)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be Register"));
         };
         let info = WorkerInfo {
             name: register.name,
@@ -109,11 +94,7 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
             host: register.host,
         };
         let (tx, rx) = mpsc::channel::<ToWorker>(64);
-        let session = self
-            .master
-            .attach_worker(info, tx)
-            .await
-            .map_err(attach_status)?;
+        let session = self.master.attach_worker(info, tx).await.map_err(attach_status)?;
 
         let master = Arc::clone(&self.master);
         let reader_session = Arc::clone(&session);
@@ -131,30 +112,21 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
                     _ = heartbeat_session.closed() => return,
                 }
                 sequence += 1;
-                if heartbeat_session
-                    .send(ToWorker::Heartbeat(sequence))
-                    .await
-                    .is_err()
-                {
+                if heartbeat_session.send(ToWorker::Heartbeat(sequence)).await.is_err() {
                     return;
                 }
             }
         });
         let ended = Arc::clone(&session);
-        let outbound = ReceiverStream::new(rx)
-            .map(|message| Ok(encode(message)))
-            .take_until(async move { ended.closed().await });
+        let outbound =
+            ReceiverStream::new(rx).map(|message| Ok(encode(message))).take_until(async move { ended.closed().await });
         Ok(Response::new(Box::pin(outbound)))
     }
 }
 
 /// Reads the worker's messages until it leaves, goes silent for three heartbeats, or the session
 /// is closed from this side.
-async fn read_worker(
-    master: &Arc<Master>,
-    session: &Arc<WorkerSession>,
-    mut inbound: Streaming<pb::WorkerMessage>,
-) {
+async fn read_worker(master: &Arc<Master>, session: &Arc<WorkerSession>, mut inbound: Streaming<pb::WorkerMessage>) {
     let silence = master.heartbeat * 3;
     loop {
         let message = tokio::select! {
@@ -164,10 +136,7 @@ async fn read_worker(
         match message {
             Ok(Ok(Some(message))) => match decode(message) {
                 Some(message) => master.worker_message(session, message).await,
-                None => warn!(
-                    worker = session.name(),
-                    "ignoring an empty or misplaced message"
-                ),
+                None => warn!(worker = session.name(), "ignoring an empty or misplaced message"),
             },
             Ok(Ok(None)) => {
                 info!(worker = session.name(), "worker closed its session");
@@ -178,11 +147,7 @@ async fn read_worker(
                 return;
             }
             Err(_) => {
-                warn!(
-                    worker = session.name(),
-                    seconds = silence.as_secs_f64(),
-                    "worker silent too long; session lost"
-                );
+                warn!(worker = session.name(), seconds = silence.as_secs_f64(), "worker silent too long; session lost");
                 return;
             }
         }
@@ -194,17 +159,14 @@ fn decode(message: pb::WorkerMessage) -> Option<FromWorker> {
         In::Register(_) => return None,
         In::Heartbeat(_) => FromWorker::Heartbeat,
         In::Draining(_) => FromWorker::Draining,
-        In::Complete(c) => FromWorker::Complete {
-            command_id: c.command_id,
-            error: Some(c.error).filter(|e| !e.is_empty()),
-        },
+        In::Complete(c) => {
+            FromWorker::Complete { command_id: c.command_id, error: Some(c.error).filter(|e| !e.is_empty()) }
+        }
         In::Update(u) => {
             use pb::command_update::Body as U;
             let update = match u.body? {
                 U::Output(o) => {
-                    let stream = match pb::OutputStream::try_from(o.stream)
-                        .unwrap_or(pb::OutputStream::Unspecified)
-                    {
+                    let stream = match pb::OutputStream::try_from(o.stream).unwrap_or(pb::OutputStream::Unspecified) {
                         pb::OutputStream::Stderr => OutputStream::Stderr,
                         pb::OutputStream::Header => OutputStream::Header,
                         _ => OutputStream::Stdout,
@@ -221,56 +183,31 @@ fn decode(message: pb::WorkerMessage) -> Option<FromWorker> {
                     mode: s.mode,
                     mtime: s.mtime,
                 }),
-                U::Property(p) => Update::Property(
-                    p.name,
-                    serde_json::from_str(&p.value_json).unwrap_or(serde_json::Value::Null),
-                ),
+                U::Property(p) => {
+                    Update::Property(p.name, serde_json::from_str(&p.value_json).unwrap_or(serde_json::Value::Null))
+                }
                 U::FileData(d) => Update::FileData(d),
                 U::FailureReason(r) => Update::FailureReason(r),
             };
-            FromWorker::Update {
-                command_id: u.command_id,
-                update,
-            }
+            FromWorker::Update { command_id: u.command_id, update }
         }
     })
 }
 
 fn encode(message: ToWorker) -> pb::MasterMessage {
     let body = match message {
-        ToWorker::Registered {
-            workerid,
-            master_name,
-            heartbeat_interval_ms,
-        } => Out::Registered(pb::Registered {
-            worker_id: workerid,
-            master_name,
-            heartbeat_interval_ms,
-        }),
+        ToWorker::Registered { workerid, master_name, heartbeat_interval_ms } => {
+            Out::Registered(pb::Registered { worker_id: workerid, master_name, heartbeat_interval_ms })
+        }
         ToWorker::Heartbeat(sequence) => Out::Heartbeat(pb::Heartbeat { sequence }),
-        ToWorker::Start {
-            command_id,
-            builder_name,
-            buildid,
-            command,
-        } => Out::Start(pb::StartCommand {
+        ToWorker::Start { command_id, builder_name, buildid, command } => Out::Start(pb::StartCommand {
             command_id,
             builder_name,
             build_id: buildid,
             command: Some(encode_command(command)),
         }),
-        ToWorker::FileChunk {
-            command_id,
-            data,
-            last,
-        } => Out::FileChunk(pb::FileChunk {
-            command_id,
-            data,
-            last,
-        }),
-        ToWorker::Interrupt { command_id, reason } => {
-            Out::Interrupt(pb::Interrupt { command_id, reason })
-        }
+        ToWorker::FileChunk { command_id, data, last } => Out::FileChunk(pb::FileChunk { command_id, data, last }),
+        ToWorker::Interrupt { command_id, reason } => Out::Interrupt(pb::Interrupt { command_id, reason }),
         ToWorker::Drain => Out::Drain(pb::Drain {}),
         ToWorker::Shutdown { reason } => Out::Shutdown(pb::Shutdown { reason }),
     };
@@ -304,9 +241,7 @@ fn encode_command(command: Command) -> pb::start_command::Command {
         Command::Glob { path } => C::Glob(pb::PathCommand { path }),
         Command::Listdir { path } => C::Listdir(pb::PathCommand { path }),
         Command::UploadFile { path, max_size } => C::UploadFile(pb::UploadFile { path, max_size }),
-        Command::DownloadFile { path, mode, .. } => {
-            C::DownloadFile(pb::DownloadFile { path, mode })
-        }
+        Command::DownloadFile { path, mode, .. } => C::DownloadFile(pb::DownloadFile { path, mode }),
     }
 }
 

@@ -14,15 +14,10 @@ use crate::config::LocalPoolConfig;
 /// Why the pool could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error(
-        "workers.local.binary: {0} does not exist; build it with `cargo build --bins` or set the key"
-    )]
+    #[error("workers.local.binary: {0} does not exist; build it with `cargo build --bins` or set the key")]
     MissingBinary(PathBuf),
     #[error("cannot prepare {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// What each local worker is started with.
@@ -45,17 +40,11 @@ impl LocalPool {
                 .and_then(|exe| exe.parent().map(|dir| dir.join("kiln-worker")))
                 .unwrap_or_else(|| PathBuf::from("kiln-worker")),
         };
-        if binary.is_file() {
-            Ok(binary)
-        } else {
-            Err(PoolError::MissingBinary(binary))
-        }
+        if binary.is_file() { Ok(binary) } else { Err(PoolError::MissingBinary(binary)) }
     }
 
     fn worker_names(&self) -> Vec<String> {
-        (1..=self.config.count)
-            .map(|i| format!("{}-{i}", self.config.name_prefix))
-            .collect()
+        (1..=self.config.count).map(|i| format!("{}-{i}", self.config.name_prefix)).collect()
     }
 
     fn spawn(&self, name: &str) -> Result<Child, PoolError> {
@@ -70,11 +59,7 @@ impl LocalPool {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let log_path = logs.join(format!("{name}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(&log_path))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?;
         let log_err = log.try_clone().map_err(io(&log_path))?;
         Command::new(&self.binary)
             .arg("--master")

@@ -14,13 +14,11 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about)]
 struct Args {
     /// The YAML configuration file.
-    #[arg(
-        long,
-        short,
-        env = "KILN_CONFIG",
-        default_value = "config/quickstart.yaml"
-    )]
+    #[arg(long, short, env = "KILN_CONFIG", default_value = "config/quickstart.yaml")]
     config: PathBuf,
+    /// Overrides the configuration's database URL, e.g. `postgres://kiln@db/kiln`.
+    #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
     /// Only check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -29,12 +27,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let args = Args::parse();
-    let config = match Config::load(&args.config) {
+    let file = args.config.display().to_string();
+    let config = Config::load(&args.config).and_then(|c| match args.database.clone() {
+        Some(url) => c.with_database(&format!("{file} (--database)"), url),
+        None => Ok(c),
+    });
+    let config = match config {
         Ok(config) => config,
         Err(error) => {
             eprintln!("kiln-master: invalid configuration: {error}");
@@ -81,8 +82,7 @@ async fn main() -> ExitCode {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

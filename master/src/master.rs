@@ -16,9 +16,7 @@ use crate::properties::Properties;
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
 use crate::results::Results;
 use crate::schedulers;
-use crate::store::{
-    Change, ClaimedRequest, NewBuildset, NewChange, SourceStamp, Store, StoreError,
-};
+use crate::store::{Change, ClaimedRequest, NewBuildset, NewChange, SourceStamp, Store, StoreError};
 
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +88,7 @@ pub struct Master {
 
 impl std::fmt::Debug for Master {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Master")
-            .field("name", &self.name)
-            .field("masterid", &self.masterid)
-            .finish()
+        f.debug_struct("Master").field("name", &self.name).field("masterid", &self.masterid).finish()
     }
 }
 
@@ -101,22 +96,14 @@ impl Master {
     /// Registers the master and its builders in the database.
     pub async fn start(config: Arc<Config>, store: Store) -> Result<Arc<Master>, StoreError> {
         let name = config.master_name.clone().unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME")
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(hostname);
+            let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(hostname);
             format!("{host}:{}", config.data_dir.display())
         });
         let masterid = store.register_master(&name).await?;
         let mut builders = Vec::new();
         for builder in &config.builders {
-            let id = store
-                .upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags)
-                .await?;
-            builders.push(Builder {
-                id,
-                config: Arc::new(builder.clone()),
-            });
+            let id = store.upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags).await?;
+            builders.push(Builder { id, config: Arc::new(builder.clone()) });
         }
         let (shutting_down, _) = watch::channel(false);
         let master = Arc::new(Master {
@@ -137,10 +124,7 @@ impl Master {
     }
 
     pub fn builder_id(&self, name: &str) -> Option<i64> {
-        self.builders
-            .iter()
-            .find(|b| b.config.name == name)
-            .map(|b| b.id)
+        self.builders.iter().find(|b| b.config.name == name).map(|b| b.id)
     }
 
     fn builder_by_id(&self, id: i64) -> Option<&Builder> {
@@ -158,13 +142,7 @@ impl Master {
 
     /// Connected workers, by name.
     pub fn workers(&self) -> Vec<Arc<WorkerSession>> {
-        let mut list: Vec<_> = self
-            .workers
-            .lock()
-            .expect("workers poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let mut list: Vec<_> = self.workers.lock().expect("workers poisoned").values().cloned().collect();
         list.sort_by(|a, b| a.name().cmp(b.name()));
         list
     }
@@ -181,24 +159,18 @@ impl Master {
         if self.is_shutting_down() {
             return Err(AttachError::ShuttingDown);
         }
-        if info.name.is_empty() || info.name.len() > 100 || info.name.chars().any(char::is_control)
-        {
-            return Err(AttachError::Invalid(
-                "the name must be 1 to 100 printable characters".into(),
-            ));
+        if info.name.is_empty() || info.name.len() > 100 || info.name.chars().any(char::is_control) {
+            return Err(AttachError::Invalid("the name must be 1 to 100 printable characters".into()));
         }
         {
             let workers = self.workers.lock().expect("workers poisoned");
-            if let Some(existing) = workers.get(&info.name) {
-                if !existing.is_closed() {
-                    return Err(AttachError::NameTaken(info.name));
-                }
+            if let Some(existing) = workers.get(&info.name)
+                && !existing.is_closed()
+            {
+                return Err(AttachError::NameTaken(info.name));
             }
         }
-        let workerid = self
-            .store
-            .worker_connected(&info.name, &info.to_json(), Some(self.masterid))
-            .await?;
+        let workerid = self.store.worker_connected(&info.name, &info.to_json(), Some(self.masterid)).await?;
         let session = WorkerSession::new(workerid, info, outbound);
         {
             let mut workers = self.workers.lock().expect("workers poisoned");
@@ -215,12 +187,7 @@ impl Master {
             })
             .await
             .map_err(|_| AttachError::Invalid("the worker went away while registering".into()))?;
-        info!(
-            worker = session.name(),
-            workerid,
-            max_builds = session.info.max_builds,
-            "worker connected"
-        );
+        info!(worker = session.name(), workerid, max_builds = session.info.max_builds, "worker connected");
         self.wake();
         Ok(session)
     }
@@ -230,22 +197,14 @@ impl Master {
         let draining = matches!(message, FromWorker::Draining);
         session.on_message(message).await;
         if draining {
-            info!(
-                worker = session.name(),
-                running = session.running_builds(),
-                "worker is draining"
-            );
+            info!(worker = session.name(), running = session.running_builds(), "worker is draining");
             self.shutdown_if_drained(session).await;
         }
     }
 
     async fn shutdown_if_drained(&self, session: &Arc<WorkerSession>) {
         if session.is_draining() && session.running_builds() == 0 {
-            let _ = session
-                .send(ToWorker::Shutdown {
-                    reason: "drained".into(),
-                })
-                .await;
+            let _ = session.send(ToWorker::Shutdown { reason: "drained".into() }).await;
         }
     }
 
@@ -254,18 +213,11 @@ impl Master {
         session.close();
         {
             let mut workers = self.workers.lock().expect("workers poisoned");
-            if workers
-                .get(session.name())
-                .is_some_and(|s| Arc::ptr_eq(s, session))
-            {
+            if workers.get(session.name()).is_some_and(|s| Arc::ptr_eq(s, session)) {
                 workers.remove(session.name());
             }
         }
-        if let Err(error) = self
-            .store
-            .worker_disconnected(session.workerid, self.masterid)
-            .await
-        {
+        if let Err(error) = self.store.worker_disconnected(session.workerid, self.masterid).await {
             warn!(worker = session.name(), %error, "could not record the disconnection");
         }
         info!(worker = session.name(), "worker disconnected");
@@ -279,14 +231,7 @@ impl Master {
         let stored = self.store.add_change(&change).await?;
         info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
         for scheduler in &self.config.schedulers {
-            if let SchedulerConfig::SingleBranch {
-                name,
-                builder_names,
-                priority,
-                properties,
-                ..
-            } = scheduler
-            {
+            if let SchedulerConfig::SingleBranch { name, builder_names, priority, properties, .. } = scheduler {
                 if !schedulers::single_branch_accepts(scheduler, &change) {
                     continue;
                 }
@@ -298,14 +243,9 @@ impl Master {
                 for (k, v, _) in change.properties.iter() {
                     props.set(k, v.clone(), "Change");
                 }
-                let builderids = builder_names
-                    .iter()
-                    .filter_map(|b| self.builder_id(b))
-                    .collect();
+                let builderids = builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
                 let buildset = NewBuildset {
-                    reason: format!(
-                        "The SingleBranchScheduler scheduler named '{name}' triggered this build"
-                    ),
+                    reason: format!("The SingleBranchScheduler scheduler named '{name}' triggered this build"),
                     external_idstring: None,
                     properties: props,
                     sourcestamps: vec![SourceStamp {
@@ -336,19 +276,12 @@ impl Master {
             .iter()
             .find(|s| s.name() == scheduler_name)
             .ok_or_else(|| SubmitError::UnknownScheduler(scheduler_name.to_owned()))?;
-        let SchedulerConfig::Force {
-            builder_names: allowed,
-            properties,
-            ..
-        } = scheduler
-        else {
+        let SchedulerConfig::Force { builder_names: allowed, properties, .. } = scheduler else {
             return Err(SubmitError::NotForceable(scheduler_name.to_owned()));
         };
         let mut names = request.builder_names.clone();
         if let Some(id) = request.builderid {
-            let builder = self
-                .builder_by_id(id)
-                .ok_or_else(|| SubmitError::UnknownBuilder(id.to_string()))?;
+            let builder = self.builder_by_id(id).ok_or_else(|| SubmitError::UnknownBuilder(id.to_string()))?;
             names.push(builder.config.name.clone());
         }
         if names.is_empty() {
@@ -356,9 +289,7 @@ impl Master {
         }
         let mut builderids = Vec::new();
         for name in &names {
-            let id = self
-                .builder_id(name)
-                .ok_or_else(|| SubmitError::UnknownBuilder(name.clone()))?;
+            let id = self.builder_id(name).ok_or_else(|| SubmitError::UnknownBuilder(name.clone()))?;
             if !allowed.contains(name) {
                 return Err(SubmitError::BuilderNotInScheduler {
                     builder: name.clone(),
@@ -374,24 +305,13 @@ impl Master {
             props.set(k.clone(), v.clone(), "Scheduler");
         }
         props.set("scheduler", Value::from(scheduler_name), "Scheduler");
-        props.set(
-            "owner",
-            Value::from(request.owner.clone()),
-            "Force Build Form",
-        );
-        props.set(
-            "reason",
-            Value::from(request.reason.clone()),
-            "Force Build Form",
-        );
+        props.set("owner", Value::from(request.owner.clone()), "Force Build Form");
+        props.set("reason", Value::from(request.reason.clone()), "Force Build Form");
         for (k, v) in &request.properties {
             props.set(k.clone(), v.clone(), "Force Build Form");
         }
         let buildset = NewBuildset {
-            reason: format!(
-                "A build was forced by '{}': {}",
-                request.owner, request.reason
-            ),
+            reason: format!("A build was forced by '{}': {}", request.owner, request.reason),
             external_idstring: None,
             properties: props,
             sourcestamps: vec![request.sourcestamp.clone()],
@@ -403,11 +323,7 @@ impl Master {
 
     async fn submit(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
         let submitted = self.store.add_buildset(buildset).await?;
-        debug!(
-            bsid = submitted.0,
-            requests = submitted.1.len(),
-            "buildset submitted"
-        );
+        debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
         self.store.notify_queue().await;
         self.wake();
         Ok(submitted)
@@ -441,20 +357,13 @@ impl Master {
 
     /// Which builders a worker may run; `None` means all of them.
     fn builders_for(&self, worker: &str) -> Option<Vec<i64>> {
-        if self
-            .builders
-            .iter()
-            .all(|b| b.config.workernames.is_empty())
-        {
+        if self.builders.iter().all(|b| b.config.workernames.is_empty()) {
             return None;
         }
         Some(
             self.builders
                 .iter()
-                .filter(|b| {
-                    b.config.workernames.is_empty()
-                        || b.config.workernames.iter().any(|w| w == worker)
-                })
+                .filter(|b| b.config.workernames.is_empty() || b.config.workernames.iter().any(|w| w == worker))
                 .map(|b| b.id)
                 .collect(),
         )
@@ -466,11 +375,7 @@ impl Master {
             if self.is_shutting_down() {
                 return Ok(());
             }
-            let mut free: Vec<Arc<WorkerSession>> = self
-                .workers()
-                .into_iter()
-                .filter(|w| w.has_free_slot())
-                .collect();
+            let mut free: Vec<Arc<WorkerSession>> = self.workers().into_iter().filter(|w| w.has_free_slot()).collect();
             if free.is_empty() {
                 return Ok(());
             }
@@ -483,11 +388,7 @@ impl Master {
                 if exhausted.contains(&builderids) || !worker.has_free_slot() {
                     continue;
                 }
-                match self
-                    .store
-                    .claim_next(self.masterid, builderids.as_deref(), lease_ms)
-                    .await?
-                {
+                match self.store.claim_next(self.masterid, builderids.as_deref(), lease_ms).await? {
                     Some(request) => {
                         progressed = true;
                         self.spawn_build(request, &worker);
@@ -506,31 +407,17 @@ impl Master {
     fn spawn_build(self: &Arc<Self>, request: ClaimedRequest, worker: &Arc<WorkerSession>) {
         let slot = worker.reserve();
         let (stop_tx, stop_rx) = watch::channel(None);
-        self.running.lock().expect("running poisoned").insert(
-            request.brid,
-            RunningBuild {
-                stop: stop_tx,
-                claim_token: request.claim_token,
-            },
-        );
+        self.running
+            .lock()
+            .expect("running poisoned")
+            .insert(request.brid, RunningBuild { stop: stop_tx, claim_token: request.claim_token });
         let master = Arc::clone(self);
         tokio::spawn(async move {
             let Some(builder) = master.builder_by_id(request.builderid) else {
                 // The dispatcher claims only for configured builders; this is a bug guard.
-                error!(
-                    brid = request.brid,
-                    builderid = request.builderid,
-                    "claimed a request of an unknown builder"
-                );
-                let _ = master
-                    .store
-                    .release_request(request.brid, request.claim_token)
-                    .await;
-                master
-                    .running
-                    .lock()
-                    .expect("running poisoned")
-                    .remove(&request.brid);
+                error!(brid = request.brid, builderid = request.builderid, "claimed a request of an unknown builder");
+                let _ = master.store.release_request(request.brid, request.claim_token).await;
+                master.running.lock().expect("running poisoned").remove(&request.brid);
                 return;
             };
             let ctx = BuildContext {
@@ -547,21 +434,11 @@ impl Master {
                     Results::Retry
                 }
             };
-            master
-                .running
-                .lock()
-                .expect("running poisoned")
-                .remove(&request.brid);
+            master.running.lock().expect("running poisoned").remove(&request.brid);
             let finished = if results == Results::Retry {
-                master
-                    .store
-                    .release_request(request.brid, request.claim_token)
-                    .await
+                master.store.release_request(request.brid, request.claim_token).await
             } else {
-                master
-                    .store
-                    .complete_request(request.brid, request.claim_token, results)
-                    .await
+                master.store.complete_request(request.brid, request.claim_token, results).await
             };
             match finished {
                 Ok(true) => {}
@@ -610,18 +487,12 @@ impl Master {
                 _ = tokio::time::sleep(period) => {}
                 _ = shutdown.changed() => return,
             }
-            match self
-                .store
-                .renew_leases(self.masterid, self.lease.as_millis() as i64)
-                .await
-            {
+            match self.store.renew_leases(self.masterid, self.lease.as_millis() as i64).await {
                 Ok(_) => last_renewal = Instant::now(),
                 Err(error) => {
                     warn!(%error, "could not renew leases");
                     if last_renewal.elapsed() > self.lease * 2 / 3 {
-                        error!(
-                            "leases could not be renewed for most of a lease; stopping this master's builds"
-                        );
+                        error!("leases could not be renewed for most of a lease; stopping this master's builds");
                         for build in self.running.lock().expect("running poisoned").values() {
                             let _ = build.stop.send(Some(StopReason::ClaimLost));
                         }
@@ -629,24 +500,14 @@ impl Master {
                     continue;
                 }
             }
-            let held: Vec<(i64, i64)> = self
-                .running
-                .lock()
-                .expect("running poisoned")
-                .iter()
-                .map(|(brid, b)| (*brid, b.claim_token))
-                .collect();
+            let held: Vec<(i64, i64)> =
+                self.running.lock().expect("running poisoned").iter().map(|(brid, b)| (*brid, b.claim_token)).collect();
             for (brid, token) in held {
-                if let Ok(false) = self.store.claim_held(brid, token).await {
-                    if self
-                        .running
-                        .lock()
-                        .expect("running poisoned")
-                        .contains_key(&brid)
-                    {
-                        warn!(brid, "claim taken back; stopping the build");
-                        self.stop_build(brid, StopReason::ClaimLost);
-                    }
+                if let Ok(false) = self.store.claim_held(brid, token).await
+                    && self.running.lock().expect("running poisoned").contains_key(&brid)
+                {
+                    warn!(brid, "claim taken back; stopping the build");
+                    self.stop_build(brid, StopReason::ClaimLost);
                 }
             }
             match self.store.reap_expired_claims().await {
@@ -703,19 +564,23 @@ impl Master {
         self.wake();
     }
 
+    /// Ends every worker session, so workers reconnect to another master (or to this one when it
+    /// is back). Their builds have already been handed back by [`Master::begin_shutdown`].
+    pub fn close_sessions(&self) {
+        for session in self.workers() {
+            session.close();
+        }
+    }
+
     /// Waits until no build runs on this master, up to `limit`.
     pub async fn wait_idle(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while !self.running.lock().expect("running poisoned").is_empty()
-            && Instant::now() < deadline
-        {
+        while !self.running.lock().expect("running poisoned").is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".to_owned())
 }

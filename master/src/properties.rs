@@ -36,12 +36,7 @@ impl Properties {
         Value::Object(
             self.values
                 .iter()
-                .map(|(k, (v, s))| {
-                    (
-                        k.clone(),
-                        Value::Array(vec![v.clone(), Value::String(s.clone())]),
-                    )
-                })
+                .map(|(k, (v, s))| (k.clone(), Value::Array(vec![v.clone(), Value::String(s.clone())])))
                 .collect(),
         )
     }
@@ -51,10 +46,10 @@ impl Properties {
         let mut props = Properties::new();
         if let Value::Object(map) = value {
             for (k, entry) in map {
-                if let Value::Array(pair) = entry {
-                    if let [v, Value::String(source)] = pair.as_slice() {
-                        props.set(k.clone(), v.clone(), source.clone());
-                    }
+                if let Value::Array(pair) = entry
+                    && let [v, Value::String(source)] = pair.as_slice()
+                {
+                    props.set(k.clone(), v.clone(), source.clone());
                 }
             }
         }
@@ -62,9 +57,7 @@ impl Properties {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value, &str)> {
-        self.values
-            .iter()
-            .map(|(k, (v, s))| (k.as_str(), v, s.as_str()))
+        self.values.iter().map(|(k, (v, s))| (k.as_str(), v, s.as_str()))
     }
 }
 
@@ -107,11 +100,7 @@ pub enum InterpolateError {
 /// modifiers `:-default`, `:~default`, `:+replacement`, `:?|present|missing` and
 /// `:#?|true|false`. `%%` is a literal percent sign. A missing value without a modifier renders as
 /// the empty string (Buildbot's behaviour for absent properties).
-pub fn interpolate(
-    template: &str,
-    props: &Properties,
-    sources: &[SourceView],
-) -> Result<String, InterpolateError> {
+pub fn interpolate(template: &str, props: &Properties, sources: &[SourceView]) -> Result<String, InterpolateError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(pos) = rest.find('%') {
@@ -156,14 +145,8 @@ fn find_close(body: &str) -> Option<usize> {
     None
 }
 
-fn render_selector(
-    body: &str,
-    props: &Properties,
-    sources: &[SourceView],
-) -> Result<String, InterpolateError> {
-    let (selector, rest) = body
-        .split_once(':')
-        .ok_or_else(|| InterpolateError::UnknownSelector(body.to_owned()))?;
+fn render_selector(body: &str, props: &Properties, sources: &[SourceView]) -> Result<String, InterpolateError> {
+    let (selector, rest) = body.split_once(':').ok_or_else(|| InterpolateError::UnknownSelector(body.to_owned()))?;
     // `rest` is `key` then an optional modifier introduced by one of `:-`, `:~`, `:+`, `:?`, `:#?`.
     let (value, modifier) = match selector {
         "prop" => {
@@ -174,10 +157,7 @@ fn render_selector(
             let (codebase, attr_and_mod) = rest.split_once(':').unwrap_or((rest, ""));
             let (attr, modifier) = split_modifier(attr_and_mod);
             let source = sources.iter().find(|s| s.codebase == codebase);
-            if !matches!(
-                attr,
-                "branch" | "revision" | "repository" | "project" | "codebase"
-            ) {
+            if !matches!(attr, "branch" | "revision" | "repository" | "project" | "codebase") {
                 return Err(InterpolateError::UnknownAttribute(attr.to_owned()));
             }
             (source.and_then(|s| s.attr(attr)), modifier)
@@ -203,25 +183,13 @@ fn render_selector(
                     _ => render(default)?,
                 }
             } else if let Some(replacement) = m.strip_prefix('+') {
-                if value.is_some() {
-                    render(replacement)?
-                } else {
-                    String::new()
-                }
+                if value.is_some() { render(replacement)? } else { String::new() }
             } else if let Some(alternatives) = m.strip_prefix("#?") {
                 let (yes, no) = split_alternatives(alternatives);
-                if value.as_ref().is_some_and(truthy) {
-                    render(yes)?
-                } else {
-                    render(no)?
-                }
+                if value.as_ref().is_some_and(truthy) { render(yes)? } else { render(no)? }
             } else if let Some(alternatives) = m.strip_prefix('?') {
                 let (yes, no) = split_alternatives(alternatives);
-                if value.is_some() {
-                    render(yes)?
-                } else {
-                    render(no)?
-                }
+                if value.is_some() { render(yes)? } else { render(no)? }
             } else {
                 value.map(|v| value_to_string(&v)).unwrap_or_default()
             }
@@ -296,10 +264,7 @@ mod tests {
 
     #[test]
     fn properties_and_source_attributes_render() {
-        assert_eq!(
-            render("hello %(prop:name)s #%(prop:count)s"),
-            "hello kiln #3"
-        );
+        assert_eq!(render("hello %(prop:name)s #%(prop:count)s"), "hello kiln #3");
         assert_eq!(render("%(src::branch)s@%(src::revision)s"), "main@abc123");
         assert_eq!(render("100%% sure"), "100% sure");
     }
@@ -311,10 +276,7 @@ mod tests {
         assert_eq!(render("%(prop:empty:-none)s"), "");
         assert_eq!(render("%(prop:empty:~none)s"), "none");
         assert_eq!(render("%(prop:name:+set)s|%(prop:nope:+set)s"), "set|");
-        assert_eq!(
-            render("%(prop:name:?|yes|no)s %(prop:nope:?|yes|no)s"),
-            "yes no"
-        );
+        assert_eq!(render("%(prop:name:?|yes|no)s %(prop:nope:?|yes|no)s"), "yes no");
         assert_eq!(render("%(prop:empty:#?|t|f)s"), "f");
         assert_eq!(render("%(prop:nope:-%(prop:name)s)s"), "kiln");
     }
@@ -323,18 +285,9 @@ mod tests {
     fn a_missing_property_renders_empty_and_bad_selectors_fail() {
         assert_eq!(render("[%(prop:nope)s]"), "[]");
         let (props, sources) = fixture();
-        assert!(matches!(
-            interpolate("%(bogus:x)s", &props, &sources),
-            Err(InterpolateError::UnknownSelector(_))
-        ));
-        assert!(matches!(
-            interpolate("%(prop:x", &props, &sources),
-            Err(InterpolateError::Unterminated(_))
-        ));
-        assert!(matches!(
-            interpolate("%(src::colour)s", &props, &sources),
-            Err(InterpolateError::UnknownAttribute(_))
-        ));
+        assert!(matches!(interpolate("%(bogus:x)s", &props, &sources), Err(InterpolateError::UnknownSelector(_))));
+        assert!(matches!(interpolate("%(prop:x", &props, &sources), Err(InterpolateError::Unterminated(_))));
+        assert!(matches!(interpolate("%(src::colour)s", &props, &sources), Err(InterpolateError::UnknownAttribute(_))));
     }
 
     #[test]

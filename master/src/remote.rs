@@ -13,30 +13,13 @@ use tokio::sync::{Notify, mpsc};
 pub enum Command {
     Shell(ShellCommand),
     Git(GitCommand),
-    Mkdir {
-        paths: Vec<String>,
-    },
-    Rmdir {
-        paths: Vec<String>,
-    },
-    Stat {
-        path: String,
-    },
-    Glob {
-        path: String,
-    },
-    Listdir {
-        path: String,
-    },
-    UploadFile {
-        path: String,
-        max_size: u64,
-    },
-    DownloadFile {
-        path: String,
-        mode: u32,
-        data: Vec<u8>,
-    },
+    Mkdir { paths: Vec<String> },
+    Rmdir { paths: Vec<String> },
+    Stat { path: String },
+    Glob { path: String },
+    Listdir { path: String },
+    UploadFile { path: String, max_size: u64 },
+    DownloadFile { path: String, mode: u32, data: Vec<u8> },
 }
 
 impl Command {
@@ -160,45 +143,21 @@ impl WorkerInfo {
 /// A message for a worker, encoded by the transport.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToWorker {
-    Registered {
-        workerid: i64,
-        master_name: String,
-        heartbeat_interval_ms: u32,
-    },
+    Registered { workerid: i64, master_name: String, heartbeat_interval_ms: u32 },
     Heartbeat(u64),
-    Start {
-        command_id: String,
-        builder_name: String,
-        buildid: i64,
-        command: Command,
-    },
-    FileChunk {
-        command_id: String,
-        data: Vec<u8>,
-        last: bool,
-    },
-    Interrupt {
-        command_id: String,
-        reason: String,
-    },
+    Start { command_id: String, builder_name: String, buildid: i64, command: Command },
+    FileChunk { command_id: String, data: Vec<u8>, last: bool },
+    Interrupt { command_id: String, reason: String },
     Drain,
-    Shutdown {
-        reason: String,
-    },
+    Shutdown { reason: String },
 }
 
 /// A message from a worker, decoded by the transport.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FromWorker {
     Heartbeat,
-    Update {
-        command_id: String,
-        update: Update,
-    },
-    Complete {
-        command_id: String,
-        error: Option<String>,
-    },
+    Update { command_id: String, update: Update },
+    Complete { command_id: String, error: Option<String> },
     Draining,
 }
 
@@ -208,10 +167,7 @@ pub enum SessionError {
     #[error("the worker session has ended")]
     Closed,
     #[error("worker {worker} does not implement the {command} command")]
-    Unsupported {
-        worker: String,
-        command: &'static str,
-    },
+    Unsupported { worker: String, command: &'static str },
 }
 
 /// Updates buffered per command before the session stops reading from the worker; this bounds
@@ -235,11 +191,7 @@ pub struct WorkerSession {
 }
 
 impl WorkerSession {
-    pub fn new(
-        workerid: i64,
-        info: WorkerInfo,
-        outbound: mpsc::Sender<ToWorker>,
-    ) -> Arc<WorkerSession> {
+    pub fn new(workerid: i64, info: WorkerInfo, outbound: mpsc::Sender<ToWorker>) -> Arc<WorkerSession> {
         Arc::new(WorkerSession {
             workerid,
             info,
@@ -271,17 +223,13 @@ impl WorkerSession {
 
     /// Whether the worker can take another build now.
     pub fn has_free_slot(&self) -> bool {
-        !self.is_closed()
-            && !self.is_draining()
-            && self.running_builds() < self.info.max_builds.max(1)
+        !self.is_closed() && !self.is_draining() && self.running_builds() < self.info.max_builds.max(1)
     }
 
     /// Reserves a build slot; the returned guard frees it when dropped.
     pub fn reserve(self: &Arc<Self>) -> BuildSlot {
         self.running.fetch_add(1, Ordering::SeqCst);
-        BuildSlot {
-            session: Arc::clone(self),
-        }
+        BuildSlot { session: Arc::clone(self) }
     }
 
     /// Sends a message to the worker; fails once the session has ended.
@@ -289,10 +237,7 @@ impl WorkerSession {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
-        self.outbound
-            .send(message)
-            .await
-            .map_err(|_| SessionError::Closed)
+        self.outbound.send(message).await.map_err(|_| SessionError::Closed)
     }
 
     /// Starts a command on the worker.
@@ -302,65 +247,34 @@ impl WorkerSession {
         buildid: i64,
         command: Command,
     ) -> Result<RunningCommand, SessionError> {
-        if !self.info.commands.is_empty() && !self.info.commands.iter().any(|c| c == command.name())
-        {
-            return Err(SessionError::Unsupported {
-                worker: self.info.name.clone(),
-                command: command.name(),
-            });
+        if !self.info.commands.is_empty() && !self.info.commands.iter().any(|c| c == command.name()) {
+            return Err(SessionError::Unsupported { worker: self.info.name.clone(), command: command.name() });
         }
-        let command_id = format!(
-            "{buildid}-{}",
-            self.next_command.fetch_add(1, Ordering::SeqCst)
-        );
+        let command_id = format!("{buildid}-{}", self.next_command.fetch_add(1, Ordering::SeqCst));
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
-        self.commands
-            .lock()
-            .expect("command table poisoned")
-            .insert(command_id.clone(), tx);
+        self.commands.lock().expect("command table poisoned").insert(command_id.clone(), tx);
         let file = match &command {
             Command::DownloadFile { data, .. } => Some(data.clone()),
             _ => None,
         };
-        let start = ToWorker::Start {
-            command_id: command_id.clone(),
-            builder_name: builder_name.to_owned(),
-            buildid,
-            command,
-        };
+        let start =
+            ToWorker::Start { command_id: command_id.clone(), builder_name: builder_name.to_owned(), buildid, command };
         if let Err(error) = self.send(start).await {
-            self.commands
-                .lock()
-                .expect("command table poisoned")
-                .remove(&command_id);
+            self.commands.lock().expect("command table poisoned").remove(&command_id);
             return Err(error);
         }
         if let Some(data) = file {
             const CHUNK: usize = 64 * 1024;
             let mut chunks = data.chunks(CHUNK).peekable();
             if chunks.peek().is_none() {
-                self.send(ToWorker::FileChunk {
-                    command_id: command_id.clone(),
-                    data: Vec::new(),
-                    last: true,
-                })
-                .await?;
+                self.send(ToWorker::FileChunk { command_id: command_id.clone(), data: Vec::new(), last: true }).await?;
             }
             while let Some(chunk) = chunks.next() {
                 let last = chunks.peek().is_none();
-                self.send(ToWorker::FileChunk {
-                    command_id: command_id.clone(),
-                    data: chunk.to_vec(),
-                    last,
-                })
-                .await?;
+                self.send(ToWorker::FileChunk { command_id: command_id.clone(), data: chunk.to_vec(), last }).await?;
             }
         }
-        Ok(RunningCommand {
-            command_id,
-            events: rx,
-            session: Arc::clone(self),
-        })
+        Ok(RunningCommand { command_id, events: rx, session: Arc::clone(self) })
     }
 
     /// Routes a message from the worker. Waits when a command's buffer is full, which in turn
@@ -372,22 +286,13 @@ impl WorkerSession {
                 self.draining.store(true, Ordering::SeqCst);
             }
             FromWorker::Update { command_id, update } => {
-                let tx = self
-                    .commands
-                    .lock()
-                    .expect("command table poisoned")
-                    .get(&command_id)
-                    .cloned();
+                let tx = self.commands.lock().expect("command table poisoned").get(&command_id).cloned();
                 if let Some(tx) = tx {
                     let _ = tx.send(CommandEvent::Update(update)).await;
                 }
             }
             FromWorker::Complete { command_id, error } => {
-                let tx = self
-                    .commands
-                    .lock()
-                    .expect("command table poisoned")
-                    .remove(&command_id);
+                let tx = self.commands.lock().expect("command table poisoned").remove(&command_id);
                 if let Some(tx) = tx {
                     let _ = tx.send(CommandEvent::Complete(error)).await;
                 }
@@ -403,12 +308,7 @@ impl WorkerSession {
     /// Ends the session: every running command sees [`CommandEvent::Lost`].
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let commands: Vec<_> = self
-            .commands
-            .lock()
-            .expect("command table poisoned")
-            .drain()
-            .collect();
+        let commands: Vec<_> = self.commands.lock().expect("command table poisoned").drain().collect();
         for (_, tx) in commands {
             let _ = tx.try_send(CommandEvent::Lost);
         }
@@ -464,10 +364,7 @@ impl RunningCommand {
     pub async fn interrupt(&self, reason: &str) {
         let _ = self
             .session
-            .send(ToWorker::Interrupt {
-                command_id: self.command_id.clone(),
-                reason: reason.to_owned(),
-            })
+            .send(ToWorker::Interrupt { command_id: self.command_id.clone(), reason: reason.to_owned() })
             .await;
     }
 }
@@ -490,44 +387,20 @@ mod tests {
     #[tokio::test]
     async fn updates_reach_the_command_in_order_and_loss_ends_it() {
         let (session, mut outbound) = session(&["shell"]);
-        let mut command = session
-            .start("b", 7, Command::Shell(ShellCommand::default()))
-            .await
-            .unwrap();
-        let Some(ToWorker::Start { command_id, .. }) = outbound.recv().await else {
-            panic!("no start")
-        };
-        session
-            .on_message(FromWorker::Update {
-                command_id: command_id.clone(),
-                update: Update::Rc(0),
-            })
-            .await;
+        let mut command = session.start("b", 7, Command::Shell(ShellCommand::default())).await.unwrap();
+        let Some(ToWorker::Start { command_id, .. }) = outbound.recv().await else { panic!("no start") };
+        session.on_message(FromWorker::Update { command_id: command_id.clone(), update: Update::Rc(0) }).await;
         assert_eq!(command.next().await, CommandEvent::Update(Update::Rc(0)));
         session.close();
         assert_eq!(command.next().await, CommandEvent::Lost);
-        assert!(
-            session
-                .start("b", 7, Command::Shell(ShellCommand::default()))
-                .await
-                .is_err()
-        );
+        assert!(session.start("b", 7, Command::Shell(ShellCommand::default())).await.is_err());
     }
 
     #[tokio::test]
     async fn a_command_the_worker_lacks_is_refused() {
         let (session, _outbound) = session(&["shell"]);
-        let error = session
-            .start("b", 1, Command::Stat { path: "x".into() })
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            error,
-            SessionError::Unsupported {
-                command: "stat",
-                ..
-            }
-        ));
+        let error = session.start("b", 1, Command::Stat { path: "x".into() }).await.unwrap_err();
+        assert!(matches!(error, SessionError::Unsupported { command: "stat", .. }));
     }
 
     #[tokio::test]

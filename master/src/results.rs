@@ -62,11 +62,7 @@ impl Results {
 
     /// The worse of two results.
     pub fn worst(self, other: Results) -> Results {
-        if other.severity() > self.severity() {
-            other
-        } else {
-            self
-        }
+        if other.severity() > self.severity() { other } else { self }
     }
 }
 

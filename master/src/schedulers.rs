@@ -5,18 +5,10 @@ use crate::store::NewChange;
 
 /// Whether a single-branch scheduler builds this change: every filter it sets must match.
 pub fn single_branch_accepts(scheduler: &SchedulerConfig, change: &NewChange) -> bool {
-    let SchedulerConfig::SingleBranch {
-        branch,
-        project,
-        repository,
-        ..
-    } = scheduler
-    else {
+    let SchedulerConfig::SingleBranch { branch, project, repository, .. } = scheduler else {
         return false;
     };
-    let branch_ok = branch
-        .as_ref()
-        .is_none_or(|b| change.branch.as_deref() == Some(b.as_str()));
+    let branch_ok = branch.as_ref().is_none_or(|b| change.branch.as_deref() == Some(b.as_str()));
     let project_ok = project.as_ref().is_none_or(|p| &change.project == p);
     let repository_ok = repository.as_ref().is_none_or(|r| &change.repository == r);
     branch_ok && project_ok && repository_ok
@@ -41,35 +33,16 @@ mod tests {
 
     #[test]
     fn a_change_on_another_branch_is_ignored() {
-        let change = NewChange {
-            branch: Some("dev".into()),
-            ..Default::default()
-        };
-        assert!(!single_branch_accepts(
-            &scheduler(Some("main"), None),
-            &change
-        ));
-        assert!(single_branch_accepts(
-            &scheduler(Some("dev"), None),
-            &change
-        ));
+        let change = NewChange { branch: Some("dev".into()), ..Default::default() };
+        assert!(!single_branch_accepts(&scheduler(Some("main"), None), &change));
+        assert!(single_branch_accepts(&scheduler(Some("dev"), None), &change));
         assert!(single_branch_accepts(&scheduler(None, None), &change));
     }
 
     #[test]
     fn every_filter_must_match() {
-        let change = NewChange {
-            branch: Some("main".into()),
-            project: "a".into(),
-            ..Default::default()
-        };
-        assert!(!single_branch_accepts(
-            &scheduler(Some("main"), Some("b")),
-            &change
-        ));
-        assert!(single_branch_accepts(
-            &scheduler(Some("main"), Some("a")),
-            &change
-        ));
+        let change = NewChange { branch: Some("main".into()), project: "a".into(), ..Default::default() };
+        assert!(!single_branch_accepts(&scheduler(Some("main"), Some("b")), &change));
+        assert!(single_branch_accepts(&scheduler(Some("main"), Some("a")), &change));
     }
 }

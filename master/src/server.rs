@@ -38,9 +38,8 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses the configuration names.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let http = TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|e| annotate(e, "http.listen", config.http.listen))?;
+        let http =
+            TcpListener::bind(config.http.listen).await.map_err(|e| annotate(e, "http.listen", config.http.listen))?;
         let grpc = TcpListener::bind(config.workers.listen)
             .await
             .map_err(|e| annotate(e, "workers.listen", config.workers.listen))?;
@@ -49,10 +48,7 @@ impl Listeners {
 }
 
 fn annotate(error: std::io::Error, key: &str, addr: SocketAddr) -> std::io::Error {
-    std::io::Error::new(
-        error.kind(),
-        format!("{key}: cannot listen on {addr}: {error}"),
-    )
+    std::io::Error::new(error.kind(), format!("{key}: cannot listen on {addr}: {error}"))
 }
 
 /// A started master, for callers that need to reach it (tests, the benchmark).
@@ -66,12 +62,7 @@ pub async fn run(
     on_start: impl FnOnce(&Started) + Send,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
-    let local_binary = config
-        .workers
-        .local
-        .as_ref()
-        .map(LocalPool::locate_binary)
-        .transpose()?;
+    let local_binary = config.workers.local.as_ref().map(LocalPool::locate_binary).transpose()?;
     let store = Store::connect(&config.database).await?;
     let master = Master::start(Arc::clone(&config), store.clone()).await?;
 
@@ -82,10 +73,7 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let grpc_addr = listeners
-        .grpc
-        .local_addr()
-        .map_err(|e| RunError::Serve(e.to_string()))?;
+    let grpc_addr = listeners.grpc.local_addr().map_err(|e| RunError::Serve(e.to_string()))?;
     let grpc = {
         let service = WorkerGrpc::new(Arc::clone(&master), tokens).into_server();
         let mut stop = stop_rx.clone();
@@ -127,9 +115,7 @@ pub async fn run(
                 token: local_token,
                 data_dir: config.data_dir.clone(),
             };
-            Some(tokio::spawn(
-                pool.run(pool_stop_rx, Duration::from_secs(30)),
-            ))
+            Some(tokio::spawn(pool.run(pool_stop_rx, Duration::from_secs(30))))
         }
         _ => None,
     };
@@ -143,6 +129,7 @@ pub async fn run(
         let _ = pool.await;
     }
     master.wait_idle(Duration::from_secs(15)).await;
+    master.close_sessions();
     let _ = stop_tx.send(true);
     for task in background {
         task.abort();

@@ -47,26 +47,18 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let args = Args::parse();
     let name = args.name.unwrap_or_else(|| {
         std::env::var("HOSTNAME")
             .ok()
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-            })
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
             .unwrap_or_else(|| "worker".to_owned())
     });
     let basedir = std::path::absolute(&args.basedir).unwrap_or(args.basedir);
-    let cache_dir = args
-        .cache_dir
-        .map(|c| std::path::absolute(&c).unwrap_or(c))
-        .unwrap_or_else(|| basedir.join(".cache"));
+    let cache_dir =
+        args.cache_dir.map(|c| std::path::absolute(&c).unwrap_or(c)).unwrap_or_else(|| basedir.join(".cache"));
     let config = WorkerConfig {
         master_url: args.master,
         name,

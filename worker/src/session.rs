@@ -44,17 +44,8 @@ pub enum WorkerError {
 }
 
 /// The commands this worker implements.
-pub const COMMANDS: &[&str] = &[
-    "shell",
-    "git",
-    "mkdir",
-    "rmdir",
-    "stat",
-    "glob",
-    "listdir",
-    "upload_file",
-    "download_file",
-];
+pub const COMMANDS: &[&str] =
+    &["shell", "git", "mkdir", "rmdir", "stat", "glob", "listdir", "upload_file", "download_file"];
 
 /// How a session ended.
 enum SessionEnd {
@@ -109,10 +100,8 @@ pub async fn run(
 }
 
 fn rand_jitter(max: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     u64::from(nanos) % max.max(1)
 }
 
@@ -139,10 +128,7 @@ async fn session(
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| SessionFailure::Retry(e.to_string()))?;
+    let channel = endpoint.connect().await.map_err(|e| SessionFailure::Retry(e.to_string()))?;
     let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
 
     let (out_tx, out_rx) = mpsc::channel::<pb::WorkerMessage>(64);
@@ -153,37 +139,22 @@ async fn session(
         labels: config.labels.clone().into_iter().collect(),
         commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
         basedir: config.basedir.display().to_string(),
-        host: std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default(),
+        host: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
     };
-    out_tx
-        .send(pb::WorkerMessage {
-            body: Some(Out::Register(register)),
-        })
-        .await
-        .expect("fresh channel");
+    out_tx.send(pb::WorkerMessage { body: Some(Out::Register(register)) }).await.expect("fresh channel");
     let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
-    let bearer: MetadataValue<_> = format!("Bearer {}", config.token).parse().map_err(|_| {
-        SessionFailure::Fatal(WorkerError::Refused(
-            "the token is not valid header text".into(),
-        ))
-    })?;
-    request
-        .metadata_mut()
-        .insert(kiln_proto::AUTHORIZATION, bearer);
+    let bearer: MetadataValue<_> = format!("Bearer {}", config.token)
+        .parse()
+        .map_err(|_| SessionFailure::Fatal(WorkerError::Refused("the token is not valid header text".into())))?;
+    request.metadata_mut().insert(kiln_proto::AUTHORIZATION, bearer);
     let mut inbound = match client.session(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Err(classify(status)),
     };
     let registered = match inbound.message().await {
-        Ok(Some(pb::MasterMessage {
-            body: Some(In::Registered(r)),
-        })) => r,
+        Ok(Some(pb::MasterMessage { body: Some(In::Registered(r)) })) => r,
         Ok(_) => {
-            return Err(SessionFailure::Retry(
-                "the master did not confirm the registration".into(),
-            ));
+            return Err(SessionFailure::Retry("the master did not confirm the registration".into()));
         }
         Err(status) => return Err(classify(status)),
     };
@@ -194,11 +165,7 @@ async fn session(
     let mut tasks: JoinSet<String> = JoinSet::new();
     let mut draining = *terminate.borrow();
     if draining {
-        let _ = out_tx
-            .send(pb::WorkerMessage {
-                body: Some(Out::Draining(pb::Draining {})),
-            })
-            .await;
+        let _ = out_tx.send(pb::WorkerMessage { body: Some(Out::Draining(pb::Draining {})) }).await;
     }
     let mut beat = tokio::time::interval(heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,15 +239,10 @@ async fn session(
     // Whatever ended the session, no command of it may outlive it: the master is re-running (or
     // has finished) its builds elsewhere.
     for command in running.values() {
-        command
-            .cancelled
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        command.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = command.interrupt.send(true);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
     Ok(match end {
         SessionEnd::Lost(_) if draining || *kill.borrow() => SessionEnd::Drained,
         other => other,
@@ -306,25 +268,15 @@ fn encode_update(update: Update) -> pb::command_update::Body {
                 Stream::Stderr => pb::OutputStream::Stderr,
                 Stream::Header => pb::OutputStream::Header,
             };
-            U::Output(pb::Output {
-                stream: stream as i32,
-                data,
-            })
+            U::Output(pb::Output { stream: stream as i32, data })
         }
         Update::Rc(rc) => U::Rc(rc),
         Update::Elapsed(e) => U::Elapsed(e),
         Update::Files(paths) => U::Files(pb::FileList { paths }),
-        Update::Stat(s) => U::Stat(pb::StatResult {
-            exists: s.exists,
-            is_dir: s.is_dir,
-            size: s.size,
-            mode: s.mode,
-            mtime: s.mtime,
-        }),
-        Update::Property(name, value) => U::Property(pb::Property {
-            name,
-            value_json: value.to_string(),
-        }),
+        Update::Stat(s) => {
+            U::Stat(pb::StatResult { exists: s.exists, is_dir: s.is_dir, size: s.size, mode: s.mode, mtime: s.mtime })
+        }
+        Update::Property(name, value) => U::Property(pb::Property { name, value_json: value.to_string() }),
         Update::FileData(data) => U::FileData(data),
         Update::FailureReason(reason) => U::FailureReason(reason),
     }
@@ -365,8 +317,7 @@ fn spawn_command(
             env: s.env.into_iter().collect(),
             unset_env: s.unset_env,
             timeout: (s.timeout_secs > 0).then(|| Duration::from_secs(u64::from(s.timeout_secs))),
-            max_time: (s.max_time_secs > 0)
-                .then(|| Duration::from_secs(u64::from(s.max_time_secs))),
+            max_time: (s.max_time_secs > 0).then(|| Duration::from_secs(u64::from(s.max_time_secs))),
             log_environ: s.log_environ,
         }),
         C::Git(g) => Job::Git(GitArgs {
@@ -377,18 +328,8 @@ fn spawn_command(
             full: g.mode == "full",
             timeout: (g.timeout_secs > 0).then(|| Duration::from_secs(u64::from(g.timeout_secs))),
         }),
-        C::Mkdir(p) => Job::Mkdir(
-            p.paths
-                .iter()
-                .map(|p| resolve(p))
-                .collect::<Result<_, _>>()?,
-        ),
-        C::Rmdir(p) => Job::Rmdir(
-            p.paths
-                .iter()
-                .map(|p| resolve(p))
-                .collect::<Result<_, _>>()?,
-        ),
+        C::Mkdir(p) => Job::Mkdir(p.paths.iter().map(|p| resolve(p)).collect::<Result<_, _>>()?),
+        C::Rmdir(p) => Job::Rmdir(p.paths.iter().map(|p| resolve(p)).collect::<Result<_, _>>()?),
         C::Stat(p) => Job::Stat(resolve(&p.path)?),
         C::Glob(p) => Job::Glob(resolve(&p.path)?),
         C::Listdir(p) => Job::Listdir(resolve(&p.path)?),
@@ -407,17 +348,8 @@ fn spawn_command(
         let forward_out = out.clone();
         let forwarder = tokio::spawn(async move {
             while let Some(update) = update_rx.recv().await {
-                let update = pb::CommandUpdate {
-                    command_id: forward_id.clone(),
-                    body: Some(encode_update(update)),
-                };
-                if forward_out
-                    .send(pb::WorkerMessage {
-                        body: Some(Out::Update(update)),
-                    })
-                    .await
-                    .is_err()
-                {
+                let update = pb::CommandUpdate { command_id: forward_id.clone(), body: Some(encode_update(update)) };
+                if forward_out.send(pb::WorkerMessage { body: Some(Out::Update(update)) }).await.is_err() {
                     break;
                 }
             }
@@ -428,21 +360,16 @@ fn spawn_command(
             Job::Git(args) => {
                 let started = std::time::Instant::now();
                 let cache = cache_dir.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    git::checkout(&cache, &args, task_cancelled)
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("checkout panicked: {e}")));
+                let result = tokio::task::spawn_blocking(move || git::checkout(&cache, &args, task_cancelled))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("checkout panicked: {e}")));
                 match result {
                     Ok(done) => {
                         for line in done.log {
                             report.header(line).await;
                         }
                         report
-                            .send(Update::Property(
-                                "got_revision".into(),
-                                serde_json::Value::from(done.revision),
-                            ))
+                            .send(Update::Property("got_revision".into(), serde_json::Value::from(done.revision)))
                             .await;
                         report.send(Update::Rc(0)).await;
                     }
@@ -451,9 +378,7 @@ fn spawn_command(
                         report.send(Update::Rc(1)).await;
                     }
                 }
-                report
-                    .send(Update::Elapsed(started.elapsed().as_secs_f64()))
-                    .await;
+                report.send(Update::Elapsed(started.elapsed().as_secs_f64())).await;
                 Ok(())
             }
             Job::Mkdir(paths) => {
@@ -487,20 +412,9 @@ fn spawn_command(
         };
         drop(report);
         let _ = forwarder.await;
-        let complete = pb::CommandComplete {
-            command_id: command_id.clone(),
-            error: outcome.err().unwrap_or_default(),
-        };
-        let _ = out
-            .send(pb::WorkerMessage {
-                body: Some(Out::Complete(complete)),
-            })
-            .await;
+        let complete = pb::CommandComplete { command_id: command_id.clone(), error: outcome.err().unwrap_or_default() };
+        let _ = out.send(pb::WorkerMessage { body: Some(Out::Complete(complete)) }).await;
         command_id
     });
-    Ok(Running {
-        interrupt: interrupt_tx,
-        cancelled,
-        chunks,
-    })
+    Ok(Running { interrupt: interrupt_tx, cancelled, chunks })
 }

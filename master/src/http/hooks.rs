@@ -18,12 +18,7 @@ fn bad_request(reason: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, reason.into()).into_response()
 }
 
-pub async fn base(
-    state: State<Arc<Master>>,
-    query: RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub async fn base(state: State<Arc<Master>>, query: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
     handle(state, "base", query, headers, body).await
 }
 
@@ -49,9 +44,7 @@ async fn handle(
         _ => false,
     };
     if !enabled {
-        return bad_request(format!(
-            "The dialect specified, '{dialect}', wasn't whitelisted in change_hook"
-        ));
+        return bad_request(format!("The dialect specified, '{dialect}', wasn't whitelisted in change_hook"));
     }
     let fields = match read_fields(query.as_deref(), &headers, &body) {
         Ok(fields) => fields,
@@ -65,22 +58,14 @@ async fn handle(
         Ok(_) => (StatusCode::OK, "1 change found").into_response(),
         Err(SubmitError::Store(error)) => {
             tracing::error!(%error, "could not store a change");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Error processing changes: the database is unavailable",
-            )
-                .into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, "Error processing changes: the database is unavailable").into_response()
         }
         Err(error) => bad_request(error.to_string()),
     }
 }
 
 /// The hook's fields from the query string and a form or JSON body, as Buildbot reads them.
-fn read_fields(
-    query: Option<&str>,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<HashMap<String, String>, String> {
+fn read_fields(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String>, String> {
     let mut fields = HashMap::new();
     if let Some(query) = query {
         let pairs: Vec<(String, String)> = serde_urlencoded_pairs(query.as_bytes())?;
@@ -89,13 +74,9 @@ fn read_fields(
     if body.is_empty() {
         return Ok(fields);
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if content_type.starts_with("application/json") {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
         let Value::Object(map) = value else {
             return Err("the JSON body must be an object".into());
         };
@@ -107,14 +88,10 @@ fn read_fields(
             };
             fields.insert(k, text);
         }
-    } else if content_type.starts_with("application/x-www-form-urlencoded")
-        || content_type.is_empty()
-    {
+    } else if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty() {
         fields.extend(serde_urlencoded_pairs(body)?);
     } else {
-        return Err(format!(
-            "unsupported content type {content_type:?}: send a form or JSON"
-        ));
+        return Err(format!("unsupported content type {content_type:?}: send a form or JSON"));
     }
     Ok(fields)
 }
@@ -133,8 +110,8 @@ pub fn base_change(fields: &HashMap<String, String>) -> Result<NewChange, String
     };
     let mut properties = Properties::new();
     if let Some(text) = get("properties") {
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("properties: expected a JSON object: {e}"))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| format!("properties: expected a JSON object: {e}"))?;
         let Value::Object(map) = value else {
             return Err("properties: expected a JSON object".into());
         };
@@ -145,13 +122,10 @@ pub fn base_change(fields: &HashMap<String, String>) -> Result<NewChange, String
     let when_ms = match get("when_timestamp").or_else(|| get("when")) {
         None => now_ms(),
         Some(text) => {
-            let seconds: f64 = text
-                .parse()
-                .map_err(|_| format!("when_timestamp: expected epoch seconds, got {text:?}"))?;
+            let seconds: f64 =
+                text.parse().map_err(|_| format!("when_timestamp: expected epoch seconds, got {text:?}"))?;
             if !seconds.is_finite() || seconds < 0.0 {
-                return Err(format!(
-                    "when_timestamp: expected epoch seconds, got {text:?}"
-                ));
+                return Err(format!("when_timestamp: expected epoch seconds, got {text:?}"));
             }
             (seconds * 1000.0) as i64
         }
@@ -178,10 +152,7 @@ mod tests {
     use super::*;
 
     fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -203,20 +174,8 @@ mod tests {
 
     #[test]
     fn malformed_fields_give_a_reason() {
-        assert!(
-            base_change(&fields(&[("files", "a.c")]))
-                .unwrap_err()
-                .starts_with("files:")
-        );
-        assert!(
-            base_change(&fields(&[("properties", "[1]")]))
-                .unwrap_err()
-                .starts_with("properties:")
-        );
-        assert!(
-            base_change(&fields(&[("when_timestamp", "soon")]))
-                .unwrap_err()
-                .starts_with("when_timestamp:")
-        );
+        assert!(base_change(&fields(&[("files", "a.c")])).unwrap_err().starts_with("files:"));
+        assert!(base_change(&fields(&[("properties", "[1]")])).unwrap_err().starts_with("properties:"));
+        assert!(base_change(&fields(&[("when_timestamp", "soon")])).unwrap_err().starts_with("when_timestamp:"));
     }
 }

@@ -34,14 +34,11 @@ pub fn router(master: Arc<Master>) -> Router {
 }
 
 async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
-    match master.store.ping().await {
-        Ok(()) if !master.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
-        Ok(()) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("database unreachable: {error}"),
-        )
-            .into_response(),
+    match master.store.schema_is_current().await {
+        Ok(true) if !master.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
+        Ok(true) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
+        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "database schema is not current").into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {error}")).into_response(),
     }
 }
 
@@ -84,11 +81,6 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
         };
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            json!({ "error": message }).to_string(),
-        )
-            .into_response()
+        (status, [(header::CONTENT_TYPE, "application/json")], json!({ "error": message }).to_string()).into_response()
     }
 }

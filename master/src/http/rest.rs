@@ -37,27 +37,16 @@ enum Target {
     Collection(Resource, Vec<Filter>),
     Single(Resource, Vec<Filter>),
     LogContents(i64),
-    LogRaw {
-        logid: i64,
-        inline: bool,
-    },
-    ForceSchedulers {
-        name: Option<String>,
-        builder: Option<String>,
-    },
+    LogRaw { logid: i64, inline: bool },
+    ForceSchedulers { name: Option<String>, builder: Option<String> },
 }
 
 fn eq(field: &str, value: impl ToString) -> Filter {
-    Filter {
-        field: field.to_owned(),
-        op: Op::Eq,
-        values: vec![value.to_string()],
-    }
+    Filter { field: field.to_owned(), op: Op::Eq, values: vec![value.to_string()] }
 }
 
 fn number(text: &str) -> Result<i64, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::NotFound(format!("no such id {text:?}")))
+    text.parse().map_err(|_| ApiError::NotFound(format!("no such id {text:?}")))
 }
 
 /// A filter selecting an object by its numeric id or its name.
@@ -68,32 +57,16 @@ fn id_or_name(id_field: &str, text: &str) -> Filter {
     }
 }
 
-async fn one(
-    master: &Master,
-    resource: Resource,
-    filters: Vec<Filter>,
-) -> Result<Map<String, Value>, ApiError> {
-    let query = ListQuery {
-        filters,
-        limit: Some(1),
-        ..Default::default()
-    };
+async fn one(master: &Master, resource: Resource, filters: Vec<Filter>) -> Result<Map<String, Value>, ApiError> {
+    let query = ListQuery { filters, limit: Some(1), ..Default::default() };
     let (mut objects, _) = master.store.list(resource, &query).await?;
     match objects.pop() {
         Some(Value::Object(object)) => Ok(object),
-        _ => Err(ApiError::NotFound(format!(
-            "not found while getting from endpoint for {}",
-            resource.plural()
-        ))),
+        _ => Err(ApiError::NotFound(format!("not found while getting from endpoint for {}", resource.plural()))),
     }
 }
 
-async fn id_of(
-    master: &Master,
-    resource: Resource,
-    filters: Vec<Filter>,
-    field: &str,
-) -> Result<i64, ApiError> {
+async fn id_of(master: &Master, resource: Resource, filters: Vec<Filter>, field: &str) -> Result<i64, ApiError> {
     one(master, resource, filters)
         .await?
         .get(field)
@@ -107,38 +80,23 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
     Ok(match path {
         ["builders"] => Collection(Builders, vec![]),
         ["builders", b] => Single(Builders, vec![id_or_name("builderid", b)]),
-        ["builders", b, "builds"] => {
-            Collection(Builds, vec![eq("builderid", builder_id(master, b).await?)])
+        ["builders", b, "builds"] => Collection(Builds, vec![eq("builderid", builder_id(master, b).await?)]),
+        ["builders", b, "buildrequests"] => {
+            Collection(BuildRequests, vec![eq("builderid", builder_id(master, b).await?)])
         }
-        ["builders", b, "buildrequests"] => Collection(
-            BuildRequests,
-            vec![eq("builderid", builder_id(master, b).await?)],
-        ),
         ["builders", b, "workers"] => {
             builder_id(master, b).await?;
             Collection(Workers, vec![])
         }
         ["builders", b, "forceschedulers"] => {
             let object = one(master, Builders, vec![id_or_name("builderid", b)]).await?;
-            let name = object
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            Target::ForceSchedulers {
-                name: None,
-                builder: Some(name),
-            }
+            let name = object.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            Target::ForceSchedulers { name: None, builder: Some(name) }
         }
         ["builders", b, "builds", n, rest @ ..] => {
             let builderid = builder_id(master, b).await?;
-            let buildid = id_of(
-                master,
-                Builds,
-                vec![eq("builderid", builderid), eq("number", number(n)?)],
-                "buildid",
-            )
-            .await?;
+            let buildid =
+                id_of(master, Builds, vec![eq("builderid", builderid), eq("number", number(n)?)], "buildid").await?;
             return Box::pin(resolve_build(master, buildid, rest)).await;
         }
         ["builds"] => Collection(Builds, vec![]),
@@ -147,54 +105,34 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
         }
         ["buildrequests"] => Collection(BuildRequests, vec![]),
         ["buildrequests", id] => Single(BuildRequests, vec![eq("buildrequestid", number(id)?)]),
-        ["buildrequests", id, "builds"] => {
-            Collection(Builds, vec![eq("buildrequestid", number(id)?)])
-        }
+        ["buildrequests", id, "builds"] => Collection(Builds, vec![eq("buildrequestid", number(id)?)]),
         ["buildsets"] => Collection(Buildsets, vec![]),
         ["buildsets", id] => Single(Buildsets, vec![eq("bsid", number(id)?)]),
         ["changes"] => Collection(Changes, vec![]),
         ["changes", id] => Single(Changes, vec![eq("changeid", number(id)?)]),
         ["sourcestamps"] => Collection(SourceStamps, vec![]),
         ["sourcestamps", id] => Single(SourceStamps, vec![eq("ssid", number(id)?)]),
-        ["sourcestamps", id, "changes"] => {
-            Collection(Changes, vec![eq("sourcestampid", number(id)?)])
-        }
+        ["sourcestamps", id, "changes"] => Collection(Changes, vec![eq("sourcestampid", number(id)?)]),
         ["workers"] => Collection(Workers, vec![]),
         ["workers", w] => Single(Workers, vec![id_or_name("workerid", w)]),
         ["workers", w, "builds"] => {
-            let workerid =
-                id_of(master, Workers, vec![id_or_name("workerid", w)], "workerid").await?;
+            let workerid = id_of(master, Workers, vec![id_or_name("workerid", w)], "workerid").await?;
             Collection(Builds, vec![eq("workerid", workerid)])
         }
         ["masters"] => Collection(Masters, vec![]),
         ["masters", id] => Single(Masters, vec![eq("masterid", number(id)?)]),
         ["steps", id, rest @ ..] => return Box::pin(resolve_step(master, number(id)?, rest)).await,
         ["logs", id, rest @ ..] => return resolve_log(number(id)?, rest),
-        ["forceschedulers"] => Target::ForceSchedulers {
-            name: None,
-            builder: None,
-        },
-        ["forceschedulers", name] => Target::ForceSchedulers {
-            name: Some((*name).to_owned()),
-            builder: None,
-        },
+        ["forceschedulers"] => Target::ForceSchedulers { name: None, builder: None },
+        ["forceschedulers", name] => Target::ForceSchedulers { name: Some((*name).to_owned()), builder: None },
         _ => {
-            return Err(ApiError::NotFound(format!(
-                "no endpoint for /{}",
-                path.join("/")
-            )));
+            return Err(ApiError::NotFound(format!("no endpoint for /{}", path.join("/"))));
         }
     })
 }
 
 async fn builder_id(master: &Master, text: &str) -> Result<i64, ApiError> {
-    id_of(
-        master,
-        Resource::Builders,
-        vec![id_or_name("builderid", text)],
-        "builderid",
-    )
-    .await
+    id_of(master, Resource::Builders, vec![id_or_name("builderid", text)], "builderid").await
 }
 
 async fn resolve_build(master: &Master, buildid: i64, rest: &[&str]) -> Result<Target, ApiError> {
@@ -206,13 +144,7 @@ async fn resolve_build(master: &Master, buildid: i64, rest: &[&str]) -> Result<T
                 Ok(n) => eq("number", n),
                 Err(_) => eq("name", step),
             };
-            let stepid = id_of(
-                master,
-                Resource::Steps,
-                vec![eq("buildid", buildid), by],
-                "stepid",
-            )
-            .await?;
+            let stepid = id_of(master, Resource::Steps, vec![eq("buildid", buildid), by], "stepid").await?;
             return Box::pin(resolve_step(master, stepid, rest)).await;
         }
         _ => return Err(ApiError::NotFound("no such build endpoint".into())),
@@ -224,13 +156,7 @@ async fn resolve_step(master: &Master, stepid: i64, rest: &[&str]) -> Result<Tar
         [] => Target::Single(Resource::Steps, vec![eq("stepid", stepid)]),
         ["logs"] => Target::Collection(Resource::Logs, vec![eq("stepid", stepid)]),
         ["logs", slug, rest @ ..] => {
-            let logid = id_of(
-                master,
-                Resource::Logs,
-                vec![eq("stepid", stepid), eq("slug", slug)],
-                "logid",
-            )
-            .await?;
+            let logid = id_of(master, Resource::Logs, vec![eq("stepid", stepid), eq("slug", slug)], "logid").await?;
             return resolve_log(logid, rest);
         }
         _ => return Err(ApiError::NotFound("no such step endpoint".into())),
@@ -241,14 +167,8 @@ fn resolve_log(logid: i64, rest: &[&str]) -> Result<Target, ApiError> {
     Ok(match rest {
         [] => Target::Single(Resource::Logs, vec![eq("logid", logid)]),
         ["contents"] => Target::LogContents(logid),
-        ["raw"] => Target::LogRaw {
-            logid,
-            inline: false,
-        },
-        ["raw_inline"] => Target::LogRaw {
-            logid,
-            inline: true,
-        },
+        ["raw"] => Target::LogRaw { logid, inline: false },
+        ["raw_inline"] => Target::LogRaw { logid, inline: true },
         _ => return Err(ApiError::NotFound("no such log endpoint".into())),
     })
 }
@@ -261,33 +181,24 @@ struct Params {
     query: ListQuery,
 }
 
-fn parse_params(
-    resource: Option<Resource>,
-    pairs: Vec<(String, String)>,
-    single: bool,
-) -> Result<Params, ApiError> {
+fn parse_params(resource: Option<Resource>, pairs: Vec<(String, String)>, single: bool) -> Result<Params, ApiError> {
     let mut params = Params::default();
-    let unrecognized =
-        |name: &str| ApiError::BadRequest(format!("unrecognized query parameter '{name}'"));
+    let unrecognized = |name: &str| ApiError::BadRequest(format!("unrecognized query parameter '{name}'"));
     let integer = |name: &str, value: &str| {
         value
             .parse::<i64>()
             .ok()
             .filter(|n| *n >= 0)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "invalid {name} value {value:?}: expected a whole number"
-                ))
-            })
+            .ok_or_else(|| ApiError::BadRequest(format!("invalid {name} value {value:?}: expected a whole number")))
     };
     for (name, value) in pairs {
         match name.as_str() {
             "field" => {
                 for field in value.split(',').filter(|f| !f.is_empty()) {
-                    if let Some(resource) = resource {
-                        if !resource.has_field(field) {
-                            return Err(ApiError::BadRequest(format!("no such field '{field}'")));
-                        }
+                    if let Some(resource) = resource
+                        && !resource.has_field(field)
+                    {
+                        return Err(ApiError::BadRequest(format!("no such field '{field}'")));
                     }
                     params.fields.push(field.to_owned());
                 }
@@ -309,15 +220,14 @@ fn parse_params(
                     return Err(unrecognized(&name));
                 }
                 // A repeated equality means "any of these", as in Buildbot.
-                match params.query.filters.iter_mut().find(|f| {
-                    f.field == field && f.op == op && matches!(op, Op::Eq | Op::In | Op::NotIn)
-                }) {
+                match params
+                    .query
+                    .filters
+                    .iter_mut()
+                    .find(|f| f.field == field && f.op == op && matches!(op, Op::Eq | Op::In | Op::NotIn))
+                {
                     Some(existing) => existing.values.push(value),
-                    None => params.query.filters.push(Filter {
-                        field: field.to_owned(),
-                        op,
-                        values: vec![value],
-                    }),
+                    None => params.query.filters.push(Filter { field: field.to_owned(), op, values: vec![value] }),
                 }
             }
         }
@@ -330,17 +240,11 @@ fn shape(resource: Resource, mut object: Map<String, Value>, params: &Params) ->
     if resource == Resource::Builds || resource == Resource::BuildRequests {
         let all = object.remove("properties").unwrap_or(Value::Null);
         let selected = if params.properties.is_empty() {
-            if resource == Resource::Builds {
-                json!({})
-            } else {
-                Value::Null
-            }
+            if resource == Resource::Builds { json!({}) } else { Value::Null }
         } else {
             let wanted = |name: &str| params.properties.iter().any(|p| p == "*" || p == name);
             match all {
-                Value::Object(map) => {
-                    Value::Object(map.into_iter().filter(|(k, _)| wanted(k)).collect())
-                }
+                Value::Object(map) => Value::Object(map.into_iter().filter(|(k, _)| wanted(k)).collect()),
                 _ => json!({}),
             }
         };
@@ -377,20 +281,12 @@ pub async fn get(
                     other => other,
                 })
                 .collect();
-            Ok(envelope(
-                resource.plural(),
-                items,
-                json!({ "total": total }),
-            ))
+            Ok(envelope(resource.plural(), items, json!({ "total": total })))
         }
         Target::Single(resource, filters) => {
             let params = parse_params(Some(resource), pairs, true)?;
             let object = one(&master, resource, filters).await?;
-            Ok(envelope(
-                resource.plural(),
-                vec![shape(resource, object, &params)],
-                json!({}),
-            ))
+            Ok(envelope(resource.plural(), vec![shape(resource, object, &params)], json!({})))
         }
         Target::LogContents(logid) => {
             let mut offset = 0;
@@ -401,14 +297,10 @@ pub async fn get(
                     ("offset", Some(n)) => offset = n,
                     ("limit", Some(n)) => limit = Some(n),
                     ("offset" | "limit", None) => {
-                        return Err(ApiError::BadRequest(format!(
-                            "invalid {name} value {value:?}"
-                        )));
+                        return Err(ApiError::BadRequest(format!("invalid {name} value {value:?}")));
                     }
                     _ => {
-                        return Err(ApiError::BadRequest(format!(
-                            "unrecognized query parameter '{name}'"
-                        )));
+                        return Err(ApiError::BadRequest(format!("unrecognized query parameter '{name}'")));
                     }
                 }
             }
@@ -425,18 +317,10 @@ pub async fn get(
                 .schedulers
                 .iter()
                 .filter_map(|s| match s {
-                    SchedulerConfig::Force {
-                        name: n,
-                        builder_names,
-                        button_name,
-                        label,
-                        properties,
-                    } => {
+                    SchedulerConfig::Force { name: n, builder_names, button_name, label, properties } => {
                         let wanted = name.as_ref().is_none_or(|x| x == n)
                             && builder.as_ref().is_none_or(|b| builder_names.contains(b));
-                        wanted.then(|| {
-                            force_scheduler_json(n, builder_names, button_name, label, properties)
-                        })
+                        wanted.then(|| force_scheduler_json(n, builder_names, button_name, label, properties))
                     }
                     SchedulerConfig::SingleBranch { .. } => None,
                 })
@@ -446,15 +330,7 @@ pub async fn get(
             }
             let _ = params;
             let total = items.len();
-            Ok(envelope(
-                "forceschedulers",
-                items,
-                if name.is_some() {
-                    json!({})
-                } else {
-                    json!({ "total": total })
-                },
-            ))
+            Ok(envelope("forceschedulers", items, if name.is_some() { json!({}) } else { json!({ "total": total }) }))
         }
     }
 }
@@ -513,44 +389,24 @@ async fn log_raw(master: &Master, logid: i64, inline: bool) -> Result<Response, 
             .unwrap_or_default(),
         None => String::new(),
     };
-    let text = |o: &Map<String, Value>, k: &str| {
-        o.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let text = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let number = build.get("number").and_then(Value::as_i64).unwrap_or(0);
     let stored = master.store.log_lines(logid, 0, None).await?;
     let body = if text(&log, "type") == "s" {
         // Drop the one-letter channel prefix of each stdio line.
-        stored
-            .split_inclusive('\n')
-            .map(|line| line.get(1..).unwrap_or_default())
-            .collect::<String>()
+        stored.split_inclusive('\n').map(|line| line.get(1..).unwrap_or_default()).collect::<String>()
     } else {
         stored
     };
-    let header_lines = format!(
-        "Builder: {}\nBuild number: {number}\nWorker name: {worker_name}\n",
-        text(&builder, "name")
-    );
-    let filename = format!(
-        "{}_build_{number}_{}_{}.log",
-        text(&builder, "name"),
-        text(&step, "name"),
-        text(&log, "slug")
-    );
-    let disposition = if inline {
-        "inline".to_owned()
-    } else {
-        format!("attachment; filename=\"{}\"", filename.replace('"', ""))
-    };
+    let header_lines =
+        format!("Builder: {}\nBuild number: {number}\nWorker name: {worker_name}\n", text(&builder, "name"));
+    let filename =
+        format!("{}_build_{number}_{}_{}.log", text(&builder, "name"), text(&step, "name"), text(&log, "slug"));
+    let disposition =
+        if inline { "inline".to_owned() } else { format!("attachment; filename=\"{}\"", filename.replace('"', "")) };
     Ok((
         StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
-            (header::CONTENT_DISPOSITION, disposition),
-        ],
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()), (header::CONTENT_DISPOSITION, disposition)],
         format!("{header_lines}{body}"),
     )
         .into_response())

@@ -18,8 +18,7 @@ const INVALID_PARAMS: i64 = -32602;
 const INTERNAL_ERROR: i64 = -32603;
 
 fn rpc_error(status: StatusCode, id: &Value, code: i64, message: impl Into<String>) -> Response {
-    let body =
-        json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message.into() } });
+    let body = json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message.into() } });
     (status, Json(body)).into_response()
 }
 
@@ -44,47 +43,24 @@ pub async fn post(
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                &Value::Null,
-                -32700,
-                format!("invalid JSON: {e}"),
-            );
+            return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, -32700, format!("invalid JSON: {e}"));
         }
     };
     let id = request.get("id").cloned().unwrap_or(Value::Null);
     let Some(method) = request.get("method").and_then(Value::as_str) else {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            &id,
-            INVALID_REQUEST,
-            "missing method",
-        );
+        return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_REQUEST, "missing method");
     };
     let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
     if !params.is_object() {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            &id,
-            INVALID_PARAMS,
-            "params must be an object",
-        );
+        return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "params must be an object");
     }
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match (segments.as_slice(), method) {
         (["forceschedulers", name], "force") => force(&master, name, &params, &id).await,
-        (["forceschedulers", _], _) => rpc_error(
-            StatusCode::NOT_IMPLEMENTED,
-            &id,
-            METHOD_NOT_FOUND,
-            format!("action '{method}' is not defined"),
-        ),
-        _ => rpc_error(
-            StatusCode::NOT_FOUND,
-            &id,
-            INVALID_REQUEST,
-            format!("no control endpoint for /{path}"),
-        ),
+        (["forceschedulers", _], _) => {
+            rpc_error(StatusCode::NOT_IMPLEMENTED, &id, METHOD_NOT_FOUND, format!("action '{method}' is not defined"))
+        }
+        _ => rpc_error(StatusCode::NOT_FOUND, &id, INVALID_REQUEST, format!("no control endpoint for /{path}")),
     }
 }
 
@@ -107,11 +83,7 @@ fn decode_force(params: &Value) -> Result<ForceRequest, String> {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| "builderNames: expected a list of strings".to_owned())
-            })
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| "builderNames: expected a list of strings".to_owned()))
             .collect::<Result<_, _>>()?,
         Some(_) => return Err("builderNames: expected a list of strings".into()),
     };
@@ -137,20 +109,13 @@ fn decode_force(params: &Value) -> Result<ForceRequest, String> {
     ];
     let properties = params
         .as_object()
-        .map(|o| {
-            o.iter()
-                .filter(|(k, _)| !known.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
+        .map(|o| o.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect())
         .unwrap_or_default();
     Ok(ForceRequest {
         builder_names,
         builderid,
         reason: text_param(params, "reason")?.unwrap_or_else(|| "force build".into()),
-        owner: text_param(params, "username")?
-            .or(text_param(params, "owner")?)
-            .unwrap_or_else(|| "anonymous".into()),
+        owner: text_param(params, "username")?.or(text_param(params, "owner")?).unwrap_or_else(|| "anonymous".into()),
         priority,
         sourcestamp: SourceStamp {
             branch: text_param(params, "branch")?,
@@ -170,32 +135,17 @@ async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> 
     };
     match master.force(scheduler, request).await {
         Ok((bsid, brids)) => {
-            let map: serde_json::Map<String, Value> = brids
-                .into_iter()
-                .map(|(b, r)| (b.to_string(), Value::from(r)))
-                .collect();
+            let map: serde_json::Map<String, Value> =
+                brids.into_iter().map(|(b, r)| (b.to_string(), Value::from(r))).collect();
             Json(json!({ "jsonrpc": "2.0", "id": id, "result": [bsid, map] })).into_response()
         }
-        Err(SubmitError::UnknownScheduler(name)) => rpc_error(
-            StatusCode::NOT_FOUND,
-            id,
-            INVALID_REQUEST,
-            format!("no force scheduler named {name:?}"),
-        ),
+        Err(SubmitError::UnknownScheduler(name)) => {
+            rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no force scheduler named {name:?}"))
+        }
         Err(SubmitError::Store(error)) => {
             tracing::error!(%error, "force failed in the database");
-            rpc_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                id,
-                INTERNAL_ERROR,
-                "database error",
-            )
+            rpc_error(StatusCode::INTERNAL_SERVER_ERROR, id, INTERNAL_ERROR, "database error")
         }
-        Err(other) => rpc_error(
-            StatusCode::BAD_REQUEST,
-            id,
-            INVALID_PARAMS,
-            other.to_string(),
-        ),
+        Err(other) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, other.to_string()),
     }
 }

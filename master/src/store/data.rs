@@ -75,21 +75,13 @@ impl ListQuery {
     /// A query for the one object whose key field equals `id`.
     pub fn by(field: &str, value: impl ToString) -> ListQuery {
         ListQuery {
-            filters: vec![Filter {
-                field: field.to_owned(),
-                op: Op::Eq,
-                values: vec![value.to_string()],
-            }],
+            filters: vec![Filter { field: field.to_owned(), op: Op::Eq, values: vec![value.to_string()] }],
             ..Default::default()
         }
     }
 
     pub fn and(mut self, field: &str, value: impl ToString) -> ListQuery {
-        self.filters.push(Filter {
-            field: field.to_owned(),
-            op: Op::Eq,
-            values: vec![value.to_string()],
-        });
+        self.filters.push(Filter { field: field.to_owned(), op: Op::Eq, values: vec![value.to_string()] });
         self
     }
 }
@@ -100,11 +92,7 @@ pub enum DataError {
     #[error("no field '{0}'")]
     UnknownField(String),
     #[error("invalid value {value:?} for '{field}': {reason}")]
-    BadValue {
-        field: String,
-        value: String,
-        reason: &'static str,
-    },
+    BadValue { field: String, value: String, reason: &'static str },
     #[error("operator not supported on '{0}'")]
     BadOperator(String),
     #[error(transparent)]
@@ -152,11 +140,7 @@ const BUILDS: Spec = Spec {
         f("workerid", "workerid", Int),
         f("masterid", "masterid", Int),
         f("started_at", "started_at", Time),
-        f(
-            "complete",
-            "CASE WHEN complete_at IS NULL THEN 0 ELSE 1 END",
-            Bool,
-        ),
+        f("complete", "CASE WHEN complete_at IS NULL THEN 0 ELSE 1 END", Bool),
         f("complete_at", "complete_at", Time),
         f("locks_duration_s", "0", Int),
         f("results", "results", Int),
@@ -173,11 +157,7 @@ const BUILDREQUESTS: Spec = Spec {
         f("buildsetid", "buildsetid", Int),
         f("builderid", "builderid", Int),
         f("priority", "priority", Int),
-        f(
-            "claimed",
-            "CASE WHEN claimed_by_masterid IS NULL THEN 0 ELSE 1 END",
-            Bool,
-        ),
+        f("claimed", "CASE WHEN claimed_by_masterid IS NULL THEN 0 ELSE 1 END", Bool),
         f("claimed_at", "claimed_at", Time),
         f("claimed_by_masterid", "claimed_by_masterid", Int),
         f("complete", "complete", Bool),
@@ -287,11 +267,7 @@ const STEPS: Spec = Spec {
         f("buildid", "buildid", Int),
         f("started_at", "started_at", Time),
         f("locks_acquired_at", "started_at", Time),
-        f(
-            "complete",
-            "CASE WHEN complete_at IS NULL THEN 0 ELSE 1 END",
-            Bool,
-        ),
+        f("complete", "CASE WHEN complete_at IS NULL THEN 0 ELSE 1 END", Bool),
         f("complete_at", "complete_at", Time),
         f("results", "results", Int),
         f("state_string", "state_string", Text),
@@ -354,12 +330,7 @@ impl Resource {
 
     fn extra_fields(self) -> &'static [&'static str] {
         match self {
-            Resource::Builders => &[
-                "masterids",
-                "description_format",
-                "description_html",
-                "projectid",
-            ],
+            Resource::Builders => &["masterids", "description_format", "description_html", "projectid"],
             Resource::Buildsets => &["sourcestamps"],
             Resource::Changes => &["sourcestamp", "parent_changeids"],
             Resource::SourceStamps => &["patch"],
@@ -376,25 +347,14 @@ enum Bind {
 }
 
 fn field<'a>(spec: &'a Spec, name: &str) -> Result<&'a Field, DataError> {
-    spec.fields
-        .iter()
-        .find(|f| f.name == name)
-        .ok_or_else(|| DataError::UnknownField(name.to_owned()))
+    spec.fields.iter().find(|f| f.name == name).ok_or_else(|| DataError::UnknownField(name.to_owned()))
 }
 
 fn parse_value(field: &Field, value: &str) -> Result<Bind, DataError> {
-    let bad = |reason| DataError::BadValue {
-        field: field.name.to_owned(),
-        value: value.to_owned(),
-        reason,
-    };
+    let bad = |reason| DataError::BadValue { field: field.name.to_owned(), value: value.to_owned(), reason };
     Ok(match field.kind {
         Kind::Int => Bind::Int(value.parse().map_err(|_| bad("expected an integer"))?),
-        Kind::Time => Bind::Int(
-            value
-                .parse::<i64>()
-                .map_err(|_| bad("expected epoch seconds"))?,
-        ),
+        Kind::Time => Bind::Int(value.parse::<i64>().map_err(|_| bad("expected epoch seconds"))?),
         Kind::Bool => Bind::Int(match value {
             "true" | "1" | "yes" | "on" => 1,
             "false" | "0" | "no" | "off" => 0,
@@ -405,12 +365,7 @@ fn parse_value(field: &Field, value: &str) -> Result<Bind, DataError> {
 }
 
 /// Appends the SQL of one filter to `clauses`, its values to `binds`.
-fn filter_sql(
-    spec: &Spec,
-    filter: &Filter,
-    clauses: &mut Vec<String>,
-    binds: &mut Vec<Bind>,
-) -> Result<(), DataError> {
+fn filter_sql(spec: &Spec, filter: &Filter, clauses: &mut Vec<String>, binds: &mut Vec<Bind>) -> Result<(), DataError> {
     let field = field(spec, &filter.field)?;
     let placeholder = |bind: Bind, binds: &mut Vec<Bind>| {
         binds.push(bind);
@@ -426,10 +381,7 @@ fn filter_sql(
                 Kind::Text => format!("%{value}%"),
                 _ => return Err(DataError::BadOperator(field.name.to_owned())),
             };
-            parts.push(format!(
-                "{column} LIKE {}",
-                placeholder(Bind::Text(pattern), binds)
-            ));
+            parts.push(format!("{column} LIKE {}", placeholder(Bind::Text(pattern), binds)));
         }
         clauses.push(format!("({})", parts.join(" OR ")));
         return Ok(());
@@ -437,17 +389,11 @@ fn filter_sql(
     if field.kind == Kind::Json {
         return Err(DataError::BadOperator(field.name.to_owned()));
     }
-    let values: Vec<Bind> = filter
-        .values
-        .iter()
-        .map(|v| parse_value(field, v))
-        .collect::<Result<_, _>>()?;
+    let values: Vec<Bind> = filter.values.iter().map(|v| parse_value(field, v)).collect::<Result<_, _>>()?;
     // Whole seconds in the API cover a range of milliseconds in the database.
     if field.kind == Kind::Time {
         for value in values {
-            let Bind::Int(seconds) = value else {
-                unreachable!("times parse as integers")
-            };
+            let Bind::Int(seconds) = value else { unreachable!("times parse as integers") };
             let (start, end) = (seconds * 1000, seconds * 1000 + 1000);
             let clause = match filter.op {
                 Op::Eq | Op::In => {
@@ -476,10 +422,7 @@ fn filter_sql(
     }
     let clause = match filter.op {
         Op::Eq | Op::In if values.len() == 1 => {
-            format!(
-                "{column} = {}",
-                placeholder(values.into_iter().next().expect("one value"), binds)
-            )
+            format!("{column} = {}", placeholder(values.into_iter().next().expect("one value"), binds))
         }
         Op::Eq | Op::In => {
             let list: Vec<String> = values.into_iter().map(|v| placeholder(v, binds)).collect();
@@ -487,10 +430,7 @@ fn filter_sql(
         }
         Op::Ne | Op::NotIn => {
             let list: Vec<String> = values.into_iter().map(|v| placeholder(v, binds)).collect();
-            format!(
-                "({column} IS NULL OR {column} NOT IN ({}))",
-                list.join(", ")
-            )
+            format!("({column} IS NULL OR {column} NOT IN ({}))", list.join(", "))
         }
         op => {
             let Some(value) = values.into_iter().next() else {
@@ -527,16 +467,10 @@ fn row_to_json(spec: &Spec, row: &AnyRow) -> Result<Map<String, Value>, DataErro
     let mut object = Map::new();
     for (i, field) in spec.fields.iter().enumerate() {
         let value = match field.kind {
-            Kind::Int => row
-                .try_get::<Option<i64>, _>(i)?
-                .map_or(Value::Null, Value::from),
-            Kind::Time => row
-                .try_get::<Option<i64>, _>(i)?
-                .map_or(Value::Null, |ms| Value::from(ms.div_euclid(1000))),
+            Kind::Int => row.try_get::<Option<i64>, _>(i)?.map_or(Value::Null, Value::from),
+            Kind::Time => row.try_get::<Option<i64>, _>(i)?.map_or(Value::Null, |ms| Value::from(ms.div_euclid(1000))),
             Kind::Bool => Value::Bool(row.try_get::<Option<i64>, _>(i)?.unwrap_or(0) != 0),
-            Kind::Text => row
-                .try_get::<Option<String>, _>(i)?
-                .map_or(Value::Null, Value::String),
+            Kind::Text => row.try_get::<Option<String>, _>(i)?.map_or(Value::Null, Value::String),
             Kind::Json => match row.try_get::<Option<String>, _>(i)? {
                 Some(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
                 None => Value::Null,
@@ -558,11 +492,7 @@ pub(super) async fn list(
     for filter in &query.filters {
         filter_sql(spec, filter, &mut clauses, &mut binds)?;
     }
-    let where_sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", clauses.join(" AND "))
-    };
+    let where_sql = if clauses.is_empty() { String::new() } else { format!(" WHERE {}", clauses.join(" AND ")) };
     let mut order = Vec::new();
     for item in &query.order {
         let (name, direction) = match item.strip_prefix('-') {
@@ -573,34 +503,19 @@ pub(super) async fn list(
     }
     order.push(format!("{} ASC", spec.key));
     let columns: Vec<&str> = spec.fields.iter().map(|f| f.sql).collect();
-    let mut sql = format!(
-        "SELECT {} FROM {}{where_sql} ORDER BY {}",
-        columns.join(", "),
-        spec.from,
-        order.join(", ")
-    );
+    let mut sql = format!("SELECT {} FROM {}{where_sql} ORDER BY {}", columns.join(", "), spec.from, order.join(", "));
     // LIMIT and OFFSET are validated integers, so they are written inline.
     match query.limit {
-        Some(limit) => sql.push_str(&format!(
-            " LIMIT {} OFFSET {}",
-            limit.max(0),
-            query.offset.max(0)
-        )),
-        None if query.offset > 0 => {
-            sql.push_str(&format!(" LIMIT {} OFFSET {}", i64::MAX, query.offset))
-        }
+        Some(limit) => sql.push_str(&format!(" LIMIT {} OFFSET {}", limit.max(0), query.offset.max(0))),
+        None if query.offset > 0 => sql.push_str(&format!(" LIMIT {} OFFSET {}", i64::MAX, query.offset)),
         None => {}
     }
-    let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), &binds)
-        .fetch_all(pool)
-        .await?;
+    let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), &binds).fetch_all(pool).await?;
     let total = if query.limit.is_none() && query.offset == 0 {
         rows.len() as i64
     } else {
         let count_sql = format!("SELECT COUNT(*) AS n FROM {}{where_sql}", spec.from);
-        let row = bind_all(sqlx::query(AssertSqlSafe(count_sql)), &binds)
-            .fetch_one(pool)
-            .await?;
+        let row = bind_all(sqlx::query(AssertSqlSafe(count_sql)), &binds).fetch_one(pool).await?;
         row.try_get::<i64, _>("n")?
     };
     let mut objects = Vec::with_capacity(rows.len());
@@ -612,20 +527,12 @@ pub(super) async fn list(
 }
 
 /// Adds the fields Buildbot embeds from other tables.
-async fn embed(
-    pool: &AnyPool,
-    resource: Resource,
-    objects: &mut [Map<String, Value>],
-) -> Result<(), DataError> {
+async fn embed(pool: &AnyPool, resource: Resource, objects: &mut [Map<String, Value>]) -> Result<(), DataError> {
     match resource {
         Resource::Builders => {
-            let rows = sqlx::query("SELECT id FROM masters WHERE active = 1 ORDER BY id")
-                .fetch_all(pool)
-                .await?;
-            let masterids: Vec<Value> = rows
-                .iter()
-                .map(|r| r.try_get::<i64, _>("id").map(Value::from))
-                .collect::<Result<_, _>>()?;
+            let rows = sqlx::query("SELECT id FROM masters WHERE active = 1 ORDER BY id").fetch_all(pool).await?;
+            let masterids: Vec<Value> =
+                rows.iter().map(|r| r.try_get::<i64, _>("id").map(Value::from)).collect::<Result<_, _>>()?;
             for object in objects {
                 object.insert("masterids".into(), Value::Array(masterids.clone()));
                 object.insert("description_format".into(), Value::Null);
@@ -654,18 +561,10 @@ async fn embed(
         }
         Resource::Changes => {
             for object in objects {
-                let ssid = object
-                    .get("sourcestampid")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(0);
+                let ssid = object.get("sourcestampid").and_then(Value::as_i64).unwrap_or(0);
                 let row = sqlx::query(AssertSqlSafe(format!(
                     "SELECT {} FROM sourcestamps WHERE id = $1",
-                    SOURCESTAMPS
-                        .fields
-                        .iter()
-                        .map(|f| f.sql)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    SOURCESTAMPS.fields.iter().map(|f| f.sql).collect::<Vec<_>>().join(", ")
                 )))
                 .bind(ssid)
                 .fetch_optional(pool)

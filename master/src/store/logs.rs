@@ -17,12 +17,11 @@ pub struct LogChunk {
 
 /// Encodes text for storage; returns the bytes and the compression id.
 pub fn encode_chunk(text: &[u8]) -> (Vec<u8>, i64) {
-    if text.len() > COMPRESS_ABOVE {
-        if let Ok(compressed) = zstd::bulk::compress(text, 3) {
-            if compressed.len() < text.len() {
-                return (compressed, ZSTD);
-            }
-        }
+    if text.len() > COMPRESS_ABOVE
+        && let Ok(compressed) = zstd::bulk::compress(text, 3)
+        && compressed.len() < text.len()
+    {
+        return (compressed, ZSTD);
     }
     (text.to_vec(), RAW)
 }
@@ -31,16 +30,12 @@ pub fn encode_chunk(text: &[u8]) -> (Vec<u8>, i64) {
 pub fn decode_chunk(content: &[u8], compression: i64) -> Result<String> {
     let bytes = match compression {
         RAW => content.to_vec(),
-        ZSTD => zstd::stream::decode_all(content)
-            .map_err(|e| StoreError::Corrupt(format!("log chunk: {e}")))?,
+        ZSTD => zstd::stream::decode_all(content).map_err(|e| StoreError::Corrupt(format!("log chunk: {e}")))?,
         other => {
-            return Err(StoreError::Corrupt(format!(
-                "unknown log compression {other}"
-            )));
+            return Err(StoreError::Corrupt(format!("unknown log compression {other}")));
         }
     };
-    String::from_utf8(bytes)
-        .map_err(|e| StoreError::Corrupt(format!("log chunk is not UTF-8: {e}")))
+    String::from_utf8(bytes).map_err(|e| StoreError::Corrupt(format!("log chunk is not UTF-8: {e}")))
 }
 
 #[cfg(test)]

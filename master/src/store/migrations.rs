@@ -20,7 +20,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// An arbitrary constant naming Kiln's migration lock.
-const ADVISORY_LOCK: i64 = 0x6b69_6c6e_6d69_67;
+const ADVISORY_LOCK: i64 = 0x006b_696c_6e6d_6967;
 
 /// The newest schema version this binary knows.
 pub fn latest_version() -> i64 {
@@ -30,17 +30,11 @@ pub fn latest_version() -> i64 {
 pub async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {
     let mut conn = pool.acquire().await?;
     if backend == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(ADVISORY_LOCK)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("SELECT pg_advisory_lock($1)").bind(ADVISORY_LOCK).execute(&mut *conn).await?;
     }
     let outcome = apply(&mut conn, backend).await;
     if backend == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(ADVISORY_LOCK)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("SELECT pg_advisory_unlock($1)").bind(ADVISORY_LOCK).execute(&mut *conn).await?;
     }
     outcome
 }
@@ -51,55 +45,39 @@ async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<()> {
     )
     .execute(&mut *conn)
     .await?;
-    let rows = sqlx::query("SELECT version FROM kiln_migrations")
-        .fetch_all(&mut *conn)
-        .await?;
-    let applied: Vec<i64> = rows
-        .iter()
-        .map(|r| r.try_get::<i64, _>("version"))
-        .collect::<Result<_, _>>()?;
-    if let Some(newest) = applied.iter().max() {
-        if *newest > latest_version() {
-            return Err(StoreError::Corrupt(format!(
-                "the database has schema version {newest}, newer than this binary's {}; upgrade Kiln",
-                latest_version()
-            )));
-        }
+    let rows = sqlx::query("SELECT version FROM kiln_migrations").fetch_all(&mut *conn).await?;
+    let applied: Vec<i64> = rows.iter().map(|r| r.try_get::<i64, _>("version")).collect::<Result<_, _>>()?;
+    if let Some(newest) = applied.iter().max()
+        && *newest > latest_version()
+    {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {newest}, newer than this binary's {}; upgrade Kiln",
+            latest_version()
+        )));
     }
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         let sql = match backend {
             Backend::Sqlite => migration.sqlite,
             Backend::Postgres => migration.postgres,
         };
-        let wrap = |source| StoreError::Migration {
-            version: migration.version,
-            source,
-        };
+        let wrap = |source| StoreError::Migration { version: migration.version, source };
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(wrap)?;
         sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(wrap)?;
-        sqlx::query(
-            "INSERT INTO kiln_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
-        )
-        .bind(migration.version)
-        .bind(migration.description)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .map_err(wrap)?;
+        sqlx::query("INSERT INTO kiln_migrations (version, description, applied_at) VALUES ($1, $2, $3)")
+            .bind(migration.version)
+            .bind(migration.description)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(wrap)?;
         tx.commit().await.map_err(wrap)?;
-        tracing::info!(
-            version = migration.version,
-            description = migration.description,
-            "applied migration"
-        );
+        tracing::info!(version = migration.version, description = migration.description, "applied migration");
     }
     Ok(())
 }
 
 /// The schema version a database is at.
 pub async fn current_version(pool: &AnyPool) -> Result<i64> {
-    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM kiln_migrations")
-        .fetch_one(pool)
-        .await?;
+    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM kiln_migrations").fetch_one(pool).await?;
     Ok(row.try_get::<i64, _>("v")?)
 }

@@ -48,10 +48,7 @@ pub enum Backend {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The handle to the database. Cheap to clone.
@@ -66,9 +63,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("backend", &self.backend)
-            .finish()
+        f.debug_struct("Store").field("backend", &self.backend).finish()
     }
 }
 
@@ -164,23 +159,15 @@ impl Store {
     /// Opens the database at `url`, creating a SQLite file if needed, and applies migrations.
     pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
-        let connect_error = |source| StoreError::Connect {
-            url: redact(url),
-            source,
-        };
-        if let Some(rest) = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-        {
+        let connect_error = |source| StoreError::Connect { url: redact(url), source };
+        if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
             let path = rest.split('?').next().unwrap_or(rest);
             let in_memory = path.is_empty() || path == ":memory:";
-            if !in_memory {
-                if let Some(parent) = Path::new(path).parent() {
-                    if !parent.as_os_str().is_empty() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(|e| connect_error(sqlx::Error::Io(e)))?;
-                    }
-                }
+            if !in_memory
+                && let Some(parent) = Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| connect_error(sqlx::Error::Io(e)))?;
             }
             let url = if rest.contains("mode=") || in_memory {
                 url.to_owned()
@@ -206,11 +193,7 @@ impl Store {
                     .await
                     .map_err(connect_error)?
             };
-            Ok(Store {
-                write,
-                read,
-                backend: Backend::Sqlite,
-            })
+            Ok(Store { write, read, backend: Backend::Sqlite })
         } else {
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
@@ -219,11 +202,7 @@ impl Store {
                 .await
                 .map_err(connect_error)?;
             migrations::run(&pool, Backend::Postgres).await?;
-            Ok(Store {
-                write: pool.clone(),
-                read: pool,
-                backend: Backend::Postgres,
-            })
+            Ok(Store { write: pool.clone(), read: pool, backend: Backend::Postgres })
         }
     }
 
@@ -235,6 +214,11 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
+    }
+
+    /// Whether the database answers and its schema is the one this binary expects.
+    pub async fn schema_is_current(&self) -> Result<bool> {
+        Ok(migrations::current_version(&self.read).await? == migrations::latest_version())
     }
 
     pub async fn close(&self) {
@@ -271,10 +255,7 @@ impl Store {
 
     /// Marks a master stopped (on clean shutdown).
     pub async fn master_stopped(&self, masterid: i64) -> Result<()> {
-        sqlx::query("UPDATE masters SET active = 0 WHERE id = $1")
-            .bind(masterid)
-            .execute(&self.write)
-            .await?;
+        sqlx::query("UPDATE masters SET active = 0 WHERE id = $1").bind(masterid).execute(&self.write).await?;
         sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE connected_masterid = $1")
             .bind(masterid)
             .execute(&self.write)
@@ -283,12 +264,7 @@ impl Store {
     }
 
     /// Creates or updates a builder by name and returns its id.
-    pub async fn upsert_builder(
-        &self,
-        name: &str,
-        description: Option<&str>,
-        tags: &[String],
-    ) -> Result<i64> {
+    pub async fn upsert_builder(&self, name: &str, description: Option<&str>, tags: &[String]) -> Result<i64> {
         let tags = serde_json::to_string(tags).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let row = sqlx::query(
             "INSERT INTO builders (name, description, tags) VALUES ($1, $2, $3) \
@@ -303,12 +279,7 @@ impl Store {
     }
 
     /// Records a worker's connection to a master (or its disconnection with `None`).
-    pub async fn worker_connected(
-        &self,
-        name: &str,
-        info: &serde_json::Value,
-        masterid: Option<i64>,
-    ) -> Result<i64> {
+    pub async fn worker_connected(&self, name: &str, info: &serde_json::Value, masterid: Option<i64>) -> Result<i64> {
         let row = sqlx::query(
             "INSERT INTO workers (name, info, connected_masterid, last_connected_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET info = $2, connected_masterid = $3, last_connected_at = $4 \
@@ -336,11 +307,7 @@ impl Store {
     // ---------------------------------------------------------------------------------------
     // Changes and buildsets
 
-    async fn find_or_create_sourcestamp(
-        conn: &mut sqlx::AnyConnection,
-        ss: &SourceStamp,
-        now: i64,
-    ) -> Result<i64> {
+    async fn find_or_create_sourcestamp(conn: &mut sqlx::AnyConnection, ss: &SourceStamp, now: i64) -> Result<i64> {
         let hash = sourcestamp_hash(ss);
         sqlx::query(
             "INSERT INTO sourcestamps (ss_hash, branch, revision, repository, project, codebase, created_at) \
@@ -355,10 +322,8 @@ impl Store {
         .bind(now)
         .execute(&mut *conn)
         .await?;
-        let row = sqlx::query("SELECT id FROM sourcestamps WHERE ss_hash = $1")
-            .bind(&hash)
-            .fetch_one(&mut *conn)
-            .await?;
+        let row =
+            sqlx::query("SELECT id FROM sourcestamps WHERE ss_hash = $1").bind(&hash).fetch_one(&mut *conn).await?;
         get_i64(&row, "id")
     }
 
@@ -373,8 +338,7 @@ impl Store {
             codebase: change.codebase.clone(),
         };
         let ssid = Self::find_or_create_sourcestamp(&mut tx, &ss, now_ms()).await?;
-        let files =
-            serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let files = serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let row = sqlx::query(
             "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
              category, repository, codebase, project, files, properties, sourcestampid) \
@@ -398,11 +362,7 @@ impl Store {
         .await?;
         let changeid = get_i64(&row, "changeid")?;
         tx.commit().await?;
-        Ok(Change {
-            changeid,
-            sourcestampid: ssid,
-            change: change.clone(),
-        })
+        Ok(Change { changeid, sourcestampid: ssid, change: change.clone() })
     }
 
     /// Stores a buildset and one build request per builder, atomically. Returns the buildset id
@@ -474,11 +434,7 @@ impl Store {
                 codebase: row.try_get("codebase")?,
             });
         }
-        Ok(BuildsetDetails {
-            reason,
-            properties: Properties::from_json(&props),
-            sourcestamps,
-        })
+        Ok(BuildsetDetails { reason, properties: Properties::from_json(&props), sourcestamps })
     }
 
     // ---------------------------------------------------------------------------------------
@@ -553,27 +509,19 @@ impl Store {
 
     /// Whether a claim is still held with this token.
     pub async fn claim_held(&self, brid: i64, claim_token: i64) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 AS held FROM buildrequests WHERE id = $1 AND claim_token = $2 AND complete = 0")
-            .bind(brid)
-            .bind(claim_token)
-            .fetch_optional(&self.write)
-            .await?;
+        let row =
+            sqlx::query("SELECT 1 AS held FROM buildrequests WHERE id = $1 AND claim_token = $2 AND complete = 0")
+                .bind(brid)
+                .bind(claim_token)
+                .fetch_optional(&self.write)
+                .await?;
         Ok(row.is_some())
     }
 
     /// Completes a claimed request with a final result, then its buildset if all of its requests
     /// are complete. Returns false (and changes nothing) when the claim is no longer held.
-    pub async fn complete_request(
-        &self,
-        brid: i64,
-        claim_token: i64,
-        results: Results,
-    ) -> Result<bool> {
-        debug_assert_ne!(
-            results,
-            Results::Retry,
-            "RETRY re-queues; use release_request"
-        );
+    pub async fn complete_request(&self, brid: i64, claim_token: i64, results: Results) -> Result<bool> {
+        debug_assert_ne!(results, Results::Retry, "RETRY re-queues; use release_request");
         let now = now_ms();
         let mut tx = self.write.begin().await?;
         let done = sqlx::query(
@@ -594,15 +542,9 @@ impl Store {
         Ok(true)
     }
 
-    async fn maybe_complete_buildset(
-        conn: &mut sqlx::AnyConnection,
-        brid: i64,
-        now: i64,
-    ) -> Result<()> {
-        let row = sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1")
-            .bind(brid)
-            .fetch_one(&mut *conn)
-            .await?;
+    async fn maybe_complete_buildset(conn: &mut sqlx::AnyConnection, brid: i64, now: i64) -> Result<()> {
+        let row =
+            sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1").bind(brid).fetch_one(&mut *conn).await?;
         let bsid = get_i64(&row, "buildsetid")?;
         let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildsetid = $1")
             .bind(bsid)
@@ -659,22 +601,13 @@ impl Store {
         let mut reaped = Reaped::default();
         for row in rows {
             let brid = get_i64(&row, "id")?;
-            let builds = sqlx::query(
-                "SELECT id FROM builds WHERE buildrequestid = $1 AND complete_at IS NULL",
-            )
-            .bind(brid)
-            .fetch_all(&mut *tx)
-            .await?;
+            let builds = sqlx::query("SELECT id FROM builds WHERE buildrequestid = $1 AND complete_at IS NULL")
+                .bind(brid)
+                .fetch_all(&mut *tx)
+                .await?;
             for build in builds {
                 let buildid = get_i64(&build, "id")?;
-                Self::finish_open_build(
-                    &mut tx,
-                    buildid,
-                    Results::Retry,
-                    "retry: lease expired",
-                    now,
-                )
-                .await?;
+                Self::finish_open_build(&mut tx, buildid, Results::Retry, "retry: lease expired", now).await?;
                 reaped.retried_builds.push(buildid);
             }
             sqlx::query(
@@ -712,21 +645,24 @@ impl Store {
         .bind(buildid)
         .execute(&mut *conn)
         .await?;
-        sqlx::query("UPDATE builds SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4 AND complete_at IS NULL")
-            .bind(now)
-            .bind(results.code())
-            .bind(state)
-            .bind(buildid)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "UPDATE builds SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4 AND complete_at IS NULL",
+        )
+        .bind(now)
+        .bind(results.code())
+        .bind(state)
+        .bind(buildid)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
     /// Counts requests waiting to be claimed.
     pub async fn pending_count(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL")
-            .fetch_one(&self.read)
-            .await?;
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL")
+                .fetch_one(&self.read)
+                .await?;
         get_i64(&row, "n")
     }
 
@@ -760,15 +696,10 @@ impl Store {
             .fetch_optional(&self.write)
             .await?;
             if let Some(row) = row {
-                return Ok(NewBuild {
-                    buildid: get_i64(&row, "id")?,
-                    number: get_i64(&row, "number")?,
-                });
+                return Ok(NewBuild { buildid: get_i64(&row, "id")?, number: get_i64(&row, "number")? });
             }
         }
-        Err(StoreError::Corrupt(format!(
-            "could not number a build of builder {builderid}"
-        )))
+        Err(StoreError::Corrupt(format!("could not number a build of builder {builderid}")))
     }
 
     pub async fn set_build_properties(&self, buildid: i64, properties: &Properties) -> Result<()> {
@@ -799,12 +730,14 @@ impl Store {
 
     /// Adds a step that has not started yet.
     pub async fn add_step(&self, buildid: i64, number: i64, name: &str) -> Result<i64> {
-        let row = sqlx::query("INSERT INTO steps (number, name, buildid, state_string) VALUES ($1, $2, $3, 'pending') RETURNING id")
-            .bind(number)
-            .bind(name)
-            .bind(buildid)
-            .fetch_one(&self.write)
-            .await?;
+        let row = sqlx::query(
+            "INSERT INTO steps (number, name, buildid, state_string) VALUES ($1, $2, $3, 'pending') RETURNING id",
+        )
+        .bind(number)
+        .bind(name)
+        .bind(buildid)
+        .fetch_one(&self.write)
+        .await?;
         get_i64(&row, "id")
     }
 
@@ -819,15 +752,13 @@ impl Store {
     }
 
     pub async fn finish_step(&self, stepid: i64, results: Results, state: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE steps SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4",
-        )
-        .bind(now_ms())
-        .bind(results.code())
-        .bind(state)
-        .bind(stepid)
-        .execute(&self.write)
-        .await?;
+        sqlx::query("UPDATE steps SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4")
+            .bind(now_ms())
+            .bind(results.code())
+            .bind(state)
+            .bind(stepid)
+            .execute(&self.write)
+            .await?;
         Ok(())
     }
 
@@ -837,15 +768,13 @@ impl Store {
     /// Adds a log to a step. `log_type` is Buildbot's: `s` stdio, `t` text, `h` html.
     pub async fn add_log(&self, stepid: i64, name: &str, log_type: &str) -> Result<i64> {
         let slug = crate::config::sanitize_dir(name);
-        let row = sqlx::query(
-            "INSERT INTO logs (name, slug, stepid, type) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(name)
-        .bind(slug)
-        .bind(stepid)
-        .bind(log_type)
-        .fetch_one(&self.write)
-        .await?;
+        let row = sqlx::query("INSERT INTO logs (name, slug, stepid, type) VALUES ($1, $2, $3, $4) RETURNING id")
+            .bind(name)
+            .bind(slug)
+            .bind(stepid)
+            .bind(log_type)
+            .fetch_one(&self.write)
+            .await?;
         get_i64(&row, "id")
     }
 
@@ -857,14 +786,16 @@ impl Store {
         }
         let (content, compressed) = encode_chunk(text.as_bytes());
         let mut tx = self.write.begin().await?;
-        sqlx::query("INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES ($1, $2, $3, $4, $5)")
-            .bind(logid)
-            .bind(first_line)
-            .bind(first_line + lines - 1)
-            .bind(content)
-            .bind(compressed)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(logid)
+        .bind(first_line)
+        .bind(first_line + lines - 1)
+        .bind(content)
+        .bind(compressed)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE logs SET num_lines = $1 WHERE id = $2")
             .bind(first_line + lines)
             .bind(logid)
@@ -875,10 +806,7 @@ impl Store {
     }
 
     pub async fn finish_log(&self, logid: i64) -> Result<()> {
-        sqlx::query("UPDATE logs SET complete = 1 WHERE id = $1")
-            .bind(logid)
-            .execute(&self.write)
-            .await?;
+        sqlx::query("UPDATE logs SET complete = 1 WHERE id = $1").bind(logid).execute(&self.write).await?;
         Ok(())
     }
 
@@ -914,13 +842,10 @@ impl Store {
     /// Tells other masters sharing the database that the queue changed (PostgreSQL only; a
     /// SQLite database has one master).
     pub async fn notify_queue(&self) {
-        if self.backend == Backend::Postgres {
-            if let Err(error) = sqlx::query("SELECT pg_notify('kiln_queue', '')")
-                .execute(&self.write)
-                .await
-            {
-                tracing::warn!(%error, "could not notify other masters");
-            }
+        if self.backend == Backend::Postgres
+            && let Err(error) = sqlx::query("SELECT pg_notify('kiln_queue', '')").execute(&self.write).await
+        {
+            tracing::warn!(%error, "could not notify other masters");
         }
     }
 
@@ -975,13 +900,9 @@ fn sqlite_pragmas(
 fn sourcestamp_hash(ss: &SourceStamp) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    for part in [
-        ss.branch.as_deref(),
-        ss.revision.as_deref(),
-        Some(&ss.repository),
-        Some(&ss.project),
-        Some(&ss.codebase),
-    ] {
+    for part in
+        [ss.branch.as_deref(), ss.revision.as_deref(), Some(&ss.repository), Some(&ss.project), Some(&ss.codebase)]
+    {
         match part {
             Some(p) => {
                 hasher.update(b"s");
@@ -991,11 +912,7 @@ fn sourcestamp_hash(ss: &SourceStamp) -> String {
         }
         hasher.update([0u8]);
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Hides the password of a database URL for messages.
@@ -1018,23 +935,14 @@ mod tests {
 
     #[test]
     fn passwords_are_hidden_in_urls() {
-        assert_eq!(
-            redact("postgres://kiln:secret@db:5432/kiln"),
-            "postgres://kiln:***@db:5432/kiln"
-        );
+        assert_eq!(redact("postgres://kiln:secret@db:5432/kiln"), "postgres://kiln:***@db:5432/kiln");
         assert_eq!(redact("sqlite://kiln.sqlite"), "sqlite://kiln.sqlite");
     }
 
     #[test]
     fn sourcestamp_hashes_tell_none_from_empty() {
-        let a = SourceStamp {
-            branch: None,
-            ..Default::default()
-        };
-        let b = SourceStamp {
-            branch: Some(String::new()),
-            ..Default::default()
-        };
+        let a = SourceStamp { branch: None, ..Default::default() };
+        let b = SourceStamp { branch: Some(String::new()), ..Default::default() };
         assert_ne!(sourcestamp_hash(&a), sourcestamp_hash(&b));
     }
 }

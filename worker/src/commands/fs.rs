@@ -20,48 +20,36 @@ async fn finish(report: &Reporter, outcome: Result<(), String>) {
 }
 
 pub async fn mkdir(paths: &[std::path::PathBuf], report: &Reporter) {
-    let outcome = paths.iter().try_for_each(|p| {
-        std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
-    });
+    let outcome =
+        paths.iter().try_for_each(|p| std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display())));
     finish(report, outcome).await;
 }
 
 pub async fn rmdir(paths: &[std::path::PathBuf], report: &Reporter) {
-    let outcome = paths
-        .iter()
-        .try_for_each(|p| match std::fs::remove_dir_all(p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("rmdir {}: {e}", p.display())),
-        });
+    let outcome = paths.iter().try_for_each(|p| match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("rmdir {}: {e}", p.display())),
+    });
     finish(report, outcome).await;
 }
 
 pub async fn stat(path: &Path, report: &Reporter) {
     let info = match std::fs::metadata(path) {
-        Ok(m) => StatInfo {
-            exists: true,
-            is_dir: m.is_dir(),
-            size: m.len(),
-            mode: m.permissions().mode(),
-            mtime: m.mtime(),
-        },
+        Ok(m) => {
+            StatInfo { exists: true, is_dir: m.is_dir(), size: m.len(), mode: m.permissions().mode(), mtime: m.mtime() }
+        }
         Err(_) => StatInfo::default(),
     };
     report.send(Update::Stat(info)).await;
-    report
-        .send(Update::Rc(if info.exists { 0 } else { 1 }))
-        .await;
+    report.send(Update::Rc(if info.exists { 0 } else { 1 })).await;
 }
 
 pub async fn glob(pattern: &Path, report: &Reporter) {
     let pattern = pattern.to_string_lossy().into_owned();
     match glob::glob(&pattern) {
         Ok(paths) => {
-            let files: Vec<String> = paths
-                .filter_map(Result::ok)
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
+            let files: Vec<String> = paths.filter_map(Result::ok).map(|p| p.to_string_lossy().into_owned()).collect();
             report.send(Update::Files(files)).await;
             report.send(Update::Rc(0)).await;
         }
@@ -72,10 +60,8 @@ pub async fn glob(pattern: &Path, report: &Reporter) {
 pub async fn listdir(path: &Path, report: &Reporter) {
     match std::fs::read_dir(path) {
         Ok(entries) => {
-            let mut files: Vec<String> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
+            let mut files: Vec<String> =
+                entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
             files.sort();
             report.send(Update::Files(files)).await;
             report.send(Update::Rc(0)).await;
@@ -87,20 +73,14 @@ pub async fn listdir(path: &Path, report: &Reporter) {
 /// Sends a file to the master in chunks.
 pub async fn upload_file(path: &Path, max_size: u64, report: &Reporter) {
     let outcome = async {
-        let mut file =
-            std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+        let mut file = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         if max_size > 0 && size > max_size {
-            return Err(format!(
-                "{} is {size} bytes, more than the limit of {max_size}",
-                path.display()
-            ));
+            return Err(format!("{} is {size} bytes, more than the limit of {max_size}", path.display()));
         }
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            let n = file
-                .read(&mut buffer)
-                .map_err(|e| format!("read {}: {e}", path.display()))?;
+            let n = file.read(&mut buffer).map_err(|e| format!("read {}: {e}", path.display()))?;
             if n == 0 {
                 return Ok(());
             }
@@ -112,16 +92,10 @@ pub async fn upload_file(path: &Path, max_size: u64, report: &Reporter) {
 }
 
 /// Writes a file the master sends in chunks; the last chunk is marked.
-pub async fn download_file(
-    path: &Path,
-    mode: u32,
-    mut chunks: mpsc::Receiver<(Vec<u8>, bool)>,
-    report: &Reporter,
-) {
+pub async fn download_file(path: &Path, mode: u32, mut chunks: mpsc::Receiver<(Vec<u8>, bool)>, report: &Reporter) {
     let outcome = async {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
         }
         let partial = path.with_extension("kiln-partial");
         let mut data = Vec::new();

@@ -63,8 +63,7 @@ impl Reporter {
         if !text.ends_with('\n') {
             text.push('\n');
         }
-        self.send(Update::Output(Stream::Header, text.into_bytes()))
-            .await;
+        self.send(Update::Output(Stream::Header, text.into_bytes())).await;
     }
 }
 
@@ -77,10 +76,7 @@ pub fn resolve(basedir: &Path, path: &str) -> Result<PathBuf, String> {
     if candidate.is_absolute() {
         return Ok(candidate.to_path_buf());
     }
-    if candidate
-        .components()
-        .any(|c| matches!(c, Component::ParentDir))
-    {
+    if candidate.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(format!("path {path:?} leaves the base directory"));
     }
     Ok(basedir.join(candidate))
@@ -93,10 +89,7 @@ mod tests {
     #[test]
     fn relative_paths_stay_under_the_base_directory() {
         let base = Path::new("/w");
-        assert_eq!(
-            resolve(base, "b/build").unwrap(),
-            PathBuf::from("/w/b/build")
-        );
+        assert_eq!(resolve(base, "b/build").unwrap(), PathBuf::from("/w/b/build"));
         assert_eq!(resolve(base, "/abs").unwrap(), PathBuf::from("/abs"));
         assert!(resolve(base, "../etc").is_err());
     }

@@ -51,11 +51,7 @@ fn expand(value: &str) -> String {
 }
 
 fn quote(arg: &str) -> String {
-    if !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
-    {
+    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
         arg.to_owned()
     } else {
         format!("'{}'", arg.replace('\'', "'\\''"))
@@ -71,11 +67,7 @@ fn kill_group(pid: Option<u32>) {
 }
 
 /// Reads a pipe and forwards chunks that end on line boundaries where possible.
-async fn pump(
-    mut pipe: impl AsyncRead + Unpin,
-    stream: Stream,
-    tx: mpsc::Sender<(Stream, Vec<u8>)>,
-) {
+async fn pump(mut pipe: impl AsyncRead + Unpin, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {
     let mut buffer = vec![0u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -104,13 +96,8 @@ async fn pump(
 }
 
 /// Runs a shell command to completion, interruption or timeout.
-pub async fn run_shell(
-    args: ShellArgs,
-    report: &Reporter,
-    mut interrupt: Interrupt,
-) -> Result<(), String> {
-    std::fs::create_dir_all(&args.workdir)
-        .map_err(|e| format!("cannot create {}: {e}", args.workdir.display()))?;
+pub async fn run_shell(args: ShellArgs, report: &Reporter, mut interrupt: Interrupt) -> Result<(), String> {
+    std::fs::create_dir_all(&args.workdir).map_err(|e| format!("cannot create {}: {e}", args.workdir.display()))?;
     let (mut command, shown) = if args.argv.is_empty() {
         let script = args.script.clone().unwrap_or_default();
         let mut command = Command::new("/bin/sh");
@@ -119,14 +106,7 @@ pub async fn run_shell(
     } else {
         let mut command = Command::new(&args.argv[0]);
         command.args(&args.argv[1..]);
-        (
-            command,
-            args.argv
-                .iter()
-                .map(|a| quote(a))
-                .collect::<Vec<_>>()
-                .join(" "),
-        )
+        (command, args.argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "))
     };
     for name in &args.unset_env {
         command.env_remove(name);
@@ -142,9 +122,7 @@ pub async fn run_shell(
         .process_group(0)
         .kill_on_drop(true);
     report.header(shown).await;
-    report
-        .header(format!(" in dir {}", args.workdir.display()))
-        .await;
+    report.header(format!(" in dir {}", args.workdir.display())).await;
     if args.log_environ {
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         for (k, v) in &args.env {
@@ -158,13 +136,9 @@ pub async fn run_shell(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
-            report
-                .header(format!("cannot start the command: {error}"))
-                .await;
+            report.header(format!("cannot start the command: {error}")).await;
             report.send(Update::Rc(-1)).await;
-            report
-                .send(Update::Elapsed(started.elapsed().as_secs_f64()))
-                .await;
+            report.send(Update::Elapsed(started.elapsed().as_secs_f64())).await;
             return Ok(());
         }
     };
@@ -187,17 +161,14 @@ pub async fn run_shell(
         let mut deadline = exit_deadline;
         if status.is_none() {
             if let Some(timeout) = args.timeout {
-                deadline = Some(deadline.map_or(last_output + timeout, |d: Instant| {
-                    d.min(last_output + timeout)
-                }));
+                deadline = Some(deadline.map_or(last_output + timeout, |d: Instant| d.min(last_output + timeout)));
             }
             if let Some(max) = args.max_time {
                 deadline = Some(deadline.map_or(started + max, |d: Instant| d.min(started + max)));
             }
         }
-        let sleep = tokio::time::sleep(deadline.map_or(Duration::from_secs(3600), |d| {
-            d.saturating_duration_since(now)
-        }));
+        let sleep =
+            tokio::time::sleep(deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(now)));
         tokio::select! {
             chunk = out_rx.recv(), if pipes_open => match chunk {
                 Some((stream, data)) => {
@@ -240,17 +211,13 @@ pub async fn run_shell(
     match failure {
         Some("interrupted") => report.header("command interrupted").await,
         Some(reason) => {
-            report
-                .header(format!("command timed out ({reason}); killed"))
-                .await;
+            report.header(format!("command timed out ({reason}); killed")).await;
             report.send(Update::FailureReason(reason.to_owned())).await;
         }
         _ => {}
     }
     let elapsed = started.elapsed().as_secs_f64();
-    report
-        .header(format!("program finished with exit code {rc}"))
-        .await;
+    report.header(format!("program finished with exit code {rc}")).await;
     report.header(format!("elapsedTime={elapsed:.6}")).await;
     report.send(Update::Rc(rc)).await;
     report.send(Update::Elapsed(elapsed)).await;
@@ -276,22 +243,14 @@ mod tests {
         updates
             .iter()
             .filter_map(|u| match u {
-                Update::Output(s, d) if *s == stream => {
-                    Some(String::from_utf8_lossy(d).into_owned())
-                }
+                Update::Output(s, d) if *s == stream => Some(String::from_utf8_lossy(d).into_owned()),
                 _ => None,
             })
             .collect()
     }
 
     fn rc(updates: &[Update]) -> Option<i32> {
-        updates.iter().find_map(|u| {
-            if let Update::Rc(rc) = u {
-                Some(*rc)
-            } else {
-                None
-            }
-        })
+        updates.iter().find_map(|u| if let Update::Rc(rc) = u { Some(*rc) } else { None })
     }
 
     #[tokio::test]
@@ -323,10 +282,7 @@ mod tests {
         assert_eq!(rc(&updates), Some(-1));
         assert!(updates.contains(&Update::FailureReason("timeout_without_output".into())));
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert!(
-            !marker.exists(),
-            "a child of the killed command kept running"
-        );
+        assert!(!marker.exists(), "a child of the killed command kept running");
     }
 
     #[tokio::test]
@@ -341,9 +297,6 @@ mod tests {
             ..Default::default()
         };
         let (updates, _) = run(args).await;
-        assert_eq!(
-            output(&updates, Stream::Stdout),
-            format!("hi {}\n", std::env::var("HOME").unwrap_or_default())
-        );
+        assert_eq!(output(&updates, Stream::Stdout), format!("hi {}\n", std::env::var("HOME").unwrap_or_default()));
     }
 }

@@ -1,0 +1,280 @@
+//! The store's conformance suite: every test runs against SQLite and against PostgreSQL.
+
+use std::collections::HashSet;
+
+use kiln_master::properties::Properties;
+use kiln_master::results::Results;
+use kiln_master::store::{ListQuery, NewBuildset, NewChange, Op, Resource, SourceStamp, Store};
+use kiln_tests::pg;
+use serde_json::json;
+
+async fn sqlite() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    (Store::connect(&url).await.unwrap(), dir)
+}
+
+async fn postgres() -> (Store, tempfile::TempDir) {
+    let url = pg::fresh_database().await;
+    (Store::connect(&url).await.unwrap(), tempfile::tempdir().unwrap())
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { let (store, _dir) = super::sqlite().await; super::$name(store).await } )*
+        }
+        mod on_postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { let (store, _dir) = super::postgres().await; super::$name(store).await } )*
+        }
+    };
+}
+
+conformance!(
+    migrations_apply_once,
+    changes_are_stored_with_a_deduplicated_sourcestamp,
+    claims_take_the_highest_priority_then_the_oldest,
+    concurrent_claims_never_share_a_request,
+    claims_respect_the_builders_a_worker_serves,
+    a_stale_claim_token_changes_nothing,
+    a_released_request_returns_to_the_queue,
+    expired_leases_are_reaped_and_their_builds_retried,
+    builds_are_numbered_per_builder,
+    a_buildset_completes_with_the_worst_result,
+    logs_round_trip_through_compressed_chunks,
+    the_data_api_filters_orders_and_pages_in_sql,
+);
+
+const LEASE: i64 = 60_000;
+
+async fn builder(store: &Store, name: &str) -> i64 {
+    store.upsert_builder(name, None, &[]).await.unwrap()
+}
+
+fn buildset(builderids: Vec<i64>, priority: i64) -> NewBuildset {
+    NewBuildset {
+        reason: "test".into(),
+        sourcestamps: vec![SourceStamp { branch: Some("main".into()), repository: "r".into(), ..Default::default() }],
+        builderids,
+        priority,
+        ..Default::default()
+    }
+}
+
+async fn migrations_apply_once(store: Store) {
+    // Connecting again to the same database must find the schema current and change nothing.
+    let master = store.register_master("m").await.unwrap();
+    assert_eq!(store.register_master("m").await.unwrap(), master);
+    store.ping().await.unwrap();
+}
+
+async fn changes_are_stored_with_a_deduplicated_sourcestamp(store: Store) {
+    let change = NewChange {
+        author: "Ada <ada@example.org>".into(),
+        comments: "fix".into(),
+        branch: Some("main".into()),
+        revision: Some("abc".into()),
+        when_ms: 1_700_000_000_000,
+        repository: "https://example.org/r.git".into(),
+        files: vec!["a.c".into()],
+        ..Default::default()
+    };
+    let first = store.add_change(&change).await.unwrap();
+    let second = store.add_change(&change).await.unwrap();
+    assert_ne!(first.changeid, second.changeid);
+    assert_eq!(first.sourcestampid, second.sourcestampid, "same source state, same source stamp");
+    let (changes, total) = store.list(Resource::Changes, &ListQuery::default()).await.unwrap();
+    assert_eq!(total, 2);
+    assert_eq!(changes[0]["author"], "Ada <ada@example.org>");
+    assert_eq!(changes[0]["files"], json!(["a.c"]));
+    assert_eq!(changes[0]["when_timestamp"], 1_700_000_000);
+    assert_eq!(changes[0]["sourcestamp"]["revision"], "abc");
+}
+
+async fn claims_take_the_highest_priority_then_the_oldest(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let b = builder(&store, "b").await;
+    let (_, low) = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let (_, high) = store.add_buildset(&buildset(vec![b], 5)).await.unwrap();
+    let (_, low2) = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let order: Vec<i64> = [
+        store.claim_next(master, None, LEASE).await.unwrap().unwrap().brid,
+        store.claim_next(master, None, LEASE).await.unwrap().unwrap().brid,
+        store.claim_next(master, None, LEASE).await.unwrap().unwrap().brid,
+    ]
+    .to_vec();
+    assert_eq!(order, vec![high[0].1, low[0].1, low2[0].1]);
+    assert!(store.claim_next(master, None, LEASE).await.unwrap().is_none());
+}
+
+async fn concurrent_claims_never_share_a_request(store: Store) {
+    let b = builder(&store, "b").await;
+    let masters = [store.register_master("m1").await.unwrap(), store.register_master("m2").await.unwrap()];
+    for _ in 0..60 {
+        store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for claimer in 0..6 {
+        let store = store.clone();
+        let master = masters[claimer % 2];
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(claim) = store.claim_next(master, None, LEASE).await.unwrap() {
+                mine.push(claim.brid);
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let unique: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), 60, "every request claimed");
+    assert_eq!(unique.len(), 60, "no request claimed twice");
+}
+
+async fn claims_respect_the_builders_a_worker_serves(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let a = builder(&store, "a").await;
+    let b = builder(&store, "b").await;
+    let (_, requests) = store.add_buildset(&buildset(vec![a], 0)).await.unwrap();
+    assert!(store.claim_next(master, Some(&[b]), LEASE).await.unwrap().is_none());
+    assert!(store.claim_next(master, Some(&[]), LEASE).await.unwrap().is_none());
+    let claim = store.claim_next(master, Some(&[b, a]), LEASE).await.unwrap().unwrap();
+    assert_eq!(claim.brid, requests[0].1);
+}
+
+async fn a_stale_claim_token_changes_nothing(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    assert!(!store.complete_request(claim.brid, claim.claim_token ^ 1, Results::Success).await.unwrap());
+    assert!(!store.release_request(claim.brid, claim.claim_token ^ 1).await.unwrap());
+    assert!(store.claim_held(claim.brid, claim.claim_token).await.unwrap());
+    assert!(store.complete_request(claim.brid, claim.claim_token, Results::Success).await.unwrap());
+    assert!(
+        !store.complete_request(claim.brid, claim.claim_token, Results::Failure).await.unwrap(),
+        "complete only once"
+    );
+}
+
+async fn a_released_request_returns_to_the_queue(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    assert_eq!(store.pending_count().await.unwrap(), 0);
+    assert!(store.release_request(claim.brid, claim.claim_token).await.unwrap());
+    assert_eq!(store.pending_count().await.unwrap(), 1);
+    let again = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    assert_eq!(again.brid, claim.brid);
+    assert_ne!(again.claim_token, claim.claim_token, "a new claim gets a new token");
+}
+
+async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, -1).await.unwrap().unwrap();
+    let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+    let step = store.add_step(build.buildid, 0, "s").await.unwrap();
+    store.start_step(step, "running").await.unwrap();
+    let reaped = store.reap_expired_claims().await.unwrap();
+    assert_eq!(reaped.requeued, vec![claim.brid]);
+    assert_eq!(reaped.retried_builds, vec![build.buildid]);
+    let (builds, _) = store.list(Resource::Builds, &ListQuery::by("buildid", build.buildid)).await.unwrap();
+    assert_eq!(builds[0]["results"], Results::Retry.code());
+    assert_eq!(builds[0]["complete"], true);
+    assert!(
+        !store.complete_request(claim.brid, claim.claim_token, Results::Success).await.unwrap(),
+        "the old claim is void"
+    );
+    assert_eq!(store.pending_count().await.unwrap(), 1);
+}
+
+async fn builds_are_numbered_per_builder(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let a = builder(&store, "a").await;
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![a, b], 0)).await.unwrap();
+    store.add_buildset(&buildset(vec![a], 0)).await.unwrap();
+    let mut numbers = Vec::new();
+    while let Some(claim) = store.claim_next(master, None, LEASE).await.unwrap() {
+        let build = store.new_build(claim.builderid, claim.brid, worker, master, &Properties::new()).await.unwrap();
+        numbers.push((claim.builderid, build.number));
+    }
+    numbers.sort();
+    assert_eq!(numbers, vec![(a, 1), (a, 2), (b, 1)]);
+}
+
+async fn a_buildset_completes_with_the_worst_result(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let a = builder(&store, "a").await;
+    let b = builder(&store, "b").await;
+    let (bsid, _) = store.add_buildset(&buildset(vec![a, b], 0)).await.unwrap();
+    let first = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    store.complete_request(first.brid, first.claim_token, Results::Success).await.unwrap();
+    let (sets, _) = store.list(Resource::Buildsets, &ListQuery::by("bsid", bsid)).await.unwrap();
+    assert_eq!(sets[0]["complete"], false);
+    assert_eq!(sets[0]["results"], -1);
+    let second = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    store.complete_request(second.brid, second.claim_token, Results::Failure).await.unwrap();
+    let (sets, _) = store.list(Resource::Buildsets, &ListQuery::by("bsid", bsid)).await.unwrap();
+    assert_eq!(sets[0]["complete"], true);
+    assert_eq!(sets[0]["results"], Results::Failure.code());
+    assert_eq!(sets[0]["sourcestamps"][0]["branch"], "main");
+}
+
+async fn logs_round_trip_through_compressed_chunks(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+    let step = store.add_step(build.buildid, 0, "s").await.unwrap();
+    let log = store.add_log(step, "stdio", "s").await.unwrap();
+    let big: String = (0..2000).map(|i| format!("oline {i} of a long build log\n")).collect();
+    let next = store.append_log(log, 0, &big).await.unwrap();
+    let next = store.append_log(log, next, "hprogram finished with exit code 0\n").await.unwrap();
+    assert_eq!(next, 2001);
+    store.finish_log(log).await.unwrap();
+    let all = store.log_lines(log, 0, None).await.unwrap();
+    assert_eq!(all, format!("{big}hprogram finished with exit code 0\n"));
+    assert_eq!(
+        store.log_lines(log, 1999, Some(2)).await.unwrap(),
+        "oline 1999 of a long build log\nhprogram finished with exit code 0\n"
+    );
+    let (logs, _) = store.list(Resource::Logs, &ListQuery::by("logid", log)).await.unwrap();
+    assert_eq!(logs[0]["num_lines"], 2001);
+    assert_eq!(logs[0]["complete"], true);
+}
+
+async fn the_data_api_filters_orders_and_pages_in_sql(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let a = builder(&store, "a").await;
+    for priority in 0..5 {
+        store.add_buildset(&buildset(vec![a], priority)).await.unwrap();
+    }
+    let query = ListQuery { order: vec!["-priority".into()], limit: Some(2), offset: 1, ..Default::default() };
+    let (page, total) = store.list(Resource::BuildRequests, &query).await.unwrap();
+    assert_eq!(total, 5, "meta.total counts every match, not the page");
+    let priorities: Vec<i64> = page.iter().map(|r| r["priority"].as_i64().unwrap()).collect();
+    assert_eq!(priorities, vec![3, 2]);
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    let claimed = ListQuery::by("claimed", "true");
+    let (rows, total) = store.list(Resource::BuildRequests, &claimed).await.unwrap();
+    assert_eq!((rows.len(), total), (1, 1));
+    assert_eq!(rows[0]["buildrequestid"], claim.brid);
+    let mut ge = ListQuery::default();
+    ge.filters.push(kiln_master::store::Filter { field: "priority".into(), op: Op::Ge, values: vec!["3".into()] });
+    assert_eq!(store.list(Resource::BuildRequests, &ge).await.unwrap().1, 2);
+    let unknown = ListQuery::by("colour", "red");
+    assert!(store.list(Resource::BuildRequests, &unknown).await.is_err());
+    let bad = ListQuery::by("priority", "high");
+    assert!(store.list(Resource::BuildRequests, &bad).await.is_err());
+}
