@@ -12,7 +12,7 @@ use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, step_name
 use crate::properties::{Properties, SourceView, interpolate};
 use crate::remote::{BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update};
 use crate::results::Results;
-use crate::store::{ClaimedRequest, Store, StoreError};
+use crate::store::{ClaimedRequest, LogTail, Store, StoreError};
 
 /// Why a build stops early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct BuildContext {
 pub struct BuildOutcome {
     pub buildid: i64,
     pub results: Results,
+    /// False when the claim had been taken back and the result was discarded.
+    pub recorded: bool,
 }
 
 /// What a step contributed.
@@ -88,8 +90,8 @@ pub fn build_state(results: Results, failed_step: Option<&str>) -> String {
     }
 }
 
-/// Runs a build for `request` on the worker behind `slot` and records it. Returns when the
-/// build has finished in the database; the caller then completes or releases the request.
+/// Runs a build for `request` on the worker behind `slot` and records it, completing the request
+/// (or, for RETRY, returning it to the queue) in the same transaction as the build's end.
 pub async fn run_build(
     ctx: &BuildContext,
     request: &ClaimedRequest,
@@ -131,7 +133,6 @@ pub async fn run_build(
 
     let build = ctx.store.new_build(ctx.builderid, request.brid, session.workerid, ctx.masterid, &props).await?;
     props.set("buildnumber", Value::from(build.number), "Build");
-    ctx.store.set_build_properties(build.buildid, &props).await?;
     let span = tracing::info_span!("build", buildid = build.buildid, builder = %builder.name, number = build.number);
     async {
         info!(worker = session.name(), brid = request.brid, "build started");
@@ -140,19 +141,14 @@ pub async fn run_build(
         let mut failed_step = None;
         for (index, step) in builder.steps.iter().enumerate() {
             let name = step_name(step, index);
-            let stepid = ctx.store.add_step(build.buildid, index as i64, &name).await?;
             let (halt_on_failure, flunk, warn_flag, always_run) = effective_flags(step);
-            if halted && !always_run {
-                ctx.store.finish_step(stepid, Results::Skipped, "skipped").await?;
+            if (halted && !always_run) || stop.borrow().is_some() {
+                ctx.store.skip_step(build.buildid, index as i64, &name).await?;
                 continue;
             }
-            if stop.borrow().is_some() {
-                ctx.store.finish_step(stepid, Results::Skipped, "skipped").await?;
-                continue;
-            }
-            let runner = StepRunner { ctx, slot, buildid: build.buildid, stepid, sources: &sources };
+            let runner =
+                StepRunner { ctx, slot, buildid: build.buildid, number: index as i64, name: &name, sources: &sources };
             let outcome = runner.run(step, &mut props, &mut stop).await?;
-            ctx.store.finish_step(stepid, outcome.results, &outcome.state).await?;
             if matches!(outcome.results, Results::Retry | Results::Cancelled) {
                 results = outcome.results;
                 break;
@@ -172,10 +168,14 @@ pub async fn run_build(
                 StopReason::ClaimLost | StopReason::Shutdown => Results::Retry,
             };
         }
-        ctx.store.set_build_properties(build.buildid, &props).await?;
-        ctx.store.finish_build(build.buildid, results, &build_state(results, failed_step.as_deref())).await?;
-        info!(results = %results, "build finished");
-        Ok(BuildOutcome { buildid: build.buildid, results })
+        let state = build_state(results, failed_step.as_deref());
+        let recorded = ctx.store.finish_build(build.buildid, results, &state, &props, request).await?;
+        if recorded {
+            info!(results = %results, "build finished");
+        } else {
+            warn!(results = %results, "the claim was taken back before the build finished; result not recorded");
+        }
+        Ok(BuildOutcome { buildid: build.buildid, results, recorded })
     }
     .instrument(span)
     .await
@@ -185,7 +185,8 @@ struct StepRunner<'a> {
     ctx: &'a BuildContext,
     slot: &'a BuildSlot,
     buildid: i64,
-    stepid: i64,
+    number: i64,
+    name: &'a str,
     sources: &'a [SourceView],
 }
 
@@ -216,27 +217,33 @@ impl StepRunner<'_> {
         stop: &mut watch::Receiver<Option<StopReason>>,
     ) -> Result<StepOutcome, StoreError> {
         let store = &self.ctx.store;
-        let command = match self.build_command(step, props) {
+        let command = self.build_command(step, props);
+        let description = match &command {
+            Ok(command) => describe(command),
+            Err(_) => self.name.to_owned(),
+        };
+        let (stepid, logid) =
+            store.begin_step(self.buildid, self.number, self.name, &format!("{description} (running)")).await?;
+        let mut log = LogWriter::new(store.clone(), logid);
+        // Every way out of the step writes its log's last lines and its result in one go.
+        let finish = |log: LogWriter, results: Results, state: String| async move {
+            store.finish_step(stepid, results, &state, &log.into_tail()).await?;
+            Ok::<_, StoreError>(StepOutcome { results, state })
+        };
+        let command = match command {
             Ok(command) => command,
             Err(reason) => {
-                let logid = store.add_log(self.stepid, "err.text", "t").await?;
-                store.append_log(logid, 0, &format!("{reason}\n")).await?;
-                store.finish_log(logid).await?;
-                return Ok(StepOutcome { results: Results::Exception, state: format!("exception: {reason}") });
+                log.header(&format!("{reason}\n"));
+                return finish(log, Results::Exception, format!("exception: {reason}")).await;
             }
         };
-        let description = describe(&command);
-        store.start_step(self.stepid, &format!("{description} (running)")).await?;
-        let logid = store.add_log(self.stepid, "stdio", "s").await?;
-        let mut log = LogWriter::new(store.clone(), logid);
         let session = self.slot.session();
         let mut running = match session.start(&self.ctx.builder.name, self.buildid, command).await {
             Ok(running) => running,
             Err(error) => {
                 log.header(&format!("{error}\n"));
-                log.finish().await?;
                 let results = if session.is_closed() { Results::Retry } else { Results::Exception };
-                return Ok(StepOutcome { results, state: format!("{description} ({error})") });
+                return finish(log, results, format!("{description} ({error})")).await;
             }
         };
         let mut rc = None;
@@ -277,21 +284,17 @@ impl StepRunner<'_> {
                 CommandEvent::Complete(error) => break error,
                 CommandEvent::Lost => {
                     log.header("worker lost\n");
-                    log.finish().await?;
-                    return Ok(StepOutcome { results: Results::Retry, state: format!("{description} (worker lost)") });
+                    return finish(log, Results::Retry, format!("{description} (worker lost)")).await;
                 }
             }
         };
-        log.finish().await?;
-        if let Some(reason) = *stop.borrow() {
+        let stopped = *stop.borrow();
+        if let Some(reason) = stopped {
             let results = if reason == StopReason::Cancelled { Results::Cancelled } else { Results::Retry };
-            return Ok(StepOutcome { results, state: format!("{description} (interrupted)") });
+            return finish(log, results, format!("{description} (interrupted)")).await;
         }
         if let Some(error) = error {
-            return Ok(StepOutcome {
-                results: Results::Exception,
-                state: format!("{description} (exception: {error})"),
-            });
+            return finish(log, Results::Exception, format!("{description} (exception: {error})")).await;
         }
         let results = match rc {
             Some(0) => Results::Success,
@@ -308,7 +311,7 @@ impl StepRunner<'_> {
             Results::Success => String::new(),
             _ => format!(" (failure: exit code {})", rc.map_or("none".to_owned(), |c| c.to_string())),
         };
-        Ok(StepOutcome { results, state: format!("{description}{suffix}") })
+        finish(log, results, format!("{description}{suffix}")).await
     }
 
     fn build_command(&self, step: &StepConfig, props: &Properties) -> Result<Command, String> {
@@ -447,14 +450,14 @@ impl LogWriter {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<(), StoreError> {
+    /// Ends the log: terminates unfinished lines and returns what is left to write.
+    fn into_tail(mut self) -> LogTail {
         for (index, stream) in [Stream::Stdout, Stream::Stderr, Stream::Header].into_iter().enumerate() {
             if !self.partial[index].is_empty() {
                 self.append(stream, b"\n");
             }
         }
-        self.flush().await?;
-        self.store.finish_log(self.logid).await.inspect_err(|e| warn!(error = %e, "could not close log"))
+        LogTail { logid: self.logid, first_line: self.next_line, text: std::mem::take(&mut self.pending) }
     }
 }
 

@@ -427,30 +427,17 @@ impl Master {
                 builder: Arc::clone(&builder.config),
             };
             let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
-            let results = match outcome {
-                Ok(outcome) => outcome.results,
-                Err(error) => {
-                    error!(brid = request.brid, %error, "build failed in the database; re-queueing");
-                    Results::Retry
-                }
-            };
             master.running.lock().expect("running poisoned").remove(&request.brid);
-            let finished = if results == Results::Retry {
-                master.store.release_request(request.brid, request.claim_token).await
-            } else {
-                master.store.complete_request(request.brid, request.claim_token, results).await
-            };
-            match finished {
-                Ok(true) => {}
-                Ok(false) => warn!(
-                    brid = request.brid,
-                    "the claim was taken back before the build finished; result not recorded"
-                ),
+            let requeued = match outcome {
+                Ok(outcome) => outcome.recorded && outcome.results == Results::Retry,
                 Err(error) => {
-                    error!(brid = request.brid, %error, "could not finish the request; its lease will expire and it will run again")
+                    // The database failed mid-build: hand the request back if we still can;
+                    // otherwise its lease expires and housekeeping re-queues it.
+                    error!(brid = request.brid, %error, "build failed in the database; re-queueing");
+                    master.store.release_request(request.brid, request.claim_token).await.unwrap_or(false)
                 }
-            }
-            if results == Results::Retry {
+            };
+            if requeued {
                 master.store.notify_queue().await;
             }
             let session = Arc::clone(slot.session());

@@ -110,11 +110,13 @@ fn start() -> Cluster {
                 .arg(&data)
                 .args(["-c", "listen_addresses=127.0.0.1", "-p", &port.to_string(), "-k"])
                 .arg(&socket_dir)
-                // Tests need speed, not durability; benchmarks use their own settings.
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
                 .args(["-c", "max_connections=300"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
+            // Tests need speed, not durability; benchmarks ask for the default, durable settings.
+            if std::env::var_os("KILN_PG_DURABLE").is_none() {
+                command.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            }
             // SAFETY: prctl in the child before exec only sets its parent-death signal.
             unsafe {
                 command.pre_exec(|| {

@@ -171,10 +171,14 @@ impl TestMaster {
     /// Waits until the build of a request is complete and returns it.
     pub async fn wait_build_of_request(&self, brid: i64, limit: Duration) -> Value {
         eventually(&format!("a finished build of request {brid}"), limit, || async move {
-            let builds = self.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+            // The request completes in the same transaction as its build, so once it reads as
+            // complete, its builds read as finished.
             let request = self.get(&format!("/api/v2/buildrequests/{brid}")).await;
-            let complete = request["buildrequests"][0]["complete"].as_bool().unwrap_or(false);
-            builds["builds"].as_array().and_then(|b| b.last().cloned()).filter(|_| complete)
+            if !request["buildrequests"][0]["complete"].as_bool().unwrap_or(false) {
+                return None;
+            }
+            let builds = self.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+            builds["builds"].as_array().and_then(|b| b.last().cloned())
         })
         .await
     }

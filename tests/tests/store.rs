@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use kiln_master::properties::Properties;
 use kiln_master::results::Results;
-use kiln_master::store::{ListQuery, NewBuildset, NewChange, Op, Resource, SourceStamp, Store};
+use kiln_master::store::{ListQuery, LogTail, NewBuildset, NewChange, Op, Resource, SourceStamp, Store};
 use kiln_tests::pg;
 use serde_json::json;
 
@@ -162,11 +162,15 @@ async fn a_stale_claim_token_changes_nothing(store: Store) {
 
 async fn a_released_request_returns_to_the_queue(store: Store) {
     let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    let cut_short = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
     assert_eq!(store.pending_count().await.unwrap(), 0);
     assert!(store.release_request(claim.brid, claim.claim_token).await.unwrap());
+    let (builds, _) = store.list(Resource::Builds, &ListQuery::by("buildid", cut_short.buildid)).await.unwrap();
+    assert_eq!(builds[0]["results"], Results::Retry.code(), "an open build of a released request ends as RETRY");
     assert_eq!(store.pending_count().await.unwrap(), 1);
     let again = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
     assert_eq!(again.brid, claim.brid);
@@ -180,8 +184,7 @@ async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, -1).await.unwrap().unwrap();
     let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
-    let step = store.add_step(build.buildid, 0, "s").await.unwrap();
-    store.start_step(step, "running").await.unwrap();
+    store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
     let reaped = store.reap_expired_claims().await.unwrap();
     assert_eq!(reaped.requeued, vec![claim.brid]);
     assert_eq!(reaped.retried_builds, vec![build.buildid]);
@@ -236,13 +239,12 @@ async fn logs_round_trip_through_compressed_chunks(store: Store) {
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
     let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
-    let step = store.add_step(build.buildid, 0, "s").await.unwrap();
-    let log = store.add_log(step, "stdio", "s").await.unwrap();
+    let (step, log) = store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
     let big: String = (0..2000).map(|i| format!("oline {i} of a long build log\n")).collect();
     let next = store.append_log(log, 0, &big).await.unwrap();
-    let next = store.append_log(log, next, "hprogram finished with exit code 0\n").await.unwrap();
-    assert_eq!(next, 2001);
-    store.finish_log(log).await.unwrap();
+    assert_eq!(next, 2000);
+    let tail = LogTail { logid: log, first_line: next, text: "hprogram finished with exit code 0\n".into() };
+    store.finish_step(step, Results::Success, "done", &tail).await.unwrap();
     let all = store.log_lines(log, 0, None).await.unwrap();
     assert_eq!(all, format!("{big}hprogram finished with exit code 0\n"));
     assert_eq!(
@@ -252,6 +254,8 @@ async fn logs_round_trip_through_compressed_chunks(store: Store) {
     let (logs, _) = store.list(Resource::Logs, &ListQuery::by("logid", log)).await.unwrap();
     assert_eq!(logs[0]["num_lines"], 2001);
     assert_eq!(logs[0]["complete"], true);
+    let (steps, _) = store.list(Resource::Steps, &ListQuery::by("stepid", step)).await.unwrap();
+    assert_eq!((steps[0]["results"].as_i64(), steps[0]["complete"].as_bool()), (Some(0), Some(true)));
 }
 
 async fn the_data_api_filters_orders_and_pages_in_sql(store: Store) {

@@ -135,6 +135,14 @@ pub struct BuildsetDetails {
     pub sourcestamps: Vec<SourceStamp>,
 }
 
+/// The last lines of a log, written when its step finishes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogTail {
+    pub logid: i64,
+    pub first_line: i64,
+    pub text: String,
+}
+
 /// A build row just created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewBuild {
@@ -409,29 +417,27 @@ impl Store {
 
     /// Reason, properties and source stamps of a buildset.
     pub async fn buildset_details(&self, bsid: i64) -> Result<BuildsetDetails> {
-        let row = sqlx::query("SELECT reason, properties FROM buildsets WHERE id = $1")
-            .bind(bsid)
-            .fetch_optional(&self.read)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("buildset {bsid}")))?;
-        let reason: String = row.try_get("reason")?;
-        let props: String = row.try_get("properties")?;
-        let props = serde_json::from_str(&props).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let rows = sqlx::query(
-            "SELECT s.branch, s.revision, s.repository, s.project, s.codebase FROM sourcestamps s \
-             JOIN buildset_sourcestamps b ON b.sourcestampid = s.id WHERE b.buildsetid = $1 ORDER BY s.codebase",
+            "SELECT b.reason, b.properties, s.branch, s.revision, s.repository, s.project, s.codebase \
+             FROM buildsets b LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = b.id \
+             LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid WHERE b.id = $1 ORDER BY s.codebase",
         )
         .bind(bsid)
         .fetch_all(&self.read)
         .await?;
+        let first = rows.first().ok_or_else(|| StoreError::NotFound(format!("buildset {bsid}")))?;
+        let reason: String = first.try_get("reason")?;
+        let props: String = first.try_get("properties")?;
+        let props = serde_json::from_str(&props).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut sourcestamps = Vec::with_capacity(rows.len());
-        for row in rows {
+        for row in &rows {
+            let Some(repository) = row.try_get::<Option<String>, _>("repository")? else { continue };
             sourcestamps.push(SourceStamp {
                 branch: row.try_get("branch")?,
                 revision: row.try_get("revision")?,
-                repository: row.try_get("repository")?,
-                project: row.try_get("project")?,
-                codebase: row.try_get("codebase")?,
+                repository,
+                project: row.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
+                codebase: row.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
             });
         }
         Ok(BuildsetDetails { reason, properties: Properties::from_json(&props), sourcestamps })
@@ -568,18 +574,31 @@ impl Store {
         Ok(())
     }
 
-    /// Puts a claimed request back in the queue (after a RETRY). Returns false when the claim
-    /// was no longer held.
+    /// Puts a claimed request back in the queue, finishing any build of it still open as RETRY
+    /// (a build cut short by a database failure). Returns false when the claim was no longer held.
     pub async fn release_request(&self, brid: i64, claim_token: i64) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
         let done = sqlx::query(
             "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
              lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND complete = 0",
         )
         .bind(brid)
         .bind(claim_token)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let builds = sqlx::query("SELECT id FROM builds WHERE buildrequestid = $1 AND complete_at IS NULL")
+            .bind(brid)
+            .fetch_all(&mut *tx)
+            .await?;
+        for build in builds {
+            Self::finish_open_build(&mut tx, get_i64(&build, "id")?, Results::Retry, "retry", now).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Takes back every claim whose lease has expired (its master vanished or stalled): the
@@ -669,7 +688,8 @@ impl Store {
     // ---------------------------------------------------------------------------------------
     // Builds and steps
 
-    /// Creates the next numbered build of a builder for a claimed request.
+    /// Creates the next numbered build of a builder for a claimed request, recording its number
+    /// as the `buildnumber` property too.
     pub async fn new_build(
         &self,
         builderid: i64,
@@ -682,11 +702,18 @@ impl Store {
         // Two masters may race for the same number; the unique (builderid, number) index decides
         // and the loser takes the next one.
         for _ in 0..20 {
+            let row = sqlx::query("SELECT COALESCE(MAX(number), 0) + 1 AS next FROM builds WHERE builderid = $1")
+                .bind(builderid)
+                .fetch_one(&self.write)
+                .await?;
+            let number = get_i64(&row, "next")?;
+            let mut properties = properties.clone();
+            properties.set("buildnumber", serde_json::Value::from(number), "Build");
             let row = sqlx::query(
                 "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string, properties) \
-                 SELECT COALESCE(MAX(number), 0) + 1, $1, $2, $3, $4, $5, 'building', $6 FROM builds WHERE builderid = $1 \
-                 ON CONFLICT (builderid, number) DO NOTHING RETURNING id, number",
+                 VALUES ($1, $2, $3, $4, $5, $6, 'building', $7) ON CONFLICT (builderid, number) DO NOTHING RETURNING id",
             )
+            .bind(number)
             .bind(builderid)
             .bind(brid)
             .bind(workerid)
@@ -696,19 +723,10 @@ impl Store {
             .fetch_optional(&self.write)
             .await?;
             if let Some(row) = row {
-                return Ok(NewBuild { buildid: get_i64(&row, "id")?, number: get_i64(&row, "number")? });
+                return Ok(NewBuild { buildid: get_i64(&row, "id")?, number });
             }
         }
         Err(StoreError::Corrupt(format!("could not number a build of builder {builderid}")))
-    }
-
-    pub async fn set_build_properties(&self, buildid: i64, properties: &Properties) -> Result<()> {
-        sqlx::query("UPDATE builds SET properties = $1 WHERE id = $2")
-            .bind(properties.to_json().to_string())
-            .bind(buildid)
-            .execute(&self.write)
-            .await?;
-        Ok(())
     }
 
     pub async fn set_build_state(&self, buildid: i64, state: &str) -> Result<()> {
@@ -720,30 +738,105 @@ impl Store {
         Ok(())
     }
 
-    /// Finishes a build, closing any step or log it left open.
-    pub async fn finish_build(&self, buildid: i64, results: Results, state: &str) -> Result<()> {
+    /// Finishes a build with its final properties and, in the same transaction, completes its
+    /// request with the build's result — or, for RETRY, puts the request back in the queue.
+    /// Returns false and changes nothing when the claim is no longer held: whoever took it back
+    /// has already finished the build.
+    pub async fn finish_build(
+        &self,
+        buildid: i64,
+        results: Results,
+        state: &str,
+        properties: &Properties,
+        claim: &ClaimedRequest,
+    ) -> Result<bool> {
+        let now = now_ms();
         let mut tx = self.write.begin().await?;
-        Self::finish_open_build(&mut tx, buildid, results, state, now_ms()).await?;
+        let settled = if results == Results::Retry {
+            sqlx::query(
+                "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
+                 lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND complete = 0",
+            )
+            .bind(claim.brid)
+            .bind(claim.claim_token)
+            .execute(&mut *tx)
+            .await?
+        } else {
+            sqlx::query(
+                "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, lease_expires_at = NULL \
+                 WHERE id = $3 AND claim_token = $4 AND complete = 0",
+            )
+            .bind(now)
+            .bind(results.code())
+            .bind(claim.brid)
+            .bind(claim.claim_token)
+            .execute(&mut *tx)
+            .await?
+        };
+        if settled.rows_affected() == 0 {
+            return Ok(false);
+        }
+        if results != Results::Retry {
+            Self::maybe_complete_buildset(&mut tx, claim.buildsetid, now).await?;
+        }
+        // The engine has finished every step it started, so only the build row changes here.
+        sqlx::query(
+            "UPDATE builds SET properties = $1, complete_at = $2, results = $3, state_string = $4 \
+             WHERE id = $5 AND complete_at IS NULL",
+        )
+        .bind(properties.to_json().to_string())
+        .bind(now)
+        .bind(results.code())
+        .bind(state)
+        .bind(buildid)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
-    /// Adds a step that has not started yet.
-    pub async fn add_step(&self, buildid: i64, number: i64, name: &str) -> Result<i64> {
+    /// Records a step that did not run.
+    pub async fn skip_step(&self, buildid: i64, number: i64, name: &str) -> Result<i64> {
         let row = sqlx::query(
-            "INSERT INTO steps (number, name, buildid, state_string) VALUES ($1, $2, $3, 'pending') RETURNING id",
+            "INSERT INTO steps (number, name, buildid, complete_at, results, state_string) VALUES ($1, $2, $3, $4, $5, 'skipped') \
+             RETURNING id",
         )
         .bind(number)
         .bind(name)
         .bind(buildid)
+        .bind(now_ms())
+        .bind(Results::Skipped.code())
         .fetch_one(&self.write)
         .await?;
         get_i64(&row, "id")
     }
 
-    pub async fn start_step(&self, stepid: i64, state: &str) -> Result<()> {
-        sqlx::query("UPDATE steps SET started_at = $1, state_string = $2 WHERE id = $3")
-            .bind(now_ms())
+    /// Starts a step together with its `stdio` log; returns the step and log ids.
+    pub async fn begin_step(&self, buildid: i64, number: i64, name: &str, state: &str) -> Result<(i64, i64)> {
+        let mut tx = self.write.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(number)
+        .bind(name)
+        .bind(buildid)
+        .bind(now_ms())
+        .bind(state)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stepid = get_i64(&row, "id")?;
+        let row =
+            sqlx::query("INSERT INTO logs (name, slug, stepid, type) VALUES ('stdio', 'stdio', $1, 's') RETURNING id")
+                .bind(stepid)
+                .fetch_one(&mut *tx)
+                .await?;
+        let logid = get_i64(&row, "id")?;
+        tx.commit().await?;
+        Ok((stepid, logid))
+    }
+
+    pub async fn set_step_state(&self, stepid: i64, state: &str) -> Result<()> {
+        sqlx::query("UPDATE steps SET state_string = $1 WHERE id = $2")
             .bind(state)
             .bind(stepid)
             .execute(&self.write)
@@ -751,41 +844,58 @@ impl Store {
         Ok(())
     }
 
-    pub async fn finish_step(&self, stepid: i64, results: Results, state: &str) -> Result<()> {
+    /// Finishes a step: writes the last lines of its log, closes the log and records the result,
+    /// in one transaction.
+    pub async fn finish_step(&self, stepid: i64, results: Results, state: &str, log: &LogTail) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        let lines = Self::insert_chunk(&mut tx, log.logid, log.first_line, &log.text).await?;
+        sqlx::query("UPDATE logs SET num_lines = $1, complete = 1 WHERE id = $2")
+            .bind(log.first_line + lines)
+            .bind(log.logid)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("UPDATE steps SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4")
             .bind(now_ms())
             .bind(results.code())
             .bind(state)
             .bind(stepid)
-            .execute(&self.write)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     // ---------------------------------------------------------------------------------------
     // Logs
 
-    /// Adds a log to a step. `log_type` is Buildbot's: `s` stdio, `t` text, `h` html.
-    pub async fn add_log(&self, stepid: i64, name: &str, log_type: &str) -> Result<i64> {
-        let slug = crate::config::sanitize_dir(name);
-        let row = sqlx::query("INSERT INTO logs (name, slug, stepid, type) VALUES ($1, $2, $3, $4) RETURNING id")
-            .bind(name)
-            .bind(slug)
-            .bind(stepid)
-            .bind(log_type)
-            .fetch_one(&self.write)
-            .await?;
-        get_i64(&row, "id")
+    /// Appends whole lines (each ending in `\n`) to a log as one compressed chunk; returns the
+    /// number of the next line.
+    pub async fn append_log(&self, logid: i64, first_line: i64, text: &str) -> Result<i64> {
+        let mut tx = self.write.begin().await?;
+        let next = Self::append_log_in(&mut tx, logid, first_line, text).await?;
+        tx.commit().await?;
+        Ok(next)
     }
 
-    /// Appends whole lines (each ending in `\n`) to a log as one compressed chunk.
-    pub async fn append_log(&self, logid: i64, first_line: i64, text: &str) -> Result<i64> {
+    async fn append_log_in(conn: &mut AnyConnection, logid: i64, first_line: i64, text: &str) -> Result<i64> {
+        let lines = Self::insert_chunk(conn, logid, first_line, text).await?;
+        if lines > 0 {
+            sqlx::query("UPDATE logs SET num_lines = $1 WHERE id = $2")
+                .bind(first_line + lines)
+                .bind(logid)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(first_line + lines)
+    }
+
+    /// Stores whole lines as one chunk; returns how many lines it held.
+    async fn insert_chunk(conn: &mut AnyConnection, logid: i64, first_line: i64, text: &str) -> Result<i64> {
         let lines = text.matches('\n').count() as i64;
         if lines == 0 {
-            return Ok(first_line);
+            return Ok(0);
         }
         let (content, compressed) = encode_chunk(text.as_bytes());
-        let mut tx = self.write.begin().await?;
         sqlx::query(
             "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -794,20 +904,9 @@ impl Store {
         .bind(first_line + lines - 1)
         .bind(content)
         .bind(compressed)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-        sqlx::query("UPDATE logs SET num_lines = $1 WHERE id = $2")
-            .bind(first_line + lines)
-            .bind(logid)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(first_line + lines)
-    }
-
-    pub async fn finish_log(&self, logid: i64) -> Result<()> {
-        sqlx::query("UPDATE logs SET complete = 1 WHERE id = $1").bind(logid).execute(&self.write).await?;
-        Ok(())
+        Ok(lines)
     }
 
     /// Lines `offset..offset+limit` of a log (all from `offset` when `limit` is `None`), as stored

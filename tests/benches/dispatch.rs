@@ -1,0 +1,226 @@
+//! Dispatch benchmark: the real `kiln-master` (release build) with K local workers runs N one-step
+//! `true` builds forced through the REST API, and reports throughput, dispatch latency (request
+//! submitted → build started) for a burst and for single requests with idle workers, and the
+//! master's peak RSS.
+//!
+//! ```sh
+//! cargo build --release --bins && cargo bench -p kiln-tests --bench dispatch -- --builds 1000 --workers 8 --database sqlite
+//! ```
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use kiln_tests::{binary, pg};
+use serde_json::json;
+use sqlx::Row;
+use tokio::process::Command;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Builds in the burst.
+    #[arg(long, default_value_t = 1000)]
+    builds: usize,
+    /// Local workers.
+    #[arg(long, default_value_t = 8)]
+    workers: u32,
+    /// `sqlite` or `postgres` (a throwaway cluster with default, durable settings).
+    #[arg(long, default_value = "sqlite")]
+    database: String,
+    /// Single requests sent one at a time to idle workers.
+    #[arg(long, default_value_t = 50)]
+    singles: usize,
+    /// Concurrent HTTP clients submitting the burst.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    // `cargo bench` passes `--bench`; accept and ignore it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// (submitted_at, started_at, complete_at) in ms of each request's build with id > `after`.
+async fn timings(database: &str, after: i64) -> Vec<(i64, i64, i64)> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT r.submitted_at, b.started_at, r.complete_at FROM buildrequests r JOIN builds b ON b.buildrequestid = r.id \
+         WHERE r.id > $1 AND r.complete = 1 ORDER BY r.id",
+    )
+    .bind(after)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows.iter()
+        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<Option<i64>, _>(2).unwrap_or_default()))
+        .collect()
+}
+
+async fn force(client: &reqwest::Client, url: &str) -> i64 {
+    let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let reply: serde_json::Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+    reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(|v| v.as_i64()).expect("a request id")
+}
+
+async fn completed(client: &reqwest::Client, base: &str) -> i64 {
+    let reply: serde_json::Value = client
+        .get(format!("{base}/api/v2/buildrequests?complete=true&limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    reply["meta"]["total"].as_i64().unwrap_or(0)
+}
+
+/// Polls until `count` requests are complete. Latencies come from the database's timestamps, so
+/// the poll interval only bounds how soon the benchmark notices, not what it measures.
+async fn wait_completed(client: &reqwest::Client, base: &str, count: i64, limit: Duration, every: Duration) {
+    let deadline = Instant::now() + limit;
+    while completed(client, base).await < count {
+        assert!(Instant::now() < deadline, "builds did not complete within {limit:?}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn stats(label: &str, latencies: &mut [f64]) -> (f64, f64) {
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = (percentile(latencies, 50.0), percentile(latencies, 99.0));
+    println!("{label:<40} p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   (n={})", latencies.len());
+    (p50, p99)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().unwrap();
+    let database = match args.database.as_str() {
+        "sqlite" => format!("sqlite://{}", dir.path().join("kiln.sqlite").display()),
+        "postgres" => {
+            // SAFETY: set before any thread reads the environment.
+            unsafe { std::env::set_var("KILN_PG_DURABLE", "1") };
+            pg::fresh_database().await
+        }
+        other => panic!("unknown database {other}"),
+    };
+    let (http, grpc) = (free_port(), free_port());
+    let config = format!(
+        "database: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n  local: {{count: {}}}\nbuilders:\n  - name: quick\n    steps:\n      - shell: {{name: run, command: [\"true\"]}}\nschedulers:\n  - {{type: force, name: force, builderNames: [quick]}}\n",
+        dir.path().display(),
+        args.workers
+    );
+    let config_path = dir.path().join("bench.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut master = Command::new(binary("kiln-master"))
+        .arg("--config")
+        .arg(&config_path)
+        .env("KILN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = master.id().unwrap();
+    let base = format!("http://127.0.0.1:{http}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let connected = match client.get(format!("{base}/api/v2/workers")).send().await {
+            Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["meta"]["total"].as_u64()).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if connected >= u64::from(args.workers) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let force_url = format!("{base}/api/v2/forceschedulers/force");
+    println!(
+        "Kiln dispatch benchmark: {} builds, {} workers, {} ({} CPUs)",
+        args.builds,
+        args.workers,
+        args.database,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // Single requests with idle workers.
+    for _ in 0..args.singles {
+        let before = completed(&client, &base).await;
+        force(&client, &force_url).await;
+        wait_completed(&client, &base, before + 1, Duration::from_secs(30), Duration::from_millis(2)).await;
+    }
+    let singles = timings(&database, 0).await;
+    let mut single_latency: Vec<f64> = singles.iter().map(|(s, b, _)| (b - s) as f64).collect();
+    let last_single = singles.len() as i64;
+
+    // The burst: N requests submitted as fast as `clients` connections allow.
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut submitters = Vec::new();
+    for _ in 0..args.clients {
+        let (client, url, next, total) = (client.clone(), force_url.clone(), Arc::clone(&next), args.builds);
+        submitters.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
+                force(&client, &url).await;
+            }
+        }));
+    }
+    for s in submitters {
+        s.await.unwrap();
+    }
+    let submitted_in = started.elapsed();
+    wait_completed(
+        &client,
+        &base,
+        last_single + args.builds as i64,
+        Duration::from_secs(600),
+        Duration::from_millis(50),
+    )
+    .await;
+    let burst = timings(&database, last_single).await;
+    let first_submit = burst.iter().map(|t| t.0).min().unwrap();
+    let last_complete = burst.iter().map(|t| t.2).max().unwrap();
+    let mut burst_latency: Vec<f64> = burst.iter().map(|(s, b, _)| (b - s) as f64).collect();
+    let rss = peak_rss_mib(pid);
+
+    println!(
+        "burst submitted in                       {:.2} s ({:.0} requests/s)",
+        submitted_in.as_secs_f64(),
+        args.builds as f64 / submitted_in.as_secs_f64()
+    );
+    println!(
+        "throughput                               {:.0} builds/s (first submit → last complete {:.2} s)",
+        burst.len() as f64 / ((last_complete - first_submit) as f64 / 1000.0),
+        (last_complete - first_submit) as f64 / 1000.0
+    );
+    stats("dispatch latency, burst", &mut burst_latency);
+    stats("dispatch latency, single, idle workers", &mut single_latency);
+    println!("master peak RSS                          {rss:.1} MiB");
+    // SAFETY: SIGTERM to our own child, to let it stop its workers.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = tokio::time::timeout(Duration::from_secs(30), master.wait()).await;
+}
