@@ -120,3 +120,81 @@ pub async fn download_file(path: &Path, mode: u32, mut chunks: mpsc::Receiver<(V
     .await;
     finish(report, outcome).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run<F, Fut>(f: F) -> Vec<Update>
+    where
+        F: FnOnce(Reporter) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (tx, mut rx) = mpsc::channel(64);
+        f(Reporter::new(tx)).await;
+        let mut updates = Vec::new();
+        while let Ok(u) = rx.try_recv() {
+            updates.push(u);
+        }
+        updates
+    }
+
+    #[tokio::test]
+    async fn directories_are_made_listed_globbed_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_path_buf();
+        let at = |p: &str| base.join(p);
+        let nested = at("a/b");
+        assert!(run(|r| async move { mkdir(&[nested], &r).await }).await.contains(&Update::Rc(0)));
+        std::fs::write(at("a/x.txt"), "x").unwrap();
+        std::fs::write(at("a/y.log"), "y").unwrap();
+        let a = at("a");
+        let listed = run(|r| async move { listdir(&a, &r).await }).await;
+        assert_eq!(listed[0], Update::Files(vec!["b".into(), "x.txt".into(), "y.log".into()]));
+        let pattern = at("a/*.txt");
+        let globbed = run(|r| async move { glob(&pattern, &r).await }).await;
+        assert_eq!(globbed[0], Update::Files(vec![at("a/x.txt").display().to_string()]));
+        let x = at("a/x.txt");
+        let stat_x = run(|r| async move { stat(&x, &r).await }).await;
+        assert!(matches!(stat_x[0], Update::Stat(StatInfo { exists: true, is_dir: false, size: 1, .. })));
+        let gone = at("a");
+        assert!(run(|r| async move { rmdir(&[gone], &r).await }).await.contains(&Update::Rc(0)));
+        assert!(!at("a").exists());
+        let a = at("a");
+        let missing = run(|r| async move { stat(&a, &r).await }).await;
+        assert!(missing.contains(&Update::Rc(1)));
+    }
+
+    #[tokio::test]
+    async fn files_travel_both_ways_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (tx, rx) = mpsc::channel(4);
+        let target = dir.path().join("sub/file.bin");
+        let sender = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let mut chunks = data.chunks(65_536).peekable();
+                while let Some(chunk) = chunks.next() {
+                    tx.send((chunk.to_vec(), chunks.peek().is_none())).await.unwrap();
+                }
+            })
+        };
+        let written = run(|r| async move { download_file(&target, 0o640, rx, &r).await }).await;
+        sender.await.unwrap();
+        assert!(written.contains(&Update::Rc(0)), "{written:?}");
+        let target = dir.path().join("sub/file.bin");
+        assert_eq!(std::fs::read(&target).unwrap(), data);
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o640);
+        let uploaded = run(|r| async move { upload_file(&target, 0, &r).await }).await;
+        let bytes: Vec<u8> = uploaded
+            .iter()
+            .filter_map(|u| if let Update::FileData(d) = u { Some(d.clone()) } else { None })
+            .flatten()
+            .collect();
+        assert_eq!(bytes, data);
+        let target = dir.path().join("sub/file.bin");
+        let refused = run(|r| async move { upload_file(&target, 10, &r).await }).await;
+        assert!(refused.contains(&Update::Rc(1)), "files above max_size are refused");
+    }
+}
