@@ -63,7 +63,9 @@ async fn main() -> ExitCode {
         println!("Kiln master {:?} is running.", master.name);
         println!("  REST API:      http://{http}/api/v2/builds");
         println!("  workers (gRPC): {grpc}");
-        println!("  change hook:   curl -d author=me -d branch=main -d revision=HEAD -d repository=$PWD http://{http}/change_hook/base");
+        println!(
+            "  change hook:   (in a git repository) curl -d author=me -d branch=main -d repository=$PWD -d revision=$(git rev-parse HEAD) http://{http}/change_hook/base"
+        );
         if let Some(force) = force {
             println!(
                 "  force a build: curl -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{}}}}' http://{http}/api/v2/forceschedulers/{force}"

@@ -248,13 +248,7 @@ impl Master {
                     reason: format!("The SingleBranchScheduler scheduler named '{name}' triggered this build"),
                     external_idstring: None,
                     properties: props,
-                    sourcestamps: vec![SourceStamp {
-                        branch: change.branch.clone(),
-                        revision: change.revision.clone(),
-                        repository: change.repository.clone(),
-                        project: change.project.clone(),
-                        codebase: change.codebase.clone(),
-                    }],
+                    sourcestamps: vec![change.sourcestamp()],
                     builderids,
                     priority: *priority,
                 };

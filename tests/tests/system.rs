@@ -188,32 +188,40 @@ schedulers:
     master.stop().await;
 }
 
+/// A master on SQLite with one builder `b` whose one step `work` runs `command`, and a force
+/// scheduler `force` for it.
+async fn one_step_master(dir: &std::path::Path, command: &str) -> TestMaster {
+    let setup = format!(
+        "builders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
+    );
+    TestMaster::start(&sqlite_url(dir), dir, &setup).await
+}
+
+/// Forces a build and returns its request id.
+async fn force_one(master: &TestMaster) -> i64 {
+    let (status, reply) = master.force("force", json!({})).await;
+    assert_eq!(status, 200, "{reply}");
+    reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap()
+}
+
+/// Waits until the first build of a request has printed `text` in its `work` step.
+async fn wait_printed(master: &TestMaster, brid: i64, text: &str) {
+    eventually(&format!("the build of request {brid} to print {text:?}"), MINUTE, || async {
+        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let buildid = builds["builds"][0]["buildid"].as_i64()?;
+        log_text(master, buildid, "work").await.contains(text).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_build_has_its_build_retried_on_another_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let master = TestMaster::start(
-        &sqlite_url(dir.path()),
-        dir.path(),
-        r#"
-builders:
-  - name: b
-    steps:
-      - shell: {name: work, command: "echo working; sleep 2; echo done"}
-schedulers:
-  - {type: force, name: force, builderNames: [b]}
-"#,
-    )
-    .await;
+    let master = one_step_master(dir.path(), "echo working; sleep 2; echo done").await;
     let doomed = master.spawn_worker("doomed");
     master.wait_workers(1).await;
-    let (_, reply) = master.force("force", json!({})).await;
-    let brid = reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
-    eventually("the first build to start its command", MINUTE, || async {
-        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
-        let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        log_text(&master, buildid, "work").await.contains("oworking").then_some(())
-    })
-    .await;
+    let brid = force_one(&master).await;
+    wait_printed(&master, brid, "oworking").await;
     doomed.signal(libc::SIGKILL);
     let _rescuer = master.spawn_worker("rescuer");
     let last = master.wait_build_of_request(brid, MINUTE).await;
@@ -233,32 +241,13 @@ schedulers:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_told_to_terminate_finishes_its_build_then_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let master = TestMaster::start(
-        &sqlite_url(dir.path()),
-        dir.path(),
-        r#"
-builders:
-  - name: b
-    steps:
-      - shell: {name: work, command: "echo working; sleep 1.5; echo done"}
-schedulers:
-  - {type: force, name: force, builderNames: [b]}
-"#,
-    )
-    .await;
+    let master = one_step_master(dir.path(), "echo working; sleep 1.5; echo done").await;
     let mut worker = master.spawn_worker("w1");
     master.wait_workers(1).await;
-    let (_, first) = master.force("force", json!({})).await;
-    let first = first["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
-    eventually("the build to start", MINUTE, || async {
-        let builds = master.get(&format!("/api/v2/buildrequests/{first}/builds")).await;
-        let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        log_text(&master, buildid, "work").await.contains("oworking").then_some(())
-    })
-    .await;
+    let first = force_one(&master).await;
+    wait_printed(&master, first, "oworking").await;
     worker.signal(libc::SIGTERM);
-    let (_, second) = master.force("force", json!({})).await;
-    let second = second["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
+    let second = force_one(&master).await;
     let build = master.wait_build_of_request(first, MINUTE).await;
     assert_eq!(build["results"], 0, "the running build finished: {build}");
     let status = tokio::time::timeout(MINUTE, worker.child.wait()).await.expect("worker exits").unwrap();

@@ -86,6 +86,19 @@ pub struct NewChange {
     pub properties: Properties,
 }
 
+impl NewChange {
+    /// The source state the change describes.
+    pub fn sourcestamp(&self) -> SourceStamp {
+        SourceStamp {
+            branch: self.branch.clone(),
+            revision: self.revision.clone(),
+            repository: self.repository.clone(),
+            project: self.project.clone(),
+            codebase: self.codebase.clone(),
+        }
+    }
+}
+
 /// A stored change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -338,14 +351,7 @@ impl Store {
     /// Stores a change (and its source stamp) durably.
     pub async fn add_change(&self, change: &NewChange) -> Result<Change> {
         let mut tx = self.write.begin().await?;
-        let ss = SourceStamp {
-            branch: change.branch.clone(),
-            revision: change.revision.clone(),
-            repository: change.repository.clone(),
-            project: change.project.clone(),
-            codebase: change.codebase.clone(),
-        };
-        let ssid = Self::find_or_create_sourcestamp(&mut tx, &ss, now_ms()).await?;
+        let ssid = Self::find_or_create_sourcestamp(&mut tx, &change.sourcestamp(), now_ms()).await?;
         let files = serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let row = sqlx::query(
             "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
