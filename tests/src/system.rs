@@ -65,8 +65,13 @@ impl TestMaster {
     }
 
     pub async fn start_with(config: Config, dir: &Path) -> TestMaster {
+        Self::start_on(config, dir, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a master whose worker endpoint listens on `grpc` (to restart one in place).
+    pub async fn start_on(config: Config, dir: &Path, grpc: SocketAddr) -> TestMaster {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let grpc = TcpListener::bind(grpc).await.expect("bind grpc");
         let (http_addr, grpc_addr) = (http.local_addr().unwrap(), grpc.local_addr().unwrap());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (started_tx, started_rx) = oneshot::channel();

@@ -258,6 +258,34 @@ async fn a_worker_told_to_terminate_finishes_its_build_then_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reconnects_after_the_master_restarts_and_the_queue_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = one_step_master(dir.path(), "echo built").await;
+    let grpc = master.grpc;
+    let worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let before = force_one(&master).await;
+    assert_eq!(master.wait_build_of_request(before, MINUTE).await["results"], 0);
+    master.stop().await;
+
+    // While the master is down the worker keeps trying; a request queued now must not be lost.
+    let text = config_text(
+        &sqlite_url(dir.path()),
+        dir.path(),
+        "builders:\n  - name: b\n    steps:\n      - shell: {name: work, command: \"echo built\"}\nschedulers:\n  - {type: force, name: force, builderNames: [b]}\n",
+    );
+    let config = kiln_master::config::Config::parse("restart.yaml", &text).unwrap();
+    let master = TestMaster::start_on(config, dir.path(), grpc).await;
+    let queued = force_one(&master).await;
+    master.wait_workers(1).await;
+    let build = master.wait_build_of_request(queued, MINUTE).await;
+    assert_eq!(build["results"], 0, "{build}");
+    assert_eq!(build["number"], 2, "build numbers continue across restarts");
+    drop(worker);
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_masters_on_one_postgres_build_every_request_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let database = pg::fresh_database().await;
