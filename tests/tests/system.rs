@@ -191,10 +191,14 @@ schedulers:
 /// A master on SQLite with one builder `b` whose one step `work` runs `command`, and a force
 /// scheduler `force` for it.
 async fn one_step_master(dir: &std::path::Path, command: &str) -> TestMaster {
+    TestMaster::start_with(one_step_config(dir, command), dir).await
+}
+
+fn one_step_config(dir: &std::path::Path, command: &str) -> kiln_master::config::Config {
     let setup = format!(
         "builders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
     );
-    TestMaster::start(&sqlite_url(dir), dir, &setup).await
+    kiln_master::config::Config::parse("test.yaml", &config_text(&sqlite_url(dir), dir, &setup)).unwrap()
 }
 
 /// Forces a build and returns its request id.
@@ -269,12 +273,7 @@ async fn a_worker_reconnects_after_the_master_restarts_and_the_queue_survives() 
     master.stop().await;
 
     // While the master is down the worker keeps trying; a request queued now must not be lost.
-    let text = config_text(
-        &sqlite_url(dir.path()),
-        dir.path(),
-        "builders:\n  - name: b\n    steps:\n      - shell: {name: work, command: \"echo built\"}\nschedulers:\n  - {type: force, name: force, builderNames: [b]}\n",
-    );
-    let config = kiln_master::config::Config::parse("restart.yaml", &text).unwrap();
+    let config = one_step_config(dir.path(), "echo built");
     let master = TestMaster::start_on(config, dir.path(), grpc).await;
     let queued = force_one(&master).await;
     master.wait_workers(1).await;
