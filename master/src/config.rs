@@ -54,12 +54,38 @@ pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
+    /// When set, control actions (JSON-RPC POSTs to `/api/v2`) need a bearer token or HTTP basic
+    /// credentials. Reading the API and the change hooks (which have their own secrets) stay open.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_http_listen(), max_body_bytes: default_body_limit() }
+        Self { listen: default_http_listen(), max_body_bytes: default_body_limit(), auth: None }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens, for scripts.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Users with passwords, for HTTP basic authentication.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The environment variable that holds the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -357,6 +383,31 @@ fn default_local_prefix() -> String {
     "local".to_owned()
 }
 
+impl TokenConfig {
+    /// The token's value, from the file or the environment.
+    pub fn resolve(&self) -> Option<String> {
+        self.value.clone().or_else(|| self.value_env.as_ref().and_then(|v| std::env::var(v).ok()))
+    }
+}
+
+/// Checks that exactly one of a literal secret and an environment variable naming it is given,
+/// and that the variable is set.
+fn resolve_secret(
+    key: &str,
+    (literal_key, literal): (&str, &Option<String>),
+    (env_key, env): (&str, &Option<String>),
+) -> Result<(), (String, String)> {
+    match (literal, env) {
+        (Some(v), None) if v.is_empty() => Err((format!("{key}.{literal_key}"), "must not be empty".into())),
+        (Some(_), None) => Ok(()),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(()),
+            _ => Err((format!("{key}.{env_key}"), format!("environment variable {var} is not set or empty"))),
+        },
+        _ => Err((key.to_owned(), format!("give exactly one of {literal_key} and {env_key}"))),
+    }
+}
+
 /// Makes a name safe as one directory component.
 pub fn sanitize_dir(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
@@ -411,23 +462,28 @@ impl Config {
             return Err(("workers.lease_seconds".into(), "must be at least 5 seconds".into()));
         }
         for (i, token) in self.workers.tokens.iter().enumerate() {
-            match (&token.value, &token.value_env) {
-                (Some(v), None) if v.is_empty() => {
-                    return Err((format!("workers.tokens[{i}].value"), "must not be empty".into()));
+            resolve_secret(&format!("workers.tokens[{i}]"), ("value", &token.value), ("value_env", &token.value_env))?;
+        }
+        if let Some(auth) = &self.http.auth {
+            if auth.tokens.is_empty() && auth.users.is_empty() {
+                return Err(("http.auth".into(), "give at least one token or user, or remove the key".into()));
+            }
+            for (i, token) in auth.tokens.iter().enumerate() {
+                resolve_secret(
+                    &format!("http.auth.tokens[{i}]"),
+                    ("value", &token.value),
+                    ("value_env", &token.value_env),
+                )?;
+            }
+            for (i, user) in auth.users.iter().enumerate() {
+                if user.username.is_empty() || user.username.contains(':') {
+                    return Err((format!("http.auth.users[{i}].username"), "must be non-empty and without ':'".into()));
                 }
-                (Some(_), None) => {}
-                (None, Some(var)) => match std::env::var(var) {
-                    Ok(v) if !v.is_empty() => {}
-                    _ => {
-                        return Err((
-                            format!("workers.tokens[{i}].value_env"),
-                            format!("environment variable {var} is not set or empty"),
-                        ));
-                    }
-                },
-                _ => {
-                    return Err((format!("workers.tokens[{i}]"), "give exactly one of value and value_env".into()));
-                }
+                resolve_secret(
+                    &format!("http.auth.users[{i}]"),
+                    ("password", &user.password),
+                    ("password_env", &user.password_env),
+                )?;
             }
         }
         if let Some(local) = &self.workers.local
@@ -503,11 +559,24 @@ impl Config {
 
     /// The worker tokens in effect, resolved from the environment where asked.
     pub fn worker_tokens(&self) -> Vec<String> {
-        self.workers
-            .tokens
+        self.workers.tokens.iter().filter_map(TokenConfig::resolve).collect()
+    }
+
+    /// Credentials that admit control actions: bearer tokens, and `user:password` pairs for basic
+    /// authentication. `None` when control actions are open.
+    pub fn control_credentials(&self) -> Option<(Vec<String>, Vec<String>)> {
+        let auth = self.http.auth.as_ref()?;
+        let tokens = auth.tokens.iter().filter_map(TokenConfig::resolve).collect();
+        let users = auth
+            .users
             .iter()
-            .filter_map(|t| t.value.clone().or_else(|| t.value_env.as_ref().and_then(|v| std::env::var(v).ok())))
-            .collect()
+            .filter_map(|u| {
+                let password =
+                    u.password.clone().or_else(|| u.password_env.as_ref().and_then(|v| std::env::var(v).ok()))?;
+                Some(format!("{}:{password}", u.username))
+            })
+            .collect();
+        Some((tokens, users))
     }
 
     pub fn builder(&self, name: &str) -> Option<&BuilderConfig> {

@@ -35,23 +35,17 @@ impl WorkerGrpc {
     }
 }
 
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn authenticate(tokens: &[String], metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
     let header = metadata
         .get(kiln_proto::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Status::unauthenticated("missing worker token"))?;
     let token = header.strip_prefix("Bearer ").unwrap_or(header);
-    // Check every token so the time taken does not reveal which one was close.
-    let valid = tokens.iter().fold(false, |ok, t| constant_time_eq(t.as_bytes(), token.as_bytes()) | ok);
-    if valid { Ok(()) } else { Err(Status::unauthenticated("invalid worker token")) }
+    if crate::secrets::matches_any(tokens, token) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("invalid worker token"))
+    }
 }
 
 fn attach_status(error: AttachError) -> Status {

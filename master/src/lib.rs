@@ -11,5 +11,6 @@ pub mod properties;
 pub mod remote;
 pub mod results;
 pub mod schedulers;
+pub mod secrets;
 pub mod server;
 pub mod store;

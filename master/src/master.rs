@@ -16,7 +16,7 @@ use crate::properties::Properties;
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
 use crate::results::Results;
 use crate::schedulers;
-use crate::store::{Change, ClaimedRequest, NewBuildset, NewChange, SourceStamp, Store, StoreError};
+use crate::store::{Change, ClaimedRequest, NewBuildset, NewChange, Notification, SourceStamp, Store, StoreError};
 
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,58 @@ pub enum SubmitError {
     InvalidParameter { field: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a control action could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no such {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Finished(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ControlError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(what) => ControlError::NotFound(what),
+            other => ControlError::Store(other),
+        }
+    }
+}
+
+/// What a user may do to a worker, as Buildbot's worker control actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerAction {
+    Pause,
+    Unpause,
+    /// Finish running builds, take no more, then exit.
+    Stop,
+    /// Disconnect now; running builds are retried elsewhere.
+    Kill,
+}
+
+impl WorkerAction {
+    pub fn parse(name: &str) -> Option<WorkerAction> {
+        Some(match name {
+            "pause" => WorkerAction::Pause,
+            "unpause" => WorkerAction::Unpause,
+            "stop" => WorkerAction::Stop,
+            "kill" => WorkerAction::Kill,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerAction::Pause => "pause",
+            WorkerAction::Unpause => "unpause",
+            WorkerAction::Stop => "stop",
+            WorkerAction::Kill => "kill",
+        }
+    }
 }
 
 /// What a force asks for, already decoded from the API.
@@ -251,6 +303,7 @@ impl Master {
                     sourcestamps: vec![change.sourcestamp()],
                     builderids,
                     priority: *priority,
+                    rebuilt_buildid: None,
                 };
                 self.submit(&buildset).await?;
             }
@@ -311,6 +364,7 @@ impl Master {
             sourcestamps: vec![request.sourcestamp.clone()],
             builderids,
             priority: request.priority,
+            rebuilt_buildid: None,
         };
         Ok(self.submit(&buildset).await?)
     }
@@ -370,6 +424,12 @@ impl Master {
                 return Ok(());
             }
             let mut free: Vec<Arc<WorkerSession>> = self.workers().into_iter().filter(|w| w.has_free_slot()).collect();
+            if free.is_empty() {
+                return Ok(());
+            }
+            // Pauses live in the database so that they hold whichever master a worker is on.
+            let paused = self.store.paused_workers().await?;
+            free.retain(|w| !paused.contains(w.name()));
             if free.is_empty() {
                 return Ok(());
             }
@@ -441,6 +501,131 @@ impl Master {
         });
     }
 
+    // ---------------------------------------------------------------------------------------
+    // Control actions
+
+    /// Stops the build of a request, wherever it runs: here at once, on another master through
+    /// the database (a durable flag, plus a notification so it happens at once there too).
+    pub async fn stop_request_build(&self, brid: i64) -> Result<(), ControlError> {
+        if self.store.request_complete(brid).await? {
+            return Ok(());
+        }
+        self.store.request_stop(brid).await?;
+        if !self.stop_build(brid, StopReason::Cancelled) {
+            self.store.notify_control(&format!("stop {brid}")).await;
+        }
+        Ok(())
+    }
+
+    /// Cancels a request: one still waiting completes as CANCELLED; a running one is stopped.
+    pub async fn cancel_request(&self, brid: i64) -> Result<(), ControlError> {
+        if self.store.cancel_unclaimed(brid).await? {
+            info!(brid, "request cancelled before it started");
+            return Ok(());
+        }
+        self.stop_request_build(brid).await
+    }
+
+    /// Stops a build by its id.
+    pub async fn stop_build_by_id(&self, buildid: i64) -> Result<(), ControlError> {
+        let origin = self.store.build_origin(buildid).await?;
+        self.stop_request_build(origin.brid).await
+    }
+
+    /// Builds a build's sources and properties again, as a new buildset.
+    pub async fn rebuild(&self, buildid: i64) -> Result<(i64, Vec<(i64, i64)>), ControlError> {
+        let origin = self.store.build_origin(buildid).await?;
+        let details = self.store.buildset_details(origin.buildsetid).await?;
+        let buildset = NewBuildset {
+            reason: "rebuild".into(),
+            external_idstring: None,
+            properties: details.properties,
+            sourcestamps: details.sourcestamps,
+            builderids: vec![origin.builderid],
+            priority: origin.priority,
+            rebuilt_buildid: Some(buildid),
+        };
+        Ok(self.submit(&buildset).await?)
+    }
+
+    /// Changes a request's priority; the next claim honours it.
+    pub async fn set_priority(&self, brid: i64, priority: i64) -> Result<(), ControlError> {
+        if !self.store.set_priority(brid, priority).await? {
+            self.store.request_complete(brid).await?;
+            return Err(ControlError::Finished(format!("build request {brid} is complete")));
+        }
+        self.store.notify_queue().await;
+        self.wake();
+        Ok(())
+    }
+
+    /// Pauses, unpauses, gracefully stops or kills a worker, wherever it is connected.
+    pub async fn worker_action(&self, name: &str, action: WorkerAction, reason: &str) -> Result<(), ControlError> {
+        let known = match action {
+            WorkerAction::Pause => self.store.set_worker_paused(name, true, Some(reason)).await?,
+            WorkerAction::Unpause => self.store.set_worker_paused(name, false, None).await?,
+            WorkerAction::Stop | WorkerAction::Kill => self.store.worker_exists(name).await?,
+        };
+        if !known {
+            return Err(ControlError::NotFound(format!("worker {name}")));
+        }
+        if matches!(action, WorkerAction::Stop) {
+            self.store.set_worker_graceful(name, true).await?;
+        }
+        if !self.apply_worker_action(name, action).await {
+            self.store.notify_control(&format!("worker {} {name}", action.name())).await;
+        }
+        self.store.notify_queue().await;
+        self.wake();
+        Ok(())
+    }
+
+    /// Applies a worker action if the worker is connected here; returns whether it was.
+    async fn apply_worker_action(&self, name: &str, action: WorkerAction) -> bool {
+        let session = self.workers.lock().expect("workers poisoned").get(name).cloned();
+        let Some(session) = session else { return false };
+        match action {
+            WorkerAction::Pause | WorkerAction::Unpause => {}
+            WorkerAction::Stop => {
+                info!(worker = name, "stopping the worker once its builds are done");
+                session.set_draining();
+                let _ = session.send(ToWorker::Drain).await;
+                self.shutdown_if_drained(&session).await;
+            }
+            WorkerAction::Kill => {
+                warn!(worker = name, "killing the worker; its builds will be retried");
+                session.set_draining();
+                let _ = session.send(ToWorker::Shutdown { reason: "killed by a user".into() }).await;
+                // The worker exits on Shutdown and its session ends with it; one that does not
+                // comply is cut off.
+                tokio::spawn(async move {
+                    if tokio::time::timeout(Duration::from_secs(5), session.closed()).await.is_err() {
+                        session.close();
+                    }
+                });
+            }
+        }
+        true
+    }
+
+    /// Handles a control message from another master.
+    async fn on_control(&self, payload: &str) {
+        let mut words = payload.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("stop"), Some(brid), None) => {
+                if let Ok(brid) = brid.parse() {
+                    self.stop_build(brid, StopReason::Cancelled);
+                }
+            }
+            (Some("worker"), Some(action), Some(name)) => {
+                if let Some(action) = WorkerAction::parse(action) {
+                    self.apply_worker_action(name, action).await;
+                }
+            }
+            _ => warn!(payload, "ignoring an unknown control message"),
+        }
+    }
+
     /// Stops a running build of this master by its request id. Returns false if none runs here.
     pub fn stop_build(&self, brid: i64, reason: StopReason) -> bool {
         match self.running.lock().expect("running poisoned").get(&brid) {
@@ -491,6 +676,14 @@ impl Master {
                     self.stop_build(brid, StopReason::ClaimLost);
                 }
             }
+            match self.store.stops_requested(self.masterid).await {
+                Ok(brids) => {
+                    for brid in brids {
+                        self.stop_build(brid, StopReason::Cancelled);
+                    }
+                }
+                Err(error) => warn!(%error, "could not read stop requests"),
+            }
             match self.store.reap_expired_claims().await {
                 Ok(reaped) if !reaped.requeued.is_empty() => {
                     warn!(requests = ?reaped.requeued, builds = ?reaped.retried_builds, "re-queued requests with expired leases");
@@ -522,7 +715,8 @@ impl Master {
             loop {
                 tokio::select! {
                     event = listener.recv() => match event {
-                        Ok(()) => self.wake(),
+                        Ok(Notification::Queue) => self.wake(),
+                        Ok(Notification::Control(payload)) => self.on_control(&payload).await,
                         Err(error) => {
                             warn!(%error, "queue notifications interrupted; reconnecting");
                             self.wake();

@@ -163,6 +163,9 @@ async fn session(
 
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut tasks: JoinSet<String> = JoinSet::new();
+    // Set when the session ends: commands killed because of that report nothing more, so the
+    // master sees their builds as lost (RETRY), not as failed commands.
+    let cut_off = Arc::new(AtomicBool::new(false));
     let mut draining = *terminate.borrow();
     if draining {
         let _ = out_tx.send(pb::WorkerMessage { body: Some(Out::Draining(pb::Draining {})) }).await;
@@ -179,7 +182,7 @@ async fn session(
                     match message.body {
                         Some(In::Start(start)) => {
                             let id = start.command_id.clone();
-                            match spawn_command(config, start, out_tx.clone(), &mut tasks) {
+                            match spawn_command(config, start, out_tx.clone(), Arc::clone(&cut_off), &mut tasks) {
                                 Ok(handle) => { running.insert(id, handle); }
                                 Err(reason) => {
                                     let complete = pb::CommandComplete { command_id: id, error: reason };
@@ -238,6 +241,7 @@ async fn session(
     };
     // Whatever ended the session, no command of it may outlive it: the master is re-running (or
     // has finished) its builds elsewhere.
+    cut_off.store(true, std::sync::atomic::Ordering::SeqCst);
     for command in running.values() {
         command.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = command.interrupt.send(true);
@@ -288,6 +292,7 @@ fn spawn_command(
     config: &WorkerConfig,
     start: pb::StartCommand,
     out: mpsc::Sender<pb::WorkerMessage>,
+    cut_off: Arc<AtomicBool>,
     tasks: &mut JoinSet<String>,
 ) -> Result<Running, String> {
     use pb::start_command::Command as C;
@@ -346,8 +351,12 @@ fn spawn_command(
         let (update_tx, mut update_rx) = mpsc::channel::<Update>(64);
         let forward_id = command_id.clone();
         let forward_out = out.clone();
+        let forward_cut_off = Arc::clone(&cut_off);
         let forwarder = tokio::spawn(async move {
             while let Some(update) = update_rx.recv().await {
+                if forward_cut_off.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let update = pb::CommandUpdate { command_id: forward_id.clone(), body: Some(encode_update(update)) };
                 if forward_out.send(pb::WorkerMessage { body: Some(Out::Update(update)) }).await.is_err() {
                     break;
@@ -412,8 +421,11 @@ fn spawn_command(
         };
         drop(report);
         let _ = forwarder.await;
-        let complete = pb::CommandComplete { command_id: command_id.clone(), error: outcome.err().unwrap_or_default() };
-        let _ = out.send(pb::WorkerMessage { body: Some(Out::Complete(complete)) }).await;
+        if !cut_off.load(std::sync::atomic::Ordering::SeqCst) {
+            let complete =
+                pb::CommandComplete { command_id: command_id.clone(), error: outcome.err().unwrap_or_default() };
+            let _ = out.send(pb::WorkerMessage { body: Some(Out::Complete(complete)) }).await;
+        }
         command_id
     });
     Ok(Running { interrupt: interrupt_tx, cancelled, chunks })

@@ -9,7 +9,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::master::{ForceRequest, Master, SubmitError};
+use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
+use crate::secrets;
 use crate::store::SourceStamp;
 
 const INVALID_REQUEST: i64 = -32600;
@@ -54,13 +55,105 @@ pub async fn post(
     if !params.is_object() {
         return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "params must be an object");
     }
+    if let Some(refusal) = refuse_unauthorized(&master, &headers, &id) {
+        return refusal;
+    }
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let reason = text_param(&params, "reason").ok().flatten().unwrap_or_else(|| "no reason given".into());
+    let undefined =
+        || rpc_error(StatusCode::NOT_IMPLEMENTED, &id, METHOD_NOT_FOUND, format!("action '{method}' is not defined"));
+    let number = |text: &str| text.parse::<i64>().ok();
     match (segments.as_slice(), method) {
         (["forceschedulers", name], "force") => force(&master, name, &params, &id).await,
-        (["forceschedulers", _], _) => {
-            rpc_error(StatusCode::NOT_IMPLEMENTED, &id, METHOD_NOT_FOUND, format!("action '{method}' is not defined"))
+        (["forceschedulers", _], _) => undefined(),
+        (["builds", build], "stop") => match number(build) {
+            Some(buildid) => reply(&id, master.stop_build_by_id(buildid).await.map(|()| Value::Null)),
+            None => not_found(&id, "build"),
+        },
+        (["builds", build], "rebuild") => match number(build) {
+            Some(buildid) => reply(&id, master.rebuild(buildid).await.map(|(bsid, brids)| submitted(bsid, brids))),
+            None => not_found(&id, "build"),
+        },
+        (["builds", _], _) => undefined(),
+        (["buildrequests", request], "cancel") => match number(request) {
+            Some(brid) => reply(&id, master.cancel_request(brid).await.map(|()| Value::Null)),
+            None => not_found(&id, "build request"),
+        },
+        (["buildrequests", request], "set_priority") => {
+            let priority = match params.get("priority") {
+                Some(Value::Number(n)) if n.is_i64() => n.as_i64().unwrap_or_default(),
+                Some(Value::String(s)) if s.parse::<i64>().is_ok() => s.parse().unwrap_or_default(),
+                _ => return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "priority: expected an integer"),
+            };
+            match number(request) {
+                Some(brid) => reply(&id, master.set_priority(brid, priority).await.map(|()| Value::Null)),
+                None => not_found(&id, "build request"),
+            }
+        }
+        (["buildrequests", _], _) => undefined(),
+        (["workers", worker], action) => {
+            let Some(action) = WorkerAction::parse(action) else { return undefined() };
+            let name = match number(worker) {
+                Some(workerid) => match master.store.worker_name(workerid).await {
+                    Ok(Some(name)) => name,
+                    Ok(None) => return not_found(&id, "worker"),
+                    Err(error) => return reply(&id, Err(ControlError::from(error))),
+                },
+                None => (*worker).to_owned(),
+            };
+            reply(&id, master.worker_action(&name, action, &reason).await.map(|()| Value::Null))
         }
         _ => rpc_error(StatusCode::NOT_FOUND, &id, INVALID_REQUEST, format!("no control endpoint for /{path}")),
+    }
+}
+
+/// Checks the credentials of a control action when the configuration asks for them; returns the
+/// refusal to send when they are missing or wrong.
+fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Option<Response> {
+    // No credentials configured: control actions are open.
+    let (tokens, users) = master.config.control_credentials()?;
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let admitted = if let Some(token) = given.strip_prefix("Bearer ") {
+        secrets::matches_any(&tokens, token.trim())
+    } else if let Some(encoded) = given.strip_prefix("Basic ") {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .is_some_and(|pair| secrets::matches_any(&users, &pair))
+    } else {
+        false
+    };
+    if admitted {
+        return None;
+    }
+    let status = if given.is_empty() { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+    let mut response = rpc_error(status, id, INVALID_REQUEST, "control actions need valid credentials");
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"kiln\""));
+    Some(response)
+}
+
+fn not_found(id: &Value, what: &str) -> Response {
+    rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
+}
+
+fn submitted(bsid: i64, brids: Vec<(i64, i64)>) -> Value {
+    let map: serde_json::Map<String, Value> = brids.into_iter().map(|(b, r)| (b.to_string(), Value::from(r))).collect();
+    json!([bsid, map])
+}
+
+fn reply(id: &Value, outcome: Result<Value, ControlError>) -> Response {
+    match outcome {
+        Ok(result) => Json(json!({ "jsonrpc": "2.0", "id": id, "result": result })).into_response(),
+        Err(ControlError::NotFound(what)) => {
+            rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
+        }
+        Err(ControlError::Finished(why)) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, why),
+        Err(ControlError::Store(error)) => {
+            tracing::error!(%error, "control action failed in the database");
+            rpc_error(StatusCode::INTERNAL_SERVER_ERROR, id, INTERNAL_ERROR, "database error")
+        }
     }
 }
 

@@ -12,12 +12,20 @@ struct Migration {
     postgres: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "initial schema",
-    sqlite: include_str!("../../migrations/sqlite/0001_init.sql"),
-    postgres: include_str!("../../migrations/postgres/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "initial schema",
+        sqlite: include_str!("../../migrations/sqlite/0001_init.sql"),
+        postgres: include_str!("../../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "stop requests",
+        sqlite: include_str!("../../migrations/sqlite/0002_control.sql"),
+        postgres: include_str!("../../migrations/postgres/0002_control.sql"),
+    },
+];
 
 /// An arbitrary constant naming Kiln's migration lock.
 const ADVISORY_LOCK: i64 = 0x006b_696c_6e6d_6967;

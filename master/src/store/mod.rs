@@ -126,6 +126,8 @@ pub struct NewBuildset {
     pub sourcestamps: Vec<SourceStamp>,
     pub builderids: Vec<i64>,
     pub priority: i64,
+    /// The build this buildset rebuilds, if any.
+    pub rebuilt_buildid: Option<i64>,
 }
 
 /// A build request this master has claimed. `claim_token` fences it: only the holder of the
@@ -154,6 +156,16 @@ pub struct LogTail {
     pub logid: i64,
     pub first_line: i64,
     pub text: String,
+}
+
+/// Where a build came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOrigin {
+    pub brid: i64,
+    pub builderid: i64,
+    pub buildsetid: i64,
+    pub priority: i64,
+    pub request_complete: bool,
 }
 
 /// A build row just created.
@@ -303,7 +315,7 @@ impl Store {
     pub async fn worker_connected(&self, name: &str, info: &serde_json::Value, masterid: Option<i64>) -> Result<i64> {
         let row = sqlx::query(
             "INSERT INTO workers (name, info, connected_masterid, last_connected_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (name) DO UPDATE SET info = $2, connected_masterid = $3, last_connected_at = $4 \
+             ON CONFLICT (name) DO UPDATE SET info = $2, connected_masterid = $3, last_connected_at = $4, graceful = 0 \
              RETURNING id",
         )
         .bind(name)
@@ -385,12 +397,14 @@ impl Store {
         let now = now_ms();
         let mut tx = self.write.begin().await?;
         let row = sqlx::query(
-            "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties) VALUES ($1, $2, $3, $4) RETURNING id",
+            "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties, rebuilt_buildid) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(buildset.external_idstring.clone())
         .bind(&buildset.reason)
         .bind(now)
         .bind(buildset.properties.to_json().to_string())
+        .bind(buildset.rebuilt_buildid)
         .fetch_one(&mut *tx)
         .await?;
         let bsid = get_i64(&row, "id")?;
@@ -607,6 +621,132 @@ impl Store {
         Ok(true)
     }
 
+    /// Cancels a request nobody has claimed yet: it completes as CANCELLED. Returns false when it
+    /// is claimed or already complete.
+    pub async fn cancel_unclaimed(&self, brid: i64) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let done = sqlx::query(
+            "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2 \
+             WHERE id = $3 AND complete = 0 AND claimed_by_masterid IS NULL",
+        )
+        .bind(now)
+        .bind(Results::Cancelled.code())
+        .bind(brid)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let row =
+            sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1").bind(brid).fetch_one(&mut *tx).await?;
+        Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records that a request's build must stop, for whichever master runs it. Returns false when
+    /// the request is already complete.
+    pub async fn request_stop(&self, brid: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE buildrequests SET stop_requested = 1 WHERE id = $1 AND complete = 0")
+            .bind(brid)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Requests this master holds whose builds someone asked to stop.
+    pub async fn stops_requested(&self, masterid: i64) -> Result<Vec<i64>> {
+        let rows = sqlx::query(
+            "SELECT id FROM buildrequests WHERE claimed_by_masterid = $1 AND complete = 0 AND stop_requested = 1",
+        )
+        .bind(masterid)
+        .fetch_all(&self.write)
+        .await?;
+        rows.iter().map(|r| get_i64(r, "id")).collect()
+    }
+
+    /// Changes the priority of a request still in the queue or running. Returns false when it is
+    /// complete or unknown.
+    pub async fn set_priority(&self, brid: i64, priority: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE buildrequests SET priority = $1 WHERE id = $2 AND complete = 0")
+            .bind(priority)
+            .bind(brid)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The request, builder and buildset of a build.
+    pub async fn build_origin(&self, buildid: i64) -> Result<BuildOrigin> {
+        let row = sqlx::query(
+            "SELECT b.buildrequestid, b.builderid, r.buildsetid, r.priority, r.complete FROM builds b \
+             JOIN buildrequests r ON r.id = b.buildrequestid WHERE b.id = $1",
+        )
+        .bind(buildid)
+        .fetch_optional(&self.read)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("build {buildid}")))?;
+        Ok(BuildOrigin {
+            brid: get_i64(&row, "buildrequestid")?,
+            builderid: get_i64(&row, "builderid")?,
+            buildsetid: get_i64(&row, "buildsetid")?,
+            priority: get_i64(&row, "priority")?,
+            request_complete: get_i64(&row, "complete")? != 0,
+        })
+    }
+
+    /// Whether a request exists and is complete.
+    pub async fn request_complete(&self, brid: i64) -> Result<bool> {
+        let row = sqlx::query("SELECT complete FROM buildrequests WHERE id = $1")
+            .bind(brid)
+            .fetch_optional(&self.read)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("build request {brid}")))?;
+        Ok(get_i64(&row, "complete")? != 0)
+    }
+
+    /// Pauses or unpauses a worker by name. Returns false for an unknown worker.
+    pub async fn set_worker_paused(&self, name: &str, paused: bool, reason: Option<&str>) -> Result<bool> {
+        let done = sqlx::query("UPDATE workers SET paused = $1, pause_reason = $2 WHERE name = $3")
+            .bind(i64::from(paused))
+            .bind(reason.filter(|_| paused).map(str::to_owned))
+            .bind(name)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks a worker as stopping gracefully (shown as `graceful` in the API).
+    pub async fn set_worker_graceful(&self, name: &str, graceful: bool) -> Result<()> {
+        sqlx::query("UPDATE workers SET graceful = $1 WHERE name = $2")
+            .bind(i64::from(graceful))
+            .bind(name)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// The name of a worker by id.
+    pub async fn worker_name(&self, workerid: i64) -> Result<Option<String>> {
+        let row =
+            sqlx::query("SELECT name FROM workers WHERE id = $1").bind(workerid).fetch_optional(&self.read).await?;
+        row.map(|r| Ok(r.try_get::<String, _>("name")?)).transpose()
+    }
+
+    /// Whether a worker of that name has ever connected.
+    pub async fn worker_exists(&self, name: &str) -> Result<bool> {
+        let row =
+            sqlx::query("SELECT 1 AS known FROM workers WHERE name = $1").bind(name).fetch_optional(&self.read).await?;
+        Ok(row.is_some())
+    }
+
+    /// Names of paused workers.
+    pub async fn paused_workers(&self) -> Result<std::collections::HashSet<String>> {
+        let rows = sqlx::query("SELECT name FROM workers WHERE paused = 1").fetch_all(&self.write).await?;
+        rows.iter().map(|r| Ok(r.try_get::<String, _>("name")?)).collect()
+    }
+
     /// Takes back every claim whose lease has expired (its master vanished or stalled): the
     /// builds running under it finish as RETRY and the requests return to the queue.
     pub async fn reap_expired_claims(&self) -> Result<Reaped> {
@@ -758,17 +898,26 @@ impl Store {
     ) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.write.begin().await?;
-        let settled = if results == Results::Retry {
-            sqlx::query(
+        let mut results = results;
+        let mut settled = false;
+        if results == Results::Retry {
+            // A retry never undoes a stop: a request someone asked to stop ends CANCELLED.
+            let requeued = sqlx::query(
                 "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
-                 lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND complete = 0",
+                 lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND complete = 0 AND stop_requested = 0",
             )
             .bind(claim.brid)
             .bind(claim.claim_token)
             .execute(&mut *tx)
-            .await?
-        } else {
-            sqlx::query(
+            .await?;
+            settled = requeued.rows_affected() > 0;
+            if !settled {
+                results = Results::Cancelled;
+            }
+        }
+        let state = if results == Results::Cancelled { "cancelled" } else { state };
+        if !settled {
+            let completed = sqlx::query(
                 "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, lease_expires_at = NULL \
                  WHERE id = $3 AND claim_token = $4 AND complete = 0",
             )
@@ -777,9 +926,10 @@ impl Store {
             .bind(claim.brid)
             .bind(claim.claim_token)
             .execute(&mut *tx)
-            .await?
-        };
-        if settled.rows_affected() == 0 {
+            .await?;
+            settled = completed.rows_affected() > 0;
+        }
+        if !settled {
             return Ok(false);
         }
         if results != Results::Retry {
@@ -954,13 +1104,24 @@ impl Store {
         }
     }
 
-    /// Subscribes to queue changes made by other masters; `None` on SQLite.
+    /// Sends a control message (a stop, a worker action) to every master sharing the database
+    /// (PostgreSQL only).
+    pub async fn notify_control(&self, payload: &str) {
+        if self.backend == Backend::Postgres
+            && let Err(error) =
+                sqlx::query("SELECT pg_notify('kiln_control', $1)").bind(payload).execute(&self.write).await
+        {
+            tracing::warn!(%error, "could not notify other masters");
+        }
+    }
+
+    /// Subscribes to queue changes and control messages of other masters; `None` on SQLite.
     pub async fn listen_queue(&self, url: &str) -> Result<Option<QueueListener>> {
         if self.backend != Backend::Postgres {
             return Ok(None);
         }
         let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-        listener.listen("kiln_queue").await?;
+        listener.listen_all(["kiln_queue", "kiln_control"]).await?;
         Ok(Some(QueueListener(listener)))
     }
 
@@ -977,11 +1138,23 @@ impl Store {
 /// A subscription to the queue notifications of other masters.
 pub struct QueueListener(sqlx::postgres::PgListener);
 
+/// What another master said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notification {
+    /// The queue changed.
+    Queue,
+    /// A control message, as sent with [`Store::notify_control`].
+    Control(String),
+}
+
 impl QueueListener {
     /// Waits for the next notification.
-    pub async fn recv(&mut self) -> Result<()> {
-        self.0.recv().await?;
-        Ok(())
+    pub async fn recv(&mut self) -> Result<Notification> {
+        let notification = self.0.recv().await?;
+        Ok(match notification.channel() {
+            "kiln_control" => Notification::Control(notification.payload().to_owned()),
+            _ => Notification::Queue,
+        })
     }
 }
 

@@ -1,0 +1,253 @@
+//! Buildbot's control actions over JSON-RPC, end to end: stop, cancel, rebuild, set_priority,
+//! worker pause/unpause/stop/kill, and authentication of control actions.
+
+use std::time::Duration;
+
+use kiln_master::config::Config;
+use kiln_tests::eventually;
+use kiln_tests::pg;
+use kiln_tests::system::{TOKEN, TestMaster, config_text, spawn_worker};
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn setup(command: &str) -> String {
+    format!(
+        "builders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
+    )
+}
+
+async fn start(dir: &std::path::Path, command: &str) -> TestMaster {
+    let database = format!("sqlite://{}", dir.join("kiln.sqlite").display());
+    TestMaster::start(&database, dir, &setup(command)).await
+}
+
+async fn rpc(master: &TestMaster, path: &str, method: &str, params: Value) -> (u16, Value) {
+    let body = json!({ "jsonrpc": "2.0", "method": method, "id": 7, "params": params });
+    let response = master.client.post(master.url(&format!("/api/v2/{path}"))).json(&body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+async fn force(master: &TestMaster, params: Value) -> i64 {
+    let (status, reply) = master.force("force", params).await;
+    assert_eq!(status, 200, "{reply}");
+    reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap()
+}
+
+async fn request(master: &TestMaster, brid: i64) -> Value {
+    master.get(&format!("/api/v2/buildrequests/{brid}")).await["buildrequests"][0].clone()
+}
+
+async fn wait_running(master: &TestMaster, brid: i64) -> i64 {
+    eventually("the build to print", MINUTE, || async {
+        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let buildid = builds["builds"][0]["buildid"].as_i64()?;
+        let (status, body) = master.get_text(&format!("/api/v2/builds/{buildid}/steps/work/logs/stdio/contents")).await;
+        (status == 200 && body.contains("ostarted")).then_some(buildid)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_build_kills_its_command_and_cancels_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "echo started; sleep 60").await;
+    let _worker = master.spawn_worker("w1");
+    let brid = force(&master, json!({})).await;
+    let buildid = wait_running(&master, brid).await;
+    let (status, reply) = rpc(&master, &format!("builds/{buildid}"), "stop", json!({ "reason": "enough" })).await;
+    assert_eq!((status, &reply["result"]), (200, &Value::Null), "{reply}");
+    // Well before the command's own 60 s: the worker killed its process group.
+    let build = master.wait_build_of_request(brid, Duration::from_secs(20)).await;
+    assert_eq!(build["results"], 6, "CANCELLED: {build}");
+    assert_eq!(request(&master, brid).await["results"], 6);
+    let steps = master.get(&format!("/api/v2/builds/{buildid}/steps")).await;
+    assert_eq!(steps["steps"][0]["results"], 6);
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_requests_before_and_while_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "echo started; sleep 60").await;
+    let waiting = force(&master, json!({})).await;
+    let (status, reply) = rpc(&master, &format!("buildrequests/{waiting}"), "cancel", json!({})).await;
+    assert_eq!(status, 200, "{reply}");
+    let cancelled = request(&master, waiting).await;
+    assert_eq!((cancelled["complete"].as_bool(), cancelled["results"].as_i64()), (Some(true), Some(6)));
+    let buildsets = master.get("/api/v2/buildsets").await;
+    assert_eq!(buildsets["buildsets"][0]["results"], 6);
+
+    let _worker = master.spawn_worker("w1");
+    let running = force(&master, json!({})).await;
+    wait_running(&master, running).await;
+    let (status, _) = rpc(&master, &format!("buildrequests/{running}"), "cancel", json!({})).await;
+    assert_eq!(status, 200);
+    let build = master.wait_build_of_request(running, Duration::from_secs(20)).await;
+    assert_eq!(build["results"], 6);
+    let none = master.get(&format!("/api/v2/buildrequests/{waiting}/builds")).await;
+    assert_eq!(none["meta"]["total"], 0, "a request cancelled in the queue never builds");
+    let (status, reply) = rpc(&master, "buildrequests/999", "cancel", json!({})).await;
+    assert_eq!(status, 404, "{reply}");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_priority_is_built_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "echo started").await;
+    let first = force(&master, json!({})).await;
+    let second = force(&master, json!({})).await;
+    let third = force(&master, json!({})).await;
+    let (status, reply) =
+        rpc(&master, &format!("buildrequests/{third}"), "set_priority", json!({ "priority": 10 })).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(request(&master, third).await["priority"], 10);
+    let (status, _) = rpc(&master, &format!("buildrequests/{first}"), "set_priority", json!({ "priority": "x" })).await;
+    assert_eq!(status, 400);
+    let _worker = master.spawn_worker("w1");
+    let mut started = Vec::new();
+    for brid in [first, second, third] {
+        let build = master.wait_build_of_request(brid, MINUTE).await;
+        started.push((build["number"].as_i64().unwrap(), brid));
+    }
+    started.sort();
+    assert_eq!(started.iter().map(|(_, brid)| *brid).collect::<Vec<_>>(), vec![third, first, second]);
+    let (status, _) = rpc(&master, &format!("buildrequests/{first}"), "set_priority", json!({ "priority": 1 })).await;
+    assert_eq!(status, 400, "a complete request keeps its priority");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_builds_the_same_sources_and_properties_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "echo started").await;
+    let _worker = master.spawn_worker("w1");
+    let brid = force(&master, json!({ "branch": "topic", "revision": "abc", "colour": "blue" })).await;
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    let buildid = build["buildid"].as_i64().unwrap();
+    let (status, reply) = rpc(&master, &format!("builds/{buildid}"), "rebuild", json!({})).await;
+    assert_eq!(status, 200, "{reply}");
+    let bsid = reply["result"][0].as_i64().unwrap();
+    let again = reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
+    let rebuilt = master.wait_build_of_request(again, MINUTE).await;
+    assert_eq!(rebuilt["results"], 0);
+    let props = master.get(&format!("/api/v2/builds/{}?property=*", rebuilt["buildid"])).await;
+    assert_eq!(props["builds"][0]["properties"]["colour"][0], "blue");
+    assert_eq!(props["builds"][0]["properties"]["branch"][0], "topic");
+    let buildset = master.get(&format!("/api/v2/buildsets/{bsid}")).await;
+    assert_eq!(buildset["buildsets"][0]["rebuilt_buildid"], buildid);
+    assert_eq!(buildset["buildsets"][0]["reason"], "rebuild");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_workers_take_no_builds_until_unpaused() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "echo started").await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let (status, reply) = rpc(&master, "workers/w1", "pause", json!({ "reason": "maintenance" })).await;
+    assert_eq!(status, 200, "{reply}");
+    let worker = master.get("/api/v2/workers/w1").await;
+    assert_eq!(worker["workers"][0]["paused"], true);
+    assert_eq!(worker["workers"][0]["pause_reason"], "maintenance");
+    let brid = force(&master, json!({})).await;
+    // Nothing can prove a negative but time: give the dispatcher ample chance to get it wrong.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(request(&master, brid).await["claimed"], false, "a paused worker took a build");
+    let workerid = worker["workers"][0]["workerid"].as_i64().unwrap();
+    let (status, _) = rpc(&master, &format!("workers/{workerid}"), "unpause", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(master.wait_build_of_request(brid, MINUTE).await["results"], 0);
+    let (status, _) = rpc(&master, "workers/nobody", "pause", json!({})).await;
+    assert_eq!(status, 404);
+    let (status, _) = rpc(&master, "workers/w1", "dance", json!({})).await;
+    assert_eq!(status, 501);
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopped_worker_finishes_its_build_and_a_killed_one_has_it_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "echo started; sleep 1").await;
+    let mut graceful = master.spawn_worker("graceful");
+    master.wait_workers(1).await;
+    let brid = force(&master, json!({})).await;
+    wait_running(&master, brid).await;
+    let (status, _) = rpc(&master, "workers/graceful", "stop", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(master.get("/api/v2/workers/graceful").await["workers"][0]["graceful"], true);
+    assert_eq!(master.wait_build_of_request(brid, MINUTE).await["results"], 0);
+    let exit = tokio::time::timeout(MINUTE, graceful.child.wait()).await.expect("the worker exits").unwrap();
+    assert!(exit.success(), "{exit:?}");
+
+    let mut doomed = master.spawn_worker("doomed");
+    let brid = force(&master, json!({})).await;
+    wait_running(&master, brid).await;
+    let (status, _) = rpc(&master, "workers/doomed", "kill", json!({})).await;
+    assert_eq!(status, 200);
+    tokio::time::timeout(MINUTE, doomed.child.wait()).await.expect("the killed worker exits").unwrap();
+    let _rescuer = master.spawn_worker("rescuer");
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    assert_eq!(build["results"], 0);
+    let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+    assert_eq!(builds["builds"][0]["results"], 5, "the killed worker's build was retried");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_actions_need_credentials_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup("true"))
+        .replace("http:\n  listen: 127.0.0.1:0\n", "http:\n  listen: 127.0.0.1:0\n  auth:\n    tokens: [{name: ci, value: s3cret}]\n    users: [{username: ada, password: lovelace}]\n");
+    let master = TestMaster::start_with(Config::parse("auth.yaml", &text).unwrap(), dir.path()).await;
+    let url = master.url("/api/v2/forceschedulers/force");
+    let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let post = |auth: Option<(&'static str, String)>| {
+        let mut request = master.client.post(&url).json(&body);
+        if let Some((name, value)) = auth {
+            request = request.header(name, value);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post(None).await, 401);
+    assert_eq!(post(Some(("Authorization", "Bearer wrong".into()))).await, 403);
+    assert_eq!(post(Some(("Authorization", "Bearer s3cret".into()))).await, 200);
+    // "ada:lovelace" and "ada:wrong" in base64.
+    assert_eq!(post(Some(("Authorization", "Basic YWRhOmxvdmVsYWNl".into()))).await, 200);
+    assert_eq!(post(Some(("Authorization", "Basic YWRhOndyb25n".into()))).await, 403);
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 2, "reading stays open");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_reaches_a_build_running_on_another_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = pg::fresh_database().await;
+    let a = TestMaster::start(
+        &database,
+        &dir.path().join("a"),
+        &format!("master_name: a\n{}", setup("echo started; sleep 60")),
+    )
+    .await;
+    let b = TestMaster::start(
+        &database,
+        &dir.path().join("b"),
+        &format!("master_name: b\n{}", setup("echo started; sleep 60")),
+    )
+    .await;
+    let _worker = spawn_worker(&format!("http://{}", b.grpc), "on-b", TOKEN, &dir.path().join("b"));
+    b.wait_workers(1).await;
+    let brid = force(&a, json!({})).await;
+    let buildid = wait_running(&a, brid).await;
+    let build = a.get(&format!("/api/v2/builds/{buildid}")).await;
+    assert_ne!(build["builds"][0]["masterid"], a.master.masterid, "the build runs on the other master");
+    let (status, _) = rpc(&a, &format!("builds/{buildid}"), "stop", json!({})).await;
+    assert_eq!(status, 200);
+    let stopped = a.wait_build_of_request(brid, Duration::from_secs(20)).await;
+    assert_eq!(stopped["results"], 6);
+    a.stop().await;
+    b.stop().await;
+}
