@@ -344,11 +344,67 @@ pub struct ChangeHooksConfig {
     /// Enables `/change_hook/base`.
     #[serde(default = "yes")]
     pub base: bool,
+    /// Enables `/change_hook/github`.
+    #[serde(default)]
+    pub github: Option<GithubHookConfig>,
+    /// Enables `/change_hook/gitlab`.
+    #[serde(default)]
+    pub gitlab: Option<GitlabHookConfig>,
 }
 
 impl Default for ChangeHooksConfig {
     fn default() -> Self {
-        Self { base: true }
+        Self { base: true, github: None, gitlab: None }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubHookConfig {
+    /// The webhook's secret. When set, every delivery must carry a valid signature.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Regular expressions; a push whose head commit message matches one is not built.
+    /// Default: Buildbot's `[ci skip]` and `[skip ci]`.
+    #[serde(default)]
+    pub skips: Option<Vec<String>>,
+    #[serde(default)]
+    pub codebase: String,
+    /// `merge` (default) or `head`: the `refs/pull/<n>/…` ref a pull request builds.
+    #[serde(default = "default_pullrequest_ref")]
+    pub pullrequest_ref: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitlabHookConfig {
+    /// Compared with `X-Gitlab-Token`. When set, every delivery must carry it.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+fn default_pullrequest_ref() -> String {
+    "merge".to_owned()
+}
+
+/// A secret given literally or by environment variable; `None` when neither is set.
+fn secret_value(literal: &Option<String>, env: &Option<String>) -> Option<String> {
+    literal.clone().or_else(|| env.as_ref().and_then(|v| std::env::var(v).ok())).filter(|s| !s.is_empty())
+}
+
+impl GithubHookConfig {
+    pub fn secret(&self) -> Option<String> {
+        secret_value(&self.secret, &self.secret_env)
+    }
+}
+
+impl GitlabHookConfig {
+    pub fn secret(&self) -> Option<String> {
+        secret_value(&self.secret, &self.secret_env)
     }
 }
 
@@ -485,6 +541,22 @@ impl Config {
                     ("password_env", &user.password_env),
                 )?;
             }
+        }
+        if let Some(github) = &self.change_hooks.github {
+            if github.secret.is_some() || github.secret_env.is_some() {
+                resolve_secret("change_hooks.github", ("secret", &github.secret), ("secret_env", &github.secret_env))?;
+            }
+            for (i, pattern) in github.skips.iter().flatten().enumerate() {
+                regex::Regex::new(pattern).map_err(|e| (format!("change_hooks.github.skips[{i}]"), e.to_string()))?;
+            }
+            if github.pullrequest_ref != "merge" && github.pullrequest_ref != "head" {
+                return Err(("change_hooks.github.pullrequest_ref".into(), "must be merge or head".into()));
+            }
+        }
+        if let Some(gitlab) = &self.change_hooks.gitlab
+            && (gitlab.secret.is_some() || gitlab.secret_env.is_some())
+        {
+            resolve_secret("change_hooks.gitlab", ("secret", &gitlab.secret), ("secret_env", &gitlab.secret_env))?;
         }
         if let Some(local) = &self.workers.local
             && (local.count == 0 || local.max_builds == 0)

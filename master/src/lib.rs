@@ -1,6 +1,7 @@
 //! Kiln's build master: it keeps the queue, turns changes into build requests, hands builds to
 //! workers and runs their steps, and serves Buildbot's REST data API.
 
+pub mod changes;
 pub mod config;
 pub mod engine;
 pub mod grpc;

@@ -280,11 +280,26 @@ impl Master {
 
     /// Stores a change durably, then lets every matching scheduler turn it into build requests.
     pub async fn add_change(&self, change: NewChange) -> Result<Change, SubmitError> {
-        let stored = self.store.add_change(&change).await?;
+        let mut stored = self.add_changes(vec![change]).await?;
+        Ok(stored.remove(0))
+    }
+
+    /// Stores the changes of one delivery in one transaction — all or none — then lets the
+    /// schedulers act on each, in order.
+    pub async fn add_changes(&self, changes: Vec<NewChange>) -> Result<Vec<Change>, SubmitError> {
+        let stored = self.store.add_changes(&changes).await?;
+        for change in &stored {
+            self.schedule_change(change).await?;
+        }
+        Ok(stored)
+    }
+
+    async fn schedule_change(&self, stored: &Change) -> Result<(), SubmitError> {
+        let change = &stored.change;
         info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
         for scheduler in &self.config.schedulers {
             if let SchedulerConfig::SingleBranch { name, builder_names, priority, properties, .. } = scheduler {
-                if !schedulers::single_branch_accepts(scheduler, &change) {
+                if !schedulers::single_branch_accepts(scheduler, change) {
                     continue;
                 }
                 let mut props = Properties::new();
@@ -308,7 +323,7 @@ impl Master {
                 self.submit(&buildset).await?;
             }
         }
-        Ok(stored)
+        Ok(())
     }
 
     /// Forces a build through a force scheduler.

@@ -105,6 +105,9 @@ pub fn checkout(cache_dir: &Path, args: &GitArgs, cancelled: Arc<AtomicBool>) ->
     let oid = match (&wanted, &args.branch) {
         (Some(revision), _) => find_commit(&mirror, revision)
             .ok_or_else(|| format!("revision {revision} not found in {}", args.repourl))?,
+        (None, Some(branch)) if branch.starts_with("refs/") => {
+            find_commit(&mirror, branch).ok_or_else(|| format!("{branch} not found in {}", args.repourl))?
+        }
         (None, Some(branch)) => find_commit(&mirror, &format!("refs/heads/{branch}"))
             .ok_or_else(|| format!("branch {branch} not found in {}", args.repourl))?,
         (None, None) => {

@@ -1,85 +1,203 @@
-//! Buildbot's change hooks (`/change_hook/<dialect>`). A hook answers 2xx only after the change is
-//! stored; a body it cannot read gets 400 with the reason and stores nothing.
+//! Buildbot's change hooks (`/change_hook/<dialect>`: base, github, gitlab). A hook answers 2xx
+//! only after every change of the delivery is stored; a body it cannot read gets 400 with the
+//! reason and stores nothing; a delivery that fails the hook's secret gets 401 or 403.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use crate::changes::github::{self, GithubHook};
+use crate::changes::{HookError, base, gitlab};
+use crate::config::ChangeHooksConfig;
 use crate::master::{Master, SubmitError};
-use crate::properties::Properties;
-use crate::store::{NewChange, now_ms};
+use crate::store::NewChange;
 
-fn bad_request(reason: impl Into<String>) -> Response {
-    (StatusCode::BAD_REQUEST, reason.into()).into_response()
+/// The hooks a master serves, ready to use (patterns compiled, secrets resolved).
+#[derive(Debug)]
+pub struct Hooks {
+    base: bool,
+    github: Option<GithubHook>,
+    /// `Some(secret)` when the GitLab hook is enabled.
+    gitlab: Option<Option<String>>,
 }
 
-pub async fn base(state: State<Arc<Master>>, query: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
-    handle(state, "base", query, headers, body).await
+impl Hooks {
+    /// Builds the hooks from a validated configuration.
+    pub fn from_config(config: &ChangeHooksConfig) -> Hooks {
+        let github = config.github.as_ref().map(|g| GithubHook {
+            secret: g.secret(),
+            skips: match &g.skips {
+                Some(patterns) => patterns.iter().filter_map(|p| regex::Regex::new(p).ok()).collect(),
+                None => github::default_skips(),
+            },
+            codebase: g.codebase.clone(),
+            pullrequest_ref: g.pullrequest_ref.clone(),
+        });
+        Hooks { base: config.base, github, gitlab: config.gitlab.as_ref().map(|g| g.secret()) }
+    }
+}
+
+pub async fn base_dialect(
+    state: State<Arc<Master>>,
+    hooks: Extension<Arc<Hooks>>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(state, hooks, "base", query, headers, body).await
 }
 
 pub async fn dialect(
     state: State<Arc<Master>>,
+    hooks: Extension<Arc<Hooks>>,
     Path(dialect): Path<String>,
     query: RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(state, &dialect, query, headers, body).await
+    handle(state, hooks, &dialect, query, headers, body).await
 }
 
 async fn handle(
     State(master): State<Arc<Master>>,
+    Extension(hooks): Extension<Arc<Hooks>>,
     dialect: &str,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let enabled = match dialect {
-        "base" => master.config.change_hooks.base,
-        _ => false,
+    let parsed = match dialect {
+        "base" if hooks.base => base_changes(query.as_deref(), &headers, &body),
+        "github" => match &hooks.github {
+            Some(hook) => github_changes(hook, &headers, &body),
+            None => Err(not_enabled(dialect)),
+        },
+        "gitlab" => match &hooks.gitlab {
+            Some(secret) => gitlab_changes(secret.as_deref(), query.as_deref(), &headers, &body),
+            None => Err(not_enabled(dialect)),
+        },
+        _ => Err(not_enabled(dialect)),
     };
-    if !enabled {
-        return bad_request(format!("The dialect specified, '{dialect}', wasn't whitelisted in change_hook"));
+    let changes = match parsed {
+        Ok(changes) => changes,
+        Err(error) => {
+            let status = match error {
+                HookError::BadPayload(_) => StatusCode::BAD_REQUEST,
+                HookError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                HookError::Forbidden(_) => StatusCode::FORBIDDEN,
+            };
+            tracing::warn!(dialect, %error, "change hook delivery refused");
+            return (status, error.to_string()).into_response();
+        }
+    };
+    if changes.is_empty() {
+        return (StatusCode::OK, "no change found").into_response();
     }
-    let fields = match read_fields(query.as_deref(), &headers, &body) {
-        Ok(fields) => fields,
-        Err(reason) => return bad_request(reason),
-    };
-    let change = match base_change(&fields) {
-        Ok(change) => change,
-        Err(reason) => return bad_request(reason),
-    };
-    match master.add_change(change).await {
-        Ok(_) => (StatusCode::OK, "1 change found").into_response(),
+    let count = changes.len();
+    match master.add_changes(changes).await {
+        Ok(_) => (StatusCode::OK, format!("{count} change found")).into_response(),
         Err(SubmitError::Store(error)) => {
-            tracing::error!(%error, "could not store a change");
+            tracing::error!(%error, "could not store changes");
             (StatusCode::SERVICE_UNAVAILABLE, "Error processing changes: the database is unavailable").into_response()
         }
-        Err(error) => bad_request(error.to_string()),
+        Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
     }
 }
 
-/// The hook's fields from the query string and a form or JSON body, as Buildbot reads them.
+fn not_enabled(dialect: &str) -> HookError {
+    HookError::BadPayload(format!("The dialect specified, '{dialect}', wasn't whitelisted in change_hook"))
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or("")
+}
+
+fn base_changes(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<Vec<NewChange>, HookError> {
+    let fields = read_fields(query, headers, body).map_err(HookError::BadPayload)?;
+    Ok(vec![base::change(&fields).map_err(HookError::BadPayload)?])
+}
+
+/// GitHub sends JSON, or a form whose `payload` field holds the JSON.
+fn json_payload(headers: &HeaderMap, body: &[u8]) -> Result<Value, HookError> {
+    let kind = content_type(headers);
+    let json = if kind.starts_with("application/json") {
+        body.to_vec()
+    } else if kind.starts_with("application/x-www-form-urlencoded") {
+        let fields: HashMap<String, String> = form_pairs(body).map_err(HookError::BadPayload)?.into_iter().collect();
+        fields
+            .get("payload")
+            .ok_or_else(|| HookError::BadPayload("the form has no payload field".into()))?
+            .clone()
+            .into_bytes()
+    } else {
+        return Err(HookError::BadPayload(format!("unsupported content type {kind:?}")));
+    };
+    serde_json::from_slice(&json).map_err(|e| HookError::BadPayload(format!("invalid JSON payload: {e}")))
+}
+
+fn github_changes(hook: &GithubHook, headers: &HeaderMap, body: &[u8]) -> Result<Vec<NewChange>, HookError> {
+    github::verify_signature(
+        hook.secret.as_deref(),
+        body,
+        header_text(headers, "x-hub-signature-256"),
+        header_text(headers, "x-hub-signature"),
+    )?;
+    let event =
+        header_text(headers, "x-github-event").ok_or_else(|| HookError::BadPayload("missing X-GitHub-Event".into()))?;
+    let payload = json_payload(headers, body)?;
+    hook.changes(event, &payload)
+}
+
+fn gitlab_changes(
+    secret: Option<&str>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<NewChange>, HookError> {
+    gitlab::verify_token(secret, header_text(headers, "x-gitlab-token"))?;
+    let payload: Value =
+        serde_json::from_slice(body).map_err(|e| HookError::BadPayload(format!("invalid JSON payload: {e}")))?;
+    let event = payload
+        .get("object_kind")
+        .and_then(Value::as_str)
+        .or_else(|| header_text(headers, "x-gitlab-event"))
+        .ok_or_else(|| HookError::BadPayload("no object_kind and no X-Gitlab-Event".into()))?
+        .to_owned();
+    let codebase: String = match query {
+        Some(q) => form_pairs(q.as_bytes())
+            .map_err(HookError::BadPayload)?
+            .into_iter()
+            .find(|(k, _)| k == "codebase")
+            .map(|(_, v)| v)
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    gitlab::changes(&event, &payload, &codebase)
+}
+
+/// The base hook's fields from the query string and a form or JSON body, as Buildbot reads them.
 fn read_fields(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String>, String> {
     let mut fields = HashMap::new();
     if let Some(query) = query {
-        let pairs: Vec<(String, String)> = serde_urlencoded_pairs(query.as_bytes())?;
-        fields.extend(pairs);
+        fields.extend(form_pairs(query.as_bytes())?);
     }
     if body.is_empty() {
         return Ok(fields);
     }
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if content_type.starts_with("application/json") {
+    let kind = content_type(headers);
+    if kind.starts_with("application/json") {
         let value: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
-        let Value::Object(map) = value else {
-            return Err("the JSON body must be an object".into());
-        };
+        let Value::Object(map) = value else { return Err("the JSON body must be an object".into()) };
         for (k, v) in map {
             let text = match v {
                 Value::String(s) => s,
@@ -88,94 +206,14 @@ fn read_fields(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<
             };
             fields.insert(k, text);
         }
-    } else if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty() {
-        fields.extend(serde_urlencoded_pairs(body)?);
+    } else if kind.starts_with("application/x-www-form-urlencoded") || kind.is_empty() {
+        fields.extend(form_pairs(body)?);
     } else {
-        return Err(format!("unsupported content type {content_type:?}: send a form or JSON"));
+        return Err(format!("unsupported content type {kind:?}: send a form or JSON"));
     }
     Ok(fields)
 }
 
-fn serde_urlencoded_pairs(input: &[u8]) -> Result<Vec<(String, String)>, String> {
+fn form_pairs(input: &[u8]) -> Result<Vec<(String, String)>, String> {
     serde_urlencoded::from_bytes(input).map_err(|e| format!("the form body is malformed: {e}"))
-}
-
-/// Maps Buildbot's base-hook fields to a change.
-pub fn base_change(fields: &HashMap<String, String>) -> Result<NewChange, String> {
-    let get = |name: &str| fields.get(name).filter(|v| !v.is_empty()).cloned();
-    let files = match get("files") {
-        None => Vec::new(),
-        Some(text) => serde_json::from_str::<Vec<String>>(&text)
-            .map_err(|e| format!("files: expected a JSON list of strings: {e}"))?,
-    };
-    let mut properties = Properties::new();
-    if let Some(text) = get("properties") {
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| format!("properties: expected a JSON object: {e}"))?;
-        let Value::Object(map) = value else {
-            return Err("properties: expected a JSON object".into());
-        };
-        for (k, v) in map {
-            properties.set(k, v, "Change");
-        }
-    }
-    let when_ms = match get("when_timestamp").or_else(|| get("when")) {
-        None => now_ms(),
-        Some(text) => {
-            let seconds: f64 =
-                text.parse().map_err(|_| format!("when_timestamp: expected epoch seconds, got {text:?}"))?;
-            if !seconds.is_finite() || seconds < 0.0 {
-                return Err(format!("when_timestamp: expected epoch seconds, got {text:?}"));
-            }
-            (seconds * 1000.0) as i64
-        }
-    };
-    Ok(NewChange {
-        author: get("author").or_else(|| get("who")).unwrap_or_default(),
-        committer: get("committer"),
-        comments: get("comments").unwrap_or_default(),
-        branch: get("branch"),
-        revision: get("revision"),
-        revlink: get("revlink"),
-        when_ms,
-        category: get("category"),
-        repository: get("repository").unwrap_or_default(),
-        codebase: get("codebase").unwrap_or_default(),
-        project: get("project").unwrap_or_default(),
-        files,
-        properties,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    #[test]
-    fn buildbot_fields_map_to_a_change() {
-        let change = base_change(&fields(&[
-            ("who", "Ada <ada@example.org>"),
-            ("revision", "abc"),
-            ("branch", "main"),
-            ("files", "[\"a.c\", \"b.c\"]"),
-            ("properties", "{\"x\": 1}"),
-            ("when_timestamp", "1700000000"),
-        ]))
-        .unwrap();
-        assert_eq!(change.author, "Ada <ada@example.org>");
-        assert_eq!(change.files, vec!["a.c", "b.c"]);
-        assert_eq!(change.properties.get("x"), Some(&Value::from(1)));
-        assert_eq!(change.when_ms, 1_700_000_000_000);
-    }
-
-    #[test]
-    fn malformed_fields_give_a_reason() {
-        assert!(base_change(&fields(&[("files", "a.c")])).unwrap_err().starts_with("files:"));
-        assert!(base_change(&fields(&[("properties", "[1]")])).unwrap_err().starts_with("properties:"));
-        assert!(base_change(&fields(&[("when_timestamp", "soon")])).unwrap_err().starts_with("when_timestamp:"));
-    }
 }

@@ -25,10 +25,11 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
         .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
-        .route("/change_hook", any(hooks::base))
+        .route("/change_hook", any(hooks::base_dialect))
         .route("/change_hook/{dialect}", any(hooks::dialect))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .layer(axum::Extension(Arc::new(hooks::Hooks::from_config(&master.config.change_hooks))))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(master)
 }

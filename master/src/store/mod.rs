@@ -362,33 +362,42 @@ impl Store {
 
     /// Stores a change (and its source stamp) durably.
     pub async fn add_change(&self, change: &NewChange) -> Result<Change> {
+        Ok(self.add_changes(std::slice::from_ref(change)).await?.remove(0))
+    }
+
+    /// Stores several changes in one transaction: all of them or none.
+    pub async fn add_changes(&self, changes: &[NewChange]) -> Result<Vec<Change>> {
+        let now = now_ms();
         let mut tx = self.write.begin().await?;
-        let ssid = Self::find_or_create_sourcestamp(&mut tx, &change.sourcestamp(), now_ms()).await?;
-        let files = serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let row = sqlx::query(
-            "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
-             category, repository, codebase, project, files, properties, sourcestampid) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING changeid",
-        )
-        .bind(&change.author)
-        .bind(change.committer.clone())
-        .bind(&change.comments)
-        .bind(change.branch.clone())
-        .bind(change.revision.clone())
-        .bind(change.revlink.clone())
-        .bind(change.when_ms)
-        .bind(change.category.clone())
-        .bind(&change.repository)
-        .bind(&change.codebase)
-        .bind(&change.project)
-        .bind(files)
-        .bind(change.properties.to_json().to_string())
-        .bind(ssid)
-        .fetch_one(&mut *tx)
-        .await?;
-        let changeid = get_i64(&row, "changeid")?;
+        let mut stored = Vec::with_capacity(changes.len());
+        for change in changes {
+            let ssid = Self::find_or_create_sourcestamp(&mut tx, &change.sourcestamp(), now).await?;
+            let files = serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let row = sqlx::query(
+                "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
+                 category, repository, codebase, project, files, properties, sourcestampid) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING changeid",
+            )
+            .bind(&change.author)
+            .bind(change.committer.clone())
+            .bind(&change.comments)
+            .bind(change.branch.clone())
+            .bind(change.revision.clone())
+            .bind(change.revlink.clone())
+            .bind(change.when_ms)
+            .bind(change.category.clone())
+            .bind(&change.repository)
+            .bind(&change.codebase)
+            .bind(&change.project)
+            .bind(files)
+            .bind(change.properties.to_json().to_string())
+            .bind(ssid)
+            .fetch_one(&mut *tx)
+            .await?;
+            stored.push(Change { changeid: get_i64(&row, "changeid")?, sourcestampid: ssid, change: change.clone() });
+        }
         tx.commit().await?;
-        Ok(Change { changeid, sourcestampid: ssid, change: change.clone() })
+        Ok(stored)
     }
 
     /// Stores a buildset and one build request per builder, atomically. Returns the buildset id

@@ -1,0 +1,256 @@
+//! GitHub and GitLab change hooks end to end: fixture payloads written from the documented
+//! schemas, signatures computed here, a real repository the builds check out.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use kiln_tests::repo::TestRepo;
+use kiln_tests::system::TestMaster;
+use serde_json::Value;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const SECRET: &str = "it is a secret to everybody";
+
+const SETUP: &str = r#"
+change_hooks:
+  github: {secret: "it is a secret to everybody"}
+  gitlab: {secret: gitlab-token}
+builders:
+  - name: hello
+    steps:
+      - git: {mode: full}
+      - shell: {name: cat, command: [cat, hello.txt]}
+schedulers:
+  - {type: single_branch, name: every, builderNames: [hello]}
+"#;
+
+struct World {
+    master: TestMaster,
+    repo: TestRepo,
+    parent: String,
+    first: String,
+    head: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::init(&dir.path().join("upstream"));
+    let parent = repo.commit("start", &[("README", "hello\n")]);
+    let first = repo.commit("Add the greeting", &[("hello.txt", "hello\n")]);
+    let head = repo.commit("Say hello to Kiln", &[("hello.txt", "hello kiln\n")]);
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let master = TestMaster::start(&database, dir.path(), SETUP).await;
+    World { master, repo, parent, first, head, _dir: dir }
+}
+
+impl World {
+    fn fixture(&self, name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+        std::fs::read_to_string(path)
+            .unwrap()
+            .replace("{{REPO}}", &self.repo.path.display().to_string())
+            .replace("{{PARENT}}", &self.parent)
+            .replace("{{FIRST}}", &self.first)
+            .replace("{{HEAD}}", &self.head)
+            .into_bytes()
+    }
+
+    async fn post(&self, dialect: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, String) {
+        let mut request = self.master.client.post(self.master.url(&format!("/change_hook/{dialect}"))).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    async fn github(&self, event: &str, body: Vec<u8>) -> (u16, String) {
+        let signature = sign_sha256(SECRET, &body);
+        let headers = [
+            ("Content-Type", "application/json".to_owned()),
+            ("X-GitHub-Event", event.to_owned()),
+            ("X-Hub-Signature-256", signature),
+        ];
+        self.post("github", &headers, body).await
+    }
+
+    async fn gitlab(&self, body: Vec<u8>, token: Option<&str>) -> (u16, String) {
+        let mut headers = vec![("Content-Type", "application/json".to_owned())];
+        if let Some(token) = token {
+            headers.push(("X-Gitlab-Token", token.to_owned()));
+        }
+        self.post("gitlab", &headers, body).await
+    }
+
+    async fn changes(&self) -> Vec<Value> {
+        self.master.get("/api/v2/changes").await["changes"].as_array().unwrap().clone()
+    }
+}
+
+fn sign_sha256(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn sign_sha1(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn got_revision(master: &TestMaster, brid: i64) -> (i64, String) {
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    let props = master.get(&format!("/api/v2/builds/{}?property=got_revision", build["buildid"])).await;
+    let revision = props["builds"][0]["properties"]["got_revision"][0].as_str().unwrap_or_default().to_owned();
+    (build["results"].as_i64().unwrap(), revision)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_github_push_builds_each_commit() {
+    let w = world().await;
+    let _worker = w.master.spawn_worker("w1");
+    let (status, body) = w.github("push", w.fixture("github/push.json")).await;
+    assert_eq!((status, body.as_str()), (200, "2 change found"));
+    let changes = w.changes().await;
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0]["revision"], w.first.as_str());
+    assert_eq!(changes[0]["author"], "Ada Lovelace <ada@example.org>");
+    assert_eq!(changes[0]["files"], serde_json::json!(["hello.txt"]));
+    assert_eq!(changes[0]["when_timestamp"], 1_795_162_500, "2026-11-20T09:15:00+01:00");
+    assert_eq!(changes[0]["project"], "octo-org/hello");
+    assert_eq!(changes[0]["properties"]["github_distinct"], serde_json::json!([true, "Change"]));
+    assert_eq!(changes[1]["committer"], "GitHub <noreply@github.com>");
+    let requests = w.master.get("/api/v2/buildrequests").await;
+    let brids: Vec<i64> =
+        requests["buildrequests"].as_array().unwrap().iter().map(|r| r["buildrequestid"].as_i64().unwrap()).collect();
+    assert_eq!(got_revision(&w.master, brids[0]).await, (0, w.first.clone()));
+    assert_eq!(got_revision(&w.master, brids[1]).await, (0, w.head.clone()));
+    w.master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_deliveries_must_carry_a_valid_signature() {
+    let w = world().await;
+    let body = w.fixture("github/push.json");
+    let unsigned = [("Content-Type", "application/json".to_owned()), ("X-GitHub-Event", "push".to_owned())];
+    let (status, reason) = w.post("github", &unsigned, body.clone()).await;
+    assert_eq!(status, 401, "{reason}");
+    let mut wrong = unsigned.to_vec();
+    wrong.push(("X-Hub-Signature-256", sign_sha256("guess", &body)));
+    assert_eq!(w.post("github", &wrong, body.clone()).await.0, 403);
+    let mut tampered = unsigned.to_vec();
+    tampered.push(("X-Hub-Signature-256", sign_sha256(SECRET, b"another body")));
+    assert_eq!(w.post("github", &tampered, body.clone()).await.0, 403);
+    assert!(w.changes().await.is_empty(), "nothing stored from refused deliveries");
+
+    // The legacy SHA-1 header is still accepted, and so is a form-encoded delivery.
+    let ping = w.fixture("github/ping.json");
+    let legacy = [
+        ("Content-Type", "application/json".to_owned()),
+        ("X-GitHub-Event", "ping".to_owned()),
+        ("X-Hub-Signature", sign_sha1(SECRET, &ping)),
+    ];
+    assert_eq!(w.post("github", &legacy, ping).await, (200, "no change found".to_owned()));
+    let form = format!("payload={}", urlencode(&String::from_utf8(body).unwrap())).into_bytes();
+    let form_headers = [
+        ("Content-Type", "application/x-www-form-urlencoded".to_owned()),
+        ("X-GitHub-Event", "push".to_owned()),
+        ("X-Hub-Signature-256", sign_sha256(SECRET, &form)),
+    ];
+    assert_eq!(w.post("github", &form_headers, form).await.0, 200);
+    assert_eq!(w.changes().await.len(), 2);
+
+    let (status, reason) = w.github("push", b"{\"ref\": ".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(reason.contains("invalid JSON"), "{reason}");
+    let (status, reason) = w.github("fork", b"{}".to_vec()).await;
+    assert_eq!((status, reason.as_str()), (400, "Unknown event: fork"));
+    w.master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_tags_deletions_and_skips_follow_buildbot() {
+    let w = world().await;
+    let (status, _) = w.github("push", w.fixture("github/tag.json")).await;
+    assert_eq!(status, 200);
+    let changes = w.changes().await;
+    assert_eq!(changes.len(), 1, "a created ref gives its head commit only");
+    assert_eq!((changes[0]["branch"].as_str(), changes[0]["category"].as_str()), (Some("v1.0"), Some("tag")));
+
+    let mut deleted: Value = serde_json::from_slice(&w.fixture("github/push.json")).unwrap();
+    deleted["deleted"] = Value::Bool(true);
+    assert_eq!(w.github("push", deleted.to_string().into_bytes()).await.1, "no change found");
+    let mut skipped: Value = serde_json::from_slice(&w.fixture("github/push.json")).unwrap();
+    skipped["head_commit"]["message"] = Value::from("Fix a typo [skip ci]");
+    assert_eq!(w.github("push", skipped.to_string().into_bytes()).await.1, "no change found");
+    assert_eq!(w.changes().await.len(), 1);
+    w.master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_pull_request_builds_its_head_through_the_pull_ref() {
+    let w = world().await;
+    // GitHub keeps `refs/pull/<n>/merge` in the base repository; so does this one.
+    let git = git2::Repository::open(&w.repo.path).unwrap();
+    git.reference("refs/pull/7/merge", git2::Oid::from_str(&w.head).unwrap(), true, "pull request").unwrap();
+    let _worker = w.master.spawn_worker("w1");
+    let (status, body) = w.github("pull_request", w.fixture("github/pull_request.json")).await;
+    assert_eq!((status, body.as_str()), (200, "1 change found"));
+    let change = &w.changes().await[0];
+    assert_eq!(change["branch"], "refs/pull/7/merge");
+    assert_eq!(change["category"], "pull");
+    assert_eq!(change["properties"]["pullrequesturl"][0], "https://github.com/octo-org/hello/pull/7");
+    let brid = w.master.get("/api/v2/buildrequests").await["buildrequests"][0]["buildrequestid"].as_i64().unwrap();
+    assert_eq!(got_revision(&w.master, brid).await, (0, w.head.clone()));
+    w.master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_deliveries_need_the_token_and_map_like_buildbot() {
+    let w = world().await;
+    let push = w.fixture("gitlab/push.json");
+    assert_eq!(w.gitlab(push.clone(), None).await.0, 401);
+    assert_eq!(w.gitlab(push.clone(), Some("guess")).await.0, 403);
+    assert!(w.changes().await.is_empty());
+    assert_eq!(w.gitlab(push, Some("gitlab-token")).await, (200, "1 change found".to_owned()));
+    assert_eq!(w.gitlab(w.fixture("gitlab/tag_push.json"), Some("gitlab-token")).await.0, 200);
+    assert_eq!(w.gitlab(w.fixture("gitlab/merge_request.json"), Some("gitlab-token")).await.0, 200);
+    let changes = w.changes().await;
+    assert_eq!(changes.len(), 3);
+    assert_eq!(changes[0]["project"], "group/hello");
+    assert_eq!(changes[0]["category"], "push");
+    assert_eq!(changes[0]["revision"], w.head.as_str());
+    assert_eq!((changes[1]["branch"].as_str(), changes[1]["category"].as_str()), (Some("v1.0"), Some("tag_push")));
+    assert_eq!((changes[2]["branch"].as_str(), changes[2]["category"].as_str()), (Some("main"), Some("merge_request")));
+    assert_eq!(changes[2]["properties"]["source_branch"][0], "french");
+    assert_eq!(w.gitlab(b"not json".to_vec(), Some("gitlab-token")).await.0, 400);
+    assert_eq!(w.gitlab(b"{\"object_kind\": \"wiki_page\"}".to_vec(), Some("gitlab-token")).await.0, 400);
+    w.master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialect_not_configured_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let master = TestMaster::start(
+        &database,
+        dir.path(),
+        "builders:\n  - name: b\n    steps:\n      - shell: {command: [\"true\"]}\n",
+    )
+    .await;
+    let response = master.client.post(master.url("/change_hook/github")).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("wasn't whitelisted"));
+    master.stop().await;
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
