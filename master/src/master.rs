@@ -319,6 +319,7 @@ impl Master {
                     builderids,
                     priority: *priority,
                     rebuilt_buildid: None,
+                    collapse_builderids: Vec::new(),
                 };
                 self.submit(&buildset).await?;
             }
@@ -380,12 +381,23 @@ impl Master {
             builderids,
             priority: request.priority,
             rebuilt_buildid: None,
+            collapse_builderids: Vec::new(),
         };
         Ok(self.submit(&buildset).await?)
     }
 
     async fn submit(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
-        let submitted = self.store.add_buildset(buildset).await?;
+        let mut buildset = buildset.clone();
+        buildset.collapse_builderids = buildset
+            .builderids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.builder_by_id(*id)
+                    .is_some_and(|b| b.config.collapse_requests.unwrap_or(self.config.collapse_requests))
+            })
+            .collect();
+        let submitted = self.store.add_buildset(&buildset).await?;
         debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
         self.store.notify_queue().await;
         self.wake();
@@ -559,6 +571,7 @@ impl Master {
             builderids: vec![origin.builderid],
             priority: origin.priority,
             rebuilt_buildid: Some(buildid),
+            collapse_builderids: Vec::new(),
         };
         Ok(self.submit(&buildset).await?)
     }

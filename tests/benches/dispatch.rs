@@ -128,7 +128,7 @@ async fn main() {
     };
     let (http, grpc) = (free_port(), free_port());
     let config = format!(
-        "database: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n  local: {{count: {}}}\nbuilders:\n  - name: quick\n    steps:\n      - shell: {{name: run, command: [\"true\"]}}\nschedulers:\n  - {{type: force, name: force, builderNames: [quick]}}\n",
+        "collapseRequests: false\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n  local: {{count: {}}}\nbuilders:\n  - name: quick\n    steps:\n      - shell: {{name: run, command: [\"true\"]}}\nschedulers:\n  - {{type: force, name: force, builderNames: [quick]}}\n",
         dir.path().display(),
         args.workers
     );

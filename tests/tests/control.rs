@@ -11,9 +11,11 @@ use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// One builder `b` running `command`, with collapsing off: these tests queue identical requests
+/// on purpose.
 fn setup(command: &str) -> String {
     format!(
-        "builders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
+        "collapseRequests: false\nbuilders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
     )
 }
 

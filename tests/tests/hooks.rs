@@ -11,7 +11,9 @@ use serde_json::Value;
 const MINUTE: Duration = Duration::from_secs(60);
 const SECRET: &str = "it is a secret to everybody";
 
+/// Collapsing is off so that each commit of a push gets its own build, to check them all.
 const SETUP: &str = r#"
+collapseRequests: false
 change_hooks:
   github: {secret: "it is a secret to everybody"}
   gitlab: {secret: gitlab-token}

@@ -43,6 +43,7 @@ conformance!(
     a_buildset_completes_with_the_worst_result,
     logs_round_trip_through_compressed_chunks,
     the_data_api_filters_orders_and_pages_in_sql,
+    compatible_older_requests_collapse_as_skipped,
 );
 
 const LEASE: i64 = 60_000;
@@ -281,4 +282,44 @@ async fn the_data_api_filters_orders_and_pages_in_sql(store: Store) {
     assert!(store.list(Resource::BuildRequests, &unknown).await.is_err());
     let bad = ListQuery::by("priority", "high");
     assert!(store.list(Resource::BuildRequests, &bad).await.is_err());
+}
+
+async fn compatible_older_requests_collapse_as_skipped(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let b = builder(&store, "b").await;
+    let change = NewChange {
+        branch: Some("main".into()),
+        revision: Some("r1".into()),
+        repository: "r".into(),
+        ..Default::default()
+    };
+    store.add_change(&change).await.unwrap();
+    let with_change = |revision: &str| NewBuildset {
+        sourcestamps: vec![SourceStamp {
+            branch: Some("main".into()),
+            revision: Some(revision.into()),
+            repository: "r".into(),
+            ..Default::default()
+        }],
+        builderids: vec![b],
+        collapse_builderids: vec![b],
+        ..Default::default()
+    };
+    let (old_bsid, old) = store.add_buildset(&with_change("r1")).await.unwrap();
+    let claimed_meanwhile = store.add_buildset(&buildset(vec![b], 0)).await.unwrap().1[0].1;
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    assert_eq!(claim.brid, old[0].1, "the oldest request is claimed first");
+    store.release_request(claim.brid, claim.claim_token).await.unwrap();
+    let change2 = NewChange { revision: Some("r2".into()), ..change };
+    store.add_change(&change2).await.unwrap();
+    let (_, new) = store.add_buildset(&with_change("r2")).await.unwrap();
+    let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", old[0].1)).await.unwrap();
+    assert_eq!((rows[0]["complete"].as_bool(), rows[0]["results"].as_i64()), (Some(true), Some(3)), "SKIPPED");
+    let (sets, _) = store.list(Resource::Buildsets, &ListQuery::by("bsid", old_bsid)).await.unwrap();
+    assert_eq!(sets[0]["results"], 0, "a buildset of collapsed requests reports SUCCESS");
+    let (rows, _) =
+        store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", claimed_meanwhile)).await.unwrap();
+    assert_eq!(rows[0]["complete"], false, "a forced build without changes is not collapsed by a change");
+    let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", new[0].1)).await.unwrap();
+    assert_eq!(rows[0]["complete"], false);
 }

@@ -289,6 +289,7 @@ async fn two_masters_on_one_postgres_build_every_request_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let database = pg::fresh_database().await;
     let setup = r#"
+collapseRequests: false
 builders:
   - name: quick
     steps:

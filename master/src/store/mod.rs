@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
+use crate::collapse::CollapseView;
 use crate::properties::Properties;
 use crate::results::Results;
 
@@ -128,6 +129,8 @@ pub struct NewBuildset {
     pub priority: i64,
     /// The build this buildset rebuilds, if any.
     pub rebuilt_buildid: Option<i64>,
+    /// Builders whose older compatible requests this buildset's requests collapse.
+    pub collapse_builderids: Vec<i64>,
 }
 
 /// A build request this master has claimed. `claim_token` fences it: only the holder of the
@@ -400,8 +403,9 @@ impl Store {
         Ok(stored)
     }
 
-    /// Stores a buildset and one build request per builder, atomically. Returns the buildset id
-    /// and `(builderid, brid)` pairs.
+    /// Stores a buildset and one build request per builder, atomically, collapsing older
+    /// compatible requests of the builders in `collapse_builderids` (they complete as SKIPPED).
+    /// Returns the buildset id and `(builderid, brid)` pairs.
     pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>)> {
         let now = now_ms();
         let mut tx = self.write.begin().await?;
@@ -417,8 +421,16 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let bsid = get_i64(&row, "id")?;
+        let mut view = CollapseView { sourcestamps: Vec::new(), properties: buildset.properties.clone() };
         for ss in &buildset.sourcestamps {
             let ssid = Self::find_or_create_sourcestamp(&mut tx, ss, now).await?;
+            if !buildset.collapse_builderids.is_empty() {
+                let changes = sqlx::query("SELECT 1 AS found FROM changes WHERE sourcestampid = $1 LIMIT 1")
+                    .bind(ssid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                view.sourcestamps.push((ss.clone(), changes.is_some()));
+            }
             sqlx::query(
                 "INSERT INTO buildset_sourcestamps (buildsetid, sourcestampid) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             )
@@ -438,10 +450,77 @@ impl Store {
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
-            brids.push((builderid, get_i64(&row, "id")?));
+            let brid = get_i64(&row, "id")?;
+            brids.push((builderid, brid));
+            if buildset.collapse_builderids.contains(&builderid) {
+                Self::collapse_older(&mut tx, builderid, brid, &view, now).await?;
+            }
         }
         tx.commit().await?;
         Ok((bsid, brids))
+    }
+
+    /// Completes as SKIPPED the unclaimed requests of `builderid` older than `brid` that the new
+    /// buildset makes redundant.
+    async fn collapse_older(
+        conn: &mut AnyConnection,
+        builderid: i64,
+        brid: i64,
+        new: &CollapseView,
+        now: i64,
+    ) -> Result<()> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.buildsetid, b.properties, s.id AS ssid, s.branch, s.revision, s.repository, s.project, s.codebase, \
+             CAST(CASE WHEN EXISTS (SELECT 1 FROM changes c WHERE c.sourcestampid = s.id) THEN 1 ELSE 0 END AS BIGINT) AS has_changes \
+             FROM buildrequests r JOIN buildsets b ON b.id = r.buildsetid \
+             LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid \
+             LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid \
+             WHERE r.builderid = $1 AND r.complete = 0 AND r.claimed_by_masterid IS NULL AND r.id < $2 ORDER BY r.id",
+        )
+        .bind(builderid)
+        .bind(brid)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut candidates: Vec<(i64, i64, CollapseView)> = Vec::new();
+        for row in &rows {
+            let id = get_i64(row, "id")?;
+            if candidates.last().is_none_or(|(last, _, _)| *last != id) {
+                let props: String = row.try_get("properties")?;
+                let props = serde_json::from_str(&props).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let view = CollapseView { sourcestamps: Vec::new(), properties: Properties::from_json(&props) };
+                candidates.push((id, get_i64(row, "buildsetid")?, view));
+            }
+            if row.try_get::<Option<i64>, _>("ssid")?.is_some() {
+                let has_changes = get_i64(row, "has_changes")? != 0;
+                let ss = SourceStamp {
+                    branch: row.try_get("branch")?,
+                    revision: row.try_get("revision")?,
+                    repository: row.try_get::<Option<String>, _>("repository")?.unwrap_or_default(),
+                    project: row.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
+                    codebase: row.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
+                };
+                candidates.last_mut().expect("pushed above").2.sourcestamps.push((ss, has_changes));
+            }
+        }
+        for (old, bsid, view) in candidates {
+            if !crate::collapse::can_collapse(new, &view) {
+                continue;
+            }
+            let done = sqlx::query(
+                "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2 \
+                 WHERE id = $3 AND complete = 0 AND claimed_by_masterid IS NULL",
+            )
+            .bind(now)
+            .bind(Results::Skipped.code())
+            .bind(old)
+            .execute(&mut *conn)
+            .await?;
+            if done.rows_affected() > 0 {
+                tracing::info!(collapsed = old, into = brid, "collapsed a build request");
+                Self::maybe_complete_buildset(conn, bsid, now).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Reason, properties and source stamps of a buildset.
@@ -585,15 +664,15 @@ impl Store {
             .bind(bsid)
             .fetch_all(&mut *conn)
             .await?;
-        let mut worst: Option<Results> = None;
+        // As in Buildbot, a buildset starts from SUCCESS: one whose requests were all collapsed
+        // (SKIPPED) reports SUCCESS.
+        let mut results = Results::Success;
         for row in &rows {
             if get_i64(row, "complete")? == 0 {
                 return Ok(());
             }
-            let r = Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception);
-            worst = Some(worst.map_or(r, |w| w.worst(r)));
+            results = results.worst(Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception));
         }
-        let results = worst.unwrap_or(Results::Success);
         sqlx::query("UPDATE buildsets SET complete = 1, complete_at = $1, results = $2 WHERE id = $3 AND complete = 0")
             .bind(now)
             .bind(results.code())
