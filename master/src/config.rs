@@ -286,54 +286,113 @@ pub struct SetPropertyStepConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum SchedulerConfig {
-    /// Buildbot's SingleBranchScheduler: matching changes become build requests.
-    SingleBranch {
-        name: String,
-        #[serde(rename = "builderNames")]
-        builder_names: Vec<String>,
-        /// Only changes on this branch; absent means any branch.
-        #[serde(default)]
-        branch: Option<String>,
-        #[serde(default)]
-        project: Option<String>,
-        #[serde(default)]
-        repository: Option<String>,
-        /// Seconds the tree must be stable before building. Not supported yet: leave unset.
-        #[serde(default, rename = "treeStableTimer")]
-        tree_stable_timer: Option<f64>,
-        #[serde(default)]
-        priority: i64,
-        #[serde(default)]
-        properties: BTreeMap<String, serde_json::Value>,
-    },
+    /// Buildbot's SingleBranchScheduler: matching changes become build requests, with one
+    /// tree-stable timer for the scheduler.
+    SingleBranch(ChangeSchedulerConfig),
+    /// Buildbot's AnyBranchScheduler: like `single_branch`, with a timer per branch.
+    AnyBranch(ChangeSchedulerConfig),
     /// Buildbot's ForceScheduler: builds on demand through the REST control API.
-    Force {
-        name: String,
-        #[serde(rename = "builderNames")]
-        builder_names: Vec<String>,
-        #[serde(default, rename = "buttonName")]
-        button_name: Option<String>,
-        #[serde(default)]
-        label: Option<String>,
-        #[serde(default)]
-        properties: BTreeMap<String, serde_json::Value>,
-    },
+    Force(ForceSchedulerConfig),
+}
+
+/// A scheduler that builds changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeSchedulerConfig {
+    pub name: String,
+    #[serde(rename = "builderNames")]
+    pub builder_names: Vec<String>,
+    /// Only changes on this branch (shorthand for `change_filter: {branch: …}`).
+    #[serde(default)]
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub change_filter: ChangeFilterConfig,
+    /// Seconds the tree must be quiet before building all changes seen so far; unset builds each
+    /// important change at once.
+    #[serde(default, rename = "treeStableTimer")]
+    pub tree_stable_timer: Option<f64>,
+    /// Glob patterns of files that make a change important; unset means every change is.
+    #[serde(default, rename = "fileIsImportant")]
+    pub file_is_important: Option<Vec<String>>,
+    #[serde(default)]
+    pub priority: i64,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
+}
+
+/// Buildbot's ChangeFilter: for each of project, repository, branch, category and codebase, an
+/// equality (one value or a list), its negation, a regular expression and its negation.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeFilterConfig {
+    pub project: Option<OneOrMany>,
+    pub project_not_eq: Option<OneOrMany>,
+    pub project_re: Option<String>,
+    pub project_not_re: Option<String>,
+    pub repository: Option<OneOrMany>,
+    pub repository_not_eq: Option<OneOrMany>,
+    pub repository_re: Option<String>,
+    pub repository_not_re: Option<String>,
+    pub branch: Option<OneOrMany>,
+    pub branch_not_eq: Option<OneOrMany>,
+    pub branch_re: Option<String>,
+    pub branch_not_re: Option<String>,
+    pub category: Option<OneOrMany>,
+    pub category_not_eq: Option<OneOrMany>,
+    pub category_re: Option<String>,
+    pub category_not_re: Option<String>,
+    pub codebase: Option<OneOrMany>,
+    pub codebase_not_eq: Option<OneOrMany>,
+    pub codebase_re: Option<String>,
+    pub codebase_not_re: Option<String>,
+}
+
+/// One value or a list of them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn values(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Buildbot's ForceScheduler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForceSchedulerConfig {
+    pub name: String,
+    #[serde(rename = "builderNames")]
+    pub builder_names: Vec<String>,
+    #[serde(default, rename = "buttonName")]
+    pub button_name: Option<String>,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 impl SchedulerConfig {
     pub fn name(&self) -> &str {
         match self {
-            SchedulerConfig::SingleBranch { name, .. } | SchedulerConfig::Force { name, .. } => name,
+            SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) => &c.name,
+            SchedulerConfig::Force(f) => &f.name,
         }
     }
 
     pub fn builder_names(&self) -> &[String] {
         match self {
-            SchedulerConfig::SingleBranch { builder_names, .. } | SchedulerConfig::Force { builder_names, .. } => {
-                builder_names
-            }
+            SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) => &c.builder_names,
+            SchedulerConfig::Force(f) => &f.builder_names,
         }
     }
 }
@@ -619,11 +678,10 @@ impl Config {
                     return Err((format!("schedulers[{i}].builderNames[{j}]"), format!("unknown builder {builder:?}")));
                 }
             }
-            if let SchedulerConfig::SingleBranch { tree_stable_timer: Some(_), .. } = scheduler {
-                return Err((
-                    format!("schedulers[{i}].treeStableTimer"),
-                    "tree-stable timers are not supported by this version; remove the key to build every change".into(),
-                ));
+            if let SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) = scheduler
+                && let Err((key, reason)) = crate::schedulers::ChangeScheduler::compile(c, false)
+            {
+                return Err((format!("schedulers[{i}].{key}"), reason));
             }
         }
         Ok(())

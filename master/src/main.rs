@@ -56,7 +56,7 @@ async fn main() -> ExitCode {
     let http = config.http.listen;
     let grpc = config.workers.listen;
     let force = config.schedulers.iter().find_map(|s| match s {
-        kiln_master::config::SchedulerConfig::Force { name, .. } => Some(name.clone()),
+        kiln_master::config::SchedulerConfig::Force(f) => Some(f.name.clone()),
         _ => None,
     });
     let result = server::run(config, listeners, shutdown_signal(), |master| {

@@ -10,12 +10,12 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{BuilderConfig, Config, SchedulerConfig};
+use crate::config::{BuilderConfig, ChangeSchedulerConfig, Config, SchedulerConfig};
 use crate::engine::{self, BuildContext, StopReason};
 use crate::properties::Properties;
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
 use crate::results::Results;
-use crate::schedulers;
+use crate::schedulers::{self, ChangeScheduler, Classification};
 use crate::store::{Change, ClaimedRequest, NewBuildset, NewChange, Notification, SourceStamp, Store, StoreError};
 
 /// Why a worker could not attach.
@@ -117,6 +117,12 @@ struct Builder {
     config: Arc<BuilderConfig>,
 }
 
+/// A single- or any-branch scheduler: its configuration and its compiled rules.
+struct ChangeSchedulerEntry {
+    config: ChangeSchedulerConfig,
+    compiled: ChangeScheduler,
+}
+
 struct RunningBuild {
     stop: watch::Sender<Option<StopReason>>,
     claim_token: i64,
@@ -129,6 +135,9 @@ pub struct Master {
     pub masterid: i64,
     pub name: String,
     builders: Vec<Builder>,
+    change_schedulers: Vec<ChangeSchedulerEntry>,
+    /// Wakes the timer loop when a change (re)starts a tree-stable timer.
+    timers_changed: Notify,
     workers: Mutex<HashMap<String, Arc<WorkerSession>>>,
     running: Mutex<HashMap<i64, RunningBuild>>,
     /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
@@ -157,8 +166,23 @@ impl Master {
             let id = store.upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags).await?;
             builders.push(Builder { id, config: Arc::new(builder.clone()) });
         }
+        let change_schedulers = config
+            .schedulers
+            .iter()
+            .filter_map(|s| match s {
+                SchedulerConfig::SingleBranch(c) => Some((c, false)),
+                SchedulerConfig::AnyBranch(c) => Some((c, true)),
+                SchedulerConfig::Force(_) => None,
+            })
+            .map(|(c, per_branch)| ChangeSchedulerEntry {
+                config: c.clone(),
+                compiled: ChangeScheduler::compile(c, per_branch).expect("validated with the configuration"),
+            })
+            .collect();
         let (shutting_down, _) = watch::channel(false);
         let master = Arc::new(Master {
+            change_schedulers,
+            timers_changed: Notify::new(),
             lease: Duration::from_secs(config.workers.lease_seconds),
             heartbeat: Duration::from_secs_f64(config.workers.heartbeat_interval),
             config,
@@ -294,37 +318,121 @@ impl Master {
         Ok(stored)
     }
 
+    /// Lets every change scheduler act on a stored change: build it now, or classify it under a
+    /// tree-stable timer.
     async fn schedule_change(&self, stored: &Change) -> Result<(), SubmitError> {
         let change = &stored.change;
         info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
-        for scheduler in &self.config.schedulers {
-            if let SchedulerConfig::SingleBranch { name, builder_names, priority, properties, .. } = scheduler {
-                if !schedulers::single_branch_accepts(scheduler, change) {
-                    continue;
+        for scheduler in &self.change_schedulers {
+            let classification = scheduler.compiled.classify(change);
+            if classification == Classification::Ignored {
+                continue;
+            }
+            match scheduler.compiled.tree_stable_ms {
+                None if classification == Classification::Important => {
+                    let buildset = self.buildset_for(scheduler, std::slice::from_ref(stored));
+                    self.submit(&buildset).await?;
                 }
-                let mut props = Properties::new();
-                for (k, v) in properties {
-                    props.set(k.clone(), v.clone(), "Scheduler");
+                None => {}
+                Some(stable_ms) => {
+                    let now = crate::store::now_ms();
+                    let key = scheduler.compiled.timer_key(change);
+                    let important = classification == Classification::Important;
+                    self.store
+                        .classify_change(&scheduler.compiled.name, &key, stored.changeid, important, |running| {
+                            schedulers::next_fire(running, classification, now, stable_ms)
+                        })
+                        .await?;
+                    self.timers_changed.notify_one();
                 }
-                props.set("scheduler", Value::from(name.clone()), "Scheduler");
-                for (k, v, _) in change.properties.iter() {
-                    props.set(k, v.clone(), "Change");
-                }
-                let builderids = builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
-                let buildset = NewBuildset {
-                    reason: format!("The SingleBranchScheduler scheduler named '{name}' triggered this build"),
-                    external_idstring: None,
-                    properties: props,
-                    sourcestamps: vec![change.sourcestamp()],
-                    builderids,
-                    priority: *priority,
-                    rebuilt_buildid: None,
-                    collapse_builderids: Vec::new(),
-                };
-                self.submit(&buildset).await?;
             }
         }
         Ok(())
+    }
+
+    /// The buildset a change scheduler submits for `changes` (oldest first): the newest change's
+    /// sources for each codebase, the scheduler's properties and the newest change's.
+    fn buildset_for(&self, scheduler: &ChangeSchedulerEntry, changes: &[Change]) -> NewBuildset {
+        let config = &scheduler.config;
+        let mut props = Properties::new();
+        for (k, v) in &config.properties {
+            props.set(k.clone(), v.clone(), "Scheduler");
+        }
+        props.set("scheduler", Value::from(config.name.clone()), "Scheduler");
+        let mut sourcestamps: Vec<SourceStamp> = Vec::new();
+        for stored in changes {
+            for (k, v, _) in stored.change.properties.iter() {
+                props.set(k, v.clone(), "Change");
+            }
+            let ss = stored.change.sourcestamp();
+            match sourcestamps.iter_mut().find(|s| s.codebase == ss.codebase) {
+                Some(existing) => *existing = ss,
+                None => sourcestamps.push(ss),
+            }
+        }
+        let kind = if scheduler.compiled.per_branch { "AnyBranchScheduler" } else { "SingleBranchScheduler" };
+        let builderids: Vec<i64> = config.builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
+        NewBuildset {
+            reason: format!("The {kind} scheduler named '{}' triggered this build", config.name),
+            external_idstring: None,
+            properties: props,
+            sourcestamps,
+            collapse_builderids: self.collapsing(&builderids),
+            builderids,
+            priority: config.priority,
+            rebuilt_buildid: None,
+        }
+    }
+
+    /// The builders among `builderids` whose requests collapse.
+    fn collapsing(&self, builderids: &[i64]) -> Vec<i64> {
+        builderids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.builder_by_id(*id)
+                    .is_some_and(|b| b.config.collapse_requests.unwrap_or(self.config.collapse_requests))
+            })
+            .collect()
+    }
+
+    /// Fires tree-stable timers when they are due. Timers live in the database, so a restarted
+    /// master — or any other master sharing the database — picks them up; each fires once.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut shutdown = self.shutting_down.subscribe();
+        let sweep = Duration::from_secs(5);
+        loop {
+            let now = crate::store::now_ms();
+            let wait = match self.store.next_timer_at().await {
+                Ok(Some(at)) => Duration::from_millis((at - now).clamp(0, sweep.as_millis() as i64) as u64),
+                Ok(None) => sweep,
+                Err(error) => {
+                    warn!(%error, "cannot read scheduler timers");
+                    sweep
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.timers_changed.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
+            let fired = self
+                .store
+                .fire_due_timers(crate::store::now_ms(), |name, changes| {
+                    let scheduler = self.change_schedulers.iter().find(|s| s.config.name == name)?;
+                    (!changes.is_empty()).then(|| self.buildset_for(scheduler, changes))
+                })
+                .await;
+            match fired {
+                Ok(buildsets) if !buildsets.is_empty() => {
+                    info!(buildsets = buildsets.len(), "tree-stable timers fired");
+                    self.store.notify_queue().await;
+                    self.wake();
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "could not fire scheduler timers"),
+            }
+        }
     }
 
     /// Forces a build through a force scheduler.
@@ -339,9 +447,10 @@ impl Master {
             .iter()
             .find(|s| s.name() == scheduler_name)
             .ok_or_else(|| SubmitError::UnknownScheduler(scheduler_name.to_owned()))?;
-        let SchedulerConfig::Force { builder_names: allowed, properties, .. } = scheduler else {
+        let SchedulerConfig::Force(force) = scheduler else {
             return Err(SubmitError::NotForceable(scheduler_name.to_owned()));
         };
+        let (allowed, properties) = (&force.builder_names, &force.properties);
         let mut names = request.builder_names.clone();
         if let Some(id) = request.builderid {
             let builder = self.builder_by_id(id).ok_or_else(|| SubmitError::UnknownBuilder(id.to_string()))?;
@@ -388,15 +497,7 @@ impl Master {
 
     async fn submit(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
         let mut buildset = buildset.clone();
-        buildset.collapse_builderids = buildset
-            .builderids
-            .iter()
-            .copied()
-            .filter(|id| {
-                self.builder_by_id(*id)
-                    .is_some_and(|b| b.config.collapse_requests.unwrap_or(self.config.collapse_requests))
-            })
-            .collect();
+        buildset.collapse_builderids = self.collapsing(&buildset.builderids);
         let submitted = self.store.add_buildset(&buildset).await?;
         debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
         self.store.notify_queue().await;

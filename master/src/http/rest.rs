@@ -317,12 +317,14 @@ pub async fn get(
                 .schedulers
                 .iter()
                 .filter_map(|s| match s {
-                    SchedulerConfig::Force { name: n, builder_names, button_name, label, properties } => {
-                        let wanted = name.as_ref().is_none_or(|x| x == n)
-                            && builder.as_ref().is_none_or(|b| builder_names.contains(b));
-                        wanted.then(|| force_scheduler_json(n, builder_names, button_name, label, properties))
+                    SchedulerConfig::Force(f) => {
+                        let wanted = name.as_ref().is_none_or(|x| *x == f.name)
+                            && builder.as_ref().is_none_or(|b| f.builder_names.contains(b));
+                        wanted.then(|| {
+                            force_scheduler_json(&f.name, &f.builder_names, &f.button_name, &f.label, &f.properties)
+                        })
                     }
-                    SchedulerConfig::SingleBranch { .. } => None,
+                    SchedulerConfig::SingleBranch(_) | SchedulerConfig::AnyBranch(_) => None,
                 })
                 .collect();
             if name.is_some() && items.is_empty() {

@@ -25,6 +25,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0002_control.sql"),
         postgres: include_str!("../../migrations/postgres/0002_control.sql"),
     },
+    Migration {
+        version: 3,
+        description: "scheduler timers",
+        sqlite: include_str!("../../migrations/sqlite/0003_scheduler_state.sql"),
+        postgres: include_str!("../../migrations/postgres/0003_scheduler_state.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -407,8 +407,17 @@ impl Store {
     /// compatible requests of the builders in `collapse_builderids` (they complete as SKIPPED).
     /// Returns the buildset id and `(builderid, brid)` pairs.
     pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>)> {
-        let now = now_ms();
         let mut tx = self.write.begin().await?;
+        let submitted = Self::add_buildset_in(&mut tx, buildset, now_ms()).await?;
+        tx.commit().await?;
+        Ok(submitted)
+    }
+
+    async fn add_buildset_in(
+        tx: &mut AnyConnection,
+        buildset: &NewBuildset,
+        now: i64,
+    ) -> Result<(i64, Vec<(i64, i64)>)> {
         let row = sqlx::query(
             "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties, rebuilt_buildid) \
              VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -423,7 +432,7 @@ impl Store {
         let bsid = get_i64(&row, "id")?;
         let mut view = CollapseView { sourcestamps: Vec::new(), properties: buildset.properties.clone() };
         for ss in &buildset.sourcestamps {
-            let ssid = Self::find_or_create_sourcestamp(&mut tx, ss, now).await?;
+            let ssid = Self::find_or_create_sourcestamp(tx, ss, now).await?;
             if !buildset.collapse_builderids.is_empty() {
                 let changes = sqlx::query("SELECT 1 AS found FROM changes WHERE sourcestampid = $1 LIMIT 1")
                     .bind(ssid)
@@ -453,10 +462,9 @@ impl Store {
             let brid = get_i64(&row, "id")?;
             brids.push((builderid, brid));
             if buildset.collapse_builderids.contains(&builderid) {
-                Self::collapse_older(&mut tx, builderid, brid, &view, now).await?;
+                Self::collapse_older(tx, builderid, brid, &view, now).await?;
             }
         }
-        tx.commit().await?;
         Ok((bsid, brids))
     }
 
@@ -521,6 +529,110 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Records a change a timed scheduler accepted, and moves its tree-stable timer to `fire_at`
+    /// (`None` leaves the timer as it is: an unimportant change with no timer running).
+    pub async fn classify_change(
+        &self,
+        scheduler: &str,
+        timer_key: &str,
+        changeid: i64,
+        important: bool,
+        fire_at: impl FnOnce(Option<i64>) -> Option<i64>,
+    ) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        let running = sqlx::query("SELECT fire_at FROM scheduler_timers WHERE scheduler = $1 AND timer_key = $2")
+            .bind(scheduler)
+            .bind(timer_key)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| get_i64(&row, "fire_at"))
+            .transpose()?;
+        let Some(fire_at) = fire_at(running) else {
+            // An unimportant change with no timer running is not remembered, as in Buildbot.
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO scheduler_changes (scheduler, timer_key, changeid, important) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (scheduler, changeid) DO NOTHING",
+        )
+        .bind(scheduler)
+        .bind(timer_key)
+        .bind(changeid)
+        .bind(i64::from(important))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO scheduler_timers (scheduler, timer_key, fire_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (scheduler, timer_key) DO UPDATE SET fire_at = $3",
+        )
+        .bind(scheduler)
+        .bind(timer_key)
+        .bind(fire_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// When the next tree-stable timer fires, if any runs.
+    pub async fn next_timer_at(&self) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT MIN(fire_at) AS next FROM scheduler_timers").fetch_one(&self.write).await?;
+        Ok(row.try_get::<Option<i64>, _>("next")?)
+    }
+
+    /// Fires every timer due at `now`: takes its classified changes and submits the buildset
+    /// `make` builds from them (`None` submits nothing), in one transaction per timer, so a timer
+    /// fires exactly once even when several masters share the database. Returns the submitted
+    /// buildsets.
+    pub async fn fire_due_timers(
+        &self,
+        now: i64,
+        make: impl Fn(&str, &[Change]) -> Option<NewBuildset>,
+    ) -> Result<Vec<(i64, Vec<(i64, i64)>)>> {
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let mut submitted = Vec::new();
+        loop {
+            let mut tx = self.write.begin().await?;
+            let due = sqlx::query(AssertSqlSafe(format!(
+                "SELECT scheduler, timer_key FROM scheduler_timers WHERE fire_at <= $1 ORDER BY fire_at LIMIT 1 {lock}"
+            )))
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(due) = due else { return Ok(submitted) };
+            let scheduler: String = due.try_get("scheduler")?;
+            let timer_key: String = due.try_get("timer_key")?;
+            let rows = sqlx::query(
+                "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
+                 c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid \
+                 FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
+                 WHERE s.scheduler = $1 AND s.timer_key = $2 ORDER BY c.changeid",
+            )
+            .bind(&scheduler)
+            .bind(&timer_key)
+            .fetch_all(&mut *tx)
+            .await?;
+            let changes = rows.iter().map(change_from_row).collect::<Result<Vec<_>>>()?;
+            sqlx::query("DELETE FROM scheduler_changes WHERE scheduler = $1 AND timer_key = $2")
+                .bind(&scheduler)
+                .bind(&timer_key)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM scheduler_timers WHERE scheduler = $1 AND timer_key = $2")
+                .bind(&scheduler)
+                .bind(&timer_key)
+                .execute(&mut *tx)
+                .await?;
+            if let Some(buildset) = make(&scheduler, &changes) {
+                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now).await?);
+            }
+            tx.commit().await?;
+        }
     }
 
     /// Reason, properties and source stamps of a buildset.
@@ -1259,6 +1371,33 @@ fn sqlite_pragmas(
         .execute(conn)
         .await
         .map(|_| ())
+    })
+}
+
+/// A stored change from a row of `changes`.
+fn change_from_row(row: &AnyRow) -> Result<Change> {
+    let files: String = row.try_get("files")?;
+    let properties: String = row.try_get("properties")?;
+    let properties: serde_json::Value =
+        serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Change {
+        changeid: get_i64(row, "changeid")?,
+        sourcestampid: get_i64(row, "sourcestampid")?,
+        change: NewChange {
+            author: row.try_get("author")?,
+            committer: row.try_get("committer")?,
+            comments: row.try_get("comments")?,
+            branch: row.try_get("branch")?,
+            revision: row.try_get("revision")?,
+            revlink: row.try_get("revlink")?,
+            when_ms: get_i64(row, "when_timestamp")?,
+            category: row.try_get("category")?,
+            repository: row.try_get("repository")?,
+            codebase: row.try_get("codebase")?,
+            project: row.try_get("project")?,
+            files: serde_json::from_str(&files).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            properties: Properties::from_json(&properties),
+        },
     })
 }
 
