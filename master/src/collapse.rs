@@ -37,6 +37,26 @@ pub fn can_collapse(new: &CollapseView, old: &CollapseView) -> bool {
     scheduler_properties(&new.properties) == scheduler_properties(&old.properties)
 }
 
+/// A digest of what [`can_collapse`] requires to be equal in the source stamps: two buildsets may
+/// collapse only if their keys are equal (the converse is checked by `can_collapse`).
+pub fn key(sourcestamps: &[SourceStamp]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut parts: Vec<[&str; 4]> = sourcestamps
+        .iter()
+        .map(|ss| [ss.codebase.as_str(), &ss.repository, ss.branch.as_deref().unwrap_or("\u{1}"), &ss.project])
+        .collect();
+    parts.sort();
+    let mut hasher = Sha256::new();
+    for part in parts {
+        for field in part {
+            hasher.update(field.as_bytes());
+            hasher.update([0u8]);
+        }
+        hasher.update([1u8]);
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn scheduler_properties(properties: &Properties) -> Vec<(&str, &serde_json::Value)> {
     properties
         .iter()
@@ -76,6 +96,19 @@ mod tests {
     fn forced_builds_collapse_only_on_the_same_revision() {
         assert!(can_collapse(&view("main", None, false), &view("main", None, false)));
         assert!(!can_collapse(&view("main", Some("b"), false), &view("main", Some("a"), false)));
+    }
+
+    #[test]
+    fn keys_agree_exactly_when_the_sources_may_collapse() {
+        let ss = |branch: Option<&str>, revision: &str| SourceStamp {
+            branch: branch.map(str::to_owned),
+            revision: Some(revision.into()),
+            repository: "r".into(),
+            ..Default::default()
+        };
+        assert_eq!(key(&[ss(Some("main"), "a")]), key(&[ss(Some("main"), "b")]), "revisions do not matter");
+        assert_ne!(key(&[ss(Some("main"), "a")]), key(&[ss(Some("dev"), "a")]));
+        assert_ne!(key(&[ss(None, "a")]), key(&[ss(Some(""), "a")]));
     }
 
     #[test]

@@ -7,15 +7,14 @@
 //! cargo build --release --bins && cargo bench -p kiln-tests --bench dispatch -- --builds 1000 --workers 8 --database sqlite
 //! ```
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kiln_tests::{binary, pg};
+use kiln_tests::pg;
+use kiln_tests::process::{MasterProcess, percentile};
 use serde_json::json;
 use sqlx::Row;
-use tokio::process::Command;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -37,27 +36,6 @@ struct Args {
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// (submitted_at, started_at, complete_at) in ms of each request's build with id > `after`.
@@ -126,38 +104,12 @@ async fn main() {
         }
         other => panic!("unknown database {other}"),
     };
-    let (http, grpc) = (free_port(), free_port());
-    let config = format!(
-        "collapseRequests: false\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n  local: {{count: {}}}\nbuilders:\n  - name: quick\n    steps:\n      - shell: {{name: run, command: [\"true\"]}}\nschedulers:\n  - {{type: force, name: force, builderNames: [quick]}}\n",
-        dir.path().display(),
-        args.workers
-    );
-    let config_path = dir.path().join("bench.yaml");
-    std::fs::write(&config_path, config).unwrap();
-    let mut master = Command::new(binary("kiln-master"))
-        .arg("--config")
-        .arg(&config_path)
-        .env("KILN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = master.id().unwrap();
-    let base = format!("http://127.0.0.1:{http}");
+    const BUILDER: &str = "collapseRequests: false\nbuilders:\n  - name: quick\n    steps:\n      - shell: {name: run, command: [\"true\"]}\nschedulers:\n  - {type: force, name: force, builderNames: [quick]}\n";
+    // The body continues the `workers:` section the fixture writes, then adds the builder.
+    let body = format!("  local: {{count: {}}}\n{BUILDER}", args.workers);
+    let master = MasterProcess::start(&database, dir.path(), &body, u64::from(args.workers)).await;
+    let base = master.base.clone();
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let connected = match client.get(format!("{base}/api/v2/workers")).send().await {
-            Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["meta"]["total"].as_u64()).unwrap_or(0),
-            Err(_) => 0,
-        };
-        if connected >= u64::from(args.workers) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "workers did not connect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let force_url = format!("{base}/api/v2/forceschedulers/force");
     println!(
         "Kiln dispatch benchmark: {} builds, {} workers, {} ({} CPUs)",
@@ -205,7 +157,7 @@ async fn main() {
     let first_submit = burst.iter().map(|t| t.0).min().unwrap();
     let last_complete = burst.iter().map(|t| t.2).max().unwrap();
     let mut burst_latency: Vec<f64> = burst.iter().map(|(s, b, _)| (b - s) as f64).collect();
-    let rss = peak_rss_mib(pid);
+    let rss = master.peak_rss_mib();
 
     println!(
         "burst submitted in                       {:.2} s ({:.0} requests/s)",
@@ -220,7 +172,5 @@ async fn main() {
     stats("dispatch latency, burst", &mut burst_latency);
     stats("dispatch latency, single, idle workers", &mut single_latency);
     println!("master peak RSS                          {rss:.1} MiB");
-    // SAFETY: SIGTERM to our own child, to let it stop its workers.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = tokio::time::timeout(Duration::from_secs(30), master.wait()).await;
+    master.stop().await;
 }

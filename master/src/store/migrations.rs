@@ -31,6 +31,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0003_scheduler_state.sql"),
         postgres: include_str!("../../migrations/postgres/0003_scheduler_state.sql"),
     },
+    Migration {
+        version: 4,
+        description: "collapse keys",
+        sqlite: include_str!("../../migrations/sqlite/0004_collapse_key.sql"),
+        postgres: include_str!("../../migrations/postgres/0004_collapse_key.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -430,6 +430,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let bsid = get_i64(&row, "id")?;
+        let collapse_key = crate::collapse::key(&buildset.sourcestamps);
         let mut view = CollapseView { sourcestamps: Vec::new(), properties: buildset.properties.clone() };
         for ss in &buildset.sourcestamps {
             let ssid = Self::find_or_create_sourcestamp(tx, ss, now).await?;
@@ -451,18 +452,20 @@ impl Store {
         let mut brids = Vec::with_capacity(buildset.builderids.len());
         for &builderid in &buildset.builderids {
             let row = sqlx::query(
-                "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at) VALUES ($1, $2, $3, $4) RETURNING id",
+                "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at, collapse_key) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
             )
             .bind(bsid)
             .bind(builderid)
             .bind(buildset.priority)
             .bind(now)
+            .bind(&collapse_key)
             .fetch_one(&mut *tx)
             .await?;
             let brid = get_i64(&row, "id")?;
             brids.push((builderid, brid));
             if buildset.collapse_builderids.contains(&builderid) {
-                Self::collapse_older(tx, builderid, brid, &view, now).await?;
+                Self::collapse_older(tx, builderid, brid, &collapse_key, &view, now).await?;
             }
         }
         Ok((bsid, brids))
@@ -474,6 +477,7 @@ impl Store {
         conn: &mut AnyConnection,
         builderid: i64,
         brid: i64,
+        key: &str,
         new: &CollapseView,
         now: i64,
     ) -> Result<()> {
@@ -483,10 +487,12 @@ impl Store {
              FROM buildrequests r JOIN buildsets b ON b.id = r.buildsetid \
              LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid \
              LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid \
-             WHERE r.builderid = $1 AND r.complete = 0 AND r.claimed_by_masterid IS NULL AND r.id < $2 ORDER BY r.id",
+             WHERE r.builderid = $1 AND r.collapse_key = $3 AND r.complete = 0 AND r.claimed_by_masterid IS NULL \
+             AND r.id < $2 ORDER BY r.id",
         )
         .bind(builderid)
         .bind(brid)
+        .bind(key)
         .fetch_all(&mut *conn)
         .await?;
         let mut candidates: Vec<(i64, i64, CollapseView)> = Vec::new();

@@ -1,0 +1,87 @@
+//! A `kiln-master` process on free loopback ports, for benchmarks that measure the real binary.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::binary;
+
+/// A running `kiln-master` binary.
+pub struct MasterProcess {
+    pub child: Child,
+    pub pid: u32,
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+    pub grpc_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl MasterProcess {
+    /// Starts the master with `body` (builders, schedulers, anything but listeners) on top of a
+    /// database and data directory, and waits until its API answers and `workers` workers are
+    /// connected.
+    pub async fn start(database: &str, dir: &std::path::Path, body: &str, workers: u64) -> MasterProcess {
+        let (http, grpc) = (free_port(), free_port());
+        let config = format!(
+            "database: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n{body}",
+            dir.display()
+        );
+        let path = dir.join("master.yaml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(binary("kiln-master"))
+            .arg("--config")
+            .arg(&path)
+            .env("KILN_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let base = format!("http://127.0.0.1:{http}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let connected = match client.get(format!("{base}/api/v2/workers")).send().await {
+                Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["meta"]["total"].as_u64()),
+                Err(_) => None,
+            };
+            if connected.is_some_and(|n| n >= workers) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the master did not come up with {workers} workers");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        MasterProcess { child, pid, base, grpc_port: grpc }
+    }
+
+    /// Peak resident memory of the master so far, in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+
+    /// Stops the master with SIGTERM, as an operator would.
+    pub async fn stop(mut self) {
+        // SAFETY: SIGTERM to our own child process.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// The `p`th percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
