@@ -40,6 +40,9 @@ pub struct Config {
     pub schedulers: Vec<SchedulerConfig>,
     #[serde(default)]
     pub change_hooks: ChangeHooksConfig,
+    /// Change sources the master runs itself, such as git pollers.
+    #[serde(default)]
+    pub change_sources: Vec<ChangeSourceConfig>,
     /// Collapse compatible pending requests of a builder (Buildbot's default: on).
     #[serde(default = "yes", rename = "collapseRequests")]
     pub collapse_requests: bool,
@@ -398,6 +401,55 @@ impl SchedulerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChangeSourceConfig {
+    /// Buildbot's GitPoller: fetches a repository every `pollInterval` seconds and reports new
+    /// commits as changes.
+    GitPoller(GitPollerConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitPollerConfig {
+    /// Names the poller for `/change_hook/poller?poller=…`; defaults to the URL.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// URL or local path of the repository.
+    pub repourl: String,
+    /// Branches to follow: a list, or `all`. Default: `[main]`.
+    #[serde(default)]
+    pub branches: Option<PolledBranches>,
+    /// Seconds between polls (Buildbot's default: 600).
+    #[serde(default = "default_poll_interval", rename = "pollInterval")]
+    pub poll_interval: f64,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub project: String,
+    #[serde(default)]
+    pub codebase: String,
+}
+
+impl GitPollerConfig {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.repourl.clone())
+    }
+}
+
+/// Branches a poller follows.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PolledBranches {
+    /// The word `all`: every branch.
+    All(String),
+    List(Vec<String>),
+}
+
+fn default_poll_interval() -> f64 {
+    600.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeHooksConfig {
     /// Enables `/change_hook/base`.
@@ -409,11 +461,14 @@ pub struct ChangeHooksConfig {
     /// Enables `/change_hook/gitlab`.
     #[serde(default)]
     pub gitlab: Option<GitlabHookConfig>,
+    /// Enables `/change_hook/poller`, which makes named git pollers poll at once.
+    #[serde(default = "yes")]
+    pub poller: bool,
 }
 
 impl Default for ChangeHooksConfig {
     fn default() -> Self {
-        Self { base: true, github: None, gitlab: None }
+        Self { base: true, github: None, gitlab: None, poller: true }
     }
 }
 
@@ -616,6 +671,27 @@ impl Config {
             && (gitlab.secret.is_some() || gitlab.secret_env.is_some())
         {
             resolve_secret("change_hooks.gitlab", ("secret", &gitlab.secret), ("secret_env", &gitlab.secret_env))?;
+        }
+        let mut poller_names = BTreeSet::new();
+        for (i, source) in self.change_sources.iter().enumerate() {
+            let ChangeSourceConfig::GitPoller(poller) = source;
+            if poller.repourl.is_empty() {
+                return Err((format!("change_sources[{i}].repourl"), "must not be empty".into()));
+            }
+            if !(poller.poll_interval.is_finite() && poller.poll_interval >= 0.1) {
+                return Err((format!("change_sources[{i}].pollInterval"), "must be at least 0.1 seconds".into()));
+            }
+            if let Some(PolledBranches::All(word)) = &poller.branches
+                && word != "all"
+            {
+                return Err((
+                    format!("change_sources[{i}].branches"),
+                    "give a list of branches or the word all".into(),
+                ));
+            }
+            if !poller_names.insert(poller.name()) {
+                return Err((format!("change_sources[{i}].name"), format!("duplicate poller {:?}", poller.name())));
+            }
         }
         if let Some(local) = &self.workers.local
             && (local.count == 0 || local.max_builds == 0)

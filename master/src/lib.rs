@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http;
 pub mod local_pool;
 pub mod master;
+pub mod poller;
 pub mod properties;
 pub mod remote;
 pub mod results;

@@ -10,8 +10,9 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{BuilderConfig, ChangeSchedulerConfig, Config, SchedulerConfig};
+use crate::config::{BuilderConfig, ChangeSchedulerConfig, ChangeSourceConfig, Config, SchedulerConfig};
 use crate::engine::{self, BuildContext, StopReason};
+use crate::poller::GitPoller;
 use crate::properties::Properties;
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
 use crate::results::Results;
@@ -46,6 +47,19 @@ pub enum SubmitError {
     InvalidParameter { field: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("no poller named {0:?}")]
+    Unknown(String),
+    #[error("git: {0}")]
+    Git(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
 }
 
 /// Why a control action could not be carried out.
@@ -117,6 +131,12 @@ struct Builder {
     config: Arc<BuilderConfig>,
 }
 
+/// A git poller and what wakes it for a forced poll.
+struct PollerEntry {
+    poller: GitPoller,
+    force: Notify,
+}
+
 /// A single- or any-branch scheduler: its configuration and its compiled rules.
 struct ChangeSchedulerEntry {
     config: ChangeSchedulerConfig,
@@ -136,6 +156,7 @@ pub struct Master {
     pub name: String,
     builders: Vec<Builder>,
     change_schedulers: Vec<ChangeSchedulerEntry>,
+    pollers: Vec<PollerEntry>,
     /// Wakes the timer loop when a change (re)starts a tree-stable timer.
     timers_changed: Notify,
     workers: Mutex<HashMap<String, Arc<WorkerSession>>>,
@@ -179,9 +200,18 @@ impl Master {
                 compiled: ChangeScheduler::compile(c, per_branch).expect("validated with the configuration"),
             })
             .collect();
+        let pollers = config
+            .change_sources
+            .iter()
+            .map(|source| {
+                let ChangeSourceConfig::GitPoller(poller) = source;
+                PollerEntry { poller: GitPoller::new(poller.clone(), &config.data_dir), force: Notify::new() }
+            })
+            .collect();
         let (shutting_down, _) = watch::channel(false);
         let master = Arc::new(Master {
             change_schedulers,
+            pollers,
             timers_changed: Notify::new(),
             lease: Duration::from_secs(config.workers.lease_seconds),
             heartbeat: Duration::from_secs_f64(config.workers.heartbeat_interval),
@@ -348,6 +378,76 @@ impl Master {
             }
         }
         Ok(())
+    }
+
+    /// Polls one git poller now, wherever its schedule runs; returns how many changes it found.
+    /// Safe to run on several masters at once: the store records a poll only if nobody recorded
+    /// another since it began.
+    pub async fn poll(&self, name: &str) -> Result<usize, PollError> {
+        let entry =
+            self.pollers.iter().find(|p| p.poller.name == name).ok_or_else(|| PollError::Unknown(name.to_owned()))?;
+        let (started, known) = self.store.poller_tips(name).await?;
+        let poller = entry.poller.clone();
+        let expected = known.clone();
+        let poll = tokio::task::spawn_blocking(move || poller.poll(&known, !started))
+            .await
+            .map_err(|e| PollError::Git(e.to_string()))?
+            .map_err(PollError::Git)?;
+        match self.store.record_poll(name, &expected, &poll.tips, &poll.changes).await? {
+            Some(stored) => {
+                for change in &stored {
+                    self.schedule_change(change).await?;
+                }
+                if !started {
+                    info!(poller = name, branches = poll.tips.len(), "poller learned the branch tips");
+                }
+                Ok(stored.len())
+            }
+            None => {
+                debug!(poller = name, "another poll recorded first; nothing to do");
+                Ok(0)
+            }
+        }
+    }
+
+    /// Names of the configured pollers.
+    pub fn poller_names(&self) -> Vec<String> {
+        self.pollers.iter().map(|p| p.poller.name.clone()).collect()
+    }
+
+    /// Polls each poller every `pollInterval` on the master that holds its lease, and at once
+    /// when forced.
+    pub async fn run_pollers(self: Arc<Self>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..self.pollers.len() {
+            let master = Arc::clone(&self);
+            tasks.spawn(async move { master.run_poller(index).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn run_poller(&self, index: usize) {
+        let entry = &self.pollers[index];
+        let name = entry.poller.name.clone();
+        let interval = Duration::from_secs_f64(entry.poller.config.poll_interval);
+        let lease = (interval * 3).max(Duration::from_secs(30));
+        let mut shutdown = self.shutting_down.subscribe();
+        loop {
+            match self.store.claim_poller(&name, self.masterid, lease.as_millis() as i64).await {
+                Ok(true) => match self.poll(&name).await {
+                    Ok(0) => {}
+                    Ok(found) => info!(poller = %name, changes = found, "polled new commits"),
+                    Err(error) => warn!(poller = %name, %error, "poll failed; will try again"),
+                },
+                Ok(false) => debug!(poller = %name, "another master polls this repository"),
+                Err(error) => warn!(poller = %name, %error, "cannot claim the poller"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = entry.force.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// The buildset a change scheduler submits for `changes` (oldest first): the newest change's

@@ -25,6 +25,7 @@ pub struct Hooks {
     github: Option<GithubHook>,
     /// `Some(secret)` when the GitLab hook is enabled.
     gitlab: Option<Option<String>>,
+    poller: bool,
 }
 
 impl Hooks {
@@ -39,7 +40,7 @@ impl Hooks {
             codebase: g.codebase.clone(),
             pullrequest_ref: g.pullrequest_ref.clone(),
         });
-        Hooks { base: config.base, github, gitlab: config.gitlab.as_ref().map(|g| g.secret()) }
+        Hooks { base: config.base, github, gitlab: config.gitlab.as_ref().map(|g| g.secret()), poller: config.poller }
     }
 }
 
@@ -72,6 +73,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if dialect == "poller" && hooks.poller {
+        return poll_now(&master, query.as_deref()).await;
+    }
     let parsed = match dialect {
         "base" if hooks.base => base_changes(query.as_deref(), &headers, &body),
         "github" => match &hooks.github {
@@ -108,6 +112,34 @@ async fn handle(
         }
         Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
     }
+}
+
+/// `/change_hook/poller?poller=NAME…`: polls the named pollers (all of them when none is named)
+/// before answering, so a 200 means their new commits are stored.
+async fn poll_now(master: &Master, query: Option<&str>) -> Response {
+    let pairs = match query.map(|q| form_pairs(q.as_bytes())).transpose() {
+        Ok(pairs) => pairs.unwrap_or_default(),
+        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
+    };
+    let mut names: Vec<String> = pairs.into_iter().filter(|(k, _)| k == "poller").map(|(_, v)| v).collect();
+    if names.is_empty() {
+        names = master.poller_names();
+    }
+    let known = master.poller_names();
+    if let Some(unknown) = names.iter().find(|n| !known.contains(n)) {
+        return (StatusCode::BAD_REQUEST, format!("Could not find pollers: {unknown}")).into_response();
+    }
+    let mut found = 0;
+    for name in &names {
+        match master.poll(name).await {
+            Ok(count) => found += count,
+            Err(error) => {
+                tracing::warn!(poller = %name, %error, "forced poll failed");
+                return (StatusCode::BAD_GATEWAY, format!("polling {name} failed: {error}")).into_response();
+            }
+        }
+    }
+    (StatusCode::OK, format!("{found} change found")).into_response()
 }
 
 fn not_enabled(dialect: &str) -> HookError {

@@ -37,6 +37,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0004_collapse_key.sql"),
         postgres: include_str!("../../migrations/postgres/0004_collapse_key.sql"),
     },
+    Migration {
+        version: 5,
+        description: "git pollers",
+        sqlite: include_str!("../../migrations/sqlite/0005_pollers.sql"),
+        postgres: include_str!("../../migrations/postgres/0005_pollers.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

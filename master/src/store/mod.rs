@@ -9,6 +9,7 @@ mod data;
 mod logs;
 mod migrations;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -370,11 +371,17 @@ impl Store {
 
     /// Stores several changes in one transaction: all of them or none.
     pub async fn add_changes(&self, changes: &[NewChange]) -> Result<Vec<Change>> {
-        let now = now_ms();
         let mut tx = self.write.begin().await?;
+        let stored = Self::add_changes_in(&mut tx, changes).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn add_changes_in(tx: &mut AnyConnection, changes: &[NewChange]) -> Result<Vec<Change>> {
+        let now = now_ms();
         let mut stored = Vec::with_capacity(changes.len());
         for change in changes {
-            let ssid = Self::find_or_create_sourcestamp(&mut tx, &change.sourcestamp(), now).await?;
+            let ssid = Self::find_or_create_sourcestamp(tx, &change.sourcestamp(), now).await?;
             let files = serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let row = sqlx::query(
                 "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
@@ -399,7 +406,6 @@ impl Store {
             .await?;
             stored.push(Change { changeid: get_i64(&row, "changeid")?, sourcestampid: ssid, change: change.clone() });
         }
-        tx.commit().await?;
         Ok(stored)
     }
 
@@ -639,6 +645,90 @@ impl Store {
             }
             tx.commit().await?;
         }
+    }
+
+    /// The branch tips a poller last recorded, and whether it ever recorded any.
+    pub async fn poller_tips(&self, poller: &str) -> Result<(bool, BTreeMap<String, String>)> {
+        let started = sqlx::query("SELECT 1 AS started FROM poller_started WHERE poller = $1")
+            .bind(poller)
+            .fetch_optional(&self.write)
+            .await?
+            .is_some();
+        let rows = sqlx::query("SELECT branch, revision FROM poller_tips WHERE poller = $1")
+            .bind(poller)
+            .fetch_all(&self.write)
+            .await?;
+        let tips = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>("branch")?, r.try_get::<String, _>("revision")?)))
+            .collect::<Result<_>>()?;
+        Ok((started, tips))
+    }
+
+    /// Records a poll: the new tips and the changes found, in one transaction, but only if the
+    /// stored tips are still `expected` — otherwise another poll got there first and `None` is
+    /// returned with nothing written. So a commit is reported once, however many masters poll.
+    pub async fn record_poll(
+        &self,
+        poller: &str,
+        expected: &BTreeMap<String, String>,
+        tips: &BTreeMap<String, String>,
+        changes: &[NewChange],
+    ) -> Result<Option<Vec<Change>>> {
+        let mut tx = self.write.begin().await?;
+        // Taking the row lock first serialises concurrent polls of one poller on PostgreSQL.
+        sqlx::query("INSERT INTO poller_started (poller) VALUES ($1) ON CONFLICT (poller) DO NOTHING")
+            .bind(poller)
+            .execute(&mut *tx)
+            .await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT poller FROM poller_started WHERE poller = $1 FOR UPDATE")
+                .bind(poller)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let rows = sqlx::query("SELECT branch, revision FROM poller_tips WHERE poller = $1")
+            .bind(poller)
+            .fetch_all(&mut *tx)
+            .await?;
+        let current: BTreeMap<String, String> = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>("branch")?, r.try_get::<String, _>("revision")?)))
+            .collect::<Result<_>>()?;
+        if &current != expected {
+            return Ok(None);
+        }
+        sqlx::query("DELETE FROM poller_tips WHERE poller = $1").bind(poller).execute(&mut *tx).await?;
+        for (branch, revision) in tips {
+            sqlx::query("INSERT INTO poller_tips (poller, branch, revision) VALUES ($1, $2, $3)")
+                .bind(poller)
+                .bind(branch)
+                .bind(revision)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let stored = Self::add_changes_in(&mut tx, changes).await?;
+        tx.commit().await?;
+        Ok(Some(stored))
+    }
+
+    /// Claims (or keeps) the right to poll `poller` on schedule for `lease_ms`. Returns whether
+    /// this master holds it: only one master polls a repository while its lease runs.
+    pub async fn claim_poller(&self, poller: &str, masterid: i64, lease_ms: i64) -> Result<bool> {
+        let now = now_ms();
+        let row = sqlx::query(
+            "INSERT INTO poller_claims (poller, masterid, lease_expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (poller) DO UPDATE SET masterid = $2, lease_expires_at = $3 \
+             WHERE poller_claims.masterid = $2 OR poller_claims.lease_expires_at < $4 \
+             RETURNING masterid",
+        )
+        .bind(poller)
+        .bind(masterid)
+        .bind(now + lease_ms)
+        .bind(now)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row.is_some())
     }
 
     /// Reason, properties and source stamps of a buildset.
