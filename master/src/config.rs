@@ -298,6 +298,87 @@ pub enum SchedulerConfig {
     AnyBranch(ChangeSchedulerConfig),
     /// Buildbot's ForceScheduler: builds on demand through the REST control API.
     Force(ForceSchedulerConfig),
+    /// Buildbot's Periodic scheduler: builds every `periodicBuildTimer` seconds.
+    Periodic(TimedSchedulerConfig),
+    /// Buildbot's Nightly scheduler: builds at the times its cron fields name (UTC).
+    Nightly(TimedSchedulerConfig),
+}
+
+/// A Periodic or Nightly scheduler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimedSchedulerConfig {
+    pub name: String,
+    #[serde(rename = "builderNames")]
+    pub builder_names: Vec<String>,
+    /// Periodic: seconds between builds.
+    #[serde(default, rename = "periodicBuildTimer")]
+    pub periodic_build_timer: Option<f64>,
+    /// Nightly: Buildbot's cron fields (minute defaults to 0, the others to `*`; dayOfWeek 0 is
+    /// Monday).
+    #[serde(default)]
+    pub minute: Option<crate::timed::CronField>,
+    #[serde(default)]
+    pub hour: Option<crate::timed::CronField>,
+    #[serde(default, rename = "dayOfMonth")]
+    pub day_of_month: Option<crate::timed::CronField>,
+    #[serde(default)]
+    pub month: Option<crate::timed::CronField>,
+    #[serde(default, rename = "dayOfWeek")]
+    pub day_of_week: Option<crate::timed::CronField>,
+    /// What to build when no change is pending: the tip of this branch of this repository.
+    #[serde(default)]
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub repository: String,
+    #[serde(default)]
+    pub project: String,
+    #[serde(default)]
+    pub codebase: String,
+    /// Build only if an important change arrived since the last build.
+    #[serde(default, rename = "onlyIfChanged")]
+    pub only_if_changed: bool,
+    /// Which changes count for `onlyIfChanged`.
+    #[serde(default)]
+    pub change_filter: ChangeFilterConfig,
+    #[serde(default, rename = "fileIsImportant")]
+    pub file_is_important: Option<Vec<String>>,
+    #[serde(default)]
+    pub priority: i64,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
+}
+
+impl TimedSchedulerConfig {
+    /// The change scheduler that classifies changes for `onlyIfChanged`.
+    pub fn change_rules(&self) -> ChangeSchedulerConfig {
+        ChangeSchedulerConfig {
+            name: self.name.clone(),
+            builder_names: self.builder_names.clone(),
+            branch: None,
+            change_filter: ChangeFilterConfig {
+                branch: self.branch.clone().map(OneOrMany::One).or(self.change_filter.branch.clone()),
+                ..self.change_filter.clone()
+            },
+            tree_stable_timer: None,
+            file_is_important: self.file_is_important.clone(),
+            priority: self.priority,
+            properties: self.properties.clone(),
+        }
+    }
+
+    /// The Nightly schedule.
+    pub fn cron(&self) -> Result<crate::timed::Cron, String> {
+        use crate::timed::CronField;
+        let star = CronField::Text("*".into());
+        crate::timed::Cron::new(
+            self.minute.as_ref().unwrap_or(&CronField::Number(0)),
+            self.hour.as_ref().unwrap_or(&star),
+            self.day_of_month.as_ref().unwrap_or(&star),
+            self.month.as_ref().unwrap_or(&star),
+            self.day_of_week.as_ref().unwrap_or(&star),
+        )
+    }
 }
 
 /// A scheduler that builds changes.
@@ -389,6 +470,7 @@ impl SchedulerConfig {
         match self {
             SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) => &c.name,
             SchedulerConfig::Force(f) => &f.name,
+            SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) => &t.name,
         }
     }
 
@@ -396,6 +478,7 @@ impl SchedulerConfig {
         match self {
             SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) => &c.builder_names,
             SchedulerConfig::Force(f) => &f.builder_names,
+            SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) => &t.builder_names,
         }
     }
 }
@@ -753,6 +836,29 @@ impl Config {
                 if !names.contains(builder.as_str()) {
                     return Err((format!("schedulers[{i}].builderNames[{j}]"), format!("unknown builder {builder:?}")));
                 }
+            }
+            match scheduler {
+                SchedulerConfig::Periodic(t) => match t.periodic_build_timer {
+                    Some(seconds) if seconds.is_finite() && seconds >= 1.0 => {}
+                    _ => {
+                        return Err((
+                            format!("schedulers[{i}].periodicBuildTimer"),
+                            "give the seconds between builds, at least 1".into(),
+                        ));
+                    }
+                },
+                SchedulerConfig::Nightly(t) => {
+                    let cron = t.cron().map_err(|reason| (format!("schedulers[{i}]"), reason))?;
+                    if cron.next_after(0).is_none() && cron.next_after(crate::store::now_ms()).is_none() {
+                        return Err((format!("schedulers[{i}]"), "this schedule never fires".into()));
+                    }
+                }
+                _ => {}
+            }
+            if let SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) = scheduler
+                && let Err((key, reason)) = crate::schedulers::ChangeScheduler::compile(&t.change_rules(), false)
+            {
+                return Err((format!("schedulers[{i}].{key}"), reason));
             }
             if let SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) = scheduler
                 && let Err((key, reason)) = crate::schedulers::ChangeScheduler::compile(c, false)

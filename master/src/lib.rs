@@ -17,3 +17,4 @@ pub mod schedulers;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod timed;

@@ -131,6 +131,49 @@ struct Builder {
     config: Arc<BuilderConfig>,
 }
 
+/// Who submits a buildset, for its reason and properties.
+struct Origin<'a> {
+    kind: &'a str,
+    name: &'a str,
+    builder_names: &'a [String],
+    properties: &'a std::collections::BTreeMap<String, Value>,
+}
+
+/// When a timed scheduler fires.
+enum When {
+    /// Every so many milliseconds (Periodic).
+    Every(i64),
+    /// On a cron schedule (Nightly).
+    Cron(crate::timed::Cron),
+}
+
+impl When {
+    fn next_after(&self, now: i64) -> Option<i64> {
+        match self {
+            When::Every(ms) => Some(now + ms),
+            When::Cron(cron) => cron.next_after(now),
+        }
+    }
+}
+
+/// A Periodic or Nightly scheduler.
+struct TimedSchedulerEntry {
+    config: crate::config::TimedSchedulerConfig,
+    when: When,
+    /// Classifies changes for `onlyIfChanged`.
+    rules: ChangeScheduler,
+}
+
+impl TimedSchedulerEntry {
+    /// A fingerprint of the schedule, to notice a changed configuration.
+    fn spec(&self) -> String {
+        match &self.when {
+            When::Every(ms) => format!("every {ms} ms"),
+            When::Cron(cron) => format!("cron {cron:?}"),
+        }
+    }
+}
+
 /// A git poller and what wakes it for a forced poll.
 struct PollerEntry {
     poller: GitPoller,
@@ -156,6 +199,7 @@ pub struct Master {
     pub name: String,
     builders: Vec<Builder>,
     change_schedulers: Vec<ChangeSchedulerEntry>,
+    timed_schedulers: Vec<TimedSchedulerEntry>,
     pollers: Vec<PollerEntry>,
     /// Wakes the timer loop when a change (re)starts a tree-stable timer.
     timers_changed: Notify,
@@ -193,11 +237,30 @@ impl Master {
             .filter_map(|s| match s {
                 SchedulerConfig::SingleBranch(c) => Some((c, false)),
                 SchedulerConfig::AnyBranch(c) => Some((c, true)),
-                SchedulerConfig::Force(_) => None,
+                _ => None,
             })
             .map(|(c, per_branch)| ChangeSchedulerEntry {
                 config: c.clone(),
                 compiled: ChangeScheduler::compile(c, per_branch).expect("validated with the configuration"),
+            })
+            .collect();
+        let timed_schedulers = config
+            .schedulers
+            .iter()
+            .filter_map(|s| match s {
+                SchedulerConfig::Periodic(t) => {
+                    let ms = (t.periodic_build_timer.unwrap_or(600.0) * 1000.0) as i64;
+                    Some((t, When::Every(ms)))
+                }
+                SchedulerConfig::Nightly(t) => {
+                    Some((t, When::Cron(t.cron().expect("validated with the configuration"))))
+                }
+                _ => None,
+            })
+            .map(|(t, when)| TimedSchedulerEntry {
+                rules: ChangeScheduler::compile(&t.change_rules(), false).expect("validated with the configuration"),
+                config: t.clone(),
+                when,
             })
             .collect();
         let pollers = config
@@ -211,6 +274,7 @@ impl Master {
         let (shutting_down, _) = watch::channel(false);
         let master = Arc::new(Master {
             change_schedulers,
+            timed_schedulers,
             pollers,
             timers_changed: Notify::new(),
             lease: Duration::from_secs(config.workers.lease_seconds),
@@ -377,6 +441,13 @@ impl Master {
                 }
             }
         }
+        for timed in self.timed_schedulers.iter().filter(|t| t.config.only_if_changed) {
+            let classification = timed.rules.classify(change);
+            if classification != Classification::Ignored {
+                let important = classification == Classification::Important;
+                self.store.remember_change(&timed.config.name, stored.changeid, important).await?;
+            }
+        }
         Ok(())
     }
 
@@ -450,15 +521,29 @@ impl Master {
         }
     }
 
-    /// The buildset a change scheduler submits for `changes` (oldest first): the newest change's
-    /// sources for each codebase, the scheduler's properties and the newest change's.
+    /// The buildset a change scheduler submits for `changes` (oldest first).
     fn buildset_for(&self, scheduler: &ChangeSchedulerEntry, changes: &[Change]) -> NewBuildset {
         let config = &scheduler.config;
+        let kind = if scheduler.compiled.per_branch { "AnyBranchScheduler" } else { "SingleBranchScheduler" };
+        let origin =
+            Origin { kind, name: &config.name, builder_names: &config.builder_names, properties: &config.properties };
+        self.buildset_from(&origin, config.priority, changes, None)
+    }
+
+    /// A scheduler's buildset: the newest change's sources for each codebase (or `default` when
+    /// there is no change), the scheduler's properties and the newest change's.
+    fn buildset_from(
+        &self,
+        origin: &Origin<'_>,
+        priority: i64,
+        changes: &[Change],
+        default: Option<SourceStamp>,
+    ) -> NewBuildset {
         let mut props = Properties::new();
-        for (k, v) in &config.properties {
+        for (k, v) in origin.properties {
             props.set(k.clone(), v.clone(), "Scheduler");
         }
-        props.set("scheduler", Value::from(config.name.clone()), "Scheduler");
+        props.set("scheduler", Value::from(origin.name), "Scheduler");
         let mut sourcestamps: Vec<SourceStamp> = Vec::new();
         for stored in changes {
             for (k, v, _) in stored.change.properties.iter() {
@@ -470,17 +555,94 @@ impl Master {
                 None => sourcestamps.push(ss),
             }
         }
-        let kind = if scheduler.compiled.per_branch { "AnyBranchScheduler" } else { "SingleBranchScheduler" };
-        let builderids: Vec<i64> = config.builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
+        if sourcestamps.is_empty() {
+            sourcestamps.extend(default);
+        }
+        let builderids: Vec<i64> = origin.builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
         NewBuildset {
-            reason: format!("The {kind} scheduler named '{}' triggered this build", config.name),
+            reason: format!("The {} scheduler named '{}' triggered this build", origin.kind, origin.name),
             external_idstring: None,
             properties: props,
             sourcestamps,
             collapse_builderids: self.collapsing(&builderids),
             builderids,
-            priority: config.priority,
+            priority,
             rebuilt_buildid: None,
+        }
+    }
+
+    /// Fires Periodic and Nightly schedulers on time, on exactly one master: the next time lives
+    /// in the database and firing moves it forward with a compare-and-swap. A master that was
+    /// down fires a missed time once when it returns.
+    pub async fn run_timed(self: Arc<Self>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..self.timed_schedulers.len() {
+            let master = Arc::clone(&self);
+            tasks.spawn(async move { master.run_timed_scheduler(index).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn run_timed_scheduler(&self, index: usize) {
+        let entry = &self.timed_schedulers[index];
+        let name = &entry.config.name;
+        let mut shutdown = self.shutting_down.subscribe();
+        let sweep = Duration::from_secs(30);
+        loop {
+            let now = crate::store::now_ms();
+            let Some(first) = entry.when.next_after(now) else { return };
+            let due = match self.store.scheduler_next_fire(name, &entry.spec(), first).await {
+                Ok(due) => due,
+                Err(error) => {
+                    warn!(scheduler = %name, %error, "cannot read the scheduler's next time");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            if due > now {
+                let wait = Duration::from_millis((due - now) as u64).min(sweep);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            let Some(next) = entry.when.next_after(now) else { return };
+            let config = &entry.config;
+            let origin = Origin {
+                kind: if matches!(entry.when, When::Every(_)) { "Periodic" } else { "Nightly" },
+                name,
+                builder_names: &config.builder_names,
+                properties: &config.properties,
+            };
+            let fired = self
+                .store
+                .fire_scheduled(name, due, next, |remembered| {
+                    if config.only_if_changed && !remembered.iter().any(|(_, important)| *important) {
+                        return None;
+                    }
+                    let changes: Vec<Change> = remembered.iter().map(|(c, _)| c.clone()).collect();
+                    let default = SourceStamp {
+                        branch: config.branch.clone(),
+                        revision: None,
+                        repository: config.repository.clone(),
+                        project: config.project.clone(),
+                        codebase: config.codebase.clone(),
+                    };
+                    Some(self.buildset_from(&origin, config.priority, &changes, Some(default)))
+                })
+                .await;
+            match fired {
+                Ok(Some(Some((bsid, _)))) => {
+                    info!(scheduler = %name, bsid, "timed scheduler fired");
+                    self.store.notify_queue().await;
+                    self.wake();
+                }
+                Ok(Some(None)) => info!(scheduler = %name, "nothing changed; no build"),
+                Ok(None) => debug!(scheduler = %name, "another master fired this time"),
+                Err(error) => warn!(scheduler = %name, %error, "could not fire the scheduler"),
+            }
         }
     }
 

@@ -109,3 +109,68 @@ async fn a_timer_running_when_the_master_stops_fires_after_it_restarts() {
     assert_eq!(sets[0]["sourcestamps"][0]["revision"], "r2");
     master.stop().await;
 }
+
+const TIMED: &str = r#"
+collapseRequests: false
+builders:
+  - name: b
+    steps:
+      - shell: {command: "true"}
+schedulers:
+  - {type: periodic, name: every-second, builderNames: [b], periodicBuildTimer: 1, branch: main, repository: r}
+  - type: periodic
+    name: when-changed
+    builderNames: [b]
+    periodicBuildTimer: 1
+    onlyIfChanged: true
+    branch: release
+    fileIsImportant: ["src/*"]
+  - {type: nightly, name: nightly, builderNames: [b], hour: 3, minute: 0, dayOfWeek: 0}
+"#;
+
+fn by_scheduler<'a>(sets: &'a [Value], name: &str) -> Vec<&'a Value> {
+    sets.iter().filter(|s| s["reason"].as_str().unwrap_or_default().contains(&format!("'{name}'"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_schedulers_fire_on_time_and_only_if_changed_waits_for_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let master = TestMaster::start(&database, dir.path(), TIMED).await;
+    let started = Instant::now();
+    let sets = wait_buildsets(&master, 2).await;
+    assert!(started.elapsed() >= Duration::from_millis(1900), "two periods passed");
+    let every = by_scheduler(&sets, "every-second");
+    assert_eq!(every[0]["sourcestamps"][0]["branch"], "main");
+    assert!(by_scheduler(&sets, "when-changed").is_empty(), "nothing changed, nothing built");
+    assert!(by_scheduler(&sets, "nightly").is_empty());
+
+    push(&master, "release", "rel-1", r#"["docs/a.md"]"#).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(by_scheduler(&buildsets(&master).await, "when-changed").is_empty(), "an unimportant change is not enough");
+    push(&master, "release", "rel-2", r#"["src/a.rs"]"#).await;
+    let built = eventually("the only-if-changed build", Duration::from_secs(30), || async {
+        let sets = buildsets(&master).await;
+        let mine: Vec<Value> = by_scheduler(&sets, "when-changed").into_iter().cloned().collect();
+        (!mine.is_empty()).then_some(mine)
+    })
+    .await;
+    assert_eq!(built.len(), 1);
+    assert_eq!(built[0]["sourcestamps"][0]["revision"], "rel-2");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(by_scheduler(&buildsets(&master).await, "when-changed").len(), 1, "once per change");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_scheduler_fires_once_per_period_across_masters() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = kiln_tests::pg::fresh_database().await;
+    let a = TestMaster::start(&database, &dir.path().join("a"), &format!("master_name: a\n{TIMED}")).await;
+    let b = TestMaster::start(&database, &dir.path().join("b"), &format!("master_name: b\n{TIMED}")).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let fired = by_scheduler(&buildsets(&a).await, "every-second").len();
+    assert!((2..=4).contains(&fired), "about three periods, fired by one master each time: {fired}");
+    a.stop().await;
+    b.stop().await;
+}

@@ -324,7 +324,7 @@ pub async fn get(
                             force_scheduler_json(&f.name, &f.builder_names, &f.button_name, &f.label, &f.properties)
                         })
                     }
-                    SchedulerConfig::SingleBranch(_) | SchedulerConfig::AnyBranch(_) => None,
+                    _ => None,
                 })
                 .collect();
             if name.is_some() && items.is_empty() {

@@ -43,6 +43,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0005_pollers.sql"),
         postgres: include_str!("../../migrations/postgres/0005_pollers.sql"),
     },
+    Migration {
+        version: 6,
+        description: "timed schedulers",
+        sqlite: include_str!("../../migrations/sqlite/0006_scheduler_fires.sql"),
+        postgres: include_str!("../../migrations/postgres/0006_scheduler_fires.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -588,6 +588,93 @@ impl Store {
         Ok(())
     }
 
+    /// Remembers a change for a scheduler that builds only if something changed (Nightly and
+    /// Periodic with `onlyIfChanged`).
+    pub async fn remember_change(&self, scheduler: &str, changeid: i64, important: bool) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO scheduler_changes (scheduler, timer_key, changeid, important) VALUES ($1, '', $2, $3) \
+             ON CONFLICT (scheduler, changeid) DO NOTHING",
+        )
+        .bind(scheduler)
+        .bind(changeid)
+        .bind(i64::from(important))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// When a timed scheduler fires next. `spec` describes its schedule: a stored time of another
+    /// schedule (the configuration changed) is replaced by `first`.
+    pub async fn scheduler_next_fire(&self, scheduler: &str, spec: &str, first: i64) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO scheduler_fires (scheduler, spec, next_fire_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (scheduler) DO UPDATE SET spec = $2, next_fire_at = $3 WHERE scheduler_fires.spec <> $2 \
+             RETURNING next_fire_at",
+        )
+        .bind(scheduler)
+        .bind(spec)
+        .bind(first)
+        .fetch_optional(&self.write)
+        .await?;
+        match row {
+            Some(row) => get_i64(&row, "next_fire_at"),
+            None => {
+                let row = sqlx::query("SELECT next_fire_at FROM scheduler_fires WHERE scheduler = $1")
+                    .bind(scheduler)
+                    .fetch_one(&self.write)
+                    .await?;
+                get_i64(&row, "next_fire_at")
+            }
+        }
+    }
+
+    /// Fires a timed scheduler due at `due`: moves its next time to `next` and, in the same
+    /// transaction, takes the changes remembered for it and submits what `make` builds from them
+    /// (each with whether it was important). Returns `None` when another master fired it first.
+    pub async fn fire_scheduled(
+        &self,
+        scheduler: &str,
+        due: i64,
+        next: i64,
+        make: impl FnOnce(&[(Change, bool)]) -> Option<NewBuildset>,
+    ) -> Result<Option<Option<(i64, Vec<(i64, i64)>)>>> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let moved =
+            sqlx::query("UPDATE scheduler_fires SET next_fire_at = $1 WHERE scheduler = $2 AND next_fire_at = $3")
+                .bind(next)
+                .bind(scheduler)
+                .bind(due)
+                .execute(&mut *tx)
+                .await?;
+        if moved.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
+             c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid, s.important \
+             FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
+             WHERE s.scheduler = $1 AND s.timer_key = '' ORDER BY c.changeid",
+        )
+        .bind(scheduler)
+        .fetch_all(&mut *tx)
+        .await?;
+        let changes = rows
+            .iter()
+            .map(|row| Ok((change_from_row(row)?, get_i64(row, "important")? != 0)))
+            .collect::<Result<Vec<_>>>()?;
+        sqlx::query("DELETE FROM scheduler_changes WHERE scheduler = $1 AND timer_key = ''")
+            .bind(scheduler)
+            .execute(&mut *tx)
+            .await?;
+        let submitted = match make(&changes) {
+            Some(buildset) => Some(Self::add_buildset_in(&mut tx, &buildset, now).await?),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Some(submitted))
+    }
+
     /// When the next tree-stable timer fires, if any runs.
     pub async fn next_timer_at(&self) -> Result<Option<i64>> {
         let row = sqlx::query("SELECT MIN(fire_at) AS next FROM scheduler_timers").fetch_one(&self.write).await?;
