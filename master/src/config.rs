@@ -175,6 +175,7 @@ pub enum StepConfig {
     Git(GitStepConfig),
     Shell(ShellStepConfig),
     SetPropertyFromCommand(SetPropertyStepConfig),
+    Trigger(TriggerStepConfig),
 }
 
 impl<'de> Deserialize<'de> for StepConfig {
@@ -194,8 +195,12 @@ impl<'de> Deserialize<'de> for StepConfig {
                     "git" => StepConfig::Git(map.next_value()?),
                     "shell" => StepConfig::Shell(map.next_value()?),
                     "set_property_from_command" => StepConfig::SetPropertyFromCommand(map.next_value()?),
+                    "trigger" => StepConfig::Trigger(map.next_value()?),
                     other => {
-                        return Err(A::Error::unknown_variant(other, &["git", "shell", "set_property_from_command"]));
+                        return Err(A::Error::unknown_variant(
+                            other,
+                            &["git", "shell", "set_property_from_command", "trigger"],
+                        ));
                     }
                 };
                 if let Some(extra) = map.next_key::<String>()? {
@@ -272,6 +277,33 @@ pub struct GitStepConfig {
     pub flags: StepFlags,
 }
 
+/// Buildbot's Trigger step: submits buildsets to triggerable schedulers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(rename = "schedulerNames")]
+    pub scheduler_names: Vec<String>,
+    /// Wait for the triggered builds; the step then takes their worst result.
+    #[serde(default, rename = "waitForFinish")]
+    pub wait_for_finish: bool,
+    /// Build the revision this build checked out (`got_revision`), not the one it was asked for.
+    #[serde(default = "yes", rename = "updateSourceStamp")]
+    pub update_source_stamp: bool,
+    /// Build the latest sources instead of this build's.
+    #[serde(default, rename = "alwaysUseLatest")]
+    pub always_use_latest: bool,
+    /// Properties to set, rendered with this build's properties.
+    #[serde(default)]
+    pub set_properties: BTreeMap<String, serde_json::Value>,
+    /// This build's properties to pass on.
+    #[serde(default)]
+    pub copy_properties: Vec<String>,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SetPropertyStepConfig {
@@ -298,10 +330,25 @@ pub enum SchedulerConfig {
     AnyBranch(ChangeSchedulerConfig),
     /// Buildbot's ForceScheduler: builds on demand through the REST control API.
     Force(ForceSchedulerConfig),
+    /// Buildbot's Triggerable scheduler: builds when a `trigger` step asks.
+    Triggerable(TriggerableSchedulerConfig),
     /// Buildbot's Periodic scheduler: builds every `periodicBuildTimer` seconds.
     Periodic(TimedSchedulerConfig),
     /// Buildbot's Nightly scheduler: builds at the times its cron fields name (UTC).
     Nightly(TimedSchedulerConfig),
+}
+
+/// A scheduler that `trigger` steps submit to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerableSchedulerConfig {
+    pub name: String,
+    #[serde(rename = "builderNames")]
+    pub builder_names: Vec<String>,
+    #[serde(default)]
+    pub priority: i64,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 /// A Periodic or Nightly scheduler.
@@ -471,6 +518,7 @@ impl SchedulerConfig {
             SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) => &c.name,
             SchedulerConfig::Force(f) => &f.name,
             SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) => &t.name,
+            SchedulerConfig::Triggerable(t) => &t.name,
         }
     }
 
@@ -479,6 +527,7 @@ impl SchedulerConfig {
             SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) => &c.builder_names,
             SchedulerConfig::Force(f) => &f.builder_names,
             SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) => &t.builder_names,
+            SchedulerConfig::Triggerable(t) => &t.builder_names,
         }
     }
 }
@@ -811,6 +860,23 @@ impl Config {
                         _ => {}
                     }
                 }
+                if let StepConfig::Trigger(trigger) = step {
+                    if trigger.scheduler_names.is_empty() {
+                        return Err((format!("{key}.trigger.schedulerNames"), "name at least one scheduler".into()));
+                    }
+                    for (k, name) in trigger.scheduler_names.iter().enumerate() {
+                        let triggerable = self
+                            .schedulers
+                            .iter()
+                            .any(|s| matches!(s, SchedulerConfig::Triggerable(t) if &t.name == name));
+                        if !triggerable {
+                            return Err((
+                                format!("{key}.trigger.schedulerNames[{k}]"),
+                                format!("{name:?} is not a triggerable scheduler"),
+                            ));
+                        }
+                    }
+                }
                 if let StepConfig::Git(git) = step
                     && let Some(mode) = &git.mode
                     && mode != "incremental"
@@ -902,6 +968,7 @@ pub fn step_name(step: &StepConfig, index: usize) -> String {
         StepConfig::Git(s) => (&s.name, "git".to_owned()),
         StepConfig::Shell(s) => (&s.name, format!("shell_{index}")),
         StepConfig::SetPropertyFromCommand(s) => (&s.name, format!("set_property_{}", s.property)),
+        StepConfig::Trigger(s) => (&s.name, "trigger".to_owned()),
     };
     configured.clone().unwrap_or(default)
 }

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
-use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, step_name};
+use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, TriggerStepConfig, step_name};
 use crate::properties::{Properties, SourceView, interpolate};
 use crate::remote::{BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update};
 use crate::results::Results;
-use crate::store::{ClaimedRequest, LogTail, Store, StoreError};
+use crate::store::{ClaimedRequest, LogTail, SourceStamp, Store, StoreError};
 
 /// Why a build stops early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,34 @@ pub struct BuildContext {
     pub masterid: i64,
     pub builderid: i64,
     pub builder: Arc<BuilderConfig>,
+    pub triggers: Arc<dyn Triggers>,
+}
+
+/// What a `trigger` step asks of the master.
+#[derive(Debug, Clone)]
+pub struct TriggerRequest {
+    pub scheduler_names: Vec<String>,
+    pub sourcestamps: Vec<SourceStamp>,
+    pub properties: Properties,
+    pub parent_buildid: i64,
+    pub waited_for: bool,
+}
+
+/// A buildset a `trigger` step submitted: the scheduler, the buildset, and `(builderid, brid)`s.
+pub type Triggered = (String, i64, Vec<(i64, i64)>);
+
+/// The master's side of `trigger` steps.
+pub trait Triggers: Send + Sync {
+    /// Submits a buildset to each named triggerable scheduler; returns (scheduler, bsid, requests).
+    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, String>>;
+    /// Waits until every buildset is complete and returns their results.
+    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, String>>;
+}
+
+impl std::fmt::Debug for dyn Triggers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Triggers")
+    }
 }
 
 /// How a finished build ended, for the caller's bookkeeping.
@@ -57,6 +86,7 @@ fn effective_flags(step: &StepConfig) -> (bool, bool, bool, bool) {
         StepConfig::Git(s) => (&s.flags, true),
         StepConfig::Shell(s) => (&s.flags, false),
         StepConfig::SetPropertyFromCommand(s) => (&s.flags, false),
+        StepConfig::Trigger(s) => (&s.flags, false),
     };
     (
         flags.halt_on_failure.unwrap_or(halt_default),
@@ -217,6 +247,9 @@ impl StepRunner<'_> {
         stop: &mut watch::Receiver<Option<StopReason>>,
     ) -> Result<StepOutcome, StoreError> {
         let store = &self.ctx.store;
+        if let StepConfig::Trigger(trigger) = step {
+            return self.run_trigger(trigger, props, stop).await;
+        }
         let command = self.build_command(step, props);
         let description = match &command {
             Ok(command) => describe(command),
@@ -343,6 +376,7 @@ impl StepRunner<'_> {
                     ..Default::default()
                 })
             }
+            StepConfig::Trigger(_) => return Err("a trigger step runs no remote command".into()),
             StepConfig::Git(g) => {
                 let source = self.sources.first();
                 let repourl = match &g.repourl {
@@ -363,6 +397,104 @@ impl StepRunner<'_> {
                 })
             }
         })
+    }
+}
+
+impl StepRunner<'_> {
+    /// Runs a `trigger` step: submits to the triggerable schedulers and, if asked, waits for
+    /// their builds, taking their worst result.
+    async fn run_trigger(
+        &self,
+        trigger: &TriggerStepConfig,
+        props: &Properties,
+        stop: &mut watch::Receiver<Option<StopReason>>,
+    ) -> Result<StepOutcome, StoreError> {
+        let store = &self.ctx.store;
+        let names = trigger.scheduler_names.join(", ");
+        let (stepid, logid) =
+            store.begin_step(self.buildid, self.number, self.name, &format!("triggering {names}")).await?;
+        let mut log = LogWriter::new(store.clone(), logid);
+        let finish = |log: LogWriter, results: Results, state: String| async move {
+            store.finish_step(stepid, results, &state, &log.into_tail()).await?;
+            Ok::<_, StoreError>(StepOutcome { results, state })
+        };
+        let got_revision = props.get("got_revision").and_then(Value::as_str).map(str::to_owned);
+        let sourcestamps = self
+            .sources
+            .iter()
+            .map(|s| SourceStamp {
+                branch: s.branch.clone(),
+                revision: if trigger.always_use_latest {
+                    None
+                } else if trigger.update_source_stamp && self.sources.len() == 1 && got_revision.is_some() {
+                    got_revision.clone()
+                } else {
+                    s.revision.clone()
+                },
+                repository: s.repository.clone(),
+                project: s.project.clone(),
+                codebase: s.codebase.clone(),
+            })
+            .collect();
+        let mut properties = Properties::new();
+        for name in &trigger.copy_properties {
+            if let Some(value) = props.get(name) {
+                properties.set(name.clone(), value.clone(), "Trigger");
+            }
+        }
+        for (name, value) in &trigger.set_properties {
+            let value = match value {
+                Value::String(template) => match self.render(template, props) {
+                    Ok(text) => Value::String(text),
+                    Err(reason) => {
+                        log.header(&format!("{name}: {reason}\n"));
+                        return finish(log, Results::Exception, format!("exception: {reason}")).await;
+                    }
+                },
+                other => other.clone(),
+            };
+            properties.set(name.clone(), value, "Trigger");
+        }
+        let request = TriggerRequest {
+            scheduler_names: trigger.scheduler_names.clone(),
+            sourcestamps,
+            properties,
+            parent_buildid: self.buildid,
+            waited_for: trigger.wait_for_finish,
+        };
+        let submitted = match self.ctx.triggers.trigger(request).await {
+            Ok(submitted) => submitted,
+            Err(reason) => {
+                log.header(&format!("{reason}\n"));
+                return finish(log, Results::Exception, format!("trigger failed: {reason}")).await;
+            }
+        };
+        for (scheduler, bsid, requests) in &submitted {
+            let brids: Vec<String> = requests.iter().map(|(_, brid)| brid.to_string()).collect();
+            log.header(&format!("triggered {scheduler}: buildset {bsid}, build requests {}\n", brids.join(", ")));
+        }
+        if !trigger.wait_for_finish {
+            return finish(log, Results::Success, format!("triggered {names}")).await;
+        }
+        let bsids = submitted.iter().map(|(_, bsid, _)| *bsid).collect();
+        let results = tokio::select! {
+            results = self.ctx.triggers.wait(bsids) => results,
+            reason = async { stop.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
+                log.header("stopped while waiting\n");
+                let results = if reason == Some(StopReason::Cancelled) { Results::Cancelled } else { Results::Retry };
+                return finish(log, results, format!("triggered {names} (interrupted)")).await;
+            }
+        };
+        match results {
+            Ok(results) => {
+                let worst = results.iter().fold(Results::Success, |worst, r| worst.worst(*r));
+                finish(log, worst, format!("triggered {names}: {worst}")).await
+            }
+            Err(reason) => {
+                log.header(&format!("{reason}\n"));
+                finish(log, Results::Exception, format!("triggered {names}: {reason}")).await
+            }
+        }
     }
 }
 

@@ -6,12 +6,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{BuilderConfig, ChangeSchedulerConfig, ChangeSourceConfig, Config, SchedulerConfig};
-use crate::engine::{self, BuildContext, StopReason};
+use crate::engine::{self, BuildContext, StopReason, TriggerRequest, Triggered, Triggers};
 use crate::poller::GitPoller;
 use crate::properties::Properties;
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
@@ -178,6 +179,9 @@ impl TimedSchedulerEntry {
 struct PollerEntry {
     poller: GitPoller,
     force: Notify,
+    /// One poll at a time per poller on this master: two fetches into one bare repository
+    /// collide on its lock files.
+    busy: tokio::sync::Mutex<()>,
 }
 
 /// A single- or any-branch scheduler: its configuration and its compiled rules.
@@ -268,7 +272,11 @@ impl Master {
             .iter()
             .map(|source| {
                 let ChangeSourceConfig::GitPoller(poller) = source;
-                PollerEntry { poller: GitPoller::new(poller.clone(), &config.data_dir), force: Notify::new() }
+                PollerEntry {
+                    poller: GitPoller::new(poller.clone(), &config.data_dir),
+                    force: Notify::new(),
+                    busy: tokio::sync::Mutex::new(()),
+                }
             })
             .collect();
         let (shutting_down, _) = watch::channel(false);
@@ -457,6 +465,7 @@ impl Master {
     pub async fn poll(&self, name: &str) -> Result<usize, PollError> {
         let entry =
             self.pollers.iter().find(|p| p.poller.name == name).ok_or_else(|| PollError::Unknown(name.to_owned()))?;
+        let _busy = entry.busy.lock().await;
         let (started, known) = self.store.poller_tips(name).await?;
         let poller = entry.poller.clone();
         let expected = known.clone();
@@ -567,7 +576,7 @@ impl Master {
             collapse_builderids: self.collapsing(&builderids),
             builderids,
             priority,
-            rebuilt_buildid: None,
+            ..Default::default()
         }
     }
 
@@ -752,7 +761,7 @@ impl Master {
             builderids,
             priority: request.priority,
             rebuilt_buildid: None,
-            collapse_builderids: Vec::new(),
+            ..Default::default()
         };
         Ok(self.submit(&buildset).await?)
     }
@@ -869,6 +878,7 @@ impl Master {
                 masterid: master.masterid,
                 builderid: builder.id,
                 builder: Arc::clone(&builder.config),
+                triggers: Arc::clone(&master) as Arc<dyn Triggers>,
             };
             let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
             master.running.lock().expect("running poisoned").remove(&request.brid);
@@ -934,7 +944,7 @@ impl Master {
             builderids: vec![origin.builderid],
             priority: origin.priority,
             rebuilt_buildid: Some(buildid),
-            collapse_builderids: Vec::new(),
+            ..Default::default()
         };
         Ok(self.submit(&buildset).await?)
     }
@@ -1149,4 +1159,54 @@ impl Master {
 
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".to_owned())
+}
+
+impl Triggers for Master {
+    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, String>> {
+        Box::pin(async move {
+            let mut submitted = Vec::new();
+            for name in &request.scheduler_names {
+                let Some(SchedulerConfig::Triggerable(scheduler)) =
+                    self.config.schedulers.iter().find(|s| s.name() == name)
+                else {
+                    return Err(format!("{name:?} is not a triggerable scheduler"));
+                };
+                let mut properties = Properties::new();
+                for (k, v) in &scheduler.properties {
+                    properties.set(k.clone(), v.clone(), "Scheduler");
+                }
+                properties.set("scheduler", Value::from(name.clone()), "Scheduler");
+                properties.update(&request.properties);
+                let builderids: Vec<i64> = scheduler.builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
+                let buildset = NewBuildset {
+                    reason: format!("The Triggerable scheduler named '{name}' triggered this build"),
+                    properties,
+                    sourcestamps: request.sourcestamps.clone(),
+                    builderids,
+                    priority: scheduler.priority,
+                    parent_buildid: Some(request.parent_buildid),
+                    parent_relationship: Some("Triggered from".into()),
+                    waited_for: request.waited_for,
+                    ..Default::default()
+                };
+                let (bsid, requests) = self.submit(&buildset).await.map_err(|e| e.to_string())?;
+                submitted.push((name.clone(), bsid, requests));
+            }
+            Ok(submitted)
+        })
+    }
+
+    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, String>> {
+        Box::pin(async move {
+            // Triggered builds may finish on any master, so completion is read from the
+            // database; the interval bounds how late the parent notices, not correctness.
+            loop {
+                let results = self.store.buildset_results(&bsids).await.map_err(|e| e.to_string())?;
+                if results.iter().all(Option::is_some) {
+                    return Ok(results.into_iter().flatten().collect());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
 }

@@ -92,7 +92,8 @@ async fn the_poller_hook_polls_at_once_and_all_branches_are_followed() {
         (response.status().as_u16(), response.text().await.unwrap())
     };
     // The scheduled first poll may or may not have run yet; either way the tips are learned.
-    assert_eq!(poll().await.0, 200);
+    let (status, body) = poll().await;
+    assert_eq!(status, 200, "{body}");
     let on_main = repo.commit("on main", &[("a.txt", "1")]);
     assert_eq!(poll().await, (200, "1 change found".to_owned()), "the change is stored when the hook answers");
     let git = git2::Repository::open(&repo.path).unwrap();

@@ -132,6 +132,11 @@ pub struct NewBuildset {
     pub rebuilt_buildid: Option<i64>,
     /// Builders whose older compatible requests this buildset's requests collapse.
     pub collapse_builderids: Vec<i64>,
+    /// The build whose `trigger` step submitted this buildset, and how they relate.
+    pub parent_buildid: Option<i64>,
+    pub parent_relationship: Option<String>,
+    /// Whether the parent waits for these requests.
+    pub waited_for: bool,
 }
 
 /// A build request this master has claimed. `claim_token` fences it: only the holder of the
@@ -425,14 +430,16 @@ impl Store {
         now: i64,
     ) -> Result<(i64, Vec<(i64, i64)>)> {
         let row = sqlx::query(
-            "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties, rebuilt_buildid) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties, rebuilt_buildid, parent_buildid, \
+             parent_relationship) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
         )
         .bind(buildset.external_idstring.clone())
         .bind(&buildset.reason)
         .bind(now)
         .bind(buildset.properties.to_json().to_string())
         .bind(buildset.rebuilt_buildid)
+        .bind(buildset.parent_buildid)
+        .bind(buildset.parent_relationship.clone())
         .fetch_one(&mut *tx)
         .await?;
         let bsid = get_i64(&row, "id")?;
@@ -458,14 +465,15 @@ impl Store {
         let mut brids = Vec::with_capacity(buildset.builderids.len());
         for &builderid in &buildset.builderids {
             let row = sqlx::query(
-                "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at, collapse_key) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at, collapse_key, waited_for) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
             )
             .bind(bsid)
             .bind(builderid)
             .bind(buildset.priority)
             .bind(now)
             .bind(&collapse_key)
+            .bind(i64::from(buildset.waited_for))
             .fetch_one(&mut *tx)
             .await?;
             let brid = get_i64(&row, "id")?;
@@ -816,6 +824,24 @@ impl Store {
         .fetch_optional(&self.write)
         .await?;
         Ok(row.is_some())
+    }
+
+    /// The results of buildsets, `None` for those not complete yet.
+    pub async fn buildset_results(&self, bsids: &[i64]) -> Result<Vec<Option<Results>>> {
+        let mut results = Vec::with_capacity(bsids.len());
+        for bsid in bsids {
+            let row = sqlx::query("SELECT complete, results FROM buildsets WHERE id = $1")
+                .bind(bsid)
+                .fetch_optional(&self.read)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("buildset {bsid}")))?;
+            let complete = get_i64(&row, "complete")? != 0;
+            results.push(
+                complete
+                    .then(|| Results::from_code(get_i64(&row, "results").unwrap_or(4)).unwrap_or(Results::Exception)),
+            );
+        }
+        Ok(results)
     }
 
     /// Reason, properties and source stamps of a buildset.
