@@ -330,12 +330,30 @@ pub enum SchedulerConfig {
     AnyBranch(ChangeSchedulerConfig),
     /// Buildbot's ForceScheduler: builds on demand through the REST control API.
     Force(ForceSchedulerConfig),
+    /// Buildbot's Dependent scheduler: builds the sources of each buildset of `upstream` that
+    /// completes with SUCCESS or WARNINGS.
+    Dependent(DependentSchedulerConfig),
     /// Buildbot's Triggerable scheduler: builds when a `trigger` step asks.
     Triggerable(TriggerableSchedulerConfig),
     /// Buildbot's Periodic scheduler: builds every `periodicBuildTimer` seconds.
     Periodic(TimedSchedulerConfig),
     /// Buildbot's Nightly scheduler: builds at the times its cron fields name (UTC).
     Nightly(TimedSchedulerConfig),
+}
+
+/// A scheduler that follows another's successful buildsets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependentSchedulerConfig {
+    pub name: String,
+    /// The scheduler whose buildsets this one follows.
+    pub upstream: String,
+    #[serde(rename = "builderNames")]
+    pub builder_names: Vec<String>,
+    #[serde(default)]
+    pub priority: i64,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 /// A scheduler that `trigger` steps submit to.
@@ -519,6 +537,7 @@ impl SchedulerConfig {
             SchedulerConfig::Force(f) => &f.name,
             SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) => &t.name,
             SchedulerConfig::Triggerable(t) => &t.name,
+            SchedulerConfig::Dependent(d) => &d.name,
         }
     }
 
@@ -528,6 +547,7 @@ impl SchedulerConfig {
             SchedulerConfig::Force(f) => &f.builder_names,
             SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) => &t.builder_names,
             SchedulerConfig::Triggerable(t) => &t.builder_names,
+            SchedulerConfig::Dependent(d) => &d.builder_names,
         }
     }
 }
@@ -902,6 +922,14 @@ impl Config {
                 if !names.contains(builder.as_str()) {
                     return Err((format!("schedulers[{i}].builderNames[{j}]"), format!("unknown builder {builder:?}")));
                 }
+            }
+            if let SchedulerConfig::Dependent(d) = scheduler
+                && (d.upstream == d.name || !self.schedulers.iter().any(|s| s.name() == d.upstream))
+            {
+                return Err((
+                    format!("schedulers[{i}].upstream"),
+                    format!("no other scheduler named {:?}", d.upstream),
+                ));
             }
             match scheduler {
                 SchedulerConfig::Periodic(t) => match t.periodic_build_timer {

@@ -207,6 +207,8 @@ pub struct Master {
     pollers: Vec<PollerEntry>,
     /// Wakes the timer loop when a change (re)starts a tree-stable timer.
     timers_changed: Notify,
+    /// Wakes the completion loop when a build (and so perhaps a buildset) finished.
+    buildsets_completed: Notify,
     workers: Mutex<HashMap<String, Arc<WorkerSession>>>,
     running: Mutex<HashMap<i64, RunningBuild>>,
     /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
@@ -285,6 +287,7 @@ impl Master {
             timed_schedulers,
             pollers,
             timers_changed: Notify::new(),
+            buildsets_completed: Notify::new(),
             lease: Duration::from_secs(config.workers.lease_seconds),
             heartbeat: Duration::from_secs_f64(config.workers.heartbeat_interval),
             config,
@@ -577,6 +580,67 @@ impl Master {
             builderids,
             priority,
             ..Default::default()
+        }
+    }
+
+    /// Acts on completed buildsets: each one whose scheduler has Dependent schedulers and whose
+    /// result is SUCCESS or WARNINGS makes them submit a buildset of the same sources. The
+    /// completions come from an outbox written with the completion, so each is acted on once.
+    pub async fn run_completions(self: Arc<Self>) {
+        let mut shutdown = self.shutting_down.subscribe();
+        loop {
+            let taken = self
+                .store
+                .take_completed_buildsets(100, |completed| {
+                    let upstream =
+                        completed.details.properties.get("scheduler").and_then(Value::as_str).unwrap_or_default();
+                    if !matches!(completed.results, Results::Success | Results::Warnings) {
+                        return Vec::new();
+                    }
+                    self.config
+                        .schedulers
+                        .iter()
+                        .filter_map(|s| match s {
+                            SchedulerConfig::Dependent(d) if d.upstream == upstream => Some(d),
+                            _ => None,
+                        })
+                        .map(|d| {
+                            let origin = Origin {
+                                kind: "Dependent",
+                                name: &d.name,
+                                builder_names: &d.builder_names,
+                                properties: &d.properties,
+                            };
+                            let mut buildset = self.buildset_from(&origin, d.priority, &[], None);
+                            buildset.sourcestamps = completed.details.sourcestamps.clone();
+                            buildset.collapse_builderids.clear();
+                            buildset
+                        })
+                        .collect()
+                })
+                .await;
+            let more = match taken {
+                Ok((count, submitted)) => {
+                    if !submitted.is_empty() {
+                        info!(buildsets = submitted.len(), "dependent schedulers fired");
+                        self.store.notify_queue().await;
+                        self.wake();
+                    }
+                    count == 100
+                }
+                Err(error) => {
+                    warn!(%error, "could not act on completed buildsets");
+                    false
+                }
+            };
+            if more {
+                continue;
+            }
+            tokio::select! {
+                _ = self.buildsets_completed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 
@@ -894,6 +958,7 @@ impl Master {
             if requeued {
                 master.store.notify_queue().await;
             }
+            master.buildsets_completed.notify_one();
             let session = Arc::clone(slot.session());
             drop(slot);
             master.shutdown_if_drained(&session).await;

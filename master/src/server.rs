@@ -106,6 +106,7 @@ pub async fn run(
         tokio::spawn(Arc::clone(&master).run_timers()),
         tokio::spawn(Arc::clone(&master).run_pollers()),
         tokio::spawn(Arc::clone(&master).run_timed()),
+        tokio::spawn(Arc::clone(&master).run_completions()),
         tokio::spawn(Arc::clone(&master).run_queue_listener(config.database.clone())),
     ];
     let (pool_stop_tx, pool_stop_rx) = watch::channel(false);

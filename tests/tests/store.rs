@@ -44,6 +44,7 @@ conformance!(
     logs_round_trip_through_compressed_chunks,
     the_data_api_filters_orders_and_pages_in_sql,
     compatible_older_requests_collapse_as_skipped,
+    completed_buildsets_are_taken_from_the_outbox_once,
 );
 
 const LEASE: i64 = 60_000;
@@ -322,4 +323,23 @@ async fn compatible_older_requests_collapse_as_skipped(store: Store) {
     assert_eq!(rows[0]["complete"], false, "a forced build without changes is not collapsed by a change");
     let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", new[0].1)).await.unwrap();
     assert_eq!(rows[0]["complete"], false);
+}
+
+async fn completed_buildsets_are_taken_from_the_outbox_once(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let b = builder(&store, "b").await;
+    let (bsid, _) = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    store.complete_request(claim.brid, claim.claim_token, Results::Warnings).await.unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let follow_up = |c: &kiln_master::store::CompletedBuildset| {
+        seen.lock().unwrap().push((c.bsid, c.results, c.details.sourcestamps[0].branch.clone()));
+        vec![buildset(vec![b], 0)]
+    };
+    let (taken, submitted) = store.take_completed_buildsets(10, follow_up).await.unwrap();
+    assert_eq!((taken, submitted.len()), (1, 1));
+    assert_eq!(seen.lock().unwrap().clone(), vec![(bsid, Results::Warnings, Some("main".to_owned()))]);
+    let (taken, _) = store.take_completed_buildsets(10, |_| Vec::new()).await.unwrap();
+    assert_eq!(taken, 0, "each completion is taken once");
+    assert_eq!(store.pending_count().await.unwrap(), 1, "the follow-up buildset was submitted");
 }

@@ -95,3 +95,58 @@ async fn a_trigger_that_does_not_wait_finishes_at_once() {
     assert_eq!(child["results"], 0);
     master.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependent_scheduler_follows_successful_upstream_buildsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let setup = r#"
+builders:
+  - name: test
+    steps:
+      - shell: {command: "test %(src::branch)s != broken"}
+  - name: deploy
+    steps:
+      - shell: {name: work, command: "echo deploying %(src::revision)s"}
+schedulers:
+  - {type: single_branch, name: tests, builderNames: [test]}
+  - {type: dependent, name: deploys, upstream: tests, builderNames: [deploy]}
+"#;
+    let master = TestMaster::start(&database, dir.path(), setup).await;
+    let _worker = master.spawn_worker("w1");
+    for (branch, revision) in [("main", "good"), ("broken", "bad")] {
+        let fields = [("author", "a"), ("branch", branch), ("revision", revision)];
+        assert_eq!(master.post_change(&fields).await.0, 200);
+    }
+    let deploy = kiln_tests::eventually("the deploy buildset", MINUTE, || async {
+        let sets = master.get("/api/v2/buildsets").await;
+        sets["buildsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["reason"].as_str().unwrap().contains("'deploys'"))
+            .cloned()
+    })
+    .await;
+    assert_eq!(deploy["sourcestamps"][0]["revision"], "good");
+    let requests = master.get(&format!("/api/v2/buildrequests?buildsetid={}", deploy["bsid"])).await;
+    let build =
+        master.wait_build_of_request(requests["buildrequests"][0]["buildrequestid"].as_i64().unwrap(), MINUTE).await;
+    assert_eq!(build["results"], 0);
+    // The failed upstream buildset starts nothing.
+    let failed = kiln_tests::eventually("the failing upstream build", MINUTE, || async {
+        let sets = master.get("/api/v2/buildsets?complete=true&results=2").await;
+        (sets["meta"]["total"] == 1).then_some(())
+    });
+    failed.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sets = master.get("/api/v2/buildsets").await;
+    let deploys = sets["buildsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["reason"].as_str().unwrap().contains("'deploys'"))
+        .count();
+    assert_eq!(deploys, 1);
+    master.stop().await;
+}

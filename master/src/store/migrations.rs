@@ -49,6 +49,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0006_scheduler_fires.sql"),
         postgres: include_str!("../../migrations/postgres/0006_scheduler_fires.sql"),
     },
+    Migration {
+        version: 7,
+        description: "completed buildsets outbox",
+        sqlite: include_str!("../../migrations/sqlite/0007_completed_buildsets.sql"),
+        postgres: include_str!("../../migrations/postgres/0007_completed_buildsets.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -177,6 +177,14 @@ pub struct BuildOrigin {
     pub request_complete: bool,
 }
 
+/// A buildset that completed, as the outbox reports it.
+#[derive(Debug, Clone)]
+pub struct CompletedBuildset {
+    pub bsid: i64,
+    pub results: Results,
+    pub details: BuildsetDetails,
+}
+
 /// A build row just created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewBuild {
@@ -826,6 +834,42 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// Takes up to `limit` completed buildsets from the outbox and, in the same transaction,
+    /// submits the buildsets `react` asks for in response (e.g. Dependent schedulers'). Several
+    /// masters may call this at once; each completion is taken by one. Returns how many were
+    /// taken and the buildsets submitted.
+    pub async fn take_completed_buildsets(
+        &self,
+        limit: i64,
+        react: impl Fn(&CompletedBuildset) -> Vec<NewBuildset>,
+    ) -> Result<(usize, Vec<(i64, Vec<(i64, i64)>)>)> {
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT bsid, results FROM completed_buildsets ORDER BY bsid LIMIT {} {lock}",
+            limit.max(1)
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut submitted = Vec::new();
+        for row in &rows {
+            let bsid = get_i64(row, "bsid")?;
+            let results = Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception);
+            let details = Self::buildset_details_in(&mut tx, bsid).await?;
+            let completed = CompletedBuildset { bsid, results, details };
+            for buildset in react(&completed) {
+                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now).await?);
+            }
+            sqlx::query("DELETE FROM completed_buildsets WHERE bsid = $1").bind(bsid).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok((rows.len(), submitted))
+    }
+
     /// The results of buildsets, `None` for those not complete yet.
     pub async fn buildset_results(&self, bsids: &[i64]) -> Result<Vec<Option<Results>>> {
         let mut results = Vec::with_capacity(bsids.len());
@@ -846,13 +890,18 @@ impl Store {
 
     /// Reason, properties and source stamps of a buildset.
     pub async fn buildset_details(&self, bsid: i64) -> Result<BuildsetDetails> {
+        let mut conn = self.read.acquire().await?;
+        Self::buildset_details_in(&mut conn, bsid).await
+    }
+
+    async fn buildset_details_in(conn: &mut AnyConnection, bsid: i64) -> Result<BuildsetDetails> {
         let rows = sqlx::query(
             "SELECT b.reason, b.properties, s.branch, s.revision, s.repository, s.project, s.codebase \
              FROM buildsets b LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = b.id \
              LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid WHERE b.id = $1 ORDER BY s.codebase",
         )
         .bind(bsid)
-        .fetch_all(&self.read)
+        .fetch_all(&mut *conn)
         .await?;
         let first = rows.first().ok_or_else(|| StoreError::NotFound(format!("buildset {bsid}")))?;
         let reason: String = first.try_get("reason")?;
@@ -994,12 +1043,23 @@ impl Store {
             }
             results = results.worst(Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception));
         }
-        sqlx::query("UPDATE buildsets SET complete = 1, complete_at = $1, results = $2 WHERE id = $3 AND complete = 0")
-            .bind(now)
-            .bind(results.code())
+        let done = sqlx::query(
+            "UPDATE buildsets SET complete = 1, complete_at = $1, results = $2 WHERE id = $3 AND complete = 0",
+        )
+        .bind(now)
+        .bind(results.code())
+        .bind(bsid)
+        .execute(&mut *conn)
+        .await?;
+        if done.rows_affected() > 0 {
+            sqlx::query(
+                "INSERT INTO completed_buildsets (bsid, results) VALUES ($1, $2) ON CONFLICT (bsid) DO NOTHING",
+            )
             .bind(bsid)
+            .bind(results.code())
             .execute(&mut *conn)
             .await?;
+        }
         Ok(())
     }
 
