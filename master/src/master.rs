@@ -44,6 +44,8 @@ pub enum SubmitError {
     BuilderNotInScheduler { builder: String, scheduler: String },
     #[error("scheduler {0:?} is not a force scheduler")]
     NotForceable(String),
+    #[error("scheduler {0:?} is disabled")]
+    Disabled(String),
     #[error("invalid parameter {field}: {reason}")]
     InvalidParameter { field: String, reason: String },
     #[error(transparent)]
@@ -237,6 +239,9 @@ impl Master {
             let id = store.upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags).await?;
             builders.push(Builder { id, config: Arc::new(builder.clone()) });
         }
+        for scheduler in &config.schedulers {
+            store.upsert_scheduler(scheduler.name()).await?;
+        }
         let change_schedulers = config
             .schedulers
             .iter()
@@ -428,7 +433,8 @@ impl Master {
     async fn schedule_change(&self, stored: &Change) -> Result<(), SubmitError> {
         let change = &stored.change;
         info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
-        for scheduler in &self.change_schedulers {
+        let disabled = self.store.disabled_schedulers().await?;
+        for scheduler in self.change_schedulers.iter().filter(|s| !disabled.contains(&s.config.name)) {
             let classification = scheduler.compiled.classify(change);
             if classification == Classification::Ignored {
                 continue;
@@ -452,7 +458,9 @@ impl Master {
                 }
             }
         }
-        for timed in self.timed_schedulers.iter().filter(|t| t.config.only_if_changed) {
+        for timed in
+            self.timed_schedulers.iter().filter(|t| t.config.only_if_changed && !disabled.contains(&t.config.name))
+        {
             let classification = timed.rules.classify(change);
             if classification != Classification::Ignored {
                 let important = classification == Classification::Important;
@@ -683,6 +691,7 @@ impl Master {
             }
             let Some(next) = entry.when.next_after(now) else { return };
             let config = &entry.config;
+            let disabled = self.store.disabled_schedulers().await.map(|d| d.contains(name)).unwrap_or(false);
             let origin = Origin {
                 kind: if matches!(entry.when, When::Every(_)) { "Periodic" } else { "Nightly" },
                 name,
@@ -692,6 +701,9 @@ impl Master {
             let fired = self
                 .store
                 .fire_scheduled(name, due, next, |remembered| {
+                    if disabled {
+                        return None;
+                    }
                     if config.only_if_changed && !remembered.iter().any(|(_, important)| *important) {
                         return None;
                     }
@@ -751,9 +763,13 @@ impl Master {
                 _ = self.timers_changed.notified() => continue,
                 _ = shutdown.changed() => return,
             }
+            let disabled = self.store.disabled_schedulers().await.unwrap_or_default();
             let fired = self
                 .store
                 .fire_due_timers(crate::store::now_ms(), |name, changes| {
+                    if disabled.contains(name) {
+                        return None;
+                    }
                     let scheduler = self.change_schedulers.iter().find(|s| s.config.name == name)?;
                     (!changes.is_empty()).then(|| self.buildset_for(scheduler, changes))
                 })
@@ -785,6 +801,9 @@ impl Master {
         let SchedulerConfig::Force(force) = scheduler else {
             return Err(SubmitError::NotForceable(scheduler_name.to_owned()));
         };
+        if self.store.disabled_schedulers().await?.contains(scheduler_name) {
+            return Err(SubmitError::Disabled(scheduler_name.to_owned()));
+        }
         let (allowed, properties) = (&force.builder_names, &force.properties);
         let mut names = request.builder_names.clone();
         if let Some(id) = request.builderid {

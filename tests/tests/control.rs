@@ -253,3 +253,36 @@ async fn a_stop_reaches_a_build_running_on_another_master() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_scheduler_ignores_changes_and_forces_until_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let setup = format!("{}  - {{type: single_branch, name: main, branch: main, builderNames: [b]}}\n", setup("true"));
+    let master = TestMaster::start(&database, dir.path(), &setup).await;
+    let schedulers = master.get("/api/v2/schedulers").await;
+    assert_eq!(schedulers["meta"]["total"], 2);
+    let id_of = |name: &str| {
+        schedulers["schedulers"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["schedulerid"]
+            .as_i64()
+            .unwrap()
+    };
+    let (main, forced) = (id_of("main"), id_of("force"));
+    assert_eq!(master.get(&format!("/api/v2/schedulers/{main}")).await["schedulers"][0]["enabled"], true);
+    for id in [main, forced] {
+        let (status, reply) = rpc(&master, &format!("schedulers/{id}"), "enable", json!({ "enabled": false })).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    assert_eq!(master.post_change(&[("branch", "main"), ("revision", "r1")]).await.0, 200);
+    let (status, reply) = master.force("force", json!({})).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("disabled"));
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 0);
+
+    rpc(&master, &format!("schedulers/{main}"), "enable", json!({ "enabled": true })).await;
+    assert_eq!(master.post_change(&[("branch", "main"), ("revision", "r2")]).await.0, 200);
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 1);
+    let (status, _) = rpc(&master, "schedulers/999", "enable", json!({ "enabled": true })).await;
+    assert_eq!(status, 404);
+    master.stop().await;
+}

@@ -119,6 +119,8 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
             let workerid = id_of(master, Workers, vec![id_or_name("workerid", w)], "workerid").await?;
             Collection(Builds, vec![eq("workerid", workerid)])
         }
+        ["schedulers"] => Collection(Schedulers, vec![]),
+        ["schedulers", id] => Single(Schedulers, vec![eq("schedulerid", number(id)?)]),
         ["masters"] => Collection(Masters, vec![]),
         ["masters", id] => Single(Masters, vec![eq("masterid", number(id)?)]),
         ["steps", id, rest @ ..] => return Box::pin(resolve_step(master, number(id)?, rest)).await,

@@ -91,6 +91,23 @@ pub async fn post(
             }
         }
         (["buildrequests", _], _) => undefined(),
+        (["schedulers", scheduler], "enable") => {
+            let Some(enabled) = params.get("enabled").and_then(Value::as_bool) else {
+                return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "enabled: expected true or false");
+            };
+            match number(scheduler) {
+                Some(schedulerid) => match master.store.set_scheduler_enabled(schedulerid, enabled).await {
+                    Ok(Some(name)) => {
+                        tracing::info!(scheduler = %name, enabled, "scheduler enabled state changed");
+                        reply(&id, Ok(Value::Null))
+                    }
+                    Ok(None) => not_found(&id, "scheduler"),
+                    Err(error) => reply(&id, Err(ControlError::from(error))),
+                },
+                None => not_found(&id, "scheduler"),
+            }
+        }
+        (["schedulers", _], _) => undefined(),
         (["workers", worker], action) => {
             let Some(action) = WorkerAction::parse(action) else { return undefined() };
             let name = match number(worker) {

@@ -20,6 +20,7 @@ pub enum Resource {
     Masters,
     Steps,
     Logs,
+    Schedulers,
 }
 
 /// A comparison of Buildbot's query language.
@@ -276,6 +277,12 @@ const STEPS: Spec = Spec {
     ],
 };
 
+const SCHEDULERS: Spec = Spec {
+    from: "schedulers",
+    key: "id",
+    fields: &[f("schedulerid", "id", Int), f("name", "name", Text), f("enabled", "enabled", Bool)],
+};
+
 const LOGS: Spec = Spec {
     from: "logs",
     key: "id",
@@ -303,6 +310,7 @@ impl Resource {
             Resource::Masters => &MASTERS,
             Resource::Steps => &STEPS,
             Resource::Logs => &LOGS,
+            Resource::Schedulers => &SCHEDULERS,
         }
     }
 
@@ -319,6 +327,7 @@ impl Resource {
             Resource::Masters => "masters",
             Resource::Steps => "steps",
             Resource::Logs => "logs",
+            Resource::Schedulers => "schedulers",
         }
     }
 
@@ -335,6 +344,7 @@ impl Resource {
             Resource::Changes => &["sourcestamp", "parent_changeids"],
             Resource::SourceStamps => &["patch"],
             Resource::Workers => &["connected_to", "configured_on"],
+            Resource::Schedulers => &["master"],
             _ => &[],
         }
     }
@@ -584,6 +594,12 @@ async fn embed(pool: &AnyPool, resource: Resource, objects: &mut [Map<String, Va
         Resource::SourceStamps => {
             for object in objects {
                 object.insert("patch".into(), Value::Null);
+            }
+        }
+        Resource::Schedulers => {
+            // Every master runs every scheduler; state in the database decides who acts.
+            for object in objects {
+                object.insert("master".into(), Value::Null);
             }
         }
         Resource::Workers => {

@@ -55,6 +55,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0007_completed_buildsets.sql"),
         postgres: include_str!("../../migrations/postgres/0007_completed_buildsets.sql"),
     },
+    Migration {
+        version: 8,
+        description: "schedulers",
+        sqlite: include_str!("../../migrations/sqlite/0008_schedulers.sql"),
+        postgres: include_str!("../../migrations/postgres/0008_schedulers.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

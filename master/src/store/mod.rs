@@ -328,6 +328,33 @@ impl Store {
         get_i64(&row, "id")
     }
 
+    /// Registers a scheduler by name (keeping its id and enabled flag) and returns its id.
+    pub async fn upsert_scheduler(&self, name: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO schedulers (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET name = $1 RETURNING id",
+        )
+        .bind(name)
+        .fetch_one(&self.write)
+        .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Enables or disables a scheduler by id; returns its name, `None` if unknown.
+    pub async fn set_scheduler_enabled(&self, schedulerid: i64, enabled: bool) -> Result<Option<String>> {
+        let row = sqlx::query("UPDATE schedulers SET enabled = $1 WHERE id = $2 RETURNING name")
+            .bind(i64::from(enabled))
+            .bind(schedulerid)
+            .fetch_optional(&self.write)
+            .await?;
+        row.map(|r| Ok(r.try_get::<String, _>("name")?)).transpose()
+    }
+
+    /// Names of disabled schedulers.
+    pub async fn disabled_schedulers(&self) -> Result<std::collections::HashSet<String>> {
+        let rows = sqlx::query("SELECT name FROM schedulers WHERE enabled = 0").fetch_all(&self.write).await?;
+        rows.iter().map(|r| Ok(r.try_get::<String, _>("name")?)).collect()
+    }
+
     /// Records a worker's connection to a master (or its disconnection with `None`).
     pub async fn worker_connected(&self, name: &str, info: &serde_json::Value, masterid: Option<i64>) -> Result<i64> {
         let row = sqlx::query(
