@@ -526,8 +526,12 @@ pub struct ForceSchedulerConfig {
     pub button_name: Option<String>,
     #[serde(default)]
     pub label: Option<String>,
+    /// Fixed properties of every forced build.
     #[serde(default)]
     pub properties: BTreeMap<String, serde_json::Value>,
+    /// Typed fields a user fills in; each sets the property of its name.
+    #[serde(default)]
+    pub parameters: Vec<crate::force::ForceParameter>,
 }
 
 impl SchedulerConfig {
@@ -921,6 +925,12 @@ impl Config {
             for (j, builder) in scheduler.builder_names().iter().enumerate() {
                 if !names.contains(builder.as_str()) {
                     return Err((format!("schedulers[{i}].builderNames[{j}]"), format!("unknown builder {builder:?}")));
+                }
+            }
+            if let SchedulerConfig::Force(f) = scheduler {
+                for (j, parameter) in f.parameters.iter().enumerate() {
+                    crate::force::check_definition(parameter)
+                        .map_err(|reason| (format!("schedulers[{i}].parameters[{j}]"), reason))?;
                 }
             }
             if let SchedulerConfig::Dependent(d) = scheduler

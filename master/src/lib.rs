@@ -5,6 +5,7 @@ pub mod changes;
 pub mod collapse;
 pub mod config;
 pub mod engine;
+pub mod force;
 pub mod grpc;
 pub mod http;
 pub mod local_pool;

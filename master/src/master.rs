@@ -48,6 +48,8 @@ pub enum SubmitError {
     Disabled(String),
     #[error("invalid parameter {field}: {reason}")]
     InvalidParameter { field: String, reason: String },
+    #[error("invalid parameters: {0:?}")]
+    InvalidParameters(std::collections::BTreeMap<String, String>),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -833,7 +835,15 @@ impl Master {
         props.set("scheduler", Value::from(scheduler_name), "Scheduler");
         props.set("owner", Value::from(request.owner.clone()), "Force Build Form");
         props.set("reason", Value::from(request.reason.clone()), "Force Build Form");
-        for (k, v) in &request.properties {
+        // With declared parameters only they become properties, typed and checked; without,
+        // whatever extra fields were submitted are passed on as they came.
+        let submitted: Vec<(String, Value)> = if force.parameters.is_empty() {
+            request.properties.clone()
+        } else {
+            let given = request.properties.iter().cloned().collect();
+            crate::force::properties(&force.parameters, &given).map_err(SubmitError::InvalidParameters)?
+        };
+        for (k, v) in &submitted {
             props.set(k.clone(), v.clone(), "Force Build Form");
         }
         let buildset = NewBuildset {

@@ -286,3 +286,54 @@ async fn a_disabled_scheduler_ignores_changes_and_forces_until_enabled() {
     assert_eq!(status, 404);
     master.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_force_parameters_become_checked_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let setup = r#"
+builders:
+  - name: b
+    steps:
+      - shell: {command: "true"}
+schedulers:
+  - type: force
+    name: release
+    builderNames: [b]
+    parameters:
+      - {name: flavour, type: choice, choices: [debug, release], default: debug}
+      - {name: jobs, type: int, default: 2}
+      - {name: ticket, type: string, required: true, regex: "^[A-Z]+-[0-9]+$"}
+"#;
+    let master = TestMaster::start(&database, dir.path(), setup).await;
+    let (status, reply) = master.force("release", json!({ "flavour": "fast", "jobs": "many" })).await;
+    assert_eq!(status, 400);
+    assert_eq!(reply["error"]["code"], -32602);
+    let fields: Vec<&String> = reply["error"]["message"].as_object().unwrap().keys().collect();
+    assert_eq!(fields, vec!["flavour", "jobs", "ticket"], "{reply}");
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 0);
+
+    let (status, reply) = master.force("release", json!({ "jobs": "8", "ticket": "KILN-7", "stray": 1 })).await;
+    assert_eq!(status, 200, "{reply}");
+    let bsid = reply["result"][0].as_i64().unwrap();
+    let buildsets = master.get(&format!("/api/v2/buildsets/{bsid}")).await;
+    assert_eq!(buildsets["meta"], json!({}));
+    let _worker = master.spawn_worker("w1");
+    let brid = reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    let props = master.get(&format!("/api/v2/builds/{}?property=*", build["buildid"])).await;
+    let props = &props["builds"][0]["properties"];
+    assert_eq!(props["jobs"], json!([8, "Force Build Form"]), "typed as an integer");
+    assert_eq!(props["flavour"][0], "debug", "the default fills in");
+    assert_eq!(props["ticket"][0], "KILN-7");
+    assert!(props.get("stray").is_none(), "undeclared fields are not properties");
+    let form = master.get("/api/v2/forceschedulers/release").await;
+    let names: Vec<&str> = form["forceschedulers"][0]["all_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(names.ends_with(&["flavour", "jobs", "ticket"]), "{names:?}");
+    master.stop().await;
+}

@@ -322,9 +322,7 @@ pub async fn get(
                     SchedulerConfig::Force(f) => {
                         let wanted = name.as_ref().is_none_or(|x| *x == f.name)
                             && builder.as_ref().is_none_or(|b| f.builder_names.contains(b));
-                        wanted.then(|| {
-                            force_scheduler_json(&f.name, &f.builder_names, &f.button_name, &f.label, &f.properties)
-                        })
+                        wanted.then(|| force_scheduler_json(f))
                     }
                     _ => None,
                 })
@@ -339,39 +337,37 @@ pub async fn get(
     }
 }
 
-fn force_scheduler_json(
-    name: &str,
-    builder_names: &[String],
-    button_name: &Option<String>,
-    label: &Option<String>,
-    properties: &std::collections::BTreeMap<String, Value>,
-) -> Value {
-    let field = |name: &str, label: &str, kind: &str, default: Value| {
+fn force_scheduler_json(force: &crate::config::ForceSchedulerConfig) -> Value {
+    let field = |name: &str, label: &str, kind: &str, default: Value, required: bool| {
         json!({ "name": name, "fullName": name, "label": label, "type": kind, "default": default,
-                "required": false, "hide": false, "multiple": false, "regex": null, "tablabel": label })
+                "required": required, "hide": false, "multiple": false, "regex": null, "tablabel": label })
     };
     let mut fields = vec![
-        field("username", "Your name:", "username", json!("")),
-        field("reason", "reason", "text", json!("force build")),
-        field("priority", "Priority:", "int", json!(0)),
-        field("branch", "Branch:", "text", json!("")),
-        field("revision", "Revision:", "text", json!("")),
-        field("repository", "Repository:", "text", json!("")),
-        field("project", "Project:", "text", json!("")),
+        field("username", "Your name:", "username", json!(""), false),
+        field("reason", "reason", "text", json!("force build"), false),
+        field("priority", "Priority:", "int", json!(0), false),
+        field("branch", "Branch:", "text", json!(""), false),
+        field("revision", "Revision:", "text", json!(""), false),
+        field("repository", "Repository:", "text", json!(""), false),
+        field("project", "Project:", "text", json!(""), false),
     ];
-    for (prop, default) in properties {
-        let kind = match default {
-            Value::Bool(_) => "bool",
-            Value::Number(_) => "int",
-            _ => "text",
-        };
-        fields.push(field(prop, prop, kind, default.clone()));
+    for parameter in &force.parameters {
+        let label = parameter.label.clone().unwrap_or_else(|| parameter.name.clone());
+        let default = parameter.default.clone().unwrap_or(Value::Null);
+        let mut entry = field(&parameter.name, &label, parameter.kind.buildbot_type(), default, parameter.required);
+        if !parameter.choices.is_empty() {
+            entry["choices"] = json!(parameter.choices);
+        }
+        if let Some(pattern) = &parameter.regex {
+            entry["regex"] = json!(pattern);
+        }
+        fields.push(entry);
     }
     json!({
-        "name": name,
-        "builder_names": builder_names,
-        "button_name": button_name.clone().unwrap_or_else(|| format!("Force {name}")),
-        "label": label.clone().unwrap_or_else(|| name.to_owned()),
+        "name": force.name,
+        "builder_names": force.builder_names,
+        "button_name": force.button_name.clone().unwrap_or_else(|| format!("Force {}", force.name)),
+        "label": force.label.clone().unwrap_or_else(|| force.name.clone()),
         "enabled": true,
         "all_fields": fields,
     })

@@ -249,6 +249,11 @@ async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> 
                 brids.into_iter().map(|(b, r)| (b.to_string(), Value::from(r))).collect();
             Json(json!({ "jsonrpc": "2.0", "id": id, "result": [bsid, map] })).into_response()
         }
+        Err(SubmitError::InvalidParameters(errors)) => {
+            // Buildbot reports each bad field in the error's message, as an object.
+            let body = json!({ "jsonrpc": "2.0", "id": id, "error": { "code": INVALID_PARAMS, "message": errors } });
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
         Err(SubmitError::UnknownScheduler(name)) => {
             rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no force scheduler named {name:?}"))
         }
