@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
 use super::ApiError;
@@ -176,7 +177,7 @@ fn resolve_log(logid: i64, rest: &[&str]) -> Result<Target, ApiError> {
 }
 
 /// Buildbot's query parameters, decoded.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Params {
     fields: Vec<String>,
     properties: Vec<String>,
@@ -275,6 +276,9 @@ pub async fn get(
         Target::Collection(resource, filters) => {
             let mut params = parse_params(Some(resource), pairs, false)?;
             params.query.filters.extend(filters);
+            if params.query.limit.is_none_or(|limit| limit > PAGE) {
+                return stream_collection(master, resource, params).await;
+            }
             let (objects, total) = master.store.list(resource, &params.query).await?;
             let items = objects
                 .into_iter()
@@ -335,6 +339,93 @@ pub async fn get(
             Ok(envelope("forceschedulers", items, if name.is_some() { json!({}) } else { json!({ "total": total }) }))
         }
     }
+}
+
+/// Rows read from the database per page of a streamed collection.
+const PAGE: i64 = 500;
+
+/// Serves a collection too large to hold in memory: the envelope is written page by page, so
+/// memory is bounded by one page however many objects match.
+async fn stream_collection(master: Arc<Master>, resource: Resource, params: Params) -> Result<Response, ApiError> {
+    let wanted = params.query.limit;
+    let start = params.query.offset;
+    let mut first_query = params.query.clone();
+    first_query.limit = Some(wanted.map_or(PAGE, |w| w.min(PAGE)));
+    // The first page is read before answering, so a bad query still gets its 400.
+    let (first, total) = master.store.list(resource, &first_query).await?;
+    let end = wanted.map_or(total, |w| (start + w).min(total));
+    let head = format!("{{\"{}\":[", resource.plural());
+    let tail = format!("],\"meta\":{{\"total\":{total}}}}}");
+    struct Pager {
+        master: Arc<Master>,
+        resource: Resource,
+        params: Params,
+        next_offset: i64,
+        end: i64,
+        page: Option<Vec<Value>>,
+        wrote_any: bool,
+        done: bool,
+    }
+    let read = first.len() as i64;
+    let pager = Pager {
+        next_offset: start + read,
+        page: Some(first),
+        wrote_any: false,
+        done: false,
+        end,
+        master,
+        resource,
+        params,
+    };
+    let body = futures::stream::unfold(pager, |mut pager| async move {
+        if pager.done {
+            return None;
+        }
+        let page = match pager.page.take() {
+            Some(page) => page,
+            None if pager.next_offset >= pager.end => {
+                pager.done = true;
+                return Some((Ok::<_, std::io::Error>(Vec::new()), pager));
+            }
+            None => {
+                let mut query = pager.params.query.clone();
+                query.offset = pager.next_offset;
+                query.limit = Some(PAGE.min(pager.end - pager.next_offset));
+                match pager.master.store.list(pager.resource, &query).await {
+                    Ok((rows, _)) if rows.is_empty() => {
+                        pager.done = true;
+                        return Some((Ok(Vec::new()), pager));
+                    }
+                    Ok((rows, _)) => {
+                        pager.next_offset += rows.len() as i64;
+                        rows
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "a streamed collection failed part way");
+                        return Some((Err(std::io::Error::other("database error")), pager));
+                    }
+                }
+            }
+        };
+        let mut chunk = Vec::new();
+        for object in page {
+            let shaped = match object {
+                Value::Object(map) => shape(pager.resource, map, &pager.params),
+                other => other,
+            };
+            if pager.wrote_any {
+                chunk.push(b',');
+            }
+            pager.wrote_any = true;
+            chunk.extend(serde_json::to_vec(&shaped).unwrap_or_default());
+        }
+        Some((Ok(chunk), pager))
+    });
+    let body = futures::stream::once(async move { Ok(head.into_bytes()) })
+        .chain(body)
+        .chain(futures::stream::once(async move { Ok(tail.into_bytes()) }));
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(body))
+        .into_response())
 }
 
 fn force_scheduler_json(force: &crate::config::ForceSchedulerConfig) -> Value {
