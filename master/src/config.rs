@@ -532,6 +532,14 @@ pub struct ForceSchedulerConfig {
     /// Typed fields a user fills in; each sets the property of its name.
     #[serde(default)]
     pub parameters: Vec<crate::force::ForceParameter>,
+    /// Named codebases a force sets sources for, with `<codebase>_branch`, `_revision`,
+    /// `_repository` and `_project` fields; the default codebase (`""`) uses the plain names.
+    #[serde(default = "default_codebases")]
+    pub codebases: Vec<String>,
+}
+
+fn default_codebases() -> Vec<String> {
+    vec![String::new()]
 }
 
 impl SchedulerConfig {

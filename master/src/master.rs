@@ -835,12 +835,35 @@ impl Master {
         props.set("scheduler", Value::from(scheduler_name), "Scheduler");
         props.set("owner", Value::from(request.owner.clone()), "Force Build Form");
         props.set("reason", Value::from(request.reason.clone()), "Force Build Form");
+        // Sources: one source stamp per configured codebase; a named codebase `cb` reads its
+        // fields from `cb_branch`, `cb_revision`, `cb_repository` and `cb_project`.
+        let mut extras = request.properties.clone();
+        let mut sourcestamps = Vec::new();
+        for codebase in &force.codebases {
+            if codebase.is_empty() {
+                sourcestamps.push(request.sourcestamp.clone());
+                continue;
+            }
+            let mut take = |field: &str| {
+                let key = format!("{codebase}_{field}");
+                let position = extras.iter().position(|(k, _)| *k == key)?;
+                let (_, value) = extras.remove(position);
+                value.as_str().filter(|v| !v.is_empty()).map(str::to_owned)
+            };
+            sourcestamps.push(SourceStamp {
+                branch: take("branch"),
+                revision: take("revision"),
+                repository: take("repository").unwrap_or_default(),
+                project: take("project").unwrap_or_default(),
+                codebase: codebase.clone(),
+            });
+        }
         // With declared parameters only they become properties, typed and checked; without,
         // whatever extra fields were submitted are passed on as they came.
         let submitted: Vec<(String, Value)> = if force.parameters.is_empty() {
-            request.properties.clone()
+            extras
         } else {
-            let given = request.properties.iter().cloned().collect();
+            let given = extras.into_iter().collect();
             crate::force::properties(&force.parameters, &given).map_err(SubmitError::InvalidParameters)?
         };
         for (k, v) in &submitted {
@@ -850,7 +873,7 @@ impl Master {
             reason: format!("A build was forced by '{}': {}", request.owner, request.reason),
             external_idstring: None,
             properties: props,
-            sourcestamps: vec![request.sourcestamp.clone()],
+            sourcestamps,
             builderids,
             priority: request.priority,
             rebuilt_buildid: None,

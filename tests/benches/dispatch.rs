@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kiln_tests::pg;
-use kiln_tests::process::{MasterProcess, percentile};
+use kiln_tests::process::{MasterProcess, bench_database, percentile};
 use serde_json::json;
 use sqlx::Row;
 
@@ -95,15 +94,7 @@ fn stats(label: &str, latencies: &mut [f64]) -> (f64, f64) {
 async fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir().unwrap();
-    let database = match args.database.as_str() {
-        "sqlite" => format!("sqlite://{}", dir.path().join("kiln.sqlite").display()),
-        "postgres" => {
-            // SAFETY: set before any thread reads the environment.
-            unsafe { std::env::set_var("KILN_PG_DURABLE", "1") };
-            pg::fresh_database().await
-        }
-        other => panic!("unknown database {other}"),
-    };
+    let database = bench_database(&args.database, dir.path()).await;
     const BUILDER: &str = "collapseRequests: false\nbuilders:\n  - name: quick\n    steps:\n      - shell: {name: run, command: [\"true\"]}\nschedulers:\n  - {type: force, name: force, builderNames: [quick]}\n";
     // The body continues the `workers:` section the fixture writes, then adds the builder.
     let body = format!("  local: {{count: {}}}\n{BUILDER}", args.workers);

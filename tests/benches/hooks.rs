@@ -13,8 +13,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use hmac::{Hmac, Mac};
-use kiln_tests::pg;
-use kiln_tests::process::{MasterProcess, percentile};
+use kiln_tests::process::{MasterProcess, bench_database, percentile};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -64,15 +63,7 @@ fn sign(body: &[u8]) -> String {
 async fn main() {
     let args = Args::parse();
     let dir = tempfile::tempdir().unwrap();
-    let database = match args.database.as_str() {
-        "sqlite" => format!("sqlite://{}", dir.path().join("kiln.sqlite").display()),
-        "postgres" => {
-            // SAFETY: set before any thread reads the environment.
-            unsafe { std::env::set_var("KILN_PG_DURABLE", "1") };
-            pg::fresh_database().await
-        }
-        other => panic!("unknown database {other}"),
-    };
+    let database = bench_database(&args.database, dir.path()).await;
     let body = format!(
         "change_hooks:\n  github: {{secret: {SECRET}}}\nbuilders:\n  - name: b\n    steps:\n      - shell: {{command: [\"true\"]}}\nschedulers:\n  - {{type: any_branch, name: all, builderNames: [b]}}\n"
     );

@@ -77,6 +77,20 @@ impl MasterProcess {
     }
 }
 
+/// The database URL a benchmark runs on: `sqlite` (a file in `dir`) or `postgres` (a throwaway
+/// cluster with the default, durable settings).
+pub async fn bench_database(kind: &str, dir: &std::path::Path) -> String {
+    match kind {
+        "sqlite" => format!("sqlite://{}", dir.join("kiln.sqlite").display()),
+        "postgres" => {
+            // SAFETY: set before the cluster starts and before any thread reads it.
+            unsafe { std::env::set_var("KILN_PG_DURABLE", "1") };
+            crate::pg::fresh_database().await
+        }
+        other => panic!("unknown database {other}: use sqlite or postgres"),
+    }
+}
+
 /// The `p`th percentile of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

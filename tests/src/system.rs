@@ -227,7 +227,8 @@ pub fn spawn_worker(master_url: &str, name: &str, token: &str, dir: &Path) -> Te
     TestWorker { name: name.to_owned(), child }
 }
 
-fn urlencode(text: &str) -> String {
+/// Percent-encodes a form value.
+pub fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

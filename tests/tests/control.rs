@@ -337,3 +337,38 @@ schedulers:
     assert!(names.ends_with(&["flavour", "jobs", "ticket"]), "{names:?}");
     master.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_sets_sources_for_each_named_codebase() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let setup = r#"
+builders:
+  - name: b
+    steps:
+      - shell: {command: "true"}
+schedulers:
+  - {type: force, name: force, builderNames: [b], codebases: [app, lib]}
+"#;
+    let master = TestMaster::start(&database, dir.path(), setup).await;
+    let params = json!({ "app_branch": "main", "app_revision": "abc", "lib_branch": "dev", "lib_repository": "https://example.org/lib.git" });
+    let (status, reply) = master.force("force", params).await;
+    assert_eq!(status, 200, "{reply}");
+    let buildset = master.get(&format!("/api/v2/buildsets/{}", reply["result"][0])).await;
+    let stamps = buildset["buildsets"][0]["sourcestamps"].as_array().unwrap().clone();
+    let by_codebase = |cb: &str| stamps.iter().find(|s| s["codebase"] == cb).cloned().unwrap();
+    assert_eq!(
+        (by_codebase("app")["branch"].as_str(), by_codebase("app")["revision"].as_str()),
+        (Some("main"), Some("abc"))
+    );
+    assert_eq!(by_codebase("lib")["repository"], "https://example.org/lib.git");
+    let form = master.get("/api/v2/forceschedulers/force").await;
+    let names: Vec<&str> = form["forceschedulers"][0]["all_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"lib_revision") && !names.contains(&"revision"), "{names:?}");
+    master.stop().await;
+}

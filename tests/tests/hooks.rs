@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use kiln_tests::repo::TestRepo;
-use kiln_tests::system::TestMaster;
+use kiln_tests::system::{TestMaster, urlencode};
 use serde_json::Value;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -246,13 +246,4 @@ async fn a_dialect_not_configured_is_refused() {
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("wasn't whitelisted"));
     master.stop().await;
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

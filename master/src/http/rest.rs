@@ -437,11 +437,15 @@ fn force_scheduler_json(force: &crate::config::ForceSchedulerConfig) -> Value {
         field("username", "Your name:", "username", json!(""), false),
         field("reason", "reason", "text", json!("force build"), false),
         field("priority", "Priority:", "int", json!(0), false),
-        field("branch", "Branch:", "text", json!(""), false),
-        field("revision", "Revision:", "text", json!(""), false),
-        field("repository", "Repository:", "text", json!(""), false),
-        field("project", "Project:", "text", json!(""), false),
     ];
+    for codebase in &force.codebases {
+        let prefix = if codebase.is_empty() { String::new() } else { format!("{codebase}_") };
+        for (name, label) in
+            [("branch", "Branch:"), ("revision", "Revision:"), ("repository", "Repository:"), ("project", "Project:")]
+        {
+            fields.push(field(&format!("{prefix}{name}"), label, "text", json!(""), false));
+        }
+    }
     for parameter in &force.parameters {
         let label = parameter.label.clone().unwrap_or_else(|| parameter.name.clone());
         let default = parameter.default.clone().unwrap_or(Value::Null);
