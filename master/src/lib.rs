@@ -14,6 +14,7 @@ pub mod poller;
 pub mod properties;
 pub mod remote;
 pub mod results;
+pub mod scaling;
 pub mod schedulers;
 pub mod secrets;
 pub mod server;
