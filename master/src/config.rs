@@ -125,20 +125,55 @@ pub struct TokenConfig {
     pub value_env: Option<String>,
 }
 
+/// Worker processes the master starts on its own machine, as many as the queue needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalPoolConfig {
-    /// How many local workers to run.
-    pub count: u32,
+    /// A fixed number of workers (the same as `min` = `max` = `count`).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Fewest workers kept running (default 1).
+    #[serde(default)]
+    pub min: Option<u32>,
+    /// Most workers at once (default 4).
+    #[serde(default)]
+    pub max: Option<u32>,
     /// Builds each local worker runs at once.
     #[serde(default = "one")]
     pub max_builds: u32,
+    /// Idle workers kept ready beyond what the queue needs.
+    #[serde(default)]
+    pub warm: u32,
+    /// Seconds the queue must need fewer workers before the pool shrinks.
+    #[serde(default = "default_scale_down_delay")]
+    pub scale_down_delay: f64,
     /// The `kiln-worker` binary; by default the one beside `kiln-master`.
     #[serde(default)]
     pub binary: Option<PathBuf>,
     /// Prefix of the workers' names: `local-1`, `local-2`, …
     #[serde(default = "default_local_prefix")]
     pub name_prefix: String,
+}
+
+impl LocalPoolConfig {
+    /// The pool's sizing rules.
+    pub fn policy(&self) -> crate::scaling::Policy {
+        let (min, max) = match self.count {
+            Some(count) => (count, count),
+            None => (self.min.unwrap_or(1), self.max.unwrap_or(4)),
+        };
+        crate::scaling::Policy {
+            min,
+            max,
+            builds_per_worker: self.max_builds.max(1),
+            warm: self.warm,
+            scale_down_delay: std::time::Duration::from_secs_f64(self.scale_down_delay.max(0.0)),
+        }
+    }
+}
+
+fn default_scale_down_delay() -> f64 {
+    60.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -742,6 +777,23 @@ fn resolve_secret(
     }
 }
 
+fn validate_local(local: &LocalPoolConfig) -> Result<(), (String, String)> {
+    if local.count.is_some() && (local.min.is_some() || local.max.is_some()) {
+        return Err(("workers.local".into(), "give count, or min and max, not both".into()));
+    }
+    let policy = local.policy();
+    if policy.max == 0 || local.max_builds == 0 {
+        return Err(("workers.local".into(), "max (or count) and max_builds must be at least 1".into()));
+    }
+    if policy.min > policy.max {
+        return Err(("workers.local.min".into(), format!("min {} is above max {}", policy.min, policy.max)));
+    }
+    if !(local.scale_down_delay.is_finite() && local.scale_down_delay >= 0.0) {
+        return Err(("workers.local.scale_down_delay".into(), "must be a number of seconds".into()));
+    }
+    Ok(())
+}
+
 /// Makes a name safe as one directory component.
 pub fn sanitize_dir(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
@@ -857,10 +909,8 @@ impl Config {
                 return Err((format!("change_sources[{i}].name"), format!("duplicate poller {:?}", poller.name())));
             }
         }
-        if let Some(local) = &self.workers.local
-            && (local.count == 0 || local.max_builds == 0)
-        {
-            return Err(("workers.local".into(), "count and max_builds must be at least 1".into()));
+        if let Some(local) = &self.workers.local {
+            validate_local(local)?;
         }
         if self.builders.is_empty() {
             return Err(("builders".into(), "at least one builder is needed".into()));

@@ -217,6 +217,8 @@ pub struct Master {
     running: Mutex<HashMap<i64, RunningBuild>>,
     /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
     wake: Notify,
+    /// Wakes the pool scaler on the same events.
+    scale_wake: Notify,
     shutting_down: watch::Sender<bool>,
     lease: Duration,
     pub heartbeat: Duration,
@@ -305,6 +307,7 @@ impl Master {
             workers: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            scale_wake: Notify::new(),
             shutting_down,
         });
         info!(master = %master.name, masterid, "master registered");
@@ -319,9 +322,29 @@ impl Master {
         self.builders.iter().find(|b| b.id == id)
     }
 
-    /// Wakes the dispatcher.
+    /// Wakes the dispatcher and the pool scaler.
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.scale_wake.notify_one();
+    }
+
+    /// Waits until something happened that may change how many workers a pool needs: a request
+    /// entered the queue, a build ended, a worker joined or left.
+    pub async fn scaling_wanted(&self) {
+        self.scale_wake.notified().await;
+    }
+
+    /// Takes a worker out of service for a scale-down: no new build goes to it, and it is told to
+    /// exit once idle (at once if it is idle now). Returns false if its session is already gone.
+    pub async fn retire_worker(&self, session: &Arc<WorkerSession>) -> bool {
+        if session.is_closed() {
+            return false;
+        }
+        // Drain first, then look at running builds (see WorkerSession::try_reserve).
+        session.set_draining();
+        let _ = session.send(ToWorker::Drain).await;
+        self.shutdown_if_drained(session).await;
+        true
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -409,6 +432,7 @@ impl Master {
             warn!(worker = session.name(), %error, "could not record the disconnection");
         }
         info!(worker = session.name(), "worker disconnected");
+        self.wake();
     }
 
     // ---------------------------------------------------------------------------------------
@@ -954,17 +978,21 @@ impl Master {
             let mut exhausted: HashSet<Option<Vec<i64>>> = HashSet::new();
             for worker in free {
                 let builderids = self.builders_for(worker.name());
-                if exhausted.contains(&builderids) || !worker.has_free_slot() {
+                if exhausted.contains(&builderids) {
                     continue;
                 }
-                match self.store.claim_next(self.masterid, builderids.as_deref(), lease_ms).await? {
-                    Some(request) => {
+                // The slot is reserved before the claim, so a scale-down that drains this
+                // worker meanwhile either sees the build coming or is seen by it.
+                let Some(slot) = worker.try_reserve() else { continue };
+                match self.store.claim_next(self.masterid, builderids.as_deref(), lease_ms).await {
+                    Ok(Some(request)) => {
                         progressed = true;
-                        self.spawn_build(request, &worker);
+                        self.spawn_build(request, slot);
                     }
-                    None => {
+                    Ok(None) => {
                         exhausted.insert(builderids);
                     }
+                    Err(error) => return Err(error),
                 }
             }
             if !progressed {
@@ -973,8 +1001,7 @@ impl Master {
         }
     }
 
-    fn spawn_build(self: &Arc<Self>, request: ClaimedRequest, worker: &Arc<WorkerSession>) {
-        let slot = worker.reserve();
+    fn spawn_build(self: &Arc<Self>, request: ClaimedRequest, slot: crate::remote::BuildSlot) {
         let (stop_tx, stop_rx) = watch::channel(None);
         self.running
             .lock()

@@ -226,6 +226,20 @@ impl WorkerSession {
         !self.is_closed() && !self.is_draining() && self.running_builds() < self.info.max_builds.max(1)
     }
 
+    /// Reserves a build slot unless the worker is draining or closed; the guard frees it when
+    /// dropped. Together with [`WorkerSession::set_draining`] followed by a look at
+    /// [`WorkerSession::running_builds`], this is a two-flag handshake (both sides write, then
+    /// read the other's flag, sequentially consistent): either the reservation sees the drain
+    /// and backs off, or the drainer sees the reservation and waits for that build to end.
+    pub fn try_reserve(self: &Arc<Self>) -> Option<BuildSlot> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let slot = BuildSlot { session: Arc::clone(self) };
+        if self.is_draining() || self.is_closed() || self.running_builds() > self.info.max_builds.max(1) {
+            return None;
+        }
+        Some(slot)
+    }
+
     /// Reserves a build slot; the returned guard frees it when dropped.
     pub fn reserve(self: &Arc<Self>) -> BuildSlot {
         self.running.fetch_add(1, Ordering::SeqCst);

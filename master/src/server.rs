@@ -112,14 +112,14 @@ pub async fn run(
     let (pool_stop_tx, pool_stop_rx) = watch::channel(false);
     let pool = match (&config.workers.local, local_binary) {
         (Some(local), Some(binary)) => {
-            let pool = LocalPool {
-                config: local.clone(),
+            let pool = Arc::new(LocalPool::new(
+                local.clone(),
                 binary,
-                master_url: format!("http://{grpc_addr}"),
-                token: local_token,
-                data_dir: config.data_dir.clone(),
-            };
-            Some(tokio::spawn(pool.run(pool_stop_rx, Duration::from_secs(30))))
+                format!("http://{grpc_addr}"),
+                local_token,
+                config.data_dir.clone(),
+            ));
+            Some(tokio::spawn(pool.run(Arc::clone(&master), pool_stop_rx, Duration::from_secs(30))))
         }
         _ => None,
     };
