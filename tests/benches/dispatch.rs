@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kiln_tests::process::{MasterProcess, bench_database, percentile};
-use serde_json::json;
+use kiln_tests::process::{MasterProcess, bench_database, force, percentile, requests_with};
 use sqlx::Row;
 
 #[derive(Debug, Parser)]
@@ -55,22 +54,8 @@ async fn timings(database: &str, after: i64) -> Vec<(i64, i64, i64)> {
         .collect()
 }
 
-async fn force(client: &reqwest::Client, url: &str) -> i64 {
-    let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
-    let reply: serde_json::Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
-    reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(|v| v.as_i64()).expect("a request id")
-}
-
 async fn completed(client: &reqwest::Client, base: &str) -> i64 {
-    let reply: serde_json::Value = client
-        .get(format!("{base}/api/v2/buildrequests?complete=true&limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    reply["meta"]["total"].as_i64().unwrap_or(0)
+    requests_with(client, base, true).await
 }
 
 /// Polls until `count` requests are complete. Latencies come from the database's timestamps, so
@@ -101,7 +86,6 @@ async fn main() {
     let master = MasterProcess::start(&database, dir.path(), &body, u64::from(args.workers)).await;
     let base = master.base.clone();
     let client = reqwest::Client::new();
-    let force_url = format!("{base}/api/v2/forceschedulers/force");
     println!(
         "Kiln dispatch benchmark: {} builds, {} workers, {} ({} CPUs)",
         args.builds,
@@ -113,7 +97,7 @@ async fn main() {
     // Single requests with idle workers.
     for _ in 0..args.singles {
         let before = completed(&client, &base).await;
-        force(&client, &force_url).await;
+        force(&client, &base).await;
         wait_completed(&client, &base, before + 1, Duration::from_secs(30), Duration::from_millis(2)).await;
     }
     let singles = timings(&database, 0).await;
@@ -125,7 +109,7 @@ async fn main() {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut submitters = Vec::new();
     for _ in 0..args.clients {
-        let (client, url, next, total) = (client.clone(), force_url.clone(), Arc::clone(&next), args.builds);
+        let (client, url, next, total) = (client.clone(), base.clone(), Arc::clone(&next), args.builds);
         submitters.push(tokio::spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
                 force(&client, &url).await;

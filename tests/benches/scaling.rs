@@ -10,8 +10,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kiln_tests::process::{MasterProcess, bench_database, percentile};
-use serde_json::json;
+use kiln_tests::process::{MasterProcess, bench_database, force, percentile, requests_with};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -50,22 +49,8 @@ fn workers(prefix: &str) -> HashSet<i32> {
     found
 }
 
-async fn force(client: &reqwest::Client, base: &str) {
-    let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
-    let response = client.post(format!("{base}/api/v2/forceschedulers/force")).json(&body).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-}
-
 async fn pending(client: &reqwest::Client, base: &str) -> i64 {
-    let reply: serde_json::Value = client
-        .get(format!("{base}/api/v2/buildrequests?complete=false&limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    reply["meta"]["total"].as_i64().unwrap_or(i64::MAX)
+    requests_with(client, base, false).await
 }
 
 fn builder(seconds: f64) -> String {

@@ -77,6 +77,34 @@ impl MasterProcess {
     }
 }
 
+/// Forces a build through the `force` scheduler of the master at `base`; returns the request id.
+pub async fn force(client: &reqwest::Client, base: &str) -> i64 {
+    let body = serde_json::json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let reply: serde_json::Value = client
+        .post(format!("{base}/api/v2/forceschedulers/force"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(|v| v.as_i64()).expect("a request id")
+}
+
+/// How many build requests of the master at `base` are complete (`true`) or not (`false`).
+pub async fn requests_with(client: &reqwest::Client, base: &str, complete: bool) -> i64 {
+    let reply: serde_json::Value = client
+        .get(format!("{base}/api/v2/buildrequests?complete={complete}&limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    reply["meta"]["total"].as_i64().unwrap_or(0)
+}
+
 /// The database URL a benchmark runs on: `sqlite` (a file in `dir`) or `postgres` (a throwaway
 /// cluster with the default, durable settings).
 pub async fn bench_database(kind: &str, dir: &std::path::Path) -> String {

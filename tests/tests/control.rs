@@ -15,7 +15,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// on purpose.
 fn setup(command: &str) -> String {
     format!(
-        "collapseRequests: false\nbuilders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
+        "collapseRequests: false\nbuilders:\n  - name: b\n    steps:\n      - shell: {{name: job, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
     )
 }
 
@@ -44,7 +44,7 @@ async fn wait_running(master: &TestMaster, brid: i64) -> i64 {
     eventually("the build to print", MINUTE, || async {
         let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
         let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        let (status, body) = master.get_text(&format!("/api/v2/builds/{buildid}/steps/work/logs/stdio/contents")).await;
+        let (status, body) = master.get_text(&format!("/api/v2/builds/{buildid}/steps/job/logs/stdio/contents")).await;
         (status == 200 && body.contains("ostarted")).then_some(buildid)
     })
     .await

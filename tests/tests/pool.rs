@@ -46,7 +46,7 @@ fn worker_pid(name: &str) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_grows_the_pool_to_max_and_it_shrinks_back_without_interrupting_builds() {
     let dir = tempfile::tempdir().unwrap();
-    let builders = "builders:\n  - name: b\n    steps:\n      - shell: {name: work, command: \"echo start; sleep 2; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [b]}\n";
+    let builders = "builders:\n  - name: b\n    steps:\n      - shell: {name: job, command: \"echo start; sleep 2; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [b]}\n";
     let master = TestMaster::start_with(config(dir.path(), "burst", 1, 6, 2.0, builders), dir.path()).await;
     master.wait_workers(1).await;
     let mut brids = Vec::new();
@@ -69,7 +69,7 @@ async fn a_burst_grows_the_pool_to_max_and_it_shrinks_back_without_interrupting_
     assert_eq!(requests, brids.iter().copied().collect::<HashSet<_>>());
     for build in builds {
         assert_eq!(build["results"], 0, "{build}");
-        let log = master.get(&format!("/api/v2/builds/{}/steps/work/logs/stdio/contents", build["buildid"])).await;
+        let log = master.get(&format!("/api/v2/builds/{}/steps/job/logs/stdio/contents", build["buildid"])).await;
         assert!(
             log["logchunks"][0]["content"].as_str().unwrap().contains("odone\n"),
             "build {} was cut short",
@@ -84,7 +84,7 @@ async fn a_burst_grows_the_pool_to_max_and_it_shrinks_back_without_interrupting_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_the_pool_shrinks_has_its_build_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let builders = "builders:\n  - name: quick\n    steps:\n      - shell: {name: work, command: \"echo quick\"}\n  - name: slow\n    steps:\n      - shell: {name: work, command: \"echo started; sleep 4; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [quick, slow]}\n";
+    let builders = "builders:\n  - name: quick\n    steps:\n      - shell: {name: job, command: \"echo quick\"}\n  - name: slow\n    steps:\n      - shell: {name: job, command: \"echo started; sleep 4; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [quick, slow]}\n";
     let master = TestMaster::start_with(config(dir.path(), "shrinking", 1, 3, 0.5, builders), dir.path()).await;
     master.wait_workers(1).await;
     let slow = force(&master, "slow").await;
@@ -93,7 +93,7 @@ async fn a_worker_killed_while_the_pool_shrinks_has_its_build_retried() {
     let worker = eventually("the slow build to start", MINUTE, || async {
         let builds = master.get(&format!("/api/v2/buildrequests/{slow}/builds")).await;
         let build = builds["builds"].as_array()?.first()?.clone();
-        let log = master.get_text(&format!("/api/v2/builds/{}/steps/work/logs/stdio/contents", build["buildid"])).await;
+        let log = master.get_text(&format!("/api/v2/builds/{}/steps/job/logs/stdio/contents", build["buildid"])).await;
         if !log.1.contains("ostarted") {
             return None;
         }

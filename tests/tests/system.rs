@@ -196,7 +196,7 @@ async fn one_step_master(dir: &std::path::Path, command: &str) -> TestMaster {
 
 fn one_step_config(dir: &std::path::Path, command: &str) -> kiln_master::config::Config {
     let setup = format!(
-        "builders:\n  - name: b\n    steps:\n      - shell: {{name: work, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
+        "builders:\n  - name: b\n    steps:\n      - shell: {{name: job, command: \"{command}\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
     );
     kiln_master::config::Config::parse("test.yaml", &config_text(&sqlite_url(dir), dir, &setup)).unwrap()
 }
@@ -213,7 +213,7 @@ async fn wait_printed(master: &TestMaster, brid: i64, text: &str) {
     eventually(&format!("the build of request {brid} to print {text:?}"), MINUTE, || async {
         let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
         let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        log_text(master, buildid, "work").await.contains(text).then_some(())
+        log_text(master, buildid, "job").await.contains(text).then_some(())
     })
     .await;
 }

@@ -27,10 +27,10 @@ builders:
       - trigger: {schedulerNames: [ok]}
   - name: child-ok
     steps:
-      - shell: {name: work, command: "echo child of %(prop:from:-nobody)s in %(prop:colour:-no colour)s"}
+      - shell: {name: job, command: "echo child of %(prop:from:-nobody)s in %(prop:colour:-no colour)s"}
   - name: child-fail
     steps:
-      - shell: {name: work, command: "exit 1"}
+      - shell: {name: job, command: "exit 1"}
 schedulers:
   - {type: force, name: force, builderNames: [parent, parent-of-failure, fire-and-forget]}
   - {type: triggerable, name: ok, builderNames: [child-ok]}
@@ -71,7 +71,7 @@ async fn a_waiting_trigger_takes_the_childs_result_and_passes_properties() {
     let child_request = child_of(&master, parent["buildid"].as_i64().unwrap()).await;
     assert_eq!(child_request["waited_for"], true);
     let child = master.wait_build_of_request(child_request["buildrequestid"].as_i64().unwrap(), MINUTE).await;
-    let log = master.get(&format!("/api/v2/builds/{}/steps/work/logs/stdio/contents", child["buildid"])).await;
+    let log = master.get(&format!("/api/v2/builds/{}/steps/job/logs/stdio/contents", child["buildid"])).await;
     assert!(log["logchunks"][0]["content"].as_str().unwrap().contains("ochild of parent in blue"), "{log}");
 
     let brid = force(&master, "parent-of-failure", json!({})).await;
@@ -107,7 +107,7 @@ builders:
       - shell: {command: "test %(src::branch)s != broken"}
   - name: deploy
     steps:
-      - shell: {name: work, command: "echo deploying %(src::revision)s"}
+      - shell: {name: job, command: "echo deploying %(src::revision)s"}
 schedulers:
   - {type: single_branch, name: tests, builderNames: [test]}
   - {type: dependent, name: deploys, upstream: tests, builderNames: [deploy]}
