@@ -230,30 +230,31 @@ impl LocalPool {
     /// busy worker is never chosen.
     async fn retire(&self, master: &Master, count: u32) -> u32 {
         let sessions: HashMap<String, _> = master.workers().into_iter().map(|s| (s.name().to_owned(), s)).collect();
-        let (starting, connected): (Vec<String>, Vec<String>) =
-            self.staying().into_iter().partition(|name| !sessions.contains_key(name));
+        let members: Vec<scaling::Member> = self
+            .staying()
+            .into_iter()
+            .map(|name| {
+                let running = sessions.get(&name).map_or(0, |s| s.running_builds());
+                scaling::Member { starting: !sessions.contains_key(&name), running, busy_for_secs: 0, name }
+            })
+            .collect();
         let mut retired = 0;
-        for name in starting {
-            if retired == count {
-                return retired;
-            }
-            self.mark_leaving(&name);
-            self.signal(&name, libc::SIGTERM);
-            retired += 1;
-        }
-        for name in connected {
-            if retired == count {
-                break;
-            }
-            let session = &sessions[&name];
-            if session.running_builds() > 0 {
-                continue;
-            }
-            // Drain first, then look again: a build assigned in between keeps the worker
-            // until it is done, and the master sends Shutdown afterwards.
-            if master.retire_worker(session).await {
-                self.mark_leaving(&name);
-                retired += 1;
+        for name in scaling::victims(&members, count) {
+            match sessions.get(&name) {
+                // Still starting: it holds nothing; stop the process.
+                None => {
+                    self.mark_leaving(&name);
+                    self.signal(&name, libc::SIGTERM);
+                    retired += 1;
+                }
+                // Drain first, then look again: a build assigned in between keeps the worker
+                // until it is done, and the master sends Shutdown afterwards.
+                Some(session) => {
+                    if master.retire_worker(session).await {
+                        self.mark_leaving(&name);
+                        retired += 1;
+                    }
+                }
             }
         }
         retired

@@ -77,6 +77,47 @@ pub fn decide(policy: &Policy, load: &Load, hysteresis: &mut Hysteresis, now: In
     Decision { desired, recheck_after: None }
 }
 
+/// A worker as a scale-down sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    /// Started but not yet connected to the master.
+    pub starting: bool,
+    /// Builds running on it.
+    pub running: u32,
+    /// How long its oldest running build has run, in seconds.
+    pub busy_for_secs: u64,
+}
+
+/// The workers to retire to shrink by `count`: workers still starting first (they hold no build
+/// and no warm cache), then idle ones; a worker with a build is never chosen, so the pool may
+/// shrink by less than asked.
+pub fn victims(members: &[Member], count: u32) -> Vec<String> {
+    let mut candidates: Vec<&Member> = members.iter().filter(|m| m.running == 0).collect();
+    // Starting workers first; then by name, newest-numbered last, for a stable choice.
+    candidates.sort_by(|a, b| b.starting.cmp(&a.starting).then_with(|| b.name.cmp(&a.name)));
+    candidates.into_iter().take(count as usize).map(|m| m.name.clone()).collect()
+}
+
+/// `controller.kubernetes.io/pod-deletion-cost` for each pod of a Deployment being scaled down,
+/// so that the ReplicaSet removes exactly the chosen victims: victims lowest, other idle pods
+/// next, busy pods highest and more so the longer their build has run (capped at a day).
+pub fn deletion_costs(members: &[Member], victims: &[String]) -> Vec<(String, i32)> {
+    members
+        .iter()
+        .map(|m| {
+            let cost = if victims.contains(&m.name) {
+                -1000
+            } else if m.running == 0 {
+                0
+            } else {
+                10 + m.busy_for_secs.min(86_400) as i32
+            };
+            (m.name.clone(), cost)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +186,33 @@ mod tests {
             let d = decide(&p, &l, &mut h, t0 + Duration::from_secs(second));
             assert_eq!(d.desired, 4, "at {second} s");
         }
+    }
+
+    fn member(name: &str, starting: bool, running: u32, busy_for_secs: u64) -> Member {
+        Member { name: name.into(), starting, running, busy_for_secs }
+    }
+
+    #[test]
+    fn victims_are_starting_then_idle_workers_never_busy_ones() {
+        let pool = [
+            member("w-1", false, 1, 300),
+            member("w-2", false, 0, 0),
+            member("w-3", true, 0, 0),
+            member("w-4", false, 0, 0),
+        ];
+        assert_eq!(victims(&pool, 1), vec!["w-3"]);
+        assert_eq!(victims(&pool, 3), vec!["w-3", "w-4", "w-2"]);
+        assert_eq!(victims(&pool, 4), vec!["w-3", "w-4", "w-2"], "the busy worker stays");
+        assert!(victims(&[member("w-1", false, 2, 10)], 1).is_empty());
+    }
+
+    #[test]
+    fn deletion_costs_make_the_replica_set_remove_the_victims() {
+        let pool = [member("a", false, 1, 30), member("b", false, 0, 0), member("c", false, 1, 999_999)];
+        let costs = deletion_costs(&pool, &["b".to_owned()]);
+        assert_eq!(costs, vec![("a".into(), 40), ("b".into(), -1000), ("c".into(), 86_410)]);
+        let lowest = costs.iter().min_by_key(|(_, cost)| *cost).unwrap();
+        assert_eq!(lowest.0, "b");
     }
 
     #[test]
