@@ -19,4 +19,5 @@ pub mod schedulers;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod timed;

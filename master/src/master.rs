@@ -197,6 +197,7 @@ struct ChangeSchedulerEntry {
 struct RunningBuild {
     stop: watch::Sender<Option<StopReason>>,
     claim_token: i64,
+    builderid: i64,
 }
 
 /// One master: configuration, database and the workers connected to it.
@@ -349,6 +350,31 @@ impl Master {
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutting_down.borrow()
+    }
+
+    /// The gauges of a scrape: the queue per builder, builds running here, workers by state.
+    pub async fn record_metrics(&self) -> Result<(), StoreError> {
+        let (pending, oldest) = self.store.pending_by_builder().await?;
+        let mut running: Vec<(String, u32)> = self.builders.iter().map(|b| (b.config.name.clone(), 0)).collect();
+        for build in self.running.lock().expect("running poisoned").values() {
+            if let Some(name) = self.builder_by_id(build.builderid).map(|b| b.config.name.clone())
+                && let Some(entry) = running.iter_mut().find(|(n, _)| *n == name)
+            {
+                entry.1 += 1;
+            }
+        }
+        let workers = self.workers();
+        let draining = workers.iter().filter(|w| w.is_draining()).count();
+        let busy = workers.iter().filter(|w| !w.is_draining() && w.running_builds() > 0).count();
+        let idle = workers.len() - draining - busy;
+        let oldest_age = oldest.map(|at| Duration::from_millis((crate::store::now_ms() - at).max(0) as u64));
+        crate::telemetry::record(&crate::telemetry::Snapshot {
+            pending_by_builder: &pending,
+            oldest_pending_age: oldest_age,
+            running_by_builder: &running,
+            workers_by_state: &[("idle", idle), ("busy", busy), ("draining", draining)],
+        });
+        Ok(())
     }
 
     /// Connected workers, by name.
@@ -910,6 +936,7 @@ impl Master {
         let mut buildset = buildset.clone();
         buildset.collapse_builderids = self.collapsing(&buildset.builderids);
         let submitted = self.store.add_buildset(&buildset).await?;
+        crate::telemetry::request_submitted(submitted.1.len());
         debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
         self.store.notify_queue().await;
         self.wake();
@@ -1003,10 +1030,10 @@ impl Master {
 
     fn spawn_build(self: &Arc<Self>, request: ClaimedRequest, slot: crate::remote::BuildSlot) {
         let (stop_tx, stop_rx) = watch::channel(None);
-        self.running
-            .lock()
-            .expect("running poisoned")
-            .insert(request.brid, RunningBuild { stop: stop_tx, claim_token: request.claim_token });
+        self.running.lock().expect("running poisoned").insert(
+            request.brid,
+            RunningBuild { stop: stop_tx, claim_token: request.claim_token, builderid: request.builderid },
+        );
         let master = Arc::clone(self);
         tokio::spawn(async move {
             let Some(builder) = master.builder_by_id(request.builderid) else {
@@ -1016,6 +1043,9 @@ impl Master {
                 master.running.lock().expect("running poisoned").remove(&request.brid);
                 return;
             };
+            let waited = crate::store::now_ms() - request.submitted_at_ms;
+            crate::telemetry::request_claimed(&builder.config.name, Duration::from_millis(waited.max(0) as u64));
+            let started = Instant::now();
             let ctx = BuildContext {
                 store: master.store.clone(),
                 masterid: master.masterid,
@@ -1025,6 +1055,9 @@ impl Master {
             };
             let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
             master.running.lock().expect("running poisoned").remove(&request.brid);
+            if let Ok(outcome) = &outcome {
+                crate::telemetry::build_finished(&builder.config.name, outcome.results, started.elapsed());
+            }
             let requeued = match outcome {
                 Ok(outcome) => outcome.recorded && outcome.results == Results::Retry,
                 Err(error) => {

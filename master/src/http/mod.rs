@@ -21,17 +21,28 @@ use crate::store::DataError;
 /// The router of the master's HTTP port.
 pub fn router(master: Arc<Master>) -> Router {
     let limit = master.config.http.max_body_bytes;
+    crate::telemetry::handle();
     Router::new()
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
         .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
         .route("/change_hook", any(hooks::base_dialect))
         .route("/change_hook/{dialect}", any(hooks::dialect))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .layer(axum::Extension(Arc::new(hooks::Hooks::from_config(&master.config.change_hooks))))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(master)
+}
+
+/// Prometheus's scrape: gauges read now, counters and histograms as recorded.
+async fn metrics(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
+    if let Err(error) = master.record_metrics().await {
+        tracing::warn!(%error, "metrics without the queue: the database did not answer");
+    }
+    let text = crate::telemetry::handle().render();
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {

@@ -1318,6 +1318,26 @@ impl Store {
         Ok(())
     }
 
+    /// Claimable requests per builder, and the submission time of the oldest one.
+    pub async fn pending_by_builder(&self) -> Result<(Vec<(String, i64)>, Option<i64>)> {
+        let rows = sqlx::query(
+            "SELECT b.name, COUNT(r.id) AS n, MIN(r.submitted_at) AS oldest FROM builders b \
+             LEFT JOIN buildrequests r ON r.builderid = b.id AND r.complete = 0 AND r.claimed_by_masterid IS NULL \
+             GROUP BY b.name ORDER BY b.name",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        let mut oldest: Option<i64> = None;
+        let mut counts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            counts.push((row.try_get::<String, _>("name")?, get_i64(row, "n")?));
+            if let Some(at) = row.try_get::<Option<i64>, _>("oldest")? {
+                oldest = Some(oldest.map_or(at, |o: i64| o.min(at)));
+            }
+        }
+        Ok((counts, oldest))
+    }
+
     /// Counts requests waiting to be claimed.
     pub async fn pending_count(&self) -> Result<i64> {
         let row =

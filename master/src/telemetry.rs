@@ -1,0 +1,100 @@
+//! The master's Prometheus metrics: names, labels and units in one place. Counters and histograms
+//! are recorded where things happen; gauges of the queue and the workers are read at scrape time.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::results::Results;
+
+/// Every metric the master exports, for the dashboard test and the docs.
+pub const METRICS: &[&str] = &[
+    "kiln_buildrequests_pending",
+    "kiln_buildrequests_oldest_pending_age_seconds",
+    "kiln_buildrequests_submitted_total",
+    "kiln_buildrequests_claimed_total",
+    "kiln_buildrequests_completed_total",
+    "kiln_builds_running",
+    "kiln_builds_finished_total",
+    "kiln_build_duration_seconds",
+    "kiln_dispatch_latency_seconds",
+    "kiln_workers",
+];
+
+/// The process's recorder (installed once; several masters in one process share it).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+        let handle = PrometheusBuilder::new()
+            .set_buckets(&seconds)
+            .expect("valid buckets")
+            .install_recorder()
+            .expect("a Prometheus recorder can be installed");
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("kiln_buildrequests_pending", "Build requests waiting to be claimed, per builder.");
+    describe_gauge!(
+        "kiln_buildrequests_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "How long the oldest waiting build request has waited."
+    );
+    describe_counter!("kiln_buildrequests_submitted_total", "Build requests submitted by this master.");
+    describe_counter!("kiln_buildrequests_claimed_total", "Build requests this master claimed for a worker.");
+    describe_counter!("kiln_buildrequests_completed_total", "Build requests this master completed, per result.");
+    describe_gauge!("kiln_builds_running", "Builds running on this master's workers, per builder.");
+    describe_counter!("kiln_builds_finished_total", "Builds finished on this master, per builder and result.");
+    describe_histogram!("kiln_build_duration_seconds", Unit::Seconds, "How long builds took, per builder.");
+    describe_histogram!(
+        "kiln_dispatch_latency_seconds",
+        Unit::Seconds,
+        "From a build request's submission to its claim for a worker, per builder."
+    );
+    describe_gauge!("kiln_workers", "Workers connected to this master, per state (idle, busy, draining).");
+}
+
+pub fn request_submitted(count: usize) {
+    counter!("kiln_buildrequests_submitted_total").increment(count as u64);
+}
+
+pub fn request_claimed(builder: &str, waited: Duration) {
+    counter!("kiln_buildrequests_claimed_total").increment(1);
+    histogram!("kiln_dispatch_latency_seconds", "builder" => builder.to_owned()).record(waited.as_secs_f64());
+}
+
+pub fn build_finished(builder: &str, results: Results, took: Duration) {
+    counter!("kiln_builds_finished_total", "builder" => builder.to_owned(), "result" => results.name()).increment(1);
+    histogram!("kiln_build_duration_seconds", "builder" => builder.to_owned()).record(took.as_secs_f64());
+    if results != Results::Retry {
+        counter!("kiln_buildrequests_completed_total", "result" => results.name()).increment(1);
+    }
+}
+
+/// Sets the gauges read at scrape time.
+pub struct Snapshot<'a> {
+    pub pending_by_builder: &'a [(String, i64)],
+    pub oldest_pending_age: Option<Duration>,
+    pub running_by_builder: &'a [(String, u32)],
+    pub workers_by_state: &'a [(&'static str, usize)],
+}
+
+pub fn record(snapshot: &Snapshot<'_>) {
+    for (builder, pending) in snapshot.pending_by_builder {
+        gauge!("kiln_buildrequests_pending", "builder" => builder.clone()).set(*pending as f64);
+    }
+    gauge!("kiln_buildrequests_oldest_pending_age_seconds")
+        .set(snapshot.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+    for (builder, running) in snapshot.running_by_builder {
+        gauge!("kiln_builds_running", "builder" => builder.clone()).set(f64::from(*running));
+    }
+    for (state, count) in snapshot.workers_by_state {
+        gauge!("kiln_workers", "state" => *state).set(*count as f64);
+    }
+}
