@@ -50,5 +50,17 @@ async fn the_queue_and_finished_builds_show_in_the_metrics() {
     for name in kiln_master::telemetry::METRICS {
         assert!(text.contains(&format!("# TYPE {name}")), "{name} is exported");
     }
+    // Prometheus's own linter finds nothing to complain about.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test installs it)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let lint = promtool.wait_with_output().unwrap();
+    let complaints = format!("{}{}", String::from_utf8_lossy(&lint.stdout), String::from_utf8_lossy(&lint.stderr));
+    assert!(lint.status.success() && complaints.trim().is_empty(), "promtool: {complaints}");
     master.stop().await;
 }
