@@ -260,6 +260,15 @@ impl Store {
         self.backend
     }
 
+    /// The clause that lets concurrent masters take different rows: `FOR UPDATE SKIP LOCKED` on
+    /// PostgreSQL; nothing on SQLite, whose single writer connection serialises them anyway.
+    fn skip_locked(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        }
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
@@ -569,18 +578,8 @@ impl Store {
             if !crate::collapse::can_collapse(new, &view) {
                 continue;
             }
-            let done = sqlx::query(
-                "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2 \
-                 WHERE id = $3 AND complete = 0 AND claimed_by_masterid IS NULL",
-            )
-            .bind(now)
-            .bind(Results::Skipped.code())
-            .bind(old)
-            .execute(&mut *conn)
-            .await?;
-            if done.rows_affected() > 0 {
+            if Self::complete_unclaimed(conn, old, bsid, Results::Skipped, now).await? {
                 tracing::info!(collapsed = old, into = brid, "collapsed a build request");
-                Self::maybe_complete_buildset(conn, bsid, now).await?;
             }
         }
         Ok(())
@@ -693,29 +692,42 @@ impl Store {
         if moved.rows_affected() == 0 {
             return Ok(None);
         }
-        let rows = sqlx::query(
-            "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
-             c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid, s.important \
-             FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
-             WHERE s.scheduler = $1 AND s.timer_key = '' ORDER BY c.changeid",
-        )
-        .bind(scheduler)
-        .fetch_all(&mut *tx)
-        .await?;
-        let changes = rows
-            .iter()
-            .map(|row| Ok((change_from_row(row)?, get_i64(row, "important")? != 0)))
-            .collect::<Result<Vec<_>>>()?;
-        sqlx::query("DELETE FROM scheduler_changes WHERE scheduler = $1 AND timer_key = ''")
-            .bind(scheduler)
-            .execute(&mut *tx)
-            .await?;
+        let changes = Self::take_scheduler_changes(&mut tx, scheduler, "").await?;
         let submitted = match make(&changes) {
             Some(buildset) => Some(Self::add_buildset_in(&mut tx, &buildset, now).await?),
             None => None,
         };
         tx.commit().await?;
         Ok(Some(submitted))
+    }
+
+    /// Takes (reads and forgets) the changes classified under one of a scheduler's timers, oldest
+    /// first, each with whether it was important.
+    async fn take_scheduler_changes(
+        conn: &mut AnyConnection,
+        scheduler: &str,
+        timer_key: &str,
+    ) -> Result<Vec<(Change, bool)>> {
+        let rows = sqlx::query(
+            "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
+             c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid, s.important \
+             FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
+             WHERE s.scheduler = $1 AND s.timer_key = $2 ORDER BY c.changeid",
+        )
+        .bind(scheduler)
+        .bind(timer_key)
+        .fetch_all(&mut *conn)
+        .await?;
+        let changes = rows
+            .iter()
+            .map(|row| Ok((change_from_row(row)?, get_i64(row, "important")? != 0)))
+            .collect::<Result<Vec<_>>>()?;
+        sqlx::query("DELETE FROM scheduler_changes WHERE scheduler = $1 AND timer_key = $2")
+            .bind(scheduler)
+            .bind(timer_key)
+            .execute(&mut *conn)
+            .await?;
+        Ok(changes)
     }
 
     /// When the next tree-stable timer fires, if any runs.
@@ -733,10 +745,7 @@ impl Store {
         now: i64,
         make: impl Fn(&str, &[Change]) -> Option<NewBuildset>,
     ) -> Result<Vec<(i64, Vec<(i64, i64)>)>> {
-        let lock = match self.backend {
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
+        let lock = self.skip_locked();
         let mut submitted = Vec::new();
         loop {
             let mut tx = self.write.begin().await?;
@@ -749,22 +758,8 @@ impl Store {
             let Some(due) = due else { return Ok(submitted) };
             let scheduler: String = due.try_get("scheduler")?;
             let timer_key: String = due.try_get("timer_key")?;
-            let rows = sqlx::query(
-                "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
-                 c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid \
-                 FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
-                 WHERE s.scheduler = $1 AND s.timer_key = $2 ORDER BY c.changeid",
-            )
-            .bind(&scheduler)
-            .bind(&timer_key)
-            .fetch_all(&mut *tx)
-            .await?;
-            let changes = rows.iter().map(change_from_row).collect::<Result<Vec<_>>>()?;
-            sqlx::query("DELETE FROM scheduler_changes WHERE scheduler = $1 AND timer_key = $2")
-                .bind(&scheduler)
-                .bind(&timer_key)
-                .execute(&mut *tx)
-                .await?;
+            let taken = Self::take_scheduler_changes(&mut tx, &scheduler, &timer_key).await?;
+            let changes: Vec<Change> = taken.into_iter().map(|(change, _)| change).collect();
             sqlx::query("DELETE FROM scheduler_timers WHERE scheduler = $1 AND timer_key = $2")
                 .bind(&scheduler)
                 .bind(&timer_key)
@@ -870,10 +865,7 @@ impl Store {
         limit: i64,
         react: impl Fn(&CompletedBuildset) -> Vec<NewBuildset>,
     ) -> Result<(usize, Vec<(i64, Vec<(i64, i64)>)>)> {
-        let lock = match self.backend {
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
+        let lock = self.skip_locked();
         let now = now_ms();
         let mut tx = self.write.begin().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -973,10 +965,7 @@ impl Store {
                 format!("AND builderid IN ({})", list.join(","))
             }
         };
-        let lock = match self.backend {
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
+        let lock = self.skip_locked();
         let sql = format!(
             "UPDATE buildrequests SET claimed_by_masterid = $1, claimed_at = $2, claim_token = $3, lease_expires_at = $4 \
              WHERE id = (SELECT id FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL {builder_filter} \
@@ -1120,24 +1109,43 @@ impl Store {
     /// Cancels a request nobody has claimed yet: it completes as CANCELLED. Returns false when it
     /// is claimed or already complete.
     pub async fn cancel_unclaimed(&self, brid: i64) -> Result<bool> {
-        let now = now_ms();
         let mut tx = self.write.begin().await?;
+        let Some(row) = sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1")
+            .bind(brid)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let bsid = get_i64(&row, "buildsetid")?;
+        let done = Self::complete_unclaimed(&mut tx, brid, bsid, Results::Cancelled, now_ms()).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Completes a request no master has claimed with `results` (SKIPPED when collapsed,
+    /// CANCELLED when cancelled), then its buildset if that was its last open request. Returns
+    /// false, changing nothing, when the request is claimed or complete.
+    async fn complete_unclaimed(
+        conn: &mut AnyConnection,
+        brid: i64,
+        bsid: i64,
+        results: Results,
+        now: i64,
+    ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2 \
              WHERE id = $3 AND complete = 0 AND claimed_by_masterid IS NULL",
         )
         .bind(now)
-        .bind(Results::Cancelled.code())
+        .bind(results.code())
         .bind(brid)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        let row =
-            sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1").bind(brid).fetch_one(&mut *tx).await?;
-        Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now).await?;
-        tx.commit().await?;
+        Self::maybe_complete_buildset(conn, bsid, now).await?;
         Ok(true)
     }
 
@@ -1248,10 +1256,7 @@ impl Store {
     pub async fn reap_expired_claims(&self) -> Result<Reaped> {
         let now = now_ms();
         let mut tx = self.write.begin().await?;
-        let lock = match self.backend {
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
+        let lock = self.skip_locked();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT id FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NOT NULL \
              AND lease_expires_at < $1 ORDER BY id {lock}"
