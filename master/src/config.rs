@@ -43,6 +43,9 @@ pub struct Config {
     /// Change sources the master runs itself, such as git pollers.
     #[serde(default)]
     pub change_sources: Vec<ChangeSourceConfig>,
+    /// Worker pools the master sizes from the queue.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
     /// Collapse compatible pending requests of a builder (Buildbot's default: on).
     #[serde(default = "yes", rename = "collapseRequests")]
     pub collapse_requests: bool,
@@ -107,9 +110,6 @@ pub struct WorkersConfig {
     /// take it back.
     #[serde(default = "default_lease")]
     pub lease_seconds: u64,
-    /// Worker processes the master starts and supervises on its own machine.
-    #[serde(default)]
-    pub local: Option<LocalPoolConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,37 +125,82 @@ pub struct TokenConfig {
     pub value_env: Option<String>,
 }
 
-/// Worker processes the master starts on its own machine, as many as the queue needs.
+/// A set of identical workers serving some builders, sized from the queue.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LocalPoolConfig {
+pub struct PoolConfig {
+    /// Unique among pools; workers name their pool when they register (`--pool`).
+    pub name: String,
+    /// Who runs the workers.
+    pub backend: BackendKind,
+    /// Builders the pool serves, by name…
+    #[serde(default)]
+    pub builders: Vec<String>,
+    /// …and by tag: builders carrying any of these tags. With neither, every builder.
+    #[serde(default)]
+    pub labels: Vec<String>,
     /// A fixed number of workers (the same as `min` = `max` = `count`).
     #[serde(default)]
     pub count: Option<u32>,
-    /// Fewest workers kept running (default 1).
+    /// Fewest workers kept (default 1).
     #[serde(default)]
     pub min: Option<u32>,
     /// Most workers at once (default 4).
     #[serde(default)]
     pub max: Option<u32>,
-    /// Builds each local worker runs at once.
+    /// Builds each worker runs at once.
     #[serde(default = "one")]
-    pub max_builds: u32,
+    pub builds_per_worker: u32,
     /// Idle workers kept ready beyond what the queue needs.
     #[serde(default)]
     pub warm: u32,
     /// Seconds the queue must need fewer workers before the pool shrinks.
     #[serde(default = "default_scale_down_delay")]
     pub scale_down_delay: f64,
+    /// Settings of the `local` backend.
+    #[serde(default)]
+    pub local: LocalBackendConfig,
+    /// Settings of the `kubernetes` backend (required with it).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesBackendConfig>,
+}
+
+/// Who starts and stops a pool's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// `kiln-worker` processes the master starts on its own machine.
+    Local,
+    /// A Deployment whose replica count the master sets.
+    Kubernetes,
+    /// Workers managed elsewhere: the master only reports the size it would want.
+    Static,
+}
+
+/// `kiln-worker` processes on the master's machine.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalBackendConfig {
     /// The `kiln-worker` binary; by default the one beside `kiln-master`.
     #[serde(default)]
     pub binary: Option<PathBuf>,
-    /// Prefix of the workers' names: `local-1`, `local-2`, …
-    #[serde(default = "default_local_prefix")]
-    pub name_prefix: String,
+    /// Prefix of the workers' names (default: the pool's name): `local-1`, `local-2`, …
+    #[serde(default)]
+    pub name_prefix: Option<String>,
 }
 
-impl LocalPoolConfig {
+/// A Deployment of workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesBackendConfig {
+    /// The Deployment's namespace; by default the master's own (or the kubeconfig's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The Deployment's name.
+    pub deployment: String,
+}
+
+impl PoolConfig {
     /// The pool's sizing rules.
     pub fn policy(&self) -> crate::scaling::Policy {
         let (min, max) = match self.count {
@@ -165,10 +210,22 @@ impl LocalPoolConfig {
         crate::scaling::Policy {
             min,
             max,
-            builds_per_worker: self.max_builds.max(1),
+            builds_per_worker: self.builds_per_worker.max(1),
             warm: self.warm,
             scale_down_delay: std::time::Duration::from_secs_f64(self.scale_down_delay.max(0.0)),
         }
+    }
+
+    /// Whether the pool serves a builder.
+    pub fn serves(&self, builder: &BuilderConfig) -> bool {
+        (self.builders.is_empty() && self.labels.is_empty())
+            || self.builders.contains(&builder.name)
+            || builder.tags.iter().any(|t| self.labels.contains(t))
+    }
+
+    /// Prefix of local workers' names.
+    pub fn name_prefix(&self) -> &str {
+        self.local.name_prefix.as_deref().unwrap_or(&self.name)
     }
 }
 
@@ -748,9 +805,6 @@ fn default_heartbeat() -> f64 {
 fn default_lease() -> u64 {
     60
 }
-fn default_local_prefix() -> String {
-    "local".to_owned()
-}
 
 impl TokenConfig {
     /// The token's value, from the file or the environment.
@@ -777,19 +831,48 @@ fn resolve_secret(
     }
 }
 
-fn validate_local(local: &LocalPoolConfig) -> Result<(), (String, String)> {
-    if local.count.is_some() && (local.min.is_some() || local.max.is_some()) {
-        return Err(("workers.local".into(), "give count, or min and max, not both".into()));
+fn validate_pool(key: &str, pool: &PoolConfig, builders: &[BuilderConfig]) -> Result<(), (String, String)> {
+    let valid_name = |n: &str| {
+        !n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if !valid_name(&pool.name) {
+        return Err((format!("{key}.name"), "must be 1 to 63 letters, digits, '-' or '_'".into()));
     }
-    let policy = local.policy();
-    if policy.max == 0 || local.max_builds == 0 {
-        return Err(("workers.local".into(), "max (or count) and max_builds must be at least 1".into()));
+    if pool.count.is_some() && (pool.min.is_some() || pool.max.is_some()) {
+        return Err((key.to_owned(), "give count, or min and max, not both".into()));
+    }
+    let policy = pool.policy();
+    if policy.max == 0 || pool.builds_per_worker == 0 {
+        return Err((key.to_owned(), "max (or count) and builds_per_worker must be at least 1".into()));
     }
     if policy.min > policy.max {
-        return Err(("workers.local.min".into(), format!("min {} is above max {}", policy.min, policy.max)));
+        return Err((format!("{key}.min"), format!("min {} is above max {}", policy.min, policy.max)));
     }
-    if !(local.scale_down_delay.is_finite() && local.scale_down_delay >= 0.0) {
-        return Err(("workers.local.scale_down_delay".into(), "must be a number of seconds".into()));
+    if !(pool.scale_down_delay.is_finite() && pool.scale_down_delay >= 0.0) {
+        return Err((format!("{key}.scale_down_delay"), "must be a number of seconds".into()));
+    }
+    for (i, name) in pool.builders.iter().enumerate() {
+        if !builders.iter().any(|b| &b.name == name) {
+            return Err((format!("{key}.builders[{i}]"), format!("no builder is named {name:?}")));
+        }
+    }
+    if !builders.iter().any(|b| pool.serves(b)) {
+        return Err((key.to_owned(), "serves no builder: no builder has one of its names or labels".into()));
+    }
+    match (pool.backend, &pool.kubernetes) {
+        (BackendKind::Kubernetes, None) => {
+            return Err((format!("{key}.kubernetes"), "the kubernetes backend needs the deployment to scale".into()));
+        }
+        (BackendKind::Kubernetes, Some(k)) if k.deployment.is_empty() => {
+            return Err((format!("{key}.kubernetes.deployment"), "must not be empty".into()));
+        }
+        (BackendKind::Local | BackendKind::Static, Some(_)) => {
+            return Err((format!("{key}.kubernetes"), "only for the kubernetes backend".into()));
+        }
+        _ => {}
+    }
+    if pool.backend != BackendKind::Local && (pool.local.binary.is_some() || pool.local.name_prefix.is_some()) {
+        return Err((format!("{key}.local"), "only for the local backend".into()));
     }
     Ok(())
 }
@@ -909,8 +992,13 @@ impl Config {
                 return Err((format!("change_sources[{i}].name"), format!("duplicate poller {:?}", poller.name())));
             }
         }
-        if let Some(local) = &self.workers.local {
-            validate_local(local)?;
+        let mut pool_names = BTreeSet::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let key = format!("pools[{i}]");
+            validate_pool(&key, pool, &self.builders)?;
+            if !pool_names.insert(pool.name.as_str()) {
+                return Err((format!("{key}.name"), format!("another pool is named {:?}", pool.name)));
+            }
         }
         if self.builders.is_empty() {
             return Err(("builders".into(), "at least one builder is needed".into()));

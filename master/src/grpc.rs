@@ -86,6 +86,7 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
             commands: register.commands,
             basedir: register.basedir,
             host: register.host,
+            pool: Some(register.pool).filter(|p| !p.is_empty()),
         };
         let (tx, rx) = mpsc::channel::<ToWorker>(64);
         let session = self.master.attach_worker(info, tx).await.map_err(attach_status)?;

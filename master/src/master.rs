@@ -220,6 +220,15 @@ pub struct Master {
     wake: Notify,
     /// Wakes the pool scaler on the same events.
     scale_wake: Notify,
+    /// When the oldest wake-up not yet seen by a scaler happened, to measure reaction time.
+    scale_woken_at: Mutex<Option<Instant>>,
+    /// The builders each pool's workers run, by pool name.
+    pool_builders: HashMap<String, Vec<i64>>,
+    /// The pools this master runs, for status.
+    pools: Mutex<Vec<Arc<crate::pool::Pool>>>,
+    /// Workers drained here for a scale-down (not by their own SIGTERM), which a failed
+    /// scale-down may return to service.
+    scale_drained: Mutex<HashSet<String>>,
     shutting_down: watch::Sender<bool>,
     lease: Duration,
     pub heartbeat: Duration,
@@ -291,8 +300,20 @@ impl Master {
                 }
             })
             .collect();
+        let pool_builders = config
+            .pools
+            .iter()
+            .map(|pool| {
+                let ids = builders.iter().filter(|b| pool.serves(&b.config)).map(|b| b.id).collect();
+                (pool.name.clone(), ids)
+            })
+            .collect();
         let (shutting_down, _) = watch::channel(false);
         let master = Arc::new(Master {
+            scale_woken_at: Mutex::new(None),
+            scale_drained: Mutex::new(HashSet::new()),
+            pools: Mutex::new(Vec::new()),
+            pool_builders,
             change_schedulers,
             timed_schedulers,
             pollers,
@@ -327,6 +348,28 @@ impl Master {
     pub fn wake(&self) {
         self.wake.notify_one();
         self.scale_wake.notify_one();
+        self.scale_woken_at.lock().expect("scale_woken_at poisoned").get_or_insert_with(Instant::now);
+    }
+
+    /// When the earliest wake-up since the last call happened, if any (for the reaction-time
+    /// histogram of the scalers).
+    pub fn take_scale_wake(&self) -> Option<Instant> {
+        self.scale_woken_at.lock().expect("scale_woken_at poisoned").take()
+    }
+
+    /// Records the pools this master runs.
+    pub fn set_pools(&self, pools: Vec<Arc<crate::pool::Pool>>) {
+        *self.pools.lock().expect("pools poisoned") = pools;
+    }
+
+    /// The pools this master runs.
+    pub fn pools(&self) -> Vec<Arc<crate::pool::Pool>> {
+        self.pools.lock().expect("pools poisoned").clone()
+    }
+
+    /// The builders a pool serves (its workers run only these).
+    pub fn pool_builder_ids(&self, pool: &str) -> Option<&[i64]> {
+        self.pool_builders.get(pool).map(Vec::as_slice)
     }
 
     /// Waits until something happened that may change how many workers a pool needs: a request
@@ -346,6 +389,47 @@ impl Master {
         let _ = session.send(ToWorker::Drain).await;
         self.shutdown_if_drained(session).await;
         true
+    }
+
+    /// Takes a worker out of service without telling it to exit: no new build goes to it here
+    /// or (through the pause in the database) on any other master. Used before a Deployment
+    /// scale-down, where the ReplicaSet stops the pod; a pod that exits by itself is restarted.
+    pub async fn drain_worker(&self, name: &str) -> Result<(), StoreError> {
+        self.store.set_worker_paused(name, true, Some("scale-down")).await?;
+        if let Some(session) = self.workers.lock().expect("workers poisoned").get(name).cloned()
+            && !session.is_draining()
+        {
+            session.set_draining();
+            self.scale_drained.lock().expect("scale_drained poisoned").insert(name.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Returns a worker drained for a scale-down to service (the scale-down did not happen).
+    pub async fn undrain_worker(&self, name: &str) -> Result<(), StoreError> {
+        self.store.set_worker_paused(name, false, None).await?;
+        if self.scale_drained.lock().expect("scale_drained poisoned").remove(name)
+            && let Some(session) = self.workers.lock().expect("workers poisoned").get(name).cloned()
+        {
+            session.clear_draining();
+        }
+        self.wake();
+        Ok(())
+    }
+
+    /// Running builds of a worker connected here (0 when it is not).
+    pub fn builds_on(&self, name: &str) -> u32 {
+        self.workers.lock().expect("workers poisoned").get(name).map_or(0, |s| s.running_builds())
+    }
+
+    /// A worker's machine is gone (its pod was deleted): end its session here at once rather
+    /// than waiting for missed heartbeats; its builds end as RETRY and are re-queued.
+    pub async fn worker_gone(&self, name: &str) {
+        let session = self.workers.lock().expect("workers poisoned").get(name).cloned();
+        if let Some(session) = session {
+            warn!(worker = name, running = session.running_builds(), "the worker's pod is gone; ending its session");
+            self.detach_worker(&session).await;
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -432,6 +516,10 @@ impl Master {
     /// Handles a message from a worker.
     pub async fn worker_message(&self, session: &Arc<WorkerSession>, message: FromWorker) {
         let draining = matches!(message, FromWorker::Draining);
+        if draining {
+            // Its own decision now: a failed scale-down must not return it to service.
+            self.scale_drained.lock().expect("scale_drained poisoned").remove(session.name());
+        }
         session.on_message(message).await;
         if draining {
             info!(worker = session.name(), running = session.running_builds(), "worker is draining");
@@ -969,15 +1057,19 @@ impl Master {
         }
     }
 
-    /// Which builders a worker may run; `None` means all of them.
-    fn builders_for(&self, worker: &str) -> Option<Vec<i64>> {
-        if self.builders.iter().all(|b| b.config.workernames.is_empty()) {
+    /// Which builders a worker may run; `None` means all of them. A worker of a configured pool
+    /// runs only the pool's builders; `workernames` narrows further.
+    fn builders_for(&self, worker: &WorkerSession) -> Option<Vec<i64>> {
+        let pool = worker.info.pool.as_deref().and_then(|p| self.pool_builders.get(p));
+        if pool.is_none() && self.builders.iter().all(|b| b.config.workernames.is_empty()) {
             return None;
         }
+        let name = worker.name();
         Some(
             self.builders
                 .iter()
-                .filter(|b| b.config.workernames.is_empty() || b.config.workernames.iter().any(|w| w == worker))
+                .filter(|b| pool.is_none_or(|ids| ids.contains(&b.id)))
+                .filter(|b| b.config.workernames.is_empty() || b.config.workernames.iter().any(|w| w == name))
                 .map(|b| b.id)
                 .collect(),
         )
@@ -1004,7 +1096,7 @@ impl Master {
             let mut progressed = false;
             let mut exhausted: HashSet<Option<Vec<i64>>> = HashSet::new();
             for worker in free {
-                let builderids = self.builders_for(worker.name());
+                let builderids = self.builders_for(&worker);
                 if exhausted.contains(&builderids) {
                     continue;
                 }

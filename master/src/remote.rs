@@ -122,6 +122,8 @@ pub struct WorkerInfo {
     pub commands: Vec<String>,
     pub basedir: String,
     pub host: String,
+    /// The pool the worker says it belongs to, if any.
+    pub pool: Option<String>,
 }
 
 impl WorkerInfo {
@@ -133,6 +135,7 @@ impl WorkerInfo {
             "basedir": self.basedir,
             "max_builds": self.max_builds,
             "labels": self.labels,
+            "pool": self.pool,
             "worker_commands": self.commands,
             "admin": null,
             "access_uri": null,
@@ -317,6 +320,11 @@ impl WorkerSession {
     /// Marks the worker as taking no new builds.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Returns the worker to service after a drain that was called off.
+    pub fn clear_draining(&self) {
+        self.draining.store(false, Ordering::SeqCst);
     }
 
     /// Ends the session: every running command sees [`CommandEvent::Lost`].

@@ -1,5 +1,5 @@
 //! Wires a master together: database, dispatcher, housekeeping, the gRPC and HTTP listeners and
-//! the local worker pool, with one graceful shutdown for all of them.
+//! the worker pools, with one graceful shutdown for all of them.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,10 +11,12 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::grpc::WorkerGrpc;
-use crate::local_pool::{LocalPool, PoolError};
 use crate::master::Master;
+use crate::pool::kubernetes::KubernetesPool;
+use crate::pool::local::{LocalError, LocalPool};
+use crate::pool::{Backend, Pool};
 use crate::store::{Store, StoreError};
 
 /// Why the master could not run.
@@ -23,7 +25,9 @@ pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Pool(#[from] PoolError),
+    Local(#[from] LocalError),
+    #[error("pool {pool}: cannot set up the Kubernetes client: {reason}")]
+    Kubernetes { pool: String, reason: String },
     #[error("cannot serve: {0}")]
     Serve(String),
 }
@@ -54,6 +58,20 @@ fn annotate(error: std::io::Error, key: &str, addr: SocketAddr) -> std::io::Erro
 /// A started master, for callers that need to reach it (tests, the benchmark).
 pub type Started = Arc<Master>;
 
+/// What the caller may provide besides the configuration.
+#[derive(Default)]
+pub struct Options {
+    /// The Kubernetes client for `kubernetes` pools; by default one from the environment
+    /// (in-cluster service account, or the kubeconfig).
+    pub kube_client: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options").field("kube_client", &self.kube_client.is_some()).finish()
+    }
+}
+
 /// Runs a master until `shutdown` completes. `on_start` is called once everything listens.
 pub async fn run(
     config: Config,
@@ -61,14 +79,37 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     on_start: impl FnOnce(&Started) + Send,
 ) -> Result<(), RunError> {
+    run_with(config, listeners, Options::default(), shutdown, on_start).await
+}
+
+/// [`run`], with options.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send,
+    on_start: impl FnOnce(&Started) + Send,
+) -> Result<(), RunError> {
     let config = Arc::new(config);
-    let local_binary = config.workers.local.as_ref().map(LocalPool::locate_binary).transpose()?;
+    let mut local_binaries = Vec::new();
+    for pool in config.pools.iter().filter(|p| p.backend == BackendKind::Local) {
+        local_binaries.push(LocalPool::locate_binary(pool)?);
+    }
+    let mut kube_client = options.kube_client;
+    if let Some(pool) = config.pools.iter().find(|p| p.backend == BackendKind::Kubernetes)
+        && kube_client.is_none()
+    {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| RunError::Kubernetes { pool: pool.name.clone(), reason: e.to_string() })?;
+        kube_client = Some(client);
+    }
     let store = Store::connect(&config.database).await?;
     let master = Master::start(Arc::clone(&config), store.clone()).await?;
 
     let mut tokens = config.worker_tokens();
     let local_token = format!("local-{:032x}", rand::random::<u128>());
-    if local_binary.is_some() {
+    if !local_binaries.is_empty() {
         tokens.push(local_token.clone());
     }
 
@@ -110,27 +151,43 @@ pub async fn run(
         tokio::spawn(Arc::clone(&master).run_queue_listener(config.database.clone())),
     ];
     let (pool_stop_tx, pool_stop_rx) = watch::channel(false);
-    let pool = match (&config.workers.local, local_binary) {
-        (Some(local), Some(binary)) => {
-            let pool = Arc::new(LocalPool::new(
-                local.clone(),
-                binary,
+    let mut local_binaries = local_binaries.into_iter();
+    let mut pools = Vec::new();
+    for pool_config in &config.pools {
+        let backend = match pool_config.backend {
+            BackendKind::Local => Backend::Local(Arc::new(LocalPool::new(
+                pool_config.clone(),
+                local_binaries.next().expect("one binary per local pool"),
                 format!("http://{grpc_addr}"),
-                local_token,
+                local_token.clone(),
                 config.data_dir.clone(),
-            ));
-            Some(tokio::spawn(pool.run(Arc::clone(&master), pool_stop_rx, Duration::from_secs(30))))
-        }
-        _ => None,
-    };
+            ))),
+            BackendKind::Kubernetes => {
+                let k8s = pool_config.kubernetes.as_ref().expect("validated with the configuration");
+                Backend::Kubernetes(Arc::new(KubernetesPool::new(
+                    kube_client.clone().expect("created above"),
+                    k8s.namespace.as_deref(),
+                    &k8s.deployment,
+                    &pool_config.name,
+                )))
+            }
+            BackendKind::Static => Backend::Static,
+        };
+        pools.push(Arc::new(Pool::new(pool_config.clone(), backend)));
+    }
+    master.set_pools(pools.clone());
+    let pool_tasks: Vec<_> = pools
+        .into_iter()
+        .map(|pool| tokio::spawn(pool.run(Arc::clone(&master), pool_stop_rx.clone(), Duration::from_secs(30))))
+        .collect();
     on_start(&master);
 
     shutdown.await;
     info!("shutting down: handing running builds back to the queue");
     master.begin_shutdown();
     let _ = pool_stop_tx.send(true);
-    if let Some(pool) = pool {
-        let _ = pool.await;
+    for task in pool_tasks {
+        let _ = task.await;
     }
     master.wait_idle(Duration::from_secs(15)).await;
     master.close_sessions();

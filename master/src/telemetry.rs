@@ -21,6 +21,13 @@ pub const METRICS: &[&str] = &[
     "kiln_build_duration_seconds",
     "kiln_dispatch_latency_seconds",
     "kiln_workers",
+    "kiln_pool_desired_workers",
+    "kiln_pool_workers",
+    "kiln_pool_pending_requests",
+    "kiln_pool_scale_operations_total",
+    "kiln_pool_scale_reaction_seconds",
+    "kiln_pool_api_errors_total",
+    "kiln_pool_leader",
 ];
 
 /// The process's recorder (installed once; several masters in one process share it).
@@ -58,6 +65,49 @@ fn describe() {
         "From a build request's submission to its claim for a worker, per builder."
     );
     describe_gauge!("kiln_workers", "Workers connected to this master, per state (idle, busy, draining).");
+    describe_gauge!("kiln_pool_desired_workers", "Workers the pool's scaler wants, per pool.");
+    describe_gauge!("kiln_pool_workers", "Workers the pool has or is starting (replicas), per pool.");
+    describe_gauge!("kiln_pool_pending_requests", "Build requests waiting for the pool's workers, per pool.");
+    describe_counter!("kiln_pool_scale_operations_total", "Scale calls made, per pool and direction (up, down).");
+    describe_histogram!(
+        "kiln_pool_scale_reaction_seconds",
+        Unit::Seconds,
+        "From the event that woke the scaler (such as a request entering the queue) to the scale-up call."
+    );
+    describe_counter!("kiln_pool_api_errors_total", "Failed scaling steps and backend API errors, per pool.");
+    describe_gauge!("kiln_pool_leader", "1 when this master runs the pool's scaler, per pool.");
+}
+
+/// Registers a pool's series at zero, so dashboards and alerts see the pool before it acts.
+pub fn pool_started(pool: &str) {
+    pool_sizes(pool, 0, 0, 0);
+    pool_leader(pool, false);
+    for direction in ["up", "down"] {
+        counter!("kiln_pool_scale_operations_total", "pool" => pool.to_owned(), "direction" => direction).increment(0);
+    }
+    counter!("kiln_pool_api_errors_total", "pool" => pool.to_owned()).increment(0);
+    let _ = histogram!("kiln_pool_scale_reaction_seconds", "pool" => pool.to_owned());
+}
+
+pub fn pool_sizes(pool: &str, desired: u32, workers: u32, pending: u32) {
+    gauge!("kiln_pool_desired_workers", "pool" => pool.to_owned()).set(f64::from(desired));
+    gauge!("kiln_pool_workers", "pool" => pool.to_owned()).set(f64::from(workers));
+    gauge!("kiln_pool_pending_requests", "pool" => pool.to_owned()).set(f64::from(pending));
+}
+
+pub fn pool_scaled(pool: &str, direction: &'static str, reaction: Option<Duration>) {
+    counter!("kiln_pool_scale_operations_total", "pool" => pool.to_owned(), "direction" => direction).increment(1);
+    if let Some(reaction) = reaction {
+        histogram!("kiln_pool_scale_reaction_seconds", "pool" => pool.to_owned()).record(reaction.as_secs_f64());
+    }
+}
+
+pub fn pool_api_error(pool: &str) {
+    counter!("kiln_pool_api_errors_total", "pool" => pool.to_owned()).increment(1);
+}
+
+pub fn pool_leader(pool: &str, leading: bool) {
+    gauge!("kiln_pool_leader", "pool" => pool.to_owned()).set(if leading { 1.0 } else { 0.0 });
 }
 
 pub fn request_submitted(count: usize) {

@@ -81,8 +81,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let database = bench_database(&args.database, dir.path()).await;
     const BUILDER: &str = "collapseRequests: false\nbuilders:\n  - name: quick\n    steps:\n      - shell: {name: run, command: [\"true\"]}\nschedulers:\n  - {type: force, name: force, builderNames: [quick]}\n";
-    // The body continues the `workers:` section the fixture writes, then adds the builder.
-    let body = format!("  local: {{count: {}}}\n{BUILDER}", args.workers);
+    let body = format!("pools:\n  - {{name: local, backend: local, count: {}}}\n{BUILDER}", args.workers);
     let master = MasterProcess::start(&database, dir.path(), &body, u64::from(args.workers)).await;
     let base = master.base.clone();
     let client = reqwest::Client::new();

@@ -1,6 +1,8 @@
-//! Autoscaling benchmark for the local pool (release build): how long from a request entering
-//! the queue to the scale call — for the local backend, the new `kiln-worker` process appearing —
-//! and how long a burst takes on an autoscaled pool against a fixed pool of the same maximum.
+//! Autoscaling benchmark (release build): how long from a request entering the queue to the
+//! scale call — for the local backend, the new `kiln-worker` process appearing; for the
+//! Kubernetes backend, the PATCH of the Deployment's scale reaching the API (a mock API in
+//! process) — and how long a burst takes on an autoscaled local pool against a fixed pool of the
+//! same maximum.
 //!
 //! ```sh
 //! cargo build --release --bins && cargo bench -p kiln-tests --bench scaling -- --database sqlite
@@ -10,7 +12,11 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use kiln_master::config::Config;
+use kiln_master::server::Options;
+use kiln_tests::kube::FakeKube;
 use kiln_tests::process::{MasterProcess, bench_database, force, percentile, requests_with};
+use kiln_tests::system::{TestMaster, config_text};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -28,6 +34,9 @@ struct Args {
     build_seconds: f64,
     #[arg(long, default_value = "sqlite")]
     database: String,
+    /// Only the Kubernetes reaction measurement.
+    #[arg(long)]
+    kubernetes_only: bool,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -63,7 +72,7 @@ fn builder(seconds: f64) -> String {
 async fn burst(args: &Args, pool: &str, prefix: &str, min_workers: u64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let database = bench_database(&args.database, dir.path()).await;
-    let body = format!("  local: {{{pool}, name_prefix: {prefix}}}\n{}", builder(args.build_seconds));
+    let body = format!("pools:\n  - {{name: {prefix}, backend: local, {pool}}}\n{}", builder(args.build_seconds));
     let master = MasterProcess::start(&database, dir.path(), &body, min_workers).await;
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -80,9 +89,54 @@ async fn burst(args: &Args, pool: &str, prefix: &str, min_workers: u64) -> f64 {
     elapsed
 }
 
+/// Request queued (the force call sent) → PATCH of the scale subresource received by the API.
+async fn kubernetes_reaction(args: &Args) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = bench_database(&args.database, dir.path()).await;
+    let fake = FakeKube::new("ci", "workers", 0);
+    let pools = format!(
+        "pools:\n  - {{name: k8s, backend: kubernetes, kubernetes: {{namespace: ci, deployment: workers}}, min: 0, max: {}, scale_down_delay: 600}}\n{}",
+        args.reactions + 1,
+        builder(0.0)
+    );
+    let text = config_text(&database, dir.path(), &pools);
+    let config = Config::parse("bench.yaml", &text).unwrap();
+    let master = TestMaster::start_with_options(config, dir.path(), Options { kube_client: Some(fake.client()) }).await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", master.http);
+    let scale_patches = || fake.patches().into_iter().filter(|c| c.path.ends_with("/scale")).collect::<Vec<_>>();
+    let mut reactions = Vec::new();
+    for i in 0..args.reactions {
+        // No workers: every request stays queued and raises the wanted replicas by one.
+        let sent = Instant::now();
+        force(&client, &base).await;
+        let deadline = sent + Duration::from_secs(30);
+        let patch = loop {
+            if let Some(patch) = scale_patches().into_iter().find(|c| c.body["spec"]["replicas"] == i + 1) {
+                break patch;
+            }
+            assert!(Instant::now() < deadline, "no scale call for request {}", i + 1);
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        reactions.push(patch.at.duration_since(sent).as_secs_f64() * 1000.0);
+    }
+    master.stop().await;
+    reactions.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "request queued → Deployment scale PATCH   p50 {:>6.1} ms   p99 {:>6.1} ms   (n={}, kubernetes backend, mock API)",
+        percentile(&reactions, 50.0),
+        percentile(&reactions, 99.0),
+        reactions.len()
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    kubernetes_reaction(&args).await;
+    if args.kubernetes_only {
+        return;
+    }
     println!(
         "Kiln autoscaling benchmark: local pool, {} ({} CPUs)",
         args.database,
@@ -93,7 +147,10 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let database = bench_database(&args.database, dir.path()).await;
     let prefix = "react";
-    let body = format!("  local: {{min: 0, max: 1, scale_down_delay: 0, name_prefix: {prefix}}}\n{}", builder(0.0));
+    let body = format!(
+        "pools:\n  - {{name: {prefix}, backend: local, min: 0, max: 1, scale_down_delay: 0}}\n{}",
+        builder(0.0)
+    );
     let master = MasterProcess::start(&database, dir.path(), &body, 0).await;
     let client = reqwest::Client::new();
     let mut reactions = Vec::new();

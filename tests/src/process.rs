@@ -69,6 +69,11 @@ impl MasterProcess {
             .map_or(f64::NAN, |kb| kb / 1024.0)
     }
 
+    /// Kills the master with SIGKILL, as a crash or a lost node would.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// Stops the master with SIGTERM, as an operator would.
     pub async fn stop(mut self) {
         // SAFETY: SIGTERM to our own child process.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kiln_master::config::Config;
 use kiln_master::master::Master;
-use kiln_master::server::{self, Listeners};
+use kiln_master::server::{self, Listeners, Options};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -70,15 +70,25 @@ impl TestMaster {
 
     /// Starts a master whose worker endpoint listens on `grpc` (to restart one in place).
     pub async fn start_on(config: Config, dir: &Path, grpc: SocketAddr) -> TestMaster {
+        Self::start_full(config, dir, grpc, Options::default()).await
+    }
+
+    /// Starts a master with options (such as a Kubernetes client).
+    pub async fn start_with_options(config: Config, dir: &Path, options: Options) -> TestMaster {
+        Self::start_full(config, dir, "127.0.0.1:0".parse().unwrap(), options).await
+    }
+
+    async fn start_full(config: Config, dir: &Path, grpc: SocketAddr, options: Options) -> TestMaster {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc = TcpListener::bind(grpc).await.expect("bind grpc");
         let (http_addr, grpc_addr) = (http.local_addr().unwrap(), grpc.local_addr().unwrap());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (started_tx, started_rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            let result = server::run(
+            let result = server::run_with(
                 config,
                 Listeners { http, grpc },
+                options,
                 async {
                     let _ = stop_rx.await;
                 },
@@ -113,6 +123,11 @@ impl TestMaster {
 
     pub fn spawn_worker_with_token(&self, name: &str, token: &str) -> TestWorker {
         spawn_worker(&format!("http://{}", self.grpc), name, token, &self.dir)
+    }
+
+    /// Starts a worker process of a pool (as a pod of the pool's Deployment would).
+    pub fn spawn_pool_worker(&self, name: &str, pool: &str) -> TestWorker {
+        spawn_worker_env(&format!("http://{}", self.grpc), name, TOKEN, &self.dir, &[("KILN_POOL", pool)])
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -209,6 +224,11 @@ impl Drop for TestMaster {
 
 /// Starts a `kiln-worker` process; its output goes to `<dir>/<name>.log`.
 pub fn spawn_worker(master_url: &str, name: &str, token: &str, dir: &Path) -> TestWorker {
+    spawn_worker_env(master_url, name, token, dir, &[])
+}
+
+/// [`spawn_worker`] with extra environment variables.
+pub fn spawn_worker_env(master_url: &str, name: &str, token: &str, dir: &Path, env: &[(&str, &str)]) -> TestWorker {
     std::fs::create_dir_all(dir).expect("worker dir");
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log");
     let child = Command::new(binary("kiln-worker"))
@@ -218,6 +238,7 @@ pub fn spawn_worker(master_url: &str, name: &str, token: &str, dir: &Path) -> Te
         .arg("--cache-dir")
         .arg(dir.join("cache"))
         .env("KILN_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)

@@ -23,7 +23,7 @@ async fn the_queue_and_finished_builds_show_in_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
     let body = format!(
-        "  tokens: [{{name: t, value: {TOKEN}}}]\ncollapseRequests: false\nbuilders:\n  - name: b\n    steps:\n      - shell: {{command: \"true\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
+        "  tokens: [{{name: t, value: {TOKEN}}}]\ncollapseRequests: false\npools:\n  - {{name: ci, backend: static, min: 0, max: 4}}\nbuilders:\n  - name: b\n    steps:\n      - shell: {{command: \"true\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n"
     );
     let master = MasterProcess::start(&database, dir.path(), &body, 0).await;
     let client = reqwest::Client::new();

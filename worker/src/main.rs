@@ -36,6 +36,9 @@ struct Args {
     /// Labels as key=value, repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// The pool this worker belongs to: it then runs only the builders the pool serves.
+    #[arg(long, env = "KILN_POOL")]
+    pool: Option<String>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -67,6 +70,7 @@ async fn main() -> ExitCode {
         cache_dir,
         max_builds: args.max_builds.max(1),
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        pool: args.pool.filter(|p| !p.is_empty()),
     };
     let (terminate_tx, terminate_rx) = watch::channel(false);
     let (kill_tx, kill_rx) = watch::channel(false);

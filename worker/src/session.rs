@@ -32,6 +32,8 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     pub max_builds: u32,
     pub labels: BTreeMap<String, String>,
+    /// The pool this worker belongs to, if any.
+    pub pool: Option<String>,
 }
 
 /// Why the worker stopped for good.
@@ -140,6 +142,7 @@ async fn session(
         commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
         basedir: config.basedir.display().to_string(),
         host: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
+        pool: config.pool.clone().unwrap_or_default(),
     };
     out_tx.send(pb::WorkerMessage { body: Some(Out::Register(register)) }).await.expect("fresh channel");
     let mut request = tonic::Request::new(ReceiverStream::new(out_rx));

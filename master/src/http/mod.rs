@@ -25,6 +25,7 @@ pub fn router(master: Arc<Master>) -> Router {
     Router::new()
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
+        .route("/api/v2/pools", get(pools))
         .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
         .route("/change_hook", any(hooks::base_dialect))
         .route("/change_hook/{dialect}", any(hooks::dialect))
@@ -37,6 +38,14 @@ pub fn router(master: Arc<Master>) -> Router {
 }
 
 /// Prometheus's scrape: gauges read now, counters and histograms as recorded.
+/// Kiln's worker pools as this master sees them (an extension of the data API, in its envelope):
+/// desired and actual workers, whether this master leads the pool's scaler, the last error.
+async fn pools(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
+    let pools: Vec<_> = master.pools().iter().map(|p| p.status()).collect();
+    let total = pools.len();
+    axum::Json(serde_json::json!({ "pools": pools, "meta": { "total": total } })).into_response()
+}
+
 async fn metrics(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
     if let Err(error) = master.record_metrics().await {
         tracing::warn!(%error, "metrics without the queue: the database did not answer");

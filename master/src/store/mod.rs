@@ -9,7 +9,7 @@ mod data;
 mod logs;
 mod migrations;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -958,13 +958,7 @@ impl Store {
         }
         let now = now_ms();
         let token: i64 = rand::random::<i64>() & i64::MAX;
-        let builder_filter = match builderids {
-            None => String::new(),
-            Some(ids) => {
-                let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-                format!("AND builderid IN ({})", list.join(","))
-            }
-        };
+        let builder_filter = builder_filter(builderids);
         let lock = self.skip_locked();
         let sql = format!(
             "UPDATE buildrequests SET claimed_by_masterid = $1, claimed_at = $2, claim_token = $3, lease_expires_at = $4 \
@@ -1345,11 +1339,41 @@ impl Store {
 
     /// Counts requests waiting to be claimed.
     pub async fn pending_count(&self) -> Result<i64> {
-        let row =
-            sqlx::query("SELECT COUNT(*) AS n FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL")
-                .fetch_one(&self.read)
-                .await?;
-        get_i64(&row, "n")
+        self.pending_count_for(None).await
+    }
+
+    /// Counts requests waiting to be claimed for some builders (`None`: all).
+    pub async fn pending_count_for(&self, builderids: Option<&[i64]>) -> Result<i64> {
+        Ok(self.queue_counts(builderids).await?.0)
+    }
+
+    /// Requests of some builders (`None`: all) waiting to be claimed, and claimed (being built).
+    pub async fn queue_counts(&self, builderids: Option<&[i64]>) -> Result<(i64, i64)> {
+        if builderids.is_some_and(<[i64]>::is_empty) {
+            return Ok((0, 0));
+        }
+        let sql = format!(
+            "SELECT COALESCE(SUM(CASE WHEN claimed_by_masterid IS NULL THEN 1 ELSE 0 END), 0) AS pending, \
+                    COALESCE(SUM(CASE WHEN claimed_by_masterid IS NULL THEN 0 ELSE 1 END), 0) AS claimed \
+             FROM buildrequests WHERE complete = 0 {}",
+            builder_filter(builderids)
+        );
+        let row = sqlx::query(AssertSqlSafe(sql)).fetch_one(&self.read).await?;
+        Ok((get_i64(&row, "pending")?, get_i64(&row, "claimed")?))
+    }
+
+    /// Builds running now, per worker name: how many, and since when the oldest has run (ms).
+    /// Counts builds of every master, so a pool's scaler sees workers connected elsewhere.
+    pub async fn running_by_worker(&self) -> Result<HashMap<String, (u32, i64)>> {
+        let rows = sqlx::query(
+            "SELECT w.name AS name, COUNT(*) AS n, MIN(b.started_at) AS since FROM builds b \
+             JOIN workers w ON w.id = b.workerid WHERE b.complete_at IS NULL GROUP BY w.name",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>("name")?, (get_i64(r, "n")? as u32, get_i64(r, "since")?))))
+            .collect()
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1752,6 +1776,17 @@ pub fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+/// `AND builderid IN (…)` for a set of builders (`None`: no condition). Ids are integers.
+fn builder_filter(builderids: Option<&[i64]>) -> String {
+    match builderids {
+        None => String::new(),
+        Some(ids) => {
+            let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+            format!("AND builderid IN ({})", list.join(","))
+        }
     }
 }
 

@@ -1,7 +1,6 @@
-//! The local worker pool: `kiln-worker` processes the master starts and stops on its own machine,
-//! as many as the queue needs — the embedded default, so one machine needs no cluster. The
-//! scaler is also the supervisor: a worker that dies is replaced because the pool then has fewer
-//! workers than it needs.
+//! The local backend: `kiln-worker` processes the master starts and stops on its own machine —
+//! the embedded default, so one machine needs no cluster. The scaler is also the supervisor: a
+//! worker that dies is replaced because the pool then has fewer workers than it needs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,18 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::process::Command;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::config::LocalPoolConfig;
+use crate::config::PoolConfig;
 use crate::master::Master;
-use crate::scaling::{self, Hysteresis, Load};
+use crate::scaling::Member;
 
-/// Why the pool could not start.
+/// Why a local worker could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    #[error("workers.local.binary: {0} does not exist; build it with `cargo build --bins` or set the key")]
-    MissingBinary(PathBuf),
+pub enum LocalError {
+    #[error("pool {pool}: local.binary: {binary} does not exist; build it with `cargo build --bins` or set the key")]
+    MissingBinary { pool: String, binary: PathBuf },
     #[error("cannot prepare {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -35,10 +34,10 @@ struct Process {
     leaving: bool,
 }
 
-/// The pool and its processes.
+/// The pool's processes.
 #[derive(Debug)]
 pub struct LocalPool {
-    pub config: LocalPoolConfig,
+    pub config: PoolConfig,
     pub binary: PathBuf,
     pub master_url: String,
     pub token: String,
@@ -50,13 +49,7 @@ pub struct LocalPool {
 }
 
 impl LocalPool {
-    pub fn new(
-        config: LocalPoolConfig,
-        binary: PathBuf,
-        master_url: String,
-        token: String,
-        data_dir: PathBuf,
-    ) -> LocalPool {
+    pub fn new(config: PoolConfig, binary: PathBuf, master_url: String, token: String, data_dir: PathBuf) -> LocalPool {
         LocalPool {
             config,
             binary,
@@ -70,20 +63,15 @@ impl LocalPool {
     }
 
     /// Finds the worker binary: the configured one, or `kiln-worker` beside this executable.
-    pub fn locate_binary(config: &LocalPoolConfig) -> Result<PathBuf, PoolError> {
-        let binary = match &config.binary {
+    pub fn locate_binary(config: &PoolConfig) -> Result<PathBuf, LocalError> {
+        let binary = match &config.local.binary {
             Some(path) => path.clone(),
             None => std::env::current_exe()
                 .ok()
                 .and_then(|exe| exe.parent().map(|dir| dir.join("kiln-worker")))
                 .unwrap_or_else(|| PathBuf::from("kiln-worker")),
         };
-        if binary.is_file() { Ok(binary) } else { Err(PoolError::MissingBinary(binary)) }
-    }
-
-    /// Whether a worker of that name belongs to this pool.
-    pub fn owns(&self, name: &str) -> bool {
-        self.processes.lock().expect("processes poisoned").contains_key(name)
+        if binary.is_file() { Ok(binary) } else { Err(LocalError::MissingBinary { pool: config.name.clone(), binary }) }
     }
 
     /// Processes counted as capacity: running or starting, not leaving.
@@ -99,12 +87,41 @@ impl LocalPool {
         names
     }
 
+    /// Wakes the scaler: a process exited.
+    pub async fn changed(&self) {
+        self.exited.notified().await;
+    }
+
+    /// The pool's processes as a scale-down sees them.
+    pub fn members(&self, master: &Master, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
+        let connected: HashMap<String, u32> =
+            master.workers().iter().map(|s| (s.name().to_owned(), s.running_builds())).collect();
+        self.staying()
+            .into_iter()
+            .map(|name| {
+                let db = running.get(&name).map_or(0, |r| r.0);
+                let here = connected.get(&name).copied();
+                Member { starting: here.is_none(), running: db.max(here.unwrap_or(0)), busy_for_secs: 0, name }
+            })
+            .collect()
+    }
+
+    /// Starts `count` more workers; returns how many started.
+    pub fn grow(self: &Arc<Self>, count: u32) -> Result<u32, LocalError> {
+        for started in 0..count {
+            if let Err(error) = self.spawn() {
+                return if started == 0 { Err(error) } else { Ok(started) };
+            }
+        }
+        Ok(count)
+    }
+
     /// Starts one more worker.
-    fn spawn(self: &Arc<Self>) -> Result<String, PoolError> {
-        let name = format!("{}-{}", self.config.name_prefix, self.next_index.fetch_add(1, Ordering::SeqCst));
+    fn spawn(self: &Arc<Self>) -> Result<String, LocalError> {
+        let name = format!("{}-{}", self.config.name_prefix(), self.next_index.fetch_add(1, Ordering::SeqCst));
         let io = |path: &Path| {
             let path = path.to_owned();
-            move |source| PoolError::Io { path, source }
+            move |source| LocalError::Io { path, source }
         };
         let basedir = self.data_dir.join("workers").join(&name);
         let cache = self.data_dir.join("cache");
@@ -125,7 +142,9 @@ impl LocalPool {
             .arg("--cache-dir")
             .arg(&cache)
             .arg("--max-builds")
-            .arg(self.config.max_builds.to_string())
+            .arg(self.config.builds_per_worker.to_string())
+            .arg("--pool")
+            .arg(&self.config.name)
             .env("KILN_WORKER_TOKEN", &self.token)
             .stdin(Stdio::null())
             .stdout(log)
@@ -166,92 +185,24 @@ impl LocalPool {
         }
     }
 
-    /// The pool's load as the scaler sees it.
-    fn load(&self, master: &Master, claimable: u32) -> Load {
-        let sessions: Vec<_> = master.workers().into_iter().filter(|s| self.owns(s.name())).collect();
-        Load {
-            claimable,
-            running: sessions.iter().map(|s| s.running_builds()).sum(),
-            busy_workers: sessions.iter().filter(|s| s.running_builds() > 0).count() as u32,
-            workers: self.capacity(),
-        }
-    }
-
-    /// Keeps the pool at the size the queue needs until `shutdown`, then stops every worker:
-    /// SIGTERM (a worker finishes its build first), then SIGKILL after `grace`.
-    pub async fn run(self: Arc<Self>, master: Arc<Master>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
-        let policy = self.config.policy();
-        let mut hysteresis = Hysteresis::default();
-        let sweep = Duration::from_secs(30);
-        while !*shutdown.borrow() {
-            let claimable = match master.store.pending_count().await {
-                Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
-                Err(error) => {
-                    warn!(%error, "cannot read the queue; keeping the pool as it is");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = shutdown.changed() => break,
-                    }
-                }
-            };
-            let load = self.load(&master, claimable);
-            let decision = scaling::decide(&policy, &load, &mut hysteresis, Instant::now());
-            if decision.desired > load.workers {
-                info!(
-                    from = load.workers,
-                    to = decision.desired,
-                    claimable,
-                    running = load.running,
-                    "scaling the local pool up"
-                );
-                for _ in load.workers..decision.desired {
-                    if let Err(error) = self.spawn() {
-                        warn!(%error, "cannot start a local worker");
-                        break;
-                    }
-                }
-            } else if decision.desired < load.workers {
-                let retired = self.retire(&master, load.workers - decision.desired).await;
-                info!(from = load.workers, to = load.workers - retired, "scaling the local pool down");
-            }
-            let recheck = decision.recheck_after.unwrap_or(sweep).min(sweep);
-            tokio::select! {
-                _ = master.scaling_wanted() => {}
-                _ = self.exited.notified() => {}
-                _ = tokio::time::sleep(recheck) => {}
-                _ = shutdown.changed() => break,
-            }
-        }
-        self.stop_all(grace).await;
-    }
-
-    /// Retires up to `count` idle workers: each is drained in the master first, so no build lands
-    /// on it, and told to exit. Workers still starting go first, then idle connected ones; a
-    /// busy worker is never chosen.
-    async fn retire(&self, master: &Master, count: u32) -> u32 {
+    /// Retires the chosen victims: each is drained in the master first, so no build lands on
+    /// it, and told to exit. Returns how many leave.
+    pub async fn retire(&self, master: &Master, victims: &[String]) -> u32 {
         let sessions: HashMap<String, _> = master.workers().into_iter().map(|s| (s.name().to_owned(), s)).collect();
-        let members: Vec<scaling::Member> = self
-            .staying()
-            .into_iter()
-            .map(|name| {
-                let running = sessions.get(&name).map_or(0, |s| s.running_builds());
-                scaling::Member { starting: !sessions.contains_key(&name), running, busy_for_secs: 0, name }
-            })
-            .collect();
         let mut retired = 0;
-        for name in scaling::victims(&members, count) {
-            match sessions.get(&name) {
+        for name in victims {
+            match sessions.get(name) {
                 // Still starting: it holds nothing; stop the process.
                 None => {
-                    self.mark_leaving(&name);
-                    self.signal(&name, libc::SIGTERM);
+                    self.mark_leaving(name);
+                    self.signal(name, libc::SIGTERM);
                     retired += 1;
                 }
                 // Drain first, then look again: a build assigned in between keeps the worker
                 // until it is done, and the master sends Shutdown afterwards.
                 Some(session) => {
                     if master.retire_worker(session).await {
-                        self.mark_leaving(&name);
+                        self.mark_leaving(name);
                         retired += 1;
                     }
                 }
@@ -260,7 +211,9 @@ impl LocalPool {
         retired
     }
 
-    async fn stop_all(&self, grace: Duration) {
+    /// Stops every worker: SIGTERM (a worker finishes its build first), then SIGKILL after
+    /// `grace`.
+    pub async fn stop_all(&self, grace: Duration) {
         let names: Vec<String> = self.processes.lock().expect("processes poisoned").keys().cloned().collect();
         for name in &names {
             self.mark_leaving(name);

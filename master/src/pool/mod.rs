@@ -1,0 +1,300 @@
+//! Worker pools: the scaler that sizes each pool from its queue — woken by events, not a polling
+//! loop — and applies the decision through the pool's backend: local processes, a Kubernetes
+//! Deployment, or nothing for workers managed elsewhere (`static`, which only reports).
+
+pub mod kubernetes;
+pub mod leader;
+pub mod local;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::PoolConfig;
+use crate::master::Master;
+use crate::scaling::{self, Hysteresis, Load, Member, Policy};
+use crate::store::StoreError;
+use kubernetes::KubernetesPool;
+use leader::Leadership;
+use local::{LocalError, LocalPool};
+
+/// Why a scaling step failed; the scaler backs off and the master keeps building.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Local(#[from] LocalError),
+}
+
+/// Who runs a pool's workers.
+#[derive(Debug)]
+pub enum Backend {
+    Local(Arc<LocalPool>),
+    Kubernetes(Arc<KubernetesPool>),
+    Static,
+}
+
+/// What a pool looks like now, for the API and the command line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub backend: &'static str,
+    /// Whether this master runs the pool's scaler.
+    pub leader: bool,
+    pub desired: u32,
+    pub workers: u32,
+    pub busy: u32,
+    pub pending: u32,
+    pub min: u32,
+    pub max: u32,
+    pub last_error: Option<String>,
+}
+
+/// A pool and its scaler.
+#[derive(Debug)]
+pub struct Pool {
+    pub config: PoolConfig,
+    backend: Backend,
+    status: Mutex<PoolStatus>,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig, backend: Backend) -> Pool {
+        let policy = config.policy();
+        let status = PoolStatus {
+            name: config.name.clone(),
+            backend: match backend {
+                Backend::Local(_) => "local",
+                Backend::Kubernetes(_) => "kubernetes",
+                Backend::Static => "static",
+            },
+            min: policy.min,
+            max: policy.max,
+            ..PoolStatus::default()
+        };
+        Pool { config, backend, status: Mutex::new(status) }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        self.status.lock().expect("pool status poisoned").clone()
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Runs the pool until `shutdown`: the scaler (when this master leads the pool) and, for
+    /// Kubernetes, the pod watch; then stops local workers within `grace`.
+    pub async fn run(self: Arc<Self>, master: Arc<Master>, shutdown: watch::Receiver<bool>, grace: Duration) {
+        crate::telemetry::pool_started(&self.config.name);
+        let watch = match &self.backend {
+            Backend::Kubernetes(k8s) => {
+                let (k8s, master, shutdown) = (Arc::clone(k8s), Arc::clone(&master), shutdown.clone());
+                Some(tokio::spawn(async move { k8s.watch(&master, shutdown).await }))
+            }
+            _ => None,
+        };
+        self.scale(&master, shutdown).await;
+        if let Some(watch) = watch {
+            let _ = watch.await;
+        }
+        if let Backend::Local(local) = &self.backend {
+            local.stop_all(grace).await;
+        }
+    }
+
+    async fn scale(&self, master: &Master, mut shutdown: watch::Receiver<bool>) {
+        let policy = self.config.policy();
+        let mut hysteresis = Hysteresis::default();
+        // Local processes belong to this machine; other backends have one scaler per database.
+        let mut leadership = match self.backend {
+            Backend::Local(_) => None,
+            _ => Some(Leadership::new(&master.config.database, &self.config.name)),
+        };
+        let sweep = Duration::from_secs(30);
+        let mut failures = 0u32;
+        while !*shutdown.borrow() {
+            let leading = match &mut leadership {
+                Some(l) => l.hold().await,
+                None => true,
+            };
+            self.status.lock().expect("pool status poisoned").leader = leading;
+            let wait = if !leading {
+                hysteresis = Hysteresis::default();
+                leader::RETRY
+            } else {
+                let woken = master.take_scale_wake();
+                match self.step(master, &policy, &mut hysteresis, woken).await {
+                    Ok(recheck) => {
+                        failures = 0;
+                        self.status.lock().expect("pool status poisoned").last_error = None;
+                        recheck.unwrap_or(sweep).min(sweep)
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        crate::telemetry::pool_api_error(&self.config.name);
+                        let backoff =
+                            Duration::from_millis(500 * 2u64.pow(failures.min(7))).min(Duration::from_secs(60));
+                        warn!(pool = %self.config.name, %error, retry_in = ?backoff, "scaling failed; keeping the workers there are");
+                        self.status.lock().expect("pool status poisoned").last_error = Some(error.to_string());
+                        backoff
+                    }
+                }
+            };
+            let backend_changed = async {
+                match &self.backend {
+                    Backend::Local(local) => local.changed().await,
+                    Backend::Kubernetes(k8s) => k8s.changed().await,
+                    Backend::Static => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = master.scaling_wanted(), if leading && failures == 0 => {}
+                _ = backend_changed, if leading && failures == 0 => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        if let Some(leadership) = &mut leadership {
+            leadership.release().await;
+        }
+    }
+
+    /// One decision: read the load, decide, act. Returns when to look again if nothing happens.
+    async fn step(
+        &self,
+        master: &Master,
+        policy: &Policy,
+        hysteresis: &mut Hysteresis,
+        woken: Option<Instant>,
+    ) -> Result<Option<Duration>, PoolError> {
+        let name = &self.config.name;
+        // Claimed requests are the builds running (or about to) on the pool's workers, on any
+        // master; counting slots reserved in sessions instead would count a request twice while
+        // a worker claims it.
+        let (pending, claimed) = master.store.queue_counts(master.pool_builder_ids(name)).await?;
+        let claimable = u32::try_from(pending).unwrap_or(u32::MAX);
+        let running = master.store.running_by_worker().await?;
+        let (members, workers) = match &self.backend {
+            Backend::Local(local) => (local.members(master, &running), local.capacity()),
+            Backend::Kubernetes(k8s) => {
+                for kept in k8s.kept_victims() {
+                    warn!(pool = %name, worker = %kept, "the ReplicaSet kept a drained worker; returning it to service");
+                    master.undrain_worker(&kept).await?;
+                }
+                (k8s.members(master, &running), k8s.replicas().await?)
+            }
+            Backend::Static => {
+                let members = static_members(master, name, &running);
+                let count = members.len() as u32;
+                (members, count)
+            }
+        };
+        let load = Load {
+            claimable,
+            running: u32::try_from(claimed).unwrap_or(u32::MAX),
+            busy_workers: members.iter().filter(|m| m.running > 0).count() as u32,
+            workers,
+        };
+        let decision = scaling::decide(policy, &load, hysteresis, Instant::now());
+        {
+            let mut status = self.status.lock().expect("pool status poisoned");
+            status.desired = decision.desired;
+            status.workers = workers;
+            status.busy = load.busy_workers;
+            status.pending = claimable;
+        }
+        crate::telemetry::pool_sizes(name, decision.desired, workers, claimable);
+        if decision.desired > workers {
+            info!(pool = %name, from = workers, to = decision.desired, claimable, running = load.running, "scaling up");
+            let grown = match &self.backend {
+                Backend::Local(local) => local.grow(decision.desired - workers)? > 0,
+                Backend::Kubernetes(k8s) => {
+                    k8s.set_replicas(decision.desired).await?;
+                    true
+                }
+                Backend::Static => false,
+            };
+            if grown {
+                crate::telemetry::pool_scaled(name, "up", woken.map(|at| at.elapsed()));
+            }
+        } else if decision.desired < workers {
+            let victims = scaling::victims(&members, workers - decision.desired);
+            let removed = match &self.backend {
+                Backend::Local(local) => local.retire(master, &victims).await,
+                Backend::Kubernetes(k8s) => self.shrink_deployment(master, k8s, &members, victims, workers).await?,
+                Backend::Static => 0,
+            };
+            if removed > 0 {
+                info!(pool = %name, from = workers, to = workers - removed, "scaling down");
+                crate::telemetry::pool_scaled(name, "down", None);
+            }
+        }
+        Ok(decision.recheck_after)
+    }
+
+    /// Scales a Deployment down by the victims only: drain them in the master, look again (a
+    /// build that landed in between keeps its worker), give them the lowest deletion cost, then
+    /// lower `replicas` by their number. A failure returns the victims to service.
+    async fn shrink_deployment(
+        &self,
+        master: &Master,
+        k8s: &KubernetesPool,
+        members: &[Member],
+        victims: Vec<String>,
+        replicas: u32,
+    ) -> Result<u32, PoolError> {
+        let mut drained = Vec::new();
+        for victim in &victims {
+            master.drain_worker(victim).await?;
+            drained.push(victim.clone());
+        }
+        let running = master.store.running_by_worker().await?;
+        let (victims, busy): (Vec<String>, Vec<String>) =
+            drained.iter().cloned().partition(|v| master.builds_on(v) == 0 && running.get(v).is_none_or(|r| r.0 == 0));
+        for worker in &busy {
+            master.undrain_worker(worker).await?;
+        }
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        k8s.note_drained(&victims);
+        let costs = scaling::deletion_costs(members, &victims);
+        let target = replicas - victims.len() as u32;
+        let outcome = async {
+            k8s.apply_deletion_costs(&costs).await?;
+            k8s.set_replicas(target).await
+        }
+        .await;
+        if let Err(error) = outcome {
+            k8s.forget_drained(&victims);
+            for victim in &victims {
+                master.undrain_worker(victim).await?;
+            }
+            return Err(error.into());
+        }
+        Ok(victims.len() as u32)
+    }
+}
+
+/// Workers of a static pool connected to this master.
+fn static_members(master: &Master, pool: &str, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
+    master
+        .workers()
+        .iter()
+        .filter(|s| s.info.pool.as_deref() == Some(pool))
+        .map(|s| Member {
+            name: s.name().to_owned(),
+            starting: false,
+            running: s.running_builds().max(running.get(s.name()).map_or(0, |r| r.0)),
+            busy_for_secs: 0,
+        })
+        .collect()
+}

@@ -1,0 +1,196 @@
+//! The Kubernetes backend against a mock API: the exact scale and patch calls for a burst, a
+//! scale-down that drains idle pods and makes the ReplicaSet spare the busy one, API errors that
+//! back off, and a deleted pod whose build is retried at once. The test plays the ReplicaSet.
+
+use std::time::Duration;
+
+use kiln_master::config::Config;
+use kiln_master::server::Options;
+use kiln_tests::eventually;
+use kiln_tests::kube::FakeKube;
+use kiln_tests::system::{TOKEN, TestMaster, TestWorker};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A master with one Kubernetes pool `linux` (Deployment `workers` in namespace `ci`).
+async fn start(dir: &std::path::Path, fake: &FakeKube, pool: &str, heartbeat: f64, builders: &str) -> TestMaster {
+    let text = format!(
+        "collapseRequests: false\ndatabase: \"sqlite://{db}\"\ndata_dir: \"{data}\"\nhttp:\n  listen: 127.0.0.1:0\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: {heartbeat}\n  tokens: [{{name: t, value: {TOKEN}}}]\npools:\n  - {{name: linux, backend: kubernetes, kubernetes: {{namespace: ci, deployment: workers}}, {pool}}}\n{builders}",
+        db = dir.join("kiln.sqlite").display(),
+        data = dir.display(),
+    );
+    let config = Config::parse("kubernetes.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    TestMaster::start_with_options(config, dir, Options { kube_client: Some(fake.client()) }).await
+}
+
+fn scale_patches(fake: &FakeKube) -> Vec<serde_json::Value> {
+    fake.patches().into_iter().filter(|c| c.path.ends_with("/deployments/workers/scale")).map(|c| c.body).collect()
+}
+
+fn pod_patches(fake: &FakeKube) -> Vec<(String, serde_json::Value)> {
+    fake.patches()
+        .into_iter()
+        .filter_map(|c| Some((c.path.strip_prefix("/api/v1/namespaces/ci/pods/")?.to_owned(), c.body)))
+        .collect()
+}
+
+/// Pods of the Deployment with a worker process each, connected as the pod's name.
+async fn pods(master: &TestMaster, fake: &FakeKube, names: &[&str]) -> Vec<TestWorker> {
+    let workers: Vec<TestWorker> = names
+        .iter()
+        .map(|name| {
+            fake.put_pod(name, true);
+            master.spawn_pool_worker(name, "linux")
+        })
+        .collect();
+    master.wait_workers(names.len()).await;
+    workers
+}
+
+async fn force(master: &TestMaster, builders: &[&str]) -> Vec<i64> {
+    let (status, reply) = master.force("force", json!({ "builderNames": builders })).await;
+    assert_eq!(status, 200, "{reply}");
+    reply["result"][1].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).collect()
+}
+
+const THREE: &str = "builders:\n  - {name: a, steps: [{shell: {command: \"true\"}}]}\n  - {name: b, steps: [{shell: {command: \"true\"}}]}\n  - {name: c, steps: [{shell: {command: \"true\"}}]}\nschedulers:\n  - {type: force, name: force, builderNames: [a, b, c]}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_one_scale_call_and_the_drained_pool_goes_back_to_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::new("ci", "workers", 0);
+    let master = start(dir.path(), &fake, "min: 0, max: 5, scale_down_delay: 1", 0.5, THREE).await;
+    // The master reads the scale subresource for the pod selector, then lists and watches pods.
+    eventually("the pod watch", MINUTE, || async {
+        fake.calls()
+            .iter()
+            .any(|c| c.path == "/api/v1/namespaces/ci/pods" && c.query.contains("watch=true"))
+            .then_some(())
+    })
+    .await;
+    let watch = fake.calls().into_iter().find(|c| c.query.contains("watch=true")).unwrap();
+    assert!(watch.query.contains("labelSelector=app%3Dkiln-worker%2Cdeployment%3Dworkers"), "{watch:?}");
+
+    // One buildset of three requests: one wake-up, one scale call, straight to three.
+    let brids = force(&master, &["a", "b", "c"]).await;
+    eventually("three replicas", MINUTE, || async { (fake.replicas() == 3).then_some(()) }).await;
+    assert_eq!(scale_patches(&fake), vec![json!({ "spec": { "replicas": 3 } })]);
+    assert!(pod_patches(&fake).is_empty(), "a scale-up touches no pod");
+
+    // The ReplicaSet starts three pods; their workers build everything.
+    let workers = pods(&master, &fake, &["workers-x1", "workers-x2", "workers-x3"]).await;
+    for brid in brids {
+        assert_eq!(master.wait_build_of_request(brid, MINUTE).await["results"], 0);
+    }
+    // Idle for the delay: every pod gets the lowest deletion cost, then replicas go to 0.
+    eventually("zero replicas", MINUTE, || async { (fake.replicas() == 0).then_some(()) }).await;
+    assert_eq!(scale_patches(&fake), vec![json!({ "spec": { "replicas": 3 } }), json!({ "spec": { "replicas": 0 } })]);
+    let costs = fake.deletion_costs();
+    assert!(costs.values().all(|c| c.as_deref() == Some("-1000")), "{costs:?}");
+    assert_eq!(pod_patches(&fake).len(), 3, "one patch per victim");
+    // Drained victims take no new work, on any master.
+    let listed = master.get("/api/v2/workers").await;
+    for worker in listed["workers"].as_array().unwrap() {
+        assert_eq!(worker["paused"], true, "{worker}");
+    }
+    drop(workers);
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_removes_idle_pods_and_the_busy_one_is_spared() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::new("ci", "workers", 3);
+    let builders = "builders:\n  - name: long\n    steps:\n      - shell: {name: job, command: \"echo started; sleep 6; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [long]}\n";
+    let master = start(dir.path(), &fake, "min: 0, max: 5, scale_down_delay: 3", 0.5, builders).await;
+    let workers = pods(&master, &fake, &["workers-a", "workers-b", "workers-c"]).await;
+    let brid = force(&master, &["long"]).await[0];
+    let busy = eventually("the build to start", MINUTE, || async {
+        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let build = builds["builds"].as_array()?.first()?.clone();
+        let worker = master.get(&format!("/api/v2/workers/{}", build["workerid"])).await;
+        worker["workers"][0]["name"].as_str().map(str::to_owned)
+    })
+    .await;
+
+    // One build runs: the pool shrinks to one, by the two idle pods.
+    eventually("one replica", MINUTE, || async { (fake.replicas() == 1).then_some(()) }).await;
+    // The idle pods get the lowest cost; the busy one stays above them (at 10 + seconds busy
+    // when its build was already running at the decision, or unannotated, which counts as 0).
+    let costs = fake.deletion_costs();
+    for (pod, cost) in &costs {
+        let cost: i64 = cost.as_deref().unwrap_or("0").parse().unwrap();
+        if *pod == busy {
+            assert!(cost == 0 || cost >= 10, "{costs:?}");
+        } else {
+            assert_eq!(cost, -1000, "{costs:?}");
+        }
+    }
+    assert_ne!(fake.lowest_cost_pod().as_deref(), Some(busy.as_str()));
+    // The ReplicaSet removes the two cheapest pods; their workers get SIGTERM and exit idle.
+    for worker in &workers {
+        if worker.name != busy {
+            fake.delete_pod(&worker.name);
+            worker.signal(libc::SIGTERM);
+        }
+    }
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    assert_eq!(build["results"], 0, "the busy worker's build was not interrupted: {build}");
+    let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+    assert_eq!(builds["builds"].as_array().unwrap().len(), 1, "it ran once");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_back_off_are_counted_and_the_scaler_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::new("ci", "workers", 0);
+    fake.fail_scale_calls(4);
+    let master = start(dir.path(), &fake, "min: 0, max: 5, scale_down_delay: 30", 0.5, THREE).await;
+    force(&master, &["a", "b"]).await;
+    eventually("two replicas despite the errors", MINUTE, || async { (fake.replicas() == 2).then_some(()) }).await;
+    let (_, metrics) = master.get_text("/metrics").await;
+    let errors = metrics
+        .lines()
+        .find(|l| l.starts_with("kiln_pool_api_errors_total{pool=\"linux\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(errors >= 1.0, "errors are counted:\n{metrics}");
+    // Failures back off instead of hammering the API.
+    let scale_calls = fake.calls().iter().filter(|c| c.path.ends_with("/scale")).count();
+    assert!(scale_calls <= 12, "{scale_calls} scale calls for 4 failures");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_pod_has_its_build_retried_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::new("ci", "workers", 1);
+    let builders = "builders:\n  - name: long\n    steps:\n      - shell: {name: job, command: \"echo started; sleep 3; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [long]}\n";
+    // Heartbeats every 10 s: a silent worker would be noticed after 30 s, the pod's deletion at once.
+    let master = start(dir.path(), &fake, "min: 1, max: 1, scale_down_delay: 30", 10.0, builders).await;
+    let first = pods(&master, &fake, &["workers-1"]).await;
+    let brid = force(&master, &["long"]).await[0];
+    eventually("the build to start", MINUTE, || async {
+        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+        builds["builds"].as_array()?.first().map(|_| ())
+    })
+    .await;
+    // The node freezes (the connection stays open, nothing is heard), then the pod is deleted.
+    first[0].signal(libc::SIGSTOP);
+    let deleted = std::time::Instant::now();
+    fake.delete_pod("workers-1");
+    eventually("the build to end as RETRY", Duration::from_secs(10), || async {
+        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+        (builds["builds"][0]["results"] == 5).then_some(())
+    })
+    .await;
+    assert!(deleted.elapsed() < Duration::from_secs(10), "well before the heartbeat timeout");
+    first[0].signal(libc::SIGKILL);
+    // The replacement pod builds the request again.
+    let _second = pods(&master, &fake, &["workers-2"]).await;
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    assert_eq!(build["results"], 0, "{build}");
+    master.stop().await;
+}
