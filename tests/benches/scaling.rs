@@ -68,8 +68,9 @@ fn builder(seconds: f64) -> String {
     )
 }
 
-/// Runs `count` builds at once on a pool and returns the seconds until all are done.
-async fn burst(args: &Args, pool: &str, prefix: &str, min_workers: u64) -> f64 {
+/// Runs `count` builds at once on a pool; returns the seconds until all are done, and until the
+/// pool had `max` worker processes (from the first request sent).
+async fn burst(args: &Args, pool: &str, prefix: &str, min_workers: u64) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let database = bench_database(&args.database, dir.path()).await;
     let body = format!("pools:\n  - {{name: {prefix}, backend: local, {pool}}}\n{}", builder(args.build_seconds));
@@ -80,13 +81,17 @@ async fn burst(args: &Args, pool: &str, prefix: &str, min_workers: u64) -> f64 {
         force(&client, &master.base).await;
     }
     let deadline = started + Duration::from_secs(600);
+    let mut full = None;
     while pending(&client, &master.base).await > 0 {
         assert!(Instant::now() < deadline, "the burst did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if full.is_none() && workers(prefix).len() >= args.max as usize {
+            full = Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     master.stop().await;
-    elapsed
+    (elapsed, full.unwrap_or(f64::NAN))
 }
 
 /// Request queued (the force call sent) → PATCH of the scale subresource received by the API.
@@ -184,10 +189,10 @@ async fn main() {
         reactions.len()
     );
 
-    let scaled = burst(&args, &format!("min: 1, max: {}, scale_down_delay: 30", args.max), "scaled", 1).await;
-    let fixed = burst(&args, &format!("count: {}", args.max), "fixed", u64::from(args.max)).await;
+    let (scaled, full) = burst(&args, &format!("min: 1, max: {}, scale_down_delay: 30", args.max), "scaled", 1).await;
+    let (fixed, _) = burst(&args, &format!("count: {}", args.max), "fixed", u64::from(args.max)).await;
     println!(
-        "{} builds of {:.1} s, max {}: autoscaled from 1 {:.2} s, fixed pool of {} {:.2} s",
-        args.builds, args.build_seconds, args.max, scaled, args.max, fixed
+        "{} builds of {:.1} s, max {}: autoscaled from 1 {:.2} s (all {} workers up after {:.2} s), fixed pool of {} {:.2} s",
+        args.builds, args.build_seconds, args.max, scaled, args.max, full, args.max, fixed
     );
 }
