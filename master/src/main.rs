@@ -22,14 +22,25 @@ struct Args {
     /// Only check the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Log format: `text` for people, `json` for log collectors.
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     let args = Args::parse();
+    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter(filter).init(),
+    }
     let file = args.config.display().to_string();
     let config = Config::load(&args.config).and_then(|c| match args.database.clone() {
         Some(url) => c.with_database(&format!("{file} (--database)"), url),

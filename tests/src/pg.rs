@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 
 struct Cluster {
     port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+    ids: Option<(u32, u32)>,
+    /// The postmaster's pid.
+    pid: std::sync::Mutex<u32>,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -96,10 +101,16 @@ fn start() -> Cluster {
         .expect("run initdb");
     assert!(status.status.success(), "initdb failed: {}", String::from_utf8_lossy(&status.stderr));
     let port = free_port();
+    let pid = spawn_server(&bin, &dir, ids, port);
+    Cluster { port, bin, dir, ids, pid: std::sync::Mutex::new(pid) }
+}
+
+/// Starts the server on the cluster in `dir` and waits until it accepts connections.
+fn spawn_server(bin: &Path, dir: &Path, ids: Option<(u32, u32)>, port: u16) -> u32 {
+    let (bin, data, socket_dir) = (bin.to_owned(), dir.join("data"), dir.to_owned());
     // The server must die with this process. PR_SET_PDEATHSIG fires when the *thread* that
     // spawned the child exits, so spawn it from a thread that lives as long as the process.
     let (tx, rx) = std::sync::mpsc::channel();
-    let socket_dir = dir.clone();
     std::thread::Builder::new()
         .name("postgres-parent".into())
         .spawn(move || {
@@ -126,7 +137,13 @@ fn start() -> Cluster {
             }
             let child = command.spawn();
             let failed = child.is_err();
-            tx.send(child.map(|_| ())).expect("report spawn");
+            tx.send(child.map(|mut c| {
+                let pid = c.id();
+                // Reap it when it exits (after a stop), so its pid does not linger.
+                std::thread::spawn(move || c.wait());
+                pid
+            }))
+            .expect("report spawn");
             if !failed {
                 loop {
                     std::thread::park();
@@ -134,13 +151,36 @@ fn start() -> Cluster {
             }
         })
         .expect("postgres parent thread");
-    rx.recv().expect("spawn result").expect("start postgres");
+    let pid = rx.recv().expect("spawn result").expect("start postgres");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "PostgreSQL did not start within 30 s");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Cluster { port }
+    pid
+}
+
+/// Stops the test process's cluster (a fast shutdown: connections are closed), as an outage
+/// would. Only for a test binary that owns its cluster alone.
+pub fn stop_cluster() {
+    let cluster = CLUSTER.get().expect("a cluster was started");
+    let pid = *cluster.pid.lock().expect("pid");
+    // SAFETY: SIGINT to the postmaster this process started.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new("/proc").join(pid.to_string()).exists()
+        || std::net::TcpStream::connect(("127.0.0.1", cluster.port)).is_ok()
+    {
+        assert!(Instant::now() < deadline, "PostgreSQL did not stop within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the stopped cluster again on the same port and data.
+pub fn restart_cluster() {
+    let cluster = CLUSTER.get().expect("a cluster was started");
+    let pid = spawn_server(&cluster.bin, &cluster.dir, cluster.ids, cluster.port);
+    *cluster.pid.lock().expect("pid") = pid;
 }
 
 /// A URL of a new, empty database on the shared throwaway cluster.

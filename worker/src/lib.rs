@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod git;
+pub mod probes;
 pub mod session;
 
 pub use session::{WorkerConfig, WorkerError, run};

@@ -39,6 +39,18 @@ struct Args {
     /// The pool this worker belongs to: it then runs only the builders the pool serves.
     #[arg(long, env = "KILN_POOL")]
     pool: Option<String>,
+    /// Serve `/healthz`, `/readyz` and `/metrics` on this address (e.g. 0.0.0.0:8011).
+    #[arg(long, env = "KILN_WORKER_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
+    /// Log format: `text` for people, `json` for log collectors.
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -49,10 +61,23 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     let args = Args::parse();
+    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter(filter).init(),
+    }
+    if let Some(addr) = args.http_listen {
+        match kiln_worker::probes::bind(addr).await {
+            Ok(listener) => {
+                kiln_worker::probes::serve(listener);
+            }
+            Err(error) => {
+                eprintln!("kiln-worker: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let name = args.name.unwrap_or_else(|| {
         std::env::var("HOSTNAME")
             .ok()

@@ -163,6 +163,7 @@ async fn session(
     };
     let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     info!(master = %registered.master_name, worker_id = registered.worker_id, "registered with the master");
+    crate::probes::connected(true);
 
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut tasks: JoinSet<String> = JoinSet::new();
@@ -170,6 +171,7 @@ async fn session(
     // master sees their builds as lost (RETRY), not as failed commands.
     let cut_off = Arc::new(AtomicBool::new(false));
     let mut draining = *terminate.borrow();
+    crate::probes::draining(draining);
     if draining {
         let _ = out_tx.send(pb::WorkerMessage { body: Some(Out::Draining(pb::Draining {})) }).await;
     }
@@ -205,7 +207,10 @@ async fn session(
                                 let _ = tx.send((chunk.data, chunk.last)).await;
                             }
                         }
-                        Some(In::Drain(_)) => draining = true,
+                        Some(In::Drain(_)) => {
+                            draining = true;
+                            crate::probes::draining(true);
+                        }
                         Some(In::Shutdown(shutdown)) => {
                             info!(reason = %shutdown.reason, "shutdown requested");
                             break SessionEnd::Shutdown;
@@ -232,6 +237,7 @@ async fn session(
                 if changed.is_ok() && *terminate.borrow() {
                     info!(running = running.len(), "SIGTERM: taking no new work, finishing the running build");
                     draining = true;
+                    crate::probes::draining(true);
                     let _ = out_tx.send(pb::WorkerMessage { body: Some(Out::Draining(pb::Draining {})) }).await;
                 }
             }
@@ -244,6 +250,7 @@ async fn session(
     };
     // Whatever ended the session, no command of it may outlive it: the master is re-running (or
     // has finished) its builds elsewhere.
+    crate::probes::connected(false);
     cut_off.store(true, std::sync::atomic::Ordering::SeqCst);
     for command in running.values() {
         command.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -350,7 +357,9 @@ fn spawn_command(
     };
     let command_id = start.command_id;
     let task_cancelled = Arc::clone(&cancelled);
+    let running = crate::probes::CommandGauge::start();
     tasks.spawn(async move {
+        let _running = running;
         let (update_tx, mut update_rx) = mpsc::channel::<Update>(64);
         let forward_id = command_id.clone();
         let forward_out = out.clone();
@@ -359,6 +368,9 @@ fn spawn_command(
             while let Some(update) = update_rx.recv().await {
                 if forward_cut_off.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
+                }
+                if let Update::Output(_, bytes) = &update {
+                    crate::probes::output(bytes.len());
                 }
                 let update = pb::CommandUpdate { command_id: forward_id.clone(), body: Some(encode_update(update)) };
                 if forward_out.send(pb::WorkerMessage { body: Some(Out::Update(update)) }).await.is_err() {

@@ -55,11 +55,14 @@ async fn metrics(axum::extract::State(master): axum::extract::State<Arc<Master>>
 }
 
 async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
-    match master.store.schema_is_current().await {
-        Ok(true) if !master.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
-        Ok(true) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
-        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "database schema is not current").into_response(),
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {error}")).into_response(),
+    // A probe must answer quickly even when the database hangs.
+    let check = tokio::time::timeout(std::time::Duration::from_secs(2), master.store.schema_is_current()).await;
+    match check {
+        Ok(Ok(true)) if !master.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
+        Ok(Ok(true)) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
+        Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "database schema is not current").into_response(),
+        Ok(Err(error)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {error}")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database does not answer").into_response(),
     }
 }
 
