@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::{BackendKind, Config};
 use crate::grpc::WorkerGrpc;
@@ -104,7 +104,24 @@ pub async fn run_with(
             .map_err(|e| RunError::Kubernetes { pool: pool.name.clone(), reason: e.to_string() })?;
         kube_client = Some(client);
     }
-    let store = Store::connect(&config.database).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // The database may not be up yet (a fresh install starts both at once): wait for it here
+    // rather than crash-looping; a broken schema or URL is not retried.
+    let mut delay = Duration::from_millis(500);
+    let store = loop {
+        match Store::connect(&config.database).await {
+            Ok(store) => break store,
+            Err(StoreError::Connect { url, source }) if !config.database.starts_with("sqlite:") => {
+                warn!(%url, error = %source, retry_in = ?delay, "cannot reach the database yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     let master = Master::start(Arc::clone(&config), store.clone()).await?;
 
     let mut tokens = config.worker_tokens();

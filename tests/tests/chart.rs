@@ -1,0 +1,251 @@
+//! The Helm chart: `helm lint --strict` and every rendered manifest valid for Kubernetes 1.33,
+//! for the default values and the variants in `charts/kiln/ci/`; the schema rejects wrong types;
+//! the Role grants exactly what the autoscaler calls; and the binaries run with the configuration
+//! and environment the chart gives them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use kiln_tests::{binary, eventually, pg};
+use serde_yaml_ng::Value;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/kiln")
+}
+
+/// Runs a chart tool (helm, kubernetes-validate); `scripts/test` installs them in target/tools.
+fn tool(name: &str) -> Command {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin");
+    let path = format!("{}:{}", tools.display(), std::env::var("PATH").unwrap_or_default());
+    let mut command = Command::new(name);
+    command.env("PATH", path);
+    command
+}
+
+fn run(mut command: Command, stdin: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    let mut child =
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| {
+            panic!("{command:?}: {e} (run scripts/test, which installs helm and kubernetes-validate)")
+        });
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn variants() -> Vec<Option<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    std::iter::once(None).chain(files.into_iter().map(Some)).collect()
+}
+
+fn template(values: Option<&Path>, extra: &[&str]) -> Output {
+    let mut helm = tool("helm");
+    helm.args(["template", "kiln", "--namespace", "ci"]).arg(chart());
+    if let Some(values) = values {
+        helm.arg("-f").arg(values);
+    }
+    helm.args(extra);
+    run(helm, None)
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name_suffix: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"].as_str().is_some_and(|n| n.ends_with(name_suffix)))
+        .unwrap_or_else(|| panic!("no {kind} named *{name_suffix}"))
+}
+
+#[test]
+fn the_chart_lints_and_renders_valid_manifests_for_every_variant() {
+    for values in variants() {
+        let mut lint = tool("helm");
+        lint.args(["lint", "--strict"]).arg(chart());
+        if let Some(values) = &values {
+            lint.arg("-f").arg(values);
+        }
+        let out = run(lint, None);
+        assert!(out.status.success(), "helm lint {values:?}:\n{}", String::from_utf8_lossy(&out.stdout));
+        let rendered = template(values.as_deref(), &[]);
+        assert!(rendered.status.success(), "{values:?}: {}", String::from_utf8_lossy(&rendered.stderr));
+        let mut validate = tool("kubernetes-validate");
+        validate.args(["--strict", "-k", "1.33.0", "-"]);
+        let out = run(validate, Some(&rendered.stdout));
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {values:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_schema_rejects_wrong_types() {
+    for bad in ["master.replicas=two", "pools[0].min=-1", "ingress.enabled=maybe", "pools[0].name=Not_A_Name"] {
+        let out = template(None, &["--set", bad]);
+        assert!(!out.status.success(), "{bad} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("schema"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_role_grants_exactly_what_the_autoscaler_calls() {
+    let docs = documents(&String::from_utf8(template(None, &[]).stdout).unwrap());
+    let role = find(&docs, "Role", "-master");
+    let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let strings = |key: &str| -> Vec<String> {
+            rule[key].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+        };
+        for group in strings("apiGroups") {
+            for resource in strings("resources") {
+                granted.push((group.clone(), resource, strings("verbs")));
+            }
+        }
+    }
+    let wanted: Vec<(String, String, Vec<String>)> = kiln_master::pool::kubernetes::RBAC_RULES
+        .iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    assert_eq!(granted, wanted);
+    assert_eq!(docs.iter().filter(|d| d["kind"] == "ClusterRole").count(), 0, "nothing cluster-wide");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The environment a container gets from its manifest: literal values, the pod's name, and
+/// Secret keys (decoded), with `overrides` for what only a cluster provides.
+fn container_env(container: &Value, secret: &Value, pod: &str, overrides: &[(&str, String)]) -> Vec<(String, String)> {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|var| {
+            let name = var["name"].as_str().unwrap().to_owned();
+            if let Some((_, value)) = overrides.iter().find(|(n, _)| *n == name) {
+                return (name, value.clone());
+            }
+            let value = if let Some(value) = var["value"].as_str() {
+                value.to_owned()
+            } else if var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
+                pod.to_owned()
+            } else {
+                let key = var["valueFrom"]["secretKeyRef"]["key"].as_str().unwrap();
+                let encoded = secret["data"][key].as_str().unwrap_or_else(|| panic!("secret key {key}"));
+                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap()).unwrap()
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_run_with_what_the_chart_gives_them() {
+    let docs = documents(&String::from_utf8(template(None, &[]).stdout).unwrap());
+    let secret = find(&docs, "Secret", "-secrets");
+    let config_map = find(&docs, "ConfigMap", "-config");
+    let master = &find(&docs, "Deployment", "-master")["spec"]["template"]["spec"]["containers"][0];
+    let worker = &find(&docs, "Deployment", "-worker-default")["spec"]["template"]["spec"]["containers"][0];
+
+    // The master: the rendered config, with loopback listeners and a local data directory.
+    let dir = tempfile::tempdir().unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let config = config_map["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("0.0.0.0:8010", &format!("127.0.0.1:{http}"))
+        .replace("0.0.0.0:9989", &format!("127.0.0.1:{grpc}"))
+        .replace("/var/lib/kiln", &dir.path().join("data").display().to_string());
+    std::fs::write(dir.path().join("config.yaml"), &config).unwrap();
+    let args: Vec<String> = master["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
+    assert_eq!(args, ["--config", "/etc/kiln/config.yaml"]);
+    // No cluster here: the API server is unreachable, and the master must keep building anyway.
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\nusers: [{name: u, user: {}}]\ncontexts: [{name: x, context: {cluster: c, user: u, namespace: ci}}]\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let database = pg::fresh_database().await;
+    let master_env = container_env(master, secret, "kiln-master-0", &[("KILN_DATABASE_URL", database)]);
+    let _master = tokio::process::Command::new(binary("kiln-master"))
+        .arg("--config")
+        .arg(dir.path().join("config.yaml"))
+        .envs(master_env)
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("master.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{http}");
+    eventually("the master to be ready", MINUTE, || async {
+        let response = client.get(format!("{base}/readyz")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+
+    // A worker of the pool, as its pod would run it.
+    let probes = free_port();
+    let worker_env = container_env(
+        worker,
+        secret,
+        "kiln-worker-default-7c9f-x2x4z",
+        &[
+            ("KILN_MASTER", format!("http://127.0.0.1:{grpc}")),
+            ("KILN_WORKER_BASEDIR", dir.path().join("builds").display().to_string()),
+            ("KILN_WORKER_CACHE_DIR", dir.path().join("shared/cache").display().to_string()),
+            ("KILN_WORKER_HTTP_LISTEN", format!("127.0.0.1:{probes}")),
+        ],
+    );
+    assert!(worker_env.iter().any(|(n, v)| n == "KILN_POOL" && v == "default"), "{worker_env:?}");
+    let _worker = tokio::process::Command::new(binary("kiln-worker"))
+        .envs(worker_env)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("worker.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("the worker to be ready", MINUTE, || async {
+        let response = client.get(format!("http://127.0.0.1:{probes}/readyz")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let brid = kiln_tests::process::force(&client, &base).await;
+    eventually("the chart's example build to succeed", MINUTE, || async {
+        let reply: serde_json::Value =
+            client.get(format!("{base}/api/v2/buildrequests/{brid}")).send().await.ok()?.json().await.ok()?;
+        (reply["buildrequests"][0]["results"] == 0).then_some(())
+    })
+    .await;
+    // The worker registered under its pod's name and pool.
+    let workers: serde_json::Value =
+        client.get(format!("{base}/api/v2/workers")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(workers["workers"][0]["name"], "kiln-worker-default-7c9f-x2x4z");
+    assert_eq!(workers["workers"][0]["workerinfo"]["pool"], "default");
+}
