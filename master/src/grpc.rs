@@ -137,6 +137,11 @@ async fn read_worker(master: &Arc<Master>, session: &Arc<WorkerSession>, mut inb
                 info!(worker = session.name(), "worker closed its session");
                 return;
             }
+            // A draining worker that exits may drop the connection rather than close the stream.
+            Ok(Err(status)) if session.is_draining() && session.running_builds() == 0 => {
+                info!(worker = session.name(), %status, "drained worker left");
+                return;
+            }
             Ok(Err(status)) => {
                 warn!(worker = session.name(), %status, "worker session failed");
                 return;
