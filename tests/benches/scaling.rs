@@ -163,7 +163,8 @@ fn svg(samples: &[Sample], args: &Args) -> String {
             height - bottom + 18.0
         );
     }
-    let series: [(&str, &str, fn(&Sample) -> f64); 4] = [
+    type Series = (&'static str, &'static str, fn(&Sample) -> f64);
+    let series: [Series; 4] = [
         ("pending requests", "#d62728", |s| s.1),
         ("desired workers", "#1f77b4", |s| s.2),
         ("workers", "#9467bd", |s| s.3),
