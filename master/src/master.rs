@@ -395,7 +395,7 @@ impl Master {
     /// or (through the pause in the database) on any other master. Used before a Deployment
     /// scale-down, where the ReplicaSet stops the pod; a pod that exits by itself is restarted.
     pub async fn drain_worker(&self, name: &str) -> Result<(), StoreError> {
-        self.store.set_worker_paused(name, true, Some("scale-down")).await?;
+        self.store.pause_for_scale_down(name).await?;
         if let Some(session) = self.workers.lock().expect("workers poisoned").get(name).cloned()
             && !session.is_draining()
         {

@@ -121,10 +121,15 @@ async fn a_scale_down_removes_idle_pods_and_the_busy_one_is_spared() {
     let costs = fake.deletion_costs();
     for (pod, cost) in &costs {
         let cost: i64 = cost.as_deref().unwrap_or("0").parse().unwrap();
+        let calls: Vec<String> = fake
+            .patches()
+            .iter()
+            .map(|c| format!("{:.3} {} {}", c.at.elapsed().as_secs_f64(), c.path, c.body))
+            .collect();
         if *pod == busy {
-            assert!(cost == 0 || cost >= 10, "{costs:?}");
+            assert!(cost == 0 || cost >= 10, "busy {busy}: {costs:?}\n{}", calls.join("\n"));
         } else {
-            assert_eq!(cost, -1000, "{costs:?}");
+            assert_eq!(cost, -1000, "busy {busy}: {costs:?}\n{}", calls.join("\n"));
         }
     }
     assert_ne!(fake.lowest_cost_pod().as_deref(), Some(busy.as_str()));
@@ -192,5 +197,28 @@ async fn a_deleted_pod_has_its_build_retried_at_once() {
     let _second = pods(&master, &fake, &["workers-2"]).await;
     let build = master.wait_build_of_request(brid, MINUTE).await;
     assert_eq!(build["results"], 0, "{build}");
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_victim_whose_worker_connects_late_gets_no_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::new("ci", "workers", 2);
+    // Two pods are up, but their workers have not connected yet when the pool shrinks to zero.
+    fake.put_pod("workers-late-a", true);
+    fake.put_pod("workers-late-b", true);
+    let master = start(dir.path(), &fake, "min: 0, max: 5, scale_down_delay: 0", 0.5, THREE).await;
+    eventually("zero replicas", MINUTE, || async { (fake.replicas() == 0).then_some(()) }).await;
+    // Now one of them connects: it is being removed, so it must not take a build.
+    let _late = master.spawn_pool_worker("workers-late-a", "linux");
+    master.wait_workers(1).await;
+    let brid = force(&master, &["a"]).await[0];
+    // The request makes the pool grow again instead.
+    eventually("a new replica", MINUTE, || async { (fake.replicas() == 1).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+    assert!(builds["builds"].as_array().unwrap().is_empty(), "the drained worker took a build: {builds}");
+    let workers = master.get("/api/v2/workers?name=workers-late-a").await;
+    assert_eq!(workers["workers"][0]["paused"], true, "{workers}");
     master.stop().await;
 }

@@ -268,19 +268,32 @@ impl Pool {
         k8s.note_drained(&victims);
         let costs = scaling::deletion_costs(members, &victims);
         let target = replicas - victims.len() as u32;
-        let outcome = async {
-            k8s.apply_deletion_costs(&costs).await?;
-            k8s.set_replicas(target).await
+        if let Err(error) = k8s.apply_deletion_costs(&costs).await {
+            self.call_off(master, k8s, &victims).await?;
+            return Err(error.into());
         }
-        .await;
-        if let Err(error) = outcome {
-            k8s.forget_drained(&victims);
-            for victim in &victims {
-                master.undrain_worker(victim).await?;
-            }
+        // Look once more just before the call: should any victim hold a build after all, the
+        // ReplicaSet must not be asked to remove a pod; the next decision starts afresh.
+        let running = master.store.running_by_worker().await?;
+        if victims.iter().any(|v| master.builds_on(v) > 0 || running.get(v).is_some_and(|r| r.0 > 0)) {
+            warn!(pool = %self.config.name, "a worker chosen for removal got a build; calling the scale-down off");
+            self.call_off(master, k8s, &victims).await?;
+            return Ok(0);
+        }
+        if let Err(error) = k8s.set_replicas(target).await {
+            self.call_off(master, k8s, &victims).await?;
             return Err(error.into());
         }
         Ok(victims.len() as u32)
+    }
+
+    /// Returns the victims of a scale-down that did not happen to service.
+    async fn call_off(&self, master: &Master, k8s: &KubernetesPool, victims: &[String]) -> Result<(), PoolError> {
+        k8s.forget_drained(victims);
+        for victim in victims {
+            master.undrain_worker(victim).await?;
+        }
+        Ok(())
     }
 }
 

@@ -1215,6 +1215,19 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Pauses a worker by name for a scale-down, creating its row when it has never connected
+    /// (its pod may connect only after the decision; the pause must hold then too).
+    pub async fn pause_for_scale_down(&self, name: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO workers (name, paused, pause_reason) VALUES ($1, 1, 'scale-down') \
+             ON CONFLICT (name) DO UPDATE SET paused = 1, pause_reason = 'scale-down'",
+        )
+        .bind(name)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     /// Marks a worker as stopping gracefully (shown as `graceful` in the API).
     pub async fn set_worker_graceful(&self, name: &str, graceful: bool) -> Result<()> {
         sqlx::query("UPDATE workers SET graceful = $1 WHERE name = $2")
