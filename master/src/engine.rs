@@ -579,6 +579,7 @@ impl LogWriter {
         }
         let text = std::mem::take(&mut self.pending);
         self.next_line = self.store.append_log(self.logid, self.next_line, &text).await?;
+        crate::telemetry::log_bytes(text.len());
         Ok(())
     }
 

@@ -447,16 +447,33 @@ impl Master {
                 entry.1 += 1;
             }
         }
-        let workers = self.workers();
-        let draining = workers.iter().filter(|w| w.is_draining()).count();
-        let busy = workers.iter().filter(|w| !w.is_draining() && w.running_builds() > 0).count();
-        let idle = workers.len() - draining - busy;
+        let mut pools: Vec<String> = self.config.pools.iter().map(|p| p.name.clone()).collect();
+        pools.push(String::new());
+        let mut by_state: Vec<(String, &'static str, usize)> = Vec::new();
+        for pool in pools {
+            for state in ["idle", "busy", "draining"] {
+                by_state.push((pool.clone(), state, 0));
+            }
+        }
+        for worker in self.workers() {
+            let pool = worker.info.pool.clone().filter(|p| self.pool_builders.contains_key(p)).unwrap_or_default();
+            let state = if worker.is_draining() {
+                "draining"
+            } else if worker.running_builds() > 0 {
+                "busy"
+            } else {
+                "idle"
+            };
+            if let Some(entry) = by_state.iter_mut().find(|(p, s, _)| *p == pool && *s == state) {
+                entry.2 += 1;
+            }
+        }
         let oldest_age = oldest.map(|at| Duration::from_millis((crate::store::now_ms() - at).max(0) as u64));
         crate::telemetry::record(&crate::telemetry::Snapshot {
             pending_by_builder: &pending,
             oldest_pending_age: oldest_age,
             running_by_builder: &running,
-            workers_by_state: &[("idle", idle), ("busy", busy), ("draining", draining)],
+            workers_by_state: &by_state,
         });
         Ok(())
     }
@@ -509,6 +526,7 @@ impl Master {
             .await
             .map_err(|_| AttachError::Invalid("the worker went away while registering".into()))?;
         info!(worker = session.name(), workerid, max_builds = session.info.max_builds, "worker connected");
+        crate::telemetry::worker_connected();
         self.wake();
         Ok(session)
     }
@@ -546,6 +564,7 @@ impl Master {
             warn!(worker = session.name(), %error, "could not record the disconnection");
         }
         info!(worker = session.name(), "worker disconnected");
+        crate::telemetry::worker_disconnected();
         self.wake();
     }
 
@@ -1045,6 +1064,7 @@ impl Master {
                 break;
             }
             if let Err(error) = self.dispatch_round().await {
+                crate::telemetry::store_error("dispatch");
                 error!(%error, "dispatch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 self.wake();
@@ -1189,6 +1209,7 @@ impl Master {
     /// Cancels a request: one still waiting completes as CANCELLED; a running one is stopped.
     pub async fn cancel_request(&self, brid: i64) -> Result<(), ControlError> {
         if self.store.cancel_unclaimed(brid).await? {
+            crate::telemetry::request_cancelled();
             info!(brid, "request cancelled before it started");
             return Ok(());
         }
@@ -1326,6 +1347,7 @@ impl Master {
             match self.store.renew_leases(self.masterid, self.lease.as_millis() as i64).await {
                 Ok(_) => last_renewal = Instant::now(),
                 Err(error) => {
+                    crate::telemetry::store_error("renew_leases");
                     warn!(%error, "could not renew leases");
                     if last_renewal.elapsed() > self.lease * 2 / 3 {
                         error!("leases could not be renewed for most of a lease; stopping this master's builds");
@@ -1356,12 +1378,16 @@ impl Master {
             }
             match self.store.reap_expired_claims().await {
                 Ok(reaped) if !reaped.requeued.is_empty() => {
+                    crate::telemetry::leases_expired(reaped.requeued.len());
                     warn!(requests = ?reaped.requeued, builds = ?reaped.retried_builds, "re-queued requests with expired leases");
                     self.store.notify_queue().await;
                     self.wake();
                 }
                 Ok(_) => {}
-                Err(error) => warn!(%error, "could not reap expired claims"),
+                Err(error) => {
+                    crate::telemetry::store_error("reap_leases");
+                    warn!(%error, "could not reap expired claims");
+                }
             }
         }
     }

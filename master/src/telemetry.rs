@@ -28,6 +28,14 @@ pub const METRICS: &[&str] = &[
     "kiln_pool_scale_reaction_seconds",
     "kiln_pool_api_errors_total",
     "kiln_pool_leader",
+    "kiln_pool_running_builds",
+    "kiln_worker_connections_total",
+    "kiln_worker_disconnections_total",
+    "kiln_leases_expired_total",
+    "kiln_buildrequests_cancelled_total",
+    "kiln_buildrequests_collapsed_total",
+    "kiln_store_errors_total",
+    "kiln_log_bytes_total",
 ];
 
 /// The process's recorder (installed once; several masters in one process share it).
@@ -41,6 +49,17 @@ pub fn handle() -> &'static PrometheusHandle {
             .install_recorder()
             .expect("a Prometheus recorder can be installed");
         describe();
+        for name in [
+            "kiln_worker_connections_total",
+            "kiln_worker_disconnections_total",
+            "kiln_leases_expired_total",
+            "kiln_buildrequests_cancelled_total",
+            "kiln_buildrequests_collapsed_total",
+            "kiln_log_bytes_total",
+        ] {
+            counter!(name).increment(0);
+        }
+        counter!("kiln_store_errors_total", "operation" => "dispatch").increment(0);
         handle
     })
 }
@@ -64,7 +83,7 @@ fn describe() {
         Unit::Seconds,
         "From a build request's submission to its claim for a worker, per builder."
     );
-    describe_gauge!("kiln_workers", "Workers connected to this master, per state (idle, busy, draining).");
+    describe_gauge!("kiln_workers", "Workers connected to this master, per state (idle, busy, draining) and pool.");
     describe_gauge!("kiln_pool_desired_workers", "Workers the pool's scaler wants, per pool.");
     describe_gauge!("kiln_pool_workers", "Workers the pool has or is starting (replicas), per pool.");
     describe_gauge!("kiln_pool_pending_requests", "Build requests waiting for the pool's workers, per pool.");
@@ -76,11 +95,54 @@ fn describe() {
     );
     describe_counter!("kiln_pool_api_errors_total", "Failed scaling steps and backend API errors, per pool.");
     describe_gauge!("kiln_pool_leader", "1 when this master runs the pool's scaler, per pool.");
+    describe_gauge!("kiln_pool_running_builds", "Builds running on the pool's workers (all masters), per pool.");
+    describe_counter!("kiln_worker_connections_total", "Worker sessions this master admitted.");
+    describe_counter!("kiln_worker_disconnections_total", "Worker sessions that ended on this master.");
+    describe_counter!(
+        "kiln_leases_expired_total",
+        "Claimed build requests whose lease expired (their master vanished or stalled) and were re-queued."
+    );
+    describe_counter!("kiln_buildrequests_cancelled_total", "Build requests cancelled before they started.");
+    describe_counter!(
+        "kiln_buildrequests_collapsed_total",
+        "Waiting build requests completed as SKIPPED because a newer compatible one arrived."
+    );
+    describe_counter!("kiln_store_errors_total", "Database errors in the master's loops, per operation.");
+    describe_counter!("kiln_log_bytes_total", Unit::Bytes, "Build log text written to the database.");
+}
+
+pub fn worker_connected() {
+    counter!("kiln_worker_connections_total").increment(1);
+}
+
+pub fn worker_disconnected() {
+    counter!("kiln_worker_disconnections_total").increment(1);
+}
+
+pub fn leases_expired(count: usize) {
+    counter!("kiln_leases_expired_total").increment(count as u64);
+}
+
+pub fn request_collapsed() {
+    counter!("kiln_buildrequests_collapsed_total").increment(1);
+}
+
+pub fn request_cancelled() {
+    counter!("kiln_buildrequests_cancelled_total").increment(1);
+}
+
+/// A database error in one of the master's loops; `operation` is a fixed name.
+pub fn store_error(operation: &'static str) {
+    counter!("kiln_store_errors_total", "operation" => operation).increment(1);
+}
+
+pub fn log_bytes(bytes: usize) {
+    counter!("kiln_log_bytes_total").increment(bytes as u64);
 }
 
 /// Registers a pool's series at zero, so dashboards and alerts see the pool before it acts.
 pub fn pool_started(pool: &str) {
-    pool_sizes(pool, 0, 0, 0);
+    pool_sizes(pool, 0, 0, 0, 0);
     pool_leader(pool, false);
     for direction in ["up", "down"] {
         counter!("kiln_pool_scale_operations_total", "pool" => pool.to_owned(), "direction" => direction).increment(0);
@@ -89,7 +151,8 @@ pub fn pool_started(pool: &str) {
     let _ = histogram!("kiln_pool_scale_reaction_seconds", "pool" => pool.to_owned());
 }
 
-pub fn pool_sizes(pool: &str, desired: u32, workers: u32, pending: u32) {
+pub fn pool_sizes(pool: &str, desired: u32, workers: u32, pending: u32, running: u32) {
+    gauge!("kiln_pool_running_builds", "pool" => pool.to_owned()).set(f64::from(running));
     gauge!("kiln_pool_desired_workers", "pool" => pool.to_owned()).set(f64::from(desired));
     gauge!("kiln_pool_workers", "pool" => pool.to_owned()).set(f64::from(workers));
     gauge!("kiln_pool_pending_requests", "pool" => pool.to_owned()).set(f64::from(pending));
@@ -132,7 +195,8 @@ pub struct Snapshot<'a> {
     pub pending_by_builder: &'a [(String, i64)],
     pub oldest_pending_age: Option<Duration>,
     pub running_by_builder: &'a [(String, u32)],
-    pub workers_by_state: &'a [(&'static str, usize)],
+    /// Connected workers by pool ("" for none) and state.
+    pub workers_by_state: &'a [(String, &'static str, usize)],
 }
 
 pub fn record(snapshot: &Snapshot<'_>) {
@@ -144,7 +208,7 @@ pub fn record(snapshot: &Snapshot<'_>) {
     for (builder, running) in snapshot.running_by_builder {
         gauge!("kiln_builds_running", "builder" => builder.clone()).set(f64::from(*running));
     }
-    for (state, count) in snapshot.workers_by_state {
-        gauge!("kiln_workers", "state" => *state).set(*count as f64);
+    for (pool, state, count) in snapshot.workers_by_state {
+        gauge!("kiln_workers", "state" => *state, "pool" => pool.clone()).set(*count as f64);
     }
 }

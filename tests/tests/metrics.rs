@@ -40,7 +40,7 @@ async fn the_queue_and_finished_builds_show_in_the_metrics() {
     let text = eventually("the queue to drain", Duration::from_secs(60), || async {
         let text = scrape(&client, &master.base).await;
         let finished = sample(&text, "kiln_builds_finished_total{builder=\"b\",result=\"success\"}") == Some(3.0);
-        let idle = sample(&text, "kiln_workers{state=\"idle\"}") == Some(1.0);
+        let idle = sample(&text, "kiln_workers{state=\"idle\",pool=\"\"}") == Some(1.0);
         (finished && idle).then_some(text)
     })
     .await;

@@ -211,7 +211,7 @@ impl Pool {
             status.busy = load.busy_workers;
             status.pending = claimable;
         }
-        crate::telemetry::pool_sizes(name, decision.desired, workers, claimable);
+        crate::telemetry::pool_sizes(name, decision.desired, workers, claimable, load.running);
         if decision.desired > workers {
             info!(pool = %name, from = workers, to = decision.desired, claimable, running = load.running, "scaling up");
             let grown = match &self.backend {

@@ -580,6 +580,8 @@ impl Store {
             }
             if Self::complete_unclaimed(conn, old, bsid, Results::Skipped, now).await? {
                 tracing::info!(collapsed = old, into = brid, "collapsed a build request");
+                // Counted before the commit: a rolled-back submission (rare) overcounts by one.
+                crate::telemetry::request_collapsed();
             }
         }
         Ok(())
