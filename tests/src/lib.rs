@@ -20,6 +20,11 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
 /// Path of a workspace binary; panics with the fix if it was not built.
 pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);

@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::free_port;
+
 struct Cluster {
     port: u16,
     bin: PathBuf,
@@ -57,10 +59,6 @@ fn as_postgres(command: &mut Command, ids: Option<(u32, u32)>) -> &mut Command {
         command.uid(uid).gid(gid);
     }
     command
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// Removes clusters left by test processes that no longer exist.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::binary;
+use crate::{binary, free_port};
 
 /// A running `kiln-master` binary.
 pub struct MasterProcess {
@@ -14,10 +14,6 @@ pub struct MasterProcess {
     /// `http://127.0.0.1:<port>`
     pub base: String,
     pub grpc_port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl MasterProcess {
@@ -95,6 +91,17 @@ pub async fn force(client: &reqwest::Client, base: &str) -> i64 {
         .await
         .unwrap();
     reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(|v| v.as_i64()).expect("a request id")
+}
+
+/// Waits up to a minute for build request `brid` of the master at `base` to complete; returns it.
+pub async fn wait_request(client: &reqwest::Client, base: &str, brid: i64) -> serde_json::Value {
+    crate::eventually(&format!("request {brid} to complete"), Duration::from_secs(60), || async {
+        let reply: serde_json::Value =
+            client.get(format!("{base}/api/v2/buildrequests/{brid}")).send().await.ok()?.json().await.ok()?;
+        let request = reply["buildrequests"][0].clone();
+        (request["complete"] == true).then_some(request)
+    })
+    .await
 }
 
 /// How many build requests of the master at `base` are complete (`true`) or not (`false`).

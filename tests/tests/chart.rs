@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
-use kiln_tests::{binary, eventually, pg};
+use kiln_tests::{binary, eventually, free_port, pg};
 use serde_yaml_ng::Value;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -133,10 +133,6 @@ fn the_role_grants_exactly_what_the_autoscaler_calls() {
     assert_eq!(docs.iter().filter(|d| d["kind"] == "ClusterRole").count(), 0, "nothing cluster-wide");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The environment a container gets from its manifest: literal values, the pod's name, and
 /// Secret keys (decoded), with `overrides` for what only a cluster provides.
 fn container_env(container: &Value, secret: &Value, pod: &str, overrides: &[(&str, String)]) -> Vec<(String, String)> {
@@ -237,12 +233,8 @@ async fn the_binaries_run_with_what_the_chart_gives_them() {
     })
     .await;
     let brid = kiln_tests::process::force(&client, &base).await;
-    eventually("the chart's example build to succeed", MINUTE, || async {
-        let reply: serde_json::Value =
-            client.get(format!("{base}/api/v2/buildrequests/{brid}")).send().await.ok()?.json().await.ok()?;
-        (reply["buildrequests"][0]["results"] == 0).then_some(())
-    })
-    .await;
+    let request = kiln_tests::process::wait_request(&client, &base, brid).await;
+    assert_eq!(request["results"], 0, "the chart's example build succeeds");
     // The worker registered under its pod's name and pool.
     let workers: serde_json::Value =
         client.get(format!("{base}/api/v2/workers")).send().await.unwrap().json().await.unwrap();

@@ -5,9 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use kiln_tests::process::{MasterProcess, force};
+use kiln_tests::process::{MasterProcess, force, wait_request};
 use kiln_tests::system::{TOKEN, spawn_worker_env};
-use kiln_tests::{binary, eventually, pg};
+use kiln_tests::{binary, eventually, free_port, pg};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -23,10 +23,6 @@ async fn status(client: &reqwest::Client, url: &str) -> Option<u16> {
 
 async fn text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,12 +45,7 @@ async fn readiness_follows_the_database_without_a_restart() {
     // The same process builds again.
     let _worker = spawn_worker_env(&format!("http://127.0.0.1:{}", master.grpc_port), "w", TOKEN, dir.path(), &[]);
     let brid = force(&client, &master.base).await;
-    eventually("a build after the outage", MINUTE, || async {
-        let reply: serde_json::Value =
-            client.get(format!("{}/api/v2/buildrequests/{brid}", master.base)).send().await.ok()?.json().await.ok()?;
-        (reply["buildrequests"][0]["results"] == 0).then_some(())
-    })
-    .await;
+    assert_eq!(wait_request(&client, &master.base, brid).await["results"], 0, "a build after the outage");
     master.stop().await;
 }
 
@@ -135,12 +126,7 @@ async fn json_logs_name_the_build_and_builder_on_every_build_line() {
     .await;
     let _worker = spawn_worker_env(&format!("http://127.0.0.1:{grpc}"), "w", TOKEN, dir.path(), &[]);
     let brid = force(&client, &base).await;
-    eventually("the build", MINUTE, || async {
-        let reply: serde_json::Value =
-            client.get(format!("{base}/api/v2/buildrequests/{brid}")).send().await.ok()?.json().await.ok()?;
-        (reply["buildrequests"][0]["complete"] == true).then_some(())
-    })
-    .await;
+    wait_request(&client, &base, brid).await;
     // SAFETY: SIGTERM to our own child.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let _ = tokio::time::timeout(MINUTE, child.wait()).await;

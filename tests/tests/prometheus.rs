@@ -5,16 +5,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use kiln_tests::eventually;
 use kiln_tests::process::{MasterProcess, force};
 use kiln_tests::system::{TOKEN, spawn_worker, urlencode};
+use kiln_tests::{eventually, free_port};
 use serde_json::Value;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn dashboard_queries() -> Vec<String> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/kiln/dashboards/kiln.json");

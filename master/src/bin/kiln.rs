@@ -134,12 +134,13 @@ async fn builder_names(client: &Client) -> Result<std::collections::HashMap<i64,
         .collect())
 }
 
-/// Prints the build's log lines from where it left off; returns whether the build has finished.
+/// Prints the build's log lines from where it left off; returns the build's state once it has
+/// finished (read before the logs, so no line written before the end is missed).
 async fn print_logs(
     client: &Client,
     buildid: i64,
     seen: &mut std::collections::HashMap<i64, i64>,
-) -> Result<bool, CliError> {
+) -> Result<Option<String>, CliError> {
     let build = client.get(&format!("/api/v2/builds/{buildid}")).await?;
     let steps = client.get(&format!("/api/v2/builds/{buildid}/steps")).await?;
     for step in steps["steps"].as_array().into_iter().flatten() {
@@ -158,18 +159,18 @@ async fn print_logs(
             }
         }
     }
-    Ok(build["builds"][0]["complete"] == true)
+    let build = &build["builds"][0];
+    Ok((build["complete"] == true).then(|| text(&build["state_string"])))
 }
 
 async fn follow(client: &Client, buildid: i64, wait: bool) -> Result<(), CliError> {
     let mut seen = std::collections::HashMap::new();
     loop {
-        let done = print_logs(client, buildid, &mut seen).await?;
-        if done || !wait {
-            let build = client.get(&format!("/api/v2/builds/{buildid}")).await?;
-            if done {
-                println!("build {buildid}: {}", text(&build["builds"][0]["state_string"]));
-            }
+        let finished = print_logs(client, buildid, &mut seen).await?;
+        if let Some(state) = &finished {
+            println!("build {buildid}: {state}");
+        }
+        if finished.is_some() || !wait {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

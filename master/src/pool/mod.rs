@@ -251,14 +251,10 @@ impl Pool {
         victims: Vec<String>,
         replicas: u32,
     ) -> Result<u32, PoolError> {
-        let mut drained = Vec::new();
         for victim in &victims {
             master.drain_worker(victim).await?;
-            drained.push(victim.clone());
         }
-        let running = master.store.running_by_worker().await?;
-        let (victims, busy): (Vec<String>, Vec<String>) =
-            drained.iter().cloned().partition(|v| master.builds_on(v) == 0 && running.get(v).is_none_or(|r| r.0 == 0));
+        let (victims, busy) = still_idle(master, victims).await?;
         for worker in &busy {
             master.undrain_worker(worker).await?;
         }
@@ -274,8 +270,7 @@ impl Pool {
         }
         // Look once more just before the call: should any victim hold a build after all, the
         // ReplicaSet must not be asked to remove a pod; the next decision starts afresh.
-        let running = master.store.running_by_worker().await?;
-        if victims.iter().any(|v| master.builds_on(v) > 0 || running.get(v).is_some_and(|r| r.0 > 0)) {
+        if !still_idle(master, victims.clone()).await?.1.is_empty() {
             warn!(pool = %self.config.name, "a worker chosen for removal got a build; calling the scale-down off");
             self.call_off(master, k8s, &victims).await?;
             return Ok(0);
@@ -295,6 +290,13 @@ impl Pool {
         }
         Ok(())
     }
+}
+
+/// Splits workers into those still idle and those holding a build, here (including a slot
+/// reserved for a claim) or on any master.
+async fn still_idle(master: &Master, workers: Vec<String>) -> Result<(Vec<String>, Vec<String>), PoolError> {
+    let running = master.store.running_by_worker().await?;
+    Ok(workers.into_iter().partition(|w| master.builds_on(w) == 0 && running.get(w).is_none_or(|r| r.0 == 0)))
 }
 
 /// Workers of a static pool connected to this master.

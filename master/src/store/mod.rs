@@ -1354,12 +1354,7 @@ impl Store {
 
     /// Counts requests waiting to be claimed.
     pub async fn pending_count(&self) -> Result<i64> {
-        self.pending_count_for(None).await
-    }
-
-    /// Counts requests waiting to be claimed for some builders (`None`: all).
-    pub async fn pending_count_for(&self, builderids: Option<&[i64]>) -> Result<i64> {
-        Ok(self.queue_counts(builderids).await?.0)
+        Ok(self.queue_counts(None).await?.0)
     }
 
     /// Requests of some builders (`None`: all) waiting to be claimed, and claimed (being built).
