@@ -1099,7 +1099,7 @@ impl Config {
                 },
                 SchedulerConfig::Nightly(t) => {
                     let cron = t.cron().map_err(|reason| (format!("schedulers[{i}]"), reason))?;
-                    if cron.next_after(0).is_none() && cron.next_after(crate::store::now_ms()).is_none() {
+                    if cron.next_after(0).is_none() && cron.next_after(crate::clock::system_now_ms()).is_none() {
                         return Err((format!("schedulers[{i}]"), "this schedule never fires".into()));
                     }
                 }

@@ -2,6 +2,7 @@
 //! workers and runs their steps, and serves Buildbot's REST data API.
 
 pub mod changes;
+pub mod clock;
 pub mod collapse;
 pub mod config;
 pub mod engine;

@@ -153,6 +153,14 @@ enum When {
 }
 
 impl When {
+    /// The first time of a scheduler that has never fired: at once for Periodic, as in Buildbot.
+    fn first_after(&self, now: i64) -> Option<i64> {
+        match self {
+            When::Every(_) => Some(now),
+            When::Cron(cron) => cron.next_after(now),
+        }
+    }
+
     fn next_after(&self, now: i64) -> Option<i64> {
         match self {
             When::Every(ms) => Some(now + ms),
@@ -468,7 +476,7 @@ impl Master {
                 entry.2 += 1;
             }
         }
-        let oldest_age = oldest.map(|at| Duration::from_millis((crate::store::now_ms() - at).max(0) as u64));
+        let oldest_age = oldest.map(|at| Duration::from_millis((self.store.now_ms() - at).max(0) as u64));
         crate::telemetry::record(&crate::telemetry::Snapshot {
             pending_by_builder: &pending,
             oldest_pending_age: oldest_age,
@@ -605,7 +613,7 @@ impl Master {
                 }
                 None => {}
                 Some(stable_ms) => {
-                    let now = crate::store::now_ms();
+                    let now = self.store.now_ms();
                     let key = scheduler.compiled.timer_key(change);
                     let important = classification == Classification::Important;
                     self.store
@@ -829,9 +837,14 @@ impl Master {
         let mut shutdown = self.shutting_down.subscribe();
         let sweep = Duration::from_secs(30);
         loop {
-            let now = crate::store::now_ms();
-            let Some(first) = entry.when.next_after(now) else { return };
-            let due = match self.store.scheduler_next_fire(name, &entry.spec(), first).await {
+            // Sleeps end at an instant read with `now`, so they end when the clock reads `due`
+            // however long the database takes to answer.
+            let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
+            // A new Periodic scheduler fires at once; a changed period counts from now.
+            let (Some(first), Some(changed)) = (entry.when.first_after(now), entry.when.next_after(now)) else {
+                return;
+            };
+            let due = match self.store.scheduler_next_fire(name, &entry.spec(), first, changed).await {
                 Ok(due) => due,
                 Err(error) => {
                     warn!(scheduler = %name, %error, "cannot read the scheduler's next time");
@@ -844,7 +857,7 @@ impl Master {
             if due > now {
                 let wait = Duration::from_millis((due - now) as u64).min(sweep);
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
+                    _ = tokio::time::sleep_until(read_at + wait) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
@@ -908,7 +921,8 @@ impl Master {
         let mut shutdown = self.shutting_down.subscribe();
         let sweep = Duration::from_secs(5);
         loop {
-            let now = crate::store::now_ms();
+            // As for timed schedulers: the sleep ends at an instant read with `now`.
+            let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
             let wait = match self.store.next_timer_at().await {
                 Ok(Some(at)) => Duration::from_millis((at - now).clamp(0, sweep.as_millis() as i64) as u64),
                 Ok(None) => sweep,
@@ -918,14 +932,14 @@ impl Master {
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(read_at + wait) => {}
                 _ = self.timers_changed.notified() => continue,
                 _ = shutdown.changed() => return,
             }
             let disabled = self.store.disabled_schedulers().await.unwrap_or_default();
             let fired = self
                 .store
-                .fire_due_timers(crate::store::now_ms(), |name, changes| {
+                .fire_due_timers(self.store.now_ms(), |name, changes| {
                     if disabled.contains(name) {
                         return None;
                     }
@@ -1155,7 +1169,7 @@ impl Master {
                 master.running.lock().expect("running poisoned").remove(&request.brid);
                 return;
             };
-            let waited = crate::store::now_ms() - request.submitted_at_ms;
+            let waited = master.store.now_ms() - request.submitted_at_ms;
             crate::telemetry::request_claimed(&builder.config.name, Duration::from_millis(waited.max(0) as u64));
             let started = Instant::now();
             let ctx = BuildContext {

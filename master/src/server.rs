@@ -64,11 +64,13 @@ pub struct Options {
     /// The Kubernetes client for `kubernetes` pools; by default one from the environment
     /// (in-cluster service account, or the kubeconfig).
     pub kube_client: Option<kube::Client>,
+    /// The wall clock; the system's unless a test drives time.
+    pub clock: crate::clock::Clock,
 }
 
 impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options").field("kube_client", &self.kube_client.is_some()).finish()
+        f.debug_struct("Options").field("kube_client", &self.kube_client.is_some()).field("clock", &self.clock).finish()
     }
 }
 
@@ -109,7 +111,7 @@ pub async fn run_with(
     // rather than crash-looping; a broken schema or URL is not retried.
     let mut delay = Duration::from_millis(500);
     let store = loop {
-        match Store::connect(&config.database).await {
+        match Store::connect_with_clock(&config.database, options.clock).await {
             Ok(store) => break store,
             Err(StoreError::Connect { url, source }) if !config.database.starts_with("sqlite:") => {
                 warn!(%url, error = %source, retry_in = ?delay, "cannot reach the database yet");

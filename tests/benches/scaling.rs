@@ -202,7 +202,12 @@ async fn kubernetes_reaction(args: &Args) {
     );
     let text = config_text(&database, dir.path(), &pools);
     let config = Config::parse("bench.yaml", &text).unwrap();
-    let master = TestMaster::start_with_options(config, dir.path(), Options { kube_client: Some(fake.client()) }).await;
+    let master = TestMaster::start_with_options(
+        config,
+        dir.path(),
+        Options { kube_client: Some(fake.client()), ..Options::default() },
+    )
+    .await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", master.http);
     let scale_patches = || fake.patches().into_iter().filter(|c| c.path.ends_with("/scale")).collect::<Vec<_>>();

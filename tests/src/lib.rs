@@ -44,6 +44,51 @@ where
             return value;
         }
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        real_sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sleeps for `duration` of real time, also when tokio's clock is paused (on a blocking thread,
+/// which keeps a paused clock from jumping ahead meanwhile).
+pub async fn real_sleep(duration: Duration) {
+    tokio::task::spawn_blocking(move || std::thread::sleep(duration)).await.expect("sleeping thread");
+}
+
+/// Runs `body` on a current-thread runtime whose clock starts paused and moves only when the test
+/// calls `tokio::time::advance`: it never jumps ahead by itself, not even while the runtime waits
+/// for a database. Whatever the master computes from its clock then happens at exactly the
+/// virtual time the test chose. Waiting for the master to act takes real time: use
+/// [`eventually`] or [`real_sleep`], never `tokio::time::sleep`. Panics if `body` has not
+/// finished after `limit` of real time (a task waiting on a timer the test never advances).
+pub fn with_paused_clock<F, Fut>(limit: Duration, body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a paused runtime");
+        runtime.block_on(async {
+            // A paused clock jumps to the next timer whenever the runtime idles, except while a
+            // blocking task runs: this one runs until the body is done.
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let hold = tokio::task::spawn_blocking(move || {
+                let _ = held.recv();
+            });
+            body().await;
+            drop(release);
+            hold.await.expect("clock holder");
+        });
+    });
+    let deadline = Instant::now() + limit;
+    while !thread.is_finished() {
+        assert!(Instant::now() < deadline, "the paused-clock test did not finish within {limit:?} of real time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
     }
 }

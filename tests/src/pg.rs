@@ -200,7 +200,7 @@ pub async fn fresh_database() -> String {
             }
             Err(error) => {
                 assert!(Instant::now() < deadline, "cannot reach the test cluster: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::real_sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -21,7 +21,8 @@ async fn start(dir: &std::path::Path, fake: &FakeKube, pool: &str, heartbeat: f6
         data = dir.display(),
     );
     let config = Config::parse("kubernetes.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    TestMaster::start_with_options(config, dir, Options { kube_client: Some(fake.client()) }).await
+    TestMaster::start_with_options(config, dir, Options { kube_client: Some(fake.client()), ..Options::default() })
+        .await
 }
 
 fn scale_patches(fake: &FakeKube) -> Vec<serde_json::Value> {

@@ -4,8 +4,9 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use crate::clock::system_now_ms;
 use crate::properties::Properties;
-use crate::store::{NewChange, now_ms};
+use crate::store::NewChange;
 
 /// Maps Buildbot's base-hook fields to a change.
 pub fn change(fields: &HashMap<String, String>) -> Result<NewChange, String> {
@@ -27,7 +28,7 @@ pub fn change(fields: &HashMap<String, String>) -> Result<NewChange, String> {
         }
     }
     let when_ms = match get("when_timestamp").or_else(|| get("when")) {
-        None => now_ms(),
+        None => system_now_ms(),
         Some(text) => {
             let seconds: f64 =
                 text.parse().map_err(|_| format!("when_timestamp: expected epoch seconds, got {text:?}"))?;

@@ -127,7 +127,7 @@ impl GithubHook {
                     when_ms: text(commit, &["timestamp"])
                         .map(iso_time_ms)
                         .transpose()?
-                        .unwrap_or_else(crate::store::now_ms),
+                        .unwrap_or_else(crate::clock::system_now_ms),
                     category: category.clone(),
                     repository: repository.clone(),
                     codebase: self.codebase.clone(),
@@ -170,7 +170,10 @@ impl GithubHook {
             branch: Some(format!("refs/pull/{number}/{}", self.pullrequest_ref)),
             revision: Some(required(pr, &["head", "sha"])?.to_owned()),
             revlink: text(pr, &["html_url"]).map(str::to_owned),
-            when_ms: text(pr, &["updated_at"]).map(iso_time_ms).transpose()?.unwrap_or_else(crate::store::now_ms),
+            when_ms: text(pr, &["updated_at"])
+                .map(iso_time_ms)
+                .transpose()?
+                .unwrap_or_else(crate::clock::system_now_ms),
             category: Some("pull".into()),
             repository: required(payload, &["repository", "html_url"])?.to_owned(),
             codebase: self.codebase.clone(),

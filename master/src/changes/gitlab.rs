@@ -74,7 +74,7 @@ fn push(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, 
                 .and_then(|c| text(c, &["timestamp"]))
                 .map(iso_time_ms)
                 .transpose()?
-                .unwrap_or_else(crate::store::now_ms),
+                .unwrap_or_else(crate::clock::system_now_ms),
             category: Some(category.to_owned()),
             repository: repository.clone(),
             codebase: codebase.to_owned(),
@@ -142,7 +142,7 @@ fn merge_request(payload: &Value, codebase: &str) -> Result<Vec<NewChange>, Hook
             text(commit, &["id"]).ok_or_else(|| HookError::BadPayload("missing last_commit.id".into()))?.to_owned(),
         ),
         revlink: text(attrs, &["url"]).map(str::to_owned),
-        when_ms: text(commit, &["timestamp"]).map(iso_time_ms).transpose()?.unwrap_or_else(crate::store::now_ms),
+        when_ms: text(commit, &["timestamp"]).map(iso_time_ms).transpose()?.unwrap_or_else(crate::clock::system_now_ms),
         category: Some("merge_request".into()),
         repository: text(attrs, &["target", "git_http_url"]).unwrap_or_default().to_owned(),
         codebase: codebase.to_owned(),

@@ -150,7 +150,7 @@ impl KubernetesPool {
     /// Pods that count as the pool's workers, as a scale-down sees them: not being deleted, and
     /// not already chosen by an earlier scale-down (the ReplicaSet may not have marked it yet).
     pub fn members(&self, master: &Master, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
-        let now = crate::store::now_ms();
+        let now = master.store.now_ms();
         let state = self.state();
         state
             .pods

@@ -3,7 +3,8 @@
 
 use sqlx::{AnyPool, Row};
 
-use super::{Backend, Result, StoreError, now_ms};
+use super::{Backend, Result, StoreError};
+use crate::clock::Clock;
 
 struct Migration {
     version: i64,
@@ -71,19 +72,19 @@ pub fn latest_version() -> i64 {
     MIGRATIONS.last().map_or(0, |m| m.version)
 }
 
-pub async fn run(pool: &AnyPool, backend: Backend) -> Result<()> {
+pub async fn run(pool: &AnyPool, backend: Backend, clock: Clock) -> Result<()> {
     let mut conn = pool.acquire().await?;
     if backend == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_lock($1)").bind(ADVISORY_LOCK).execute(&mut *conn).await?;
     }
-    let outcome = apply(&mut conn, backend).await;
+    let outcome = apply(&mut conn, backend, clock).await;
     if backend == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_unlock($1)").bind(ADVISORY_LOCK).execute(&mut *conn).await?;
     }
     outcome
 }
 
-async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<()> {
+async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend, clock: Clock) -> Result<()> {
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS kiln_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
@@ -110,7 +111,7 @@ async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<()> {
         sqlx::query("INSERT INTO kiln_migrations (version, description, applied_at) VALUES ($1, $2, $3)")
             .bind(migration.version)
             .bind(migration.description)
-            .bind(now_ms())
+            .bind(clock.now_ms())
             .execute(&mut *tx)
             .await
             .map_err(wrap)?;

@@ -11,12 +11,13 @@ mod migrations;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
+use crate::clock::Clock;
 use crate::collapse::CollapseView;
 use crate::properties::Properties;
 use crate::results::Results;
@@ -48,11 +49,6 @@ pub enum Backend {
     Postgres,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 /// The handle to the database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -61,6 +57,7 @@ pub struct Store {
     /// Reads go through here; on PostgreSQL it is the same pool as `write`.
     read: AnyPool,
     backend: Backend,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Store {
@@ -208,6 +205,11 @@ fn get_i64(row: &AnyRow, column: &str) -> Result<i64> {
 impl Store {
     /// Opens the database at `url`, creating a SQLite file if needed, and applies migrations.
     pub async fn connect(url: &str) -> Result<Store> {
+        Self::connect_with_clock(url, Clock::system()).await
+    }
+
+    /// [`Store::connect`] with the clock that stamps rows and decides leases.
+    pub async fn connect_with_clock(url: &str, clock: Clock) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let connect_error = |source| StoreError::Connect { url: redact(url), source };
         if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
@@ -226,38 +228,46 @@ impl Store {
             } else {
                 format!("{url}?mode=rwc")
             };
-            let write = AnyPoolOptions::new()
+            let write = pool_options(clock, SQLITE_ACQUIRE)
                 .max_connections(1)
                 .after_connect(sqlite_pragmas)
                 .connect(&url)
                 .await
                 .map_err(connect_error)?;
-            migrations::run(&write, Backend::Sqlite).await?;
+            migrations::run(&write, Backend::Sqlite, clock).await?;
             let read = if in_memory {
                 write.clone()
             } else {
-                AnyPoolOptions::new()
+                pool_options(clock, SQLITE_ACQUIRE)
                     .max_connections(4)
                     .after_connect(sqlite_pragmas)
                     .connect(&url)
                     .await
                     .map_err(connect_error)?
             };
-            Ok(Store { write, read, backend: Backend::Sqlite })
+            Ok(Store { write, read, backend: Backend::Sqlite, clock })
         } else {
-            let pool = AnyPoolOptions::new()
+            let pool = pool_options(clock, Duration::from_secs(10))
                 .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
                 .await
                 .map_err(connect_error)?;
-            migrations::run(&pool, Backend::Postgres).await?;
-            Ok(Store { write: pool.clone(), read: pool, backend: Backend::Postgres })
+            migrations::run(&pool, Backend::Postgres, clock).await?;
+            Ok(Store { write: pool.clone(), read: pool, backend: Backend::Postgres, clock })
         }
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Now, in milliseconds since the Unix epoch, by the master's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// The clause that lets concurrent masters take different rows: `FOR UPDATE SKIP LOCKED` on
@@ -290,7 +300,7 @@ impl Store {
 
     /// Registers (or re-activates) a master by name and returns its id.
     pub async fn register_master(&self, name: &str) -> Result<i64> {
-        let now = now_ms();
+        let now = self.now_ms();
         let row = sqlx::query(
             "INSERT INTO masters (name, active, last_active) VALUES ($1, 1, $2) \
              ON CONFLICT (name) DO UPDATE SET active = 1, last_active = $2 RETURNING id",
@@ -305,7 +315,7 @@ impl Store {
     /// Records that a master is alive.
     pub async fn master_heartbeat(&self, masterid: i64) -> Result<()> {
         sqlx::query("UPDATE masters SET active = 1, last_active = $1 WHERE id = $2")
-            .bind(now_ms())
+            .bind(self.now_ms())
             .bind(masterid)
             .execute(&self.write)
             .await?;
@@ -374,7 +384,7 @@ impl Store {
         .bind(name)
         .bind(info.to_string())
         .bind(masterid)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .fetch_one(&self.write)
         .await?;
         get_i64(&row, "id")
@@ -421,13 +431,12 @@ impl Store {
     /// Stores several changes in one transaction: all of them or none.
     pub async fn add_changes(&self, changes: &[NewChange]) -> Result<Vec<Change>> {
         let mut tx = self.write.begin().await?;
-        let stored = Self::add_changes_in(&mut tx, changes).await?;
+        let stored = Self::add_changes_in(&mut tx, changes, self.now_ms()).await?;
         tx.commit().await?;
         Ok(stored)
     }
 
-    async fn add_changes_in(tx: &mut AnyConnection, changes: &[NewChange]) -> Result<Vec<Change>> {
-        let now = now_ms();
+    async fn add_changes_in(tx: &mut AnyConnection, changes: &[NewChange], now: i64) -> Result<Vec<Change>> {
         let mut stored = Vec::with_capacity(changes.len());
         for change in changes {
             let ssid = Self::find_or_create_sourcestamp(tx, &change.sourcestamp(), now).await?;
@@ -463,7 +472,7 @@ impl Store {
     /// Returns the buildset id and `(builderid, brid)` pairs.
     pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>)> {
         let mut tx = self.write.begin().await?;
-        let submitted = Self::add_buildset_in(&mut tx, buildset, now_ms()).await?;
+        let submitted = Self::add_buildset_in(&mut tx, buildset, self.now_ms()).await?;
         tx.commit().await?;
         Ok(submitted)
     }
@@ -647,17 +656,19 @@ impl Store {
         Ok(())
     }
 
-    /// When a timed scheduler fires next. `spec` describes its schedule: a stored time of another
-    /// schedule (the configuration changed) is replaced by `first`.
-    pub async fn scheduler_next_fire(&self, scheduler: &str, spec: &str, first: i64) -> Result<i64> {
+    /// When a timed scheduler fires next. `spec` describes its schedule: a scheduler never seen
+    /// before fires at `first`; a stored time of another schedule (the configuration changed) is
+    /// replaced by `changed`.
+    pub async fn scheduler_next_fire(&self, scheduler: &str, spec: &str, first: i64, changed: i64) -> Result<i64> {
         let row = sqlx::query(
             "INSERT INTO scheduler_fires (scheduler, spec, next_fire_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (scheduler) DO UPDATE SET spec = $2, next_fire_at = $3 WHERE scheduler_fires.spec <> $2 \
+             ON CONFLICT (scheduler) DO UPDATE SET spec = $2, next_fire_at = $4 WHERE scheduler_fires.spec <> $2 \
              RETURNING next_fire_at",
         )
         .bind(scheduler)
         .bind(spec)
         .bind(first)
+        .bind(changed)
         .fetch_optional(&self.write)
         .await?;
         match row {
@@ -682,7 +693,7 @@ impl Store {
         next: i64,
         make: impl FnOnce(&[(Change, bool)]) -> Option<NewBuildset>,
     ) -> Result<Option<Option<(i64, Vec<(i64, i64)>)>>> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.write.begin().await?;
         let moved =
             sqlx::query("UPDATE scheduler_fires SET next_fire_at = $1 WHERE scheduler = $2 AND next_fire_at = $3")
@@ -834,7 +845,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let stored = Self::add_changes_in(&mut tx, changes).await?;
+        let stored = Self::add_changes_in(&mut tx, changes, self.now_ms()).await?;
         tx.commit().await?;
         Ok(Some(stored))
     }
@@ -842,7 +853,7 @@ impl Store {
     /// Claims (or keeps) the right to poll `poller` on schedule for `lease_ms`. Returns whether
     /// this master holds it: only one master polls a repository while its lease runs.
     pub async fn claim_poller(&self, poller: &str, masterid: i64, lease_ms: i64) -> Result<bool> {
-        let now = now_ms();
+        let now = self.now_ms();
         let row = sqlx::query(
             "INSERT INTO poller_claims (poller, masterid, lease_expires_at) VALUES ($1, $2, $3) \
              ON CONFLICT (poller) DO UPDATE SET masterid = $2, lease_expires_at = $3 \
@@ -868,7 +879,7 @@ impl Store {
         react: impl Fn(&CompletedBuildset) -> Vec<NewBuildset>,
     ) -> Result<(usize, Vec<(i64, Vec<(i64, i64)>)>)> {
         let lock = self.skip_locked();
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.write.begin().await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT bsid, results FROM completed_buildsets ORDER BY bsid LIMIT {} {lock}",
@@ -958,7 +969,7 @@ impl Store {
         if builderids.is_some_and(<[i64]>::is_empty) {
             return Ok(None);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let token: i64 = rand::random::<i64>() & i64::MAX;
         let builder_filter = builder_filter(builderids);
         let lock = self.skip_locked();
@@ -991,7 +1002,7 @@ impl Store {
 
     /// Extends the leases of every request this master holds, and its own heartbeat.
     pub async fn renew_leases(&self, masterid: i64, lease_ms: i64) -> Result<u64> {
-        let now = now_ms();
+        let now = self.now_ms();
         self.master_heartbeat(masterid).await?;
         let done = sqlx::query(
             "UPDATE buildrequests SET lease_expires_at = $1 WHERE claimed_by_masterid = $2 AND complete = 0",
@@ -1018,7 +1029,7 @@ impl Store {
     /// are complete. Returns false (and changes nothing) when the claim is no longer held.
     pub async fn complete_request(&self, brid: i64, claim_token: i64, results: Results) -> Result<bool> {
         debug_assert_ne!(results, Results::Retry, "RETRY re-queues; use release_request");
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.write.begin().await?;
         let done = sqlx::query(
             "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, lease_expires_at = NULL \
@@ -1078,7 +1089,7 @@ impl Store {
     /// Puts a claimed request back in the queue, finishing any build of it still open as RETRY
     /// (a build cut short by a database failure). Returns false when the claim was no longer held.
     pub async fn release_request(&self, brid: i64, claim_token: i64) -> Result<bool> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.write.begin().await?;
         let done = sqlx::query(
             "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
@@ -1114,7 +1125,7 @@ impl Store {
             return Ok(false);
         };
         let bsid = get_i64(&row, "buildsetid")?;
-        let done = Self::complete_unclaimed(&mut tx, brid, bsid, Results::Cancelled, now_ms()).await?;
+        let done = Self::complete_unclaimed(&mut tx, brid, bsid, Results::Cancelled, self.now_ms()).await?;
         tx.commit().await?;
         Ok(done)
     }
@@ -1263,7 +1274,7 @@ impl Store {
     /// Takes back every claim whose lease has expired (its master vanished or stalled): the
     /// builds running under it finish as RETRY and the requests return to the queue.
     pub async fn reap_expired_claims(&self) -> Result<Reaped> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.write.begin().await?;
         let lock = self.skip_locked();
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -1399,7 +1410,7 @@ impl Store {
         masterid: i64,
         properties: &Properties,
     ) -> Result<NewBuild> {
-        let now = now_ms();
+        let now = self.now_ms();
         // Two masters may race for the same number; the unique (builderid, number) index decides
         // and the loser takes the next one.
         for _ in 0..20 {
@@ -1451,7 +1462,7 @@ impl Store {
         properties: &Properties,
         claim: &ClaimedRequest,
     ) -> Result<bool> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.write.begin().await?;
         let mut results = results;
         let mut settled = false;
@@ -1515,7 +1526,7 @@ impl Store {
         .bind(number)
         .bind(name)
         .bind(buildid)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .bind(Results::Skipped.code())
         .fetch_one(&self.write)
         .await?;
@@ -1531,7 +1542,7 @@ impl Store {
         .bind(number)
         .bind(name)
         .bind(buildid)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .bind(state)
         .fetch_one(&mut *tx)
         .await?;
@@ -1566,7 +1577,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query("UPDATE steps SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4")
-            .bind(now_ms())
+            .bind(self.now_ms())
             .bind(results.code())
             .bind(state)
             .bind(stepid)
@@ -1711,6 +1722,17 @@ impl QueueListener {
             _ => Notification::Queue,
         })
     }
+}
+
+/// Pool settings: waiting for a connection gives up after `limit` — unless the clock follows
+/// tokio's: a test moves that clock in jumps, and a jump past the limit would fail whatever
+/// waits at that moment for no reason.
+/// SQLite's writers queue for its one connection; under a burst they may wait a while.
+const SQLITE_ACQUIRE: Duration = Duration::from_secs(30);
+
+fn pool_options(clock: Clock, limit: Duration) -> AnyPoolOptions {
+    let limit = if clock.follows_tokio() { Duration::from_secs(100 * 365 * 86_400) } else { limit };
+    AnyPoolOptions::new().acquire_timeout(limit)
 }
 
 /// Settings of every SQLite connection: WAL so readers never block the writer, and a busy timeout
