@@ -124,7 +124,7 @@ impl GitPoller {
             branch: Some(branch.to_owned()),
             revision: Some(oid.to_string()),
             revlink: None,
-            when_ms: commit.time().seconds() * 1000,
+            when_ms: Some(commit.time().seconds() * 1000),
             category: self.config.category.clone(),
             repository: self.config.repourl.clone(),
             codebase: self.config.codebase.clone(),

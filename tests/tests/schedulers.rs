@@ -106,6 +106,12 @@ fn a_tree_stable_timer_waits_for_quiet_and_builds_the_newest_change() {
         advance(1).await;
         let sets = wait_for(&master, "stable", 1).await;
         assert_eq!((submitted(&sets[0]), revision(&sets[0])), (10 * SECOND, "r3"));
+        let changes = master.get("/api/v2/changes?order=changeid").await;
+        assert_eq!(
+            changes["changes"][0]["when_timestamp"],
+            START_MS / SECOND,
+            "a change without a time arrived at 0 s"
+        );
 
         // An important change restarts the timer.
         push(&master, "main", "r4", r#"["src/c.rs"]"#).await;

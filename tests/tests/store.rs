@@ -76,7 +76,7 @@ async fn changes_are_stored_with_a_deduplicated_sourcestamp(store: Store) {
         comments: "fix".into(),
         branch: Some("main".into()),
         revision: Some("abc".into()),
-        when_ms: 1_700_000_000_000,
+        when_ms: Some(1_700_000_000_000),
         repository: "https://example.org/r.git".into(),
         files: vec!["a.c".into()],
         ..Default::default()

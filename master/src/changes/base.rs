@@ -4,7 +4,6 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::clock::system_now_ms;
 use crate::properties::Properties;
 use crate::store::NewChange;
 
@@ -28,14 +27,14 @@ pub fn change(fields: &HashMap<String, String>) -> Result<NewChange, String> {
         }
     }
     let when_ms = match get("when_timestamp").or_else(|| get("when")) {
-        None => system_now_ms(),
+        None => None,
         Some(text) => {
             let seconds: f64 =
                 text.parse().map_err(|_| format!("when_timestamp: expected epoch seconds, got {text:?}"))?;
             if !seconds.is_finite() || seconds < 0.0 {
                 return Err(format!("when_timestamp: expected epoch seconds, got {text:?}"));
             }
-            (seconds * 1000.0) as i64
+            Some((seconds * 1000.0) as i64)
         }
     };
     Ok(NewChange {
@@ -77,7 +76,7 @@ mod tests {
         assert_eq!(change.author, "Ada <ada@example.org>");
         assert_eq!(change.files, vec!["a.c", "b.c"]);
         assert_eq!(change.properties.get("x"), Some(&Value::from(1)));
-        assert_eq!(change.when_ms, 1_700_000_000_000);
+        assert_eq!(change.when_ms, Some(1_700_000_000_000));
     }
 
     #[test]

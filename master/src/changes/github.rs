@@ -124,10 +124,7 @@ impl GithubHook {
                     branch: Some(branch.to_owned()),
                     revision: Some(required(commit, &["id"])?.to_owned()),
                     revlink: text(commit, &["url"]).map(str::to_owned),
-                    when_ms: text(commit, &["timestamp"])
-                        .map(iso_time_ms)
-                        .transpose()?
-                        .unwrap_or_else(crate::clock::system_now_ms),
+                    when_ms: text(commit, &["timestamp"]).map(iso_time_ms).transpose()?,
                     category: category.clone(),
                     repository: repository.clone(),
                     codebase: self.codebase.clone(),
@@ -170,10 +167,7 @@ impl GithubHook {
             branch: Some(format!("refs/pull/{number}/{}", self.pullrequest_ref)),
             revision: Some(required(pr, &["head", "sha"])?.to_owned()),
             revlink: text(pr, &["html_url"]).map(str::to_owned),
-            when_ms: text(pr, &["updated_at"])
-                .map(iso_time_ms)
-                .transpose()?
-                .unwrap_or_else(crate::clock::system_now_ms),
+            when_ms: text(pr, &["updated_at"]).map(iso_time_ms).transpose()?,
             category: Some("pull".into()),
             repository: required(payload, &["repository", "html_url"])?.to_owned(),
             codebase: self.codebase.clone(),
@@ -225,8 +219,8 @@ mod tests {
         assert_eq!(changes[0].branch.as_deref(), Some("main"));
         assert_eq!(changes[0].repository, "https://github.com/o/r");
         assert_eq!(changes[0].project, "o/r");
-        assert_eq!(changes[0].when_ms, 1_767_323_045_000);
-        assert_eq!(changes[1].when_ms, 1_767_323_045_000, "offsets are honoured");
+        assert_eq!(changes[0].when_ms, Some(1_767_323_045_000));
+        assert_eq!(changes[1].when_ms, Some(1_767_323_045_000), "offsets are honoured");
         assert_eq!(changes[1].files, vec!["z.c"]);
     }
 

@@ -70,11 +70,7 @@ fn push(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, 
             branch: Some(branch.to_owned()),
             revision: Some(revision.to_owned()),
             revlink: commit.and_then(|c| text(c, &["url"])).map(str::to_owned),
-            when_ms: commit
-                .and_then(|c| text(c, &["timestamp"]))
-                .map(iso_time_ms)
-                .transpose()?
-                .unwrap_or_else(crate::clock::system_now_ms),
+            when_ms: commit.and_then(|c| text(c, &["timestamp"])).map(iso_time_ms).transpose()?,
             category: Some(category.to_owned()),
             repository: repository.clone(),
             codebase: codebase.to_owned(),
@@ -142,7 +138,7 @@ fn merge_request(payload: &Value, codebase: &str) -> Result<Vec<NewChange>, Hook
             text(commit, &["id"]).ok_or_else(|| HookError::BadPayload("missing last_commit.id".into()))?.to_owned(),
         ),
         revlink: text(attrs, &["url"]).map(str::to_owned),
-        when_ms: text(commit, &["timestamp"]).map(iso_time_ms).transpose()?.unwrap_or_else(crate::clock::system_now_ms),
+        when_ms: text(commit, &["timestamp"]).map(iso_time_ms).transpose()?,
         category: Some("merge_request".into()),
         repository: text(attrs, &["target", "git_http_url"]).unwrap_or_default().to_owned(),
         codebase: codebase.to_owned(),

@@ -75,8 +75,9 @@ pub struct NewChange {
     pub branch: Option<String>,
     pub revision: Option<String>,
     pub revlink: Option<String>,
-    /// Milliseconds; the time of the change itself, not of its arrival.
-    pub when_ms: i64,
+    /// Milliseconds; the time of the change itself, not of its arrival. `None` when the source
+    /// does not say: the store then records when it arrived.
+    pub when_ms: Option<i64>,
     pub category: Option<String>,
     pub repository: String,
     pub codebase: String,
@@ -452,7 +453,7 @@ impl Store {
             .bind(change.branch.clone())
             .bind(change.revision.clone())
             .bind(change.revlink.clone())
-            .bind(change.when_ms)
+            .bind(change.when_ms.unwrap_or(now))
             .bind(change.category.clone())
             .bind(&change.repository)
             .bind(&change.codebase)
@@ -1767,7 +1768,7 @@ fn change_from_row(row: &AnyRow) -> Result<Change> {
             branch: row.try_get("branch")?,
             revision: row.try_get("revision")?,
             revlink: row.try_get("revlink")?,
-            when_ms: get_i64(row, "when_timestamp")?,
+            when_ms: Some(get_i64(row, "when_timestamp")?),
             category: row.try_get("category")?,
             repository: row.try_get("repository")?,
             codebase: row.try_get("codebase")?,
