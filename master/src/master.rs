@@ -228,6 +228,9 @@ pub struct Master {
     wake: Notify,
     /// Wakes the pool scaler on the same events.
     scale_wake: Notify,
+    /// Counts the same events for whoever waits on the queue's progress (`trigger` steps
+    /// waiting for their children).
+    queue_events: watch::Sender<u64>,
     /// When the oldest wake-up not yet seen by a scaler happened, to measure reaction time.
     scale_woken_at: Mutex<Option<Instant>>,
     /// The builders each pool's workers run, by pool name.
@@ -338,6 +341,7 @@ impl Master {
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             scale_wake: Notify::new(),
+            queue_events: watch::channel(0).0,
             shutting_down,
         });
         info!(master = %master.name, masterid, "master registered");
@@ -355,6 +359,7 @@ impl Master {
     /// Wakes the dispatcher and the pool scaler.
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.queue_events.send_modify(|n| *n = n.wrapping_add(1));
         self.scale_wake.notify_one();
         self.scale_woken_at.lock().expect("scale_woken_at poisoned").get_or_insert_with(Instant::now);
     }
@@ -1507,14 +1512,18 @@ impl Triggers for Master {
 
     fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, String>> {
         Box::pin(async move {
-            // Triggered builds may finish on any master, so completion is read from the
-            // database; the interval bounds how late the parent notices, not correctness.
+            // Completion is read from the database, again whenever the queue moves here or on
+            // another master (its notification wakes this one); the sweep is a safety net.
+            let mut events = self.queue_events.subscribe();
             loop {
                 let results = self.store.buildset_results(&bsids).await.map_err(|e| e.to_string())?;
                 if results.iter().all(Option::is_some) {
                     return Ok(results.into_iter().flatten().collect());
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::select! {
+                    _ = events.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
             }
         })
     }

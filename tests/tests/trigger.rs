@@ -150,3 +150,27 @@ schedulers:
     assert_eq!(deploys, 1);
     master.stop().await;
 }
+
+/// With time standing still, a parent still learns at once that its child finished: the wait
+/// is woken by the queue's events, not by its safety-net sweep.
+#[test]
+fn a_waiting_trigger_is_woken_when_its_child_finishes() {
+    kiln_tests::with_paused_clock(Duration::from_secs(120), || async {
+        let dir = tempfile::tempdir().unwrap();
+        let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+        let text = kiln_tests::system::config_text(&database, dir.path(), SETUP);
+        let config = kiln_master::config::Config::parse("trigger.yaml", &text).unwrap();
+        let options = kiln_master::server::Options {
+            clock: kiln_master::clock::Clock::following_tokio(1_795_316_340_000),
+            ..Default::default()
+        };
+        let master = TestMaster::start_with_options(config, dir.path(), options).await;
+        let _worker = master.spawn_worker("w1");
+        let _other = master.spawn_worker("w2");
+        master.wait_workers(2).await;
+        let brid = force(&master, "parent", json!({ "colour": "blue" })).await;
+        let parent = master.wait_build_of_request(brid, MINUTE).await;
+        assert_eq!(parent["results"], 0, "{parent}");
+        master.stop().await;
+    });
+}
