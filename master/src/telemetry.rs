@@ -123,8 +123,11 @@ pub fn leases_expired(count: usize) {
     counter!("kiln_leases_expired_total").increment(count as u64);
 }
 
-pub fn request_collapsed() {
-    counter!("kiln_buildrequests_collapsed_total").increment(1);
+/// Counts requests a committed submission collapsed.
+pub fn requests_collapsed(count: u64) {
+    if count > 0 {
+        counter!("kiln_buildrequests_collapsed_total").increment(count);
+    }
 }
 
 pub fn request_cancelled() {

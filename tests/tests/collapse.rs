@@ -44,6 +44,8 @@ async fn pushes_queued_behind_a_busy_pool_collapse_into_the_newest() {
     let states: Vec<(bool, i64)> =
         collapsing.iter().map(|r| (r["complete"].as_bool().unwrap(), r["results"].as_i64().unwrap())).collect();
     assert_eq!(states, vec![(true, 3), (true, 3), (false, -1), (false, -1)], "main's first two SKIPPED; dev apart");
+    let (_, metrics) = master.get_text("/metrics").await;
+    assert!(metrics.lines().any(|l| l == "kiln_buildrequests_collapsed_total 2"), "two collapsed:\n{metrics}");
     let keeps_all = requests_of(&master, "keeps-all").await;
     assert!(keeps_all.iter().all(|r| r["complete"] == false), "collapseRequests: false keeps every request");
     let buildsets = master.get("/api/v2/buildsets?complete=true").await;

@@ -473,15 +473,20 @@ impl Store {
     /// Returns the buildset id and `(builderid, brid)` pairs.
     pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>)> {
         let mut tx = self.write.begin().await?;
-        let submitted = Self::add_buildset_in(&mut tx, buildset, self.now_ms()).await?;
+        let mut collapsed = 0;
+        let submitted = Self::add_buildset_in(&mut tx, buildset, self.now_ms(), &mut collapsed).await?;
         tx.commit().await?;
+        crate::telemetry::requests_collapsed(collapsed);
         Ok(submitted)
     }
 
+    /// [`Store::add_buildset`] inside a transaction; adds the number of requests it collapsed
+    /// to `collapsed`, for the caller to count once the transaction commits.
     async fn add_buildset_in(
         tx: &mut AnyConnection,
         buildset: &NewBuildset,
         now: i64,
+        collapsed: &mut u64,
     ) -> Result<(i64, Vec<(i64, i64)>)> {
         let row = sqlx::query(
             "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties, rebuilt_buildid, parent_buildid, \
@@ -533,14 +538,14 @@ impl Store {
             let brid = get_i64(&row, "id")?;
             brids.push((builderid, brid));
             if buildset.collapse_builderids.contains(&builderid) {
-                Self::collapse_older(tx, builderid, brid, &collapse_key, &view, now).await?;
+                *collapsed += Self::collapse_older(tx, builderid, brid, &collapse_key, &view, now).await?;
             }
         }
         Ok((bsid, brids))
     }
 
     /// Completes as SKIPPED the unclaimed requests of `builderid` older than `brid` that the new
-    /// buildset makes redundant.
+    /// buildset makes redundant; returns how many.
     async fn collapse_older(
         conn: &mut AnyConnection,
         builderid: i64,
@@ -548,7 +553,7 @@ impl Store {
         key: &str,
         new: &CollapseView,
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let rows = sqlx::query(
             "SELECT r.id, r.buildsetid, b.properties, s.id AS ssid, s.branch, s.revision, s.repository, s.project, s.codebase, \
              CAST(CASE WHEN EXISTS (SELECT 1 FROM changes c WHERE c.sourcestampid = s.id) THEN 1 ELSE 0 END AS BIGINT) AS has_changes \
@@ -584,17 +589,17 @@ impl Store {
                 candidates.last_mut().expect("pushed above").2.sourcestamps.push((ss, has_changes));
             }
         }
+        let mut count = 0;
         for (old, bsid, view) in candidates {
             if !crate::collapse::can_collapse(new, &view) {
                 continue;
             }
             if Self::complete_unclaimed(conn, old, bsid, Results::Skipped, now).await? {
-                tracing::info!(collapsed = old, into = brid, "collapsed a build request");
-                // Counted before the commit: a rolled-back submission (rare) overcounts by one.
-                crate::telemetry::request_collapsed();
+                tracing::info!(collapsed = old, into = brid, "collapsing a build request");
+                count += 1;
             }
         }
-        Ok(())
+        Ok(count)
     }
 
     /// Records a change a timed scheduler accepted, and moves its tree-stable timer to `fire_at`
@@ -707,11 +712,13 @@ impl Store {
             return Ok(None);
         }
         let changes = Self::take_scheduler_changes(&mut tx, scheduler, "").await?;
+        let mut collapsed = 0;
         let submitted = match make(&changes) {
-            Some(buildset) => Some(Self::add_buildset_in(&mut tx, &buildset, now).await?),
+            Some(buildset) => Some(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed).await?),
             None => None,
         };
         tx.commit().await?;
+        crate::telemetry::requests_collapsed(collapsed);
         Ok(Some(submitted))
     }
 
@@ -779,10 +786,12 @@ impl Store {
                 .bind(&timer_key)
                 .execute(&mut *tx)
                 .await?;
+            let mut collapsed = 0;
             if let Some(buildset) = make(&scheduler, &changes) {
-                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now).await?);
+                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed).await?);
             }
             tx.commit().await?;
+            crate::telemetry::requests_collapsed(collapsed);
         }
     }
 
@@ -889,17 +898,19 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut submitted = Vec::new();
+        let mut collapsed = 0;
         for row in &rows {
             let bsid = get_i64(row, "bsid")?;
             let results = Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception);
             let details = Self::buildset_details_in(&mut tx, bsid).await?;
             let completed = CompletedBuildset { bsid, results, details };
             for buildset in react(&completed) {
-                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now).await?);
+                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed).await?);
             }
             sqlx::query("DELETE FROM completed_buildsets WHERE bsid = $1").bind(bsid).execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        crate::telemetry::requests_collapsed(collapsed);
         Ok((rows.len(), submitted))
     }
 
