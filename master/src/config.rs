@@ -49,6 +49,10 @@ pub struct Config {
     /// Collapse compatible pending requests of a builder (Buildbot's default: on).
     #[serde(default = "yes", rename = "collapseRequests")]
     pub collapse_requests: bool,
+    /// Seconds after a build finishes that its logs are deleted (Buildbot's `logHorizon`); the
+    /// build and its steps stay. Unset keeps logs forever.
+    #[serde(default, rename = "logHorizon")]
+    pub log_horizon: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -926,6 +930,11 @@ impl Config {
         }
         if self.workers.heartbeat_interval <= 0.0 || !self.workers.heartbeat_interval.is_finite() {
             return Err(("workers.heartbeat_interval".into(), "must be a positive number of seconds".into()));
+        }
+        if let Some(horizon) = self.log_horizon
+            && !(horizon.is_finite() && horizon > 0.0)
+        {
+            return Err(("logHorizon".into(), "must be a positive number of seconds".into()));
         }
         if self.workers.lease_seconds < 5 {
             return Err(("workers.lease_seconds".into(), "must be at least 5 seconds".into()));

@@ -144,6 +144,9 @@ struct Origin<'a> {
     properties: &'a std::collections::BTreeMap<String, Value>,
 }
 
+/// How many logs the janitor deletes per transaction.
+const LOG_BATCH: i64 = 200;
+
 /// When a timed scheduler fires.
 enum When {
     /// Every so many milliseconds (Periodic).
@@ -960,6 +963,45 @@ impl Master {
                 }
                 Ok(_) => {}
                 Err(error) => warn!(%error, "could not fire scheduler timers"),
+            }
+        }
+    }
+
+    /// Deletes the logs of builds older than `logHorizon`, if set: a pass every quarter of the
+    /// horizon (between a minute and an hour), in batches of [`LOG_BATCH`] logs, each its own
+    /// short transaction, so the janitor never holds the database for long. Every master may
+    /// run it; deleting twice is harmless.
+    pub async fn run_log_janitor(self: Arc<Self>) {
+        let Some(horizon) = self.config.log_horizon else { return };
+        let horizon_ms = (horizon * 1000.0) as i64;
+        let every =
+            Duration::from_millis((horizon_ms / 4) as u64).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        let mut shutdown = self.shutting_down.subscribe();
+        loop {
+            let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
+            let mut deleted = 0;
+            loop {
+                match self.store.delete_old_logs(now - horizon_ms, LOG_BATCH).await {
+                    Ok(count) => {
+                        deleted += count;
+                        crate::telemetry::logs_deleted(count);
+                        if count < LOG_BATCH as u64 || self.is_shutting_down() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    Err(error) => {
+                        warn!(%error, "could not delete old logs");
+                        break;
+                    }
+                }
+            }
+            if deleted > 0 {
+                info!(logs = deleted, horizon_seconds = horizon, "deleted the logs of old builds");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(read_at + every) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

@@ -167,6 +167,7 @@ pub async fn run_with(
         tokio::spawn(Arc::clone(&master).run_pollers()),
         tokio::spawn(Arc::clone(&master).run_timed()),
         tokio::spawn(Arc::clone(&master).run_completions()),
+        tokio::spawn(Arc::clone(&master).run_log_janitor()),
         tokio::spawn(Arc::clone(&master).run_queue_listener(config.database.clone())),
     ];
     let (pool_stop_tx, pool_stop_rx) = watch::channel(false);

@@ -36,6 +36,7 @@ pub const METRICS: &[&str] = &[
     "kiln_buildrequests_collapsed_total",
     "kiln_store_errors_total",
     "kiln_log_bytes_total",
+    "kiln_logs_deleted_total",
 ];
 
 /// The process's recorder (installed once; several masters in one process share it).
@@ -56,6 +57,7 @@ pub fn handle() -> &'static PrometheusHandle {
             "kiln_buildrequests_cancelled_total",
             "kiln_buildrequests_collapsed_total",
             "kiln_log_bytes_total",
+            "kiln_logs_deleted_total",
         ] {
             counter!(name).increment(0);
         }
@@ -109,6 +111,7 @@ fn describe() {
     );
     describe_counter!("kiln_store_errors_total", "Database errors in the master's loops, per operation.");
     describe_counter!("kiln_log_bytes_total", Unit::Bytes, "Build log text written to the database.");
+    describe_counter!("kiln_logs_deleted_total", "Logs of builds older than logHorizon whose text was deleted.");
 }
 
 pub fn worker_connected() {
@@ -137,6 +140,12 @@ pub fn request_cancelled() {
 /// A database error in one of the master's loops; `operation` is a fixed name.
 pub fn store_error(operation: &'static str) {
     counter!("kiln_store_errors_total", "operation" => operation).increment(1);
+}
+
+pub fn logs_deleted(count: u64) {
+    if count > 0 {
+        counter!("kiln_logs_deleted_total").increment(count);
+    }
 }
 
 pub fn log_bytes(bytes: usize) {

@@ -103,8 +103,13 @@ async fn a_burst_is_one_scale_call_and_the_drained_pool_goes_back_to_zero() {
 async fn a_scale_down_removes_idle_pods_and_the_busy_one_is_spared() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeKube::new("ci", "workers", 3);
-    let builders = "builders:\n  - name: long\n    steps:\n      - shell: {name: job, command: \"echo started; sleep 6; echo done\"}\nschedulers:\n  - {type: force, name: force, builderNames: [long]}\n";
-    let master = start(dir.path(), &fake, "min: 0, max: 5, scale_down_delay: 3", 0.5, builders).await;
+    // The build runs until the test releases it (at most a minute), however slow the machine.
+    let release = dir.path().join("release");
+    let builders = format!(
+        "builders:\n  - name: long\n    steps:\n      - shell: {{name: job, command: \"echo started; for i in $(seq 600); do [ -e {} ] && break; sleep 0.1; done; echo done\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [long]}}\n",
+        release.display()
+    );
+    let master = start(dir.path(), &fake, "min: 0, max: 5, scale_down_delay: 3", 0.5, &builders).await;
     let workers = pods(&master, &fake, &["workers-a", "workers-b", "workers-c"]).await;
     let brid = force(&master, &["long"]).await[0];
     let busy = eventually("the build to start", MINUTE, || async {
@@ -141,6 +146,7 @@ async fn a_scale_down_removes_idle_pods_and_the_busy_one_is_spared() {
             worker.signal(libc::SIGTERM);
         }
     }
+    std::fs::write(&release, "").unwrap();
     let build = master.wait_build_of_request(brid, MINUTE).await;
     assert_eq!(build["results"], 0, "the busy worker's build was not interrupted: {build}");
     let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;

@@ -45,6 +45,7 @@ conformance!(
     the_data_api_filters_orders_and_pages_in_sql,
     compatible_older_requests_collapse_as_skipped,
     completed_buildsets_are_taken_from_the_outbox_once,
+    old_logs_are_deleted_in_batches_and_running_builds_keep_theirs,
 );
 
 const LEASE: i64 = 60_000;
@@ -342,4 +343,39 @@ async fn completed_buildsets_are_taken_from_the_outbox_once(store: Store) {
     let (taken, _) = store.take_completed_buildsets(10, |_| Vec::new()).await.unwrap();
     assert_eq!(taken, 0, "each completion is taken once");
     assert_eq!(store.pending_count().await.unwrap(), 1, "the follow-up buildset was submitted");
+}
+
+async fn old_logs_are_deleted_in_batches_and_running_builds_keep_theirs(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let b = builder(&store, "b").await;
+    let mut logs = Vec::new();
+    for i in 0..3 {
+        store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+        let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+        let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+        let (step, log) = store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
+        let next = store.append_log(log, 0, &"obuilding\n".repeat(100)).await.unwrap();
+        let tail = LogTail { logid: log, first_line: next, text: "hdone\n".into() };
+        store.finish_step(step, Results::Success, "done", &tail).await.unwrap();
+        if i < 2 {
+            store.finish_build(build.buildid, Results::Success, "finished", &Properties::new(), &claim).await.unwrap();
+        }
+        logs.push(log);
+    }
+    assert_eq!(store.delete_old_logs(0, 10).await.unwrap(), 0, "no build finished before the horizon");
+    let later = store.now_ms() + 60_000;
+    assert_eq!(store.delete_old_logs(later, 1).await.unwrap(), 1, "one log per batch");
+    assert_eq!(store.delete_old_logs(later, 1).await.unwrap(), 1);
+    assert_eq!(store.delete_old_logs(later, 1).await.unwrap(), 0, "the running build keeps its log");
+    for (i, log) in logs.iter().enumerate() {
+        let (rows, _) = store.list(Resource::Logs, &ListQuery::by("logid", log)).await.unwrap();
+        let text = store.log_lines(*log, 0, None).await.unwrap();
+        if i < 2 {
+            assert_eq!((rows[0]["type"].as_str(), text.as_str()), (Some("d"), ""), "log {log} deleted");
+            assert_eq!(rows[0]["num_lines"], 101, "the log's row stays");
+        } else {
+            assert_eq!((rows[0]["type"].as_str(), text.lines().count()), (Some("s"), 101), "log {log} kept");
+        }
+    }
 }

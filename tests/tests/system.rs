@@ -416,3 +416,63 @@ fn an_invalid_config_stops_start_up_naming_the_file_and_key() {
     assert!(stderr.contains("goodbye"), "{stderr}");
     assert!(!dir.path().join("kiln.sqlite").exists(), "nothing was created");
 }
+
+const JANITOR: &str = r#"
+logHorizon: 3600
+builders:
+  - name: hello
+    steps:
+      - shell: {name: greet, command: "echo hello"}
+schedulers:
+  - {type: force, name: force, builderNames: [hello]}
+"#;
+
+/// Old logs go, builds stay: with `logHorizon: 3600` a build's log text is deleted an hour
+/// after it finished (on a paused clock walked past the horizon), its build, step and log
+/// rows remain, and nothing younger is touched.
+#[test]
+fn logs_older_than_the_horizon_are_deleted_and_builds_kept() {
+    kiln_tests::with_paused_clock(Duration::from_secs(120), || async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = kiln_master::config::Config::parse(
+            "janitor.yaml",
+            &config_text(&sqlite_url(dir.path()), dir.path(), JANITOR),
+        )
+        .unwrap();
+        let options = kiln_master::server::Options {
+            clock: kiln_master::clock::Clock::following_tokio(1_795_316_340_000),
+            ..Default::default()
+        };
+        let master = TestMaster::start_with_options(config, dir.path(), options).await;
+        let _worker = master.spawn_worker("w1");
+        master.wait_workers(1).await;
+        let (status, reply) = master.force("force", json!({ "builderNames": ["hello"] })).await;
+        assert_eq!(status, 200, "{reply}");
+        let brid = reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
+        let build = master.wait_build_of_request(brid, MINUTE).await;
+        let logs = master.get(&format!("/api/v2/builds/{}/steps/0/logs", build["buildid"])).await;
+        let logid = logs["logs"][0]["logid"].as_i64().unwrap();
+        let contents = format!("/api/v2/logs/{logid}/contents");
+        let before = master.get(&contents).await["logchunks"][0]["content"].as_str().unwrap().to_owned();
+        assert!(!before.is_empty());
+
+        // The janitor passes every quarter of the horizon: at 3599.999 s the build is not old yet.
+        tokio::time::advance(Duration::from_millis(3_600_000 - 1)).await;
+        kiln_tests::real_sleep(Duration::from_millis(300)).await;
+        assert_eq!(master.get(&contents).await["logchunks"][0]["content"], before.as_str(), "younger than the horizon");
+
+        tokio::time::advance(Duration::from_secs(900)).await;
+        eventually("the old log deleted", MINUTE, || async {
+            let log = master.get(&format!("/api/v2/logs/{logid}")).await;
+            (log["logs"][0]["type"] == "d").then_some(())
+        })
+        .await;
+        let left = master.get(&contents).await;
+        assert!(left["logchunks"].as_array().unwrap().iter().all(|c| c["content"] == ""), "no text left: {left}");
+        let kept = master.get(&format!("/api/v2/builds/{}", build["buildid"])).await;
+        assert_eq!(kept["builds"][0]["results"], 0, "the build stays");
+        let (_, metrics) = master.get_text("/metrics").await;
+        assert!(metrics.lines().any(|l| l.starts_with("kiln_logs_deleted_total ") && !l.ends_with(" 0")), "{metrics}");
+        master.stop().await;
+    });
+}

@@ -62,6 +62,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0008_schedulers.sql"),
         postgres: include_str!("../../migrations/postgres/0008_schedulers.sql"),
     },
+    Migration {
+        version: 9,
+        description: "log horizon",
+        sqlite: include_str!("../../migrations/sqlite/0009_log_horizon.sql"),
+        postgres: include_str!("../../migrations/postgres/0009_log_horizon.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -1643,6 +1643,29 @@ impl Store {
         Ok(lines)
     }
 
+    /// Deletes the text of up to `limit` logs of builds that finished before `before` (in
+    /// milliseconds), in one short transaction, and marks them deleted (type `d`, as Buildbot
+    /// does); the logs' rows, steps and builds stay. Returns how many logs it deleted: fewer than
+    /// `limit` means none is left.
+    pub async fn delete_old_logs(&self, before: i64, limit: i64) -> Result<u64> {
+        let mut tx = self.write.begin().await?;
+        let rows = sqlx::query(
+            "SELECT l.id FROM logs l JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid \
+             WHERE l.type <> 'd' AND b.complete_at IS NOT NULL AND b.complete_at < $1 ORDER BY l.id LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let logid = get_i64(row, "id")?;
+            sqlx::query("DELETE FROM logchunks WHERE logid = $1").bind(logid).execute(&mut *tx).await?;
+            sqlx::query("UPDATE logs SET type = 'd' WHERE id = $1").bind(logid).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
     /// Lines `offset..offset+limit` of a log (all from `offset` when `limit` is `None`), as stored
     /// (stdio lines keep their one-letter channel prefix).
     pub async fn log_lines(&self, logid: i64, offset: i64, limit: Option<i64>) -> Result<String> {
