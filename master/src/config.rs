@@ -53,6 +53,12 @@ pub struct Config {
     /// build and its steps stay. Unset keeps logs forever.
     #[serde(default, rename = "logHorizon")]
     pub log_horizon: Option<f64>,
+    /// Bytes of a step's log kept from its start (Buildbot's `logMaxSize`); beyond it the rest
+    /// is dropped but for the last `logMaxTailSize` bytes. Unset keeps everything.
+    #[serde(default, rename = "logMaxSize")]
+    pub log_max_size: Option<usize>,
+    #[serde(default, rename = "logMaxTailSize")]
+    pub log_max_tail_size: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -936,6 +942,12 @@ impl Config {
         {
             return Err(("logHorizon".into(), "must be a positive number of seconds".into()));
         }
+        if self.log_max_size == Some(0) {
+            return Err(("logMaxSize".into(), "must be a positive number of bytes".into()));
+        }
+        if self.log_max_tail_size.is_some() && self.log_max_size.is_none() {
+            return Err(("logMaxTailSize".into(), "only applies with logMaxSize".into()));
+        }
         if self.workers.lease_seconds < 5 {
             return Err(("workers.lease_seconds".into(), "must be at least 5 seconds".into()));
         }
@@ -1218,6 +1230,21 @@ schedulers:
         let text = MINIMAL.replace("database: sqlite://kiln.sqlite", "database: [1]");
         let error = Config::parse("mem.yaml", &text).unwrap_err();
         assert_eq!(error.key, "database");
+    }
+
+    #[test]
+    fn log_limits_are_checked() {
+        let table = [
+            ("logHorizon: 0", Some("logHorizon")),
+            ("logHorizon: 86400", None),
+            ("logMaxSize: 0", Some("logMaxSize")),
+            ("logMaxTailSize: 100", Some("logMaxTailSize")),
+            ("logMaxSize: 1000000\nlogMaxTailSize: 100000", None),
+        ];
+        for (line, key) in table {
+            let result = Config::parse("mem.yaml", &format!("{line}\n{MINIMAL}"));
+            assert_eq!(result.as_ref().err().map(|e| e.key.as_str()), key, "{line}");
+        }
     }
 
     #[test]

@@ -34,6 +34,16 @@ pub struct BuildContext {
     pub builderid: i64,
     pub builder: Arc<BuilderConfig>,
     pub triggers: Arc<dyn Triggers>,
+    pub log_limits: LogLimits,
+}
+
+/// How much of a step's log is kept: Buildbot's `logMaxSize` and `logMaxTailSize`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Bytes kept from the start; `None` keeps all.
+    pub max: Option<usize>,
+    /// Bytes kept from the end once `max` is exceeded.
+    pub tail: Option<usize>,
 }
 
 /// What a `trigger` step asks of the master.
@@ -257,7 +267,7 @@ impl StepRunner<'_> {
         };
         let (stepid, logid) =
             store.begin_step(self.buildid, self.number, self.name, &format!("{description} (running)")).await?;
-        let mut log = LogWriter::new(store.clone(), logid);
+        let mut log = LogWriter::new(store.clone(), logid, self.ctx.log_limits);
         // Every way out of the step writes its log's last lines and its result in one go.
         let finish = |log: LogWriter, results: Results, state: String| async move {
             store.finish_step(stepid, results, &state, &log.into_tail()).await?;
@@ -413,7 +423,7 @@ impl StepRunner<'_> {
         let names = trigger.scheduler_names.join(", ");
         let (stepid, logid) =
             store.begin_step(self.buildid, self.number, self.name, &format!("triggering {names}")).await?;
-        let mut log = LogWriter::new(store.clone(), logid);
+        let mut log = LogWriter::new(store.clone(), logid, self.ctx.log_limits);
         let finish = |log: LogWriter, results: Results, state: String| async move {
             store.finish_step(stepid, results, &state, &log.into_tail()).await?;
             Ok::<_, StoreError>(StepOutcome { results, state })
@@ -526,13 +536,25 @@ struct LogWriter {
     /// Incomplete last line of each stream (stdout, stderr, header).
     partial: [Vec<u8>; 3],
     last_flush: Instant,
+    limits: LogLimits,
+    /// Bytes of lines kept so far.
+    kept: usize,
+    /// Once the log exceeded `limits.max`: what was dropped, and the last lines kept for the tail.
+    truncated: Option<Truncated>,
+}
+
+#[derive(Default)]
+struct Truncated {
+    dropped: usize,
+    tail: std::collections::VecDeque<String>,
+    tail_bytes: usize,
 }
 
 impl LogWriter {
     const FLUSH_BYTES: usize = 64 * 1024;
     const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 
-    fn new(store: Store, logid: i64) -> Self {
+    fn new(store: Store, logid: i64, limits: LogLimits) -> Self {
         Self {
             store,
             logid,
@@ -540,6 +562,9 @@ impl LogWriter {
             pending: String::new(),
             partial: Default::default(),
             last_flush: Instant::now(),
+            limits,
+            kept: 0,
+            truncated: None,
         }
     }
 
@@ -560,8 +585,34 @@ impl LogWriter {
         };
         let complete: Vec<u8> = partial.drain(..=last_newline).collect();
         for line in String::from_utf8_lossy(&complete).split_inclusive('\n') {
-            self.pending.push(stream.prefix());
-            self.pending.push_str(line);
+            self.line(format!("{}{line}", stream.prefix()));
+        }
+    }
+
+    /// Keeps a prefixed line, or counts it dropped (and perhaps keeps it for the tail) once the
+    /// log is over its limit.
+    fn line(&mut self, line: String) {
+        let Some(max) = self.limits.max else {
+            self.pending.push_str(&line);
+            return;
+        };
+        if self.truncated.is_none() && self.kept + line.len() <= max {
+            self.kept += line.len();
+            self.pending.push_str(&line);
+            return;
+        }
+        let truncated = self.truncated.get_or_insert_with(|| {
+            self.pending.push_str(&format!("hOutput exceeded logMaxSize ({max} bytes): the rest is not kept\n"));
+            Truncated::default()
+        });
+        truncated.dropped += line.len();
+        if let Some(tail) = self.limits.tail.filter(|t| *t > 0) {
+            truncated.tail_bytes += line.len();
+            truncated.tail.push_back(line);
+            while truncated.tail_bytes > tail {
+                let first = truncated.tail.pop_front().expect("over the limit, so not empty");
+                truncated.tail_bytes -= first.len();
+            }
         }
     }
 
@@ -583,11 +634,22 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Ends the log: terminates unfinished lines and returns what is left to write.
+    /// Ends the log: terminates unfinished lines, adds the tail of a truncated log, and returns
+    /// what is left to write.
     fn into_tail(mut self) -> LogTail {
         for (index, stream) in [Stream::Stdout, Stream::Stderr, Stream::Header].into_iter().enumerate() {
             if !self.partial[index].is_empty() {
                 self.append(stream, b"\n");
+            }
+        }
+        if let Some(truncated) = self.truncated.take() {
+            let shown = truncated.tail_bytes;
+            let lost = truncated.dropped - shown;
+            if shown == 0 {
+                self.pending.push_str(&format!("h{lost} bytes of output were not kept\n"));
+            } else {
+                self.pending.push_str(&format!("h{lost} bytes of output were not kept; the last {shown} follow\n"));
+                self.pending.extend(truncated.tail);
             }
         }
         LogTail { logid: self.logid, first_line: self.next_line, text: std::mem::take(&mut self.pending) }
@@ -604,6 +666,41 @@ mod tests {
         assert_eq!(contribution(Results::Failure, false, true), Results::Warnings);
         assert_eq!(contribution(Results::Failure, false, false), Results::Success);
         assert_eq!(contribution(Results::Exception, false, false), Results::Exception);
+    }
+
+    async fn writer(limits: LogLimits) -> LogWriter {
+        let store = Store::connect("sqlite::memory:").await.unwrap();
+        LogWriter::new(store, 1, limits)
+    }
+
+    fn lines(from: usize, to: usize) -> String {
+        (from..to).map(|i| format!("line {i:03}\n")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_log_over_its_limit_keeps_its_start_and_its_tail() {
+        // Each stored line is 10 bytes: the prefix, "line NNN" and the newline.
+        let mut log = writer(LogLimits { max: Some(30), tail: Some(20) }).await;
+        log.append(Stream::Stdout, lines(0, 10).as_bytes());
+        let text = log.into_tail().text;
+        let expected = "oline 000\noline 001\noline 002\n\
+                        hOutput exceeded logMaxSize (30 bytes): the rest is not kept\n\
+                        h50 bytes of output were not kept; the last 20 follow\n\
+                        oline 008\noline 009\n";
+        assert_eq!(text, expected);
+    }
+
+    #[tokio::test]
+    async fn without_a_tail_the_rest_is_counted_and_without_a_limit_all_is_kept() {
+        let mut log = writer(LogLimits { max: Some(25), tail: None }).await;
+        log.append(Stream::Stderr, lines(0, 4).as_bytes());
+        let text = log.into_tail().text;
+        assert!(text.starts_with("eline 000\neline 001\nhOutput exceeded"), "{text}");
+        assert!(text.ends_with("h20 bytes of output were not kept\n"), "{text}");
+
+        let mut log = writer(LogLimits::default()).await;
+        log.append(Stream::Stdout, lines(0, 100).as_bytes());
+        assert_eq!(log.into_tail().text.len(), 1000);
     }
 
     #[test]

@@ -1225,6 +1225,10 @@ impl Master {
                 builderid: builder.id,
                 builder: Arc::clone(&builder.config),
                 triggers: Arc::clone(&master) as Arc<dyn Triggers>,
+                log_limits: engine::LogLimits {
+                    max: master.config.log_max_size,
+                    tail: master.config.log_max_tail_size,
+                },
             };
             let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
             master.running.lock().expect("running poisoned").remove(&request.brid);
