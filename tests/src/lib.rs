@@ -48,6 +48,15 @@ where
     }
 }
 
+/// Where test clocks start: Sunday 2026-11-22 02:59:00 UTC, in milliseconds.
+pub const CLOCK_START_MS: i64 = 1_795_316_340_000;
+
+/// A master clock for [`with_paused_clock`] tests: it reads [`CLOCK_START_MS`] now and moves
+/// only with tokio's clock. Give the same one to every master of a test (restarts included).
+pub fn tokio_clock() -> kiln_master::clock::Clock {
+    kiln_master::clock::Clock::following_tokio(CLOCK_START_MS)
+}
+
 /// Sleeps for `duration` of real time, also when tokio's clock is paused (on a blocking thread,
 /// which keeps a paused clock from jumping ahead meanwhile).
 pub async fn real_sleep(duration: Duration) {

@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_master::clock::Clock;
 use kiln_master::config::Config;
 use kiln_master::master::Master;
 use kiln_master::server::{self, Listeners, Options};
@@ -71,6 +72,11 @@ impl TestMaster {
     /// Starts a master whose worker endpoint listens on `grpc` (to restart one in place).
     pub async fn start_on(config: Config, dir: &Path, grpc: SocketAddr) -> TestMaster {
         Self::start_full(config, dir, grpc, Options::default()).await
+    }
+
+    /// Starts a master whose wall clock is `clock` (see [`crate::tokio_clock`]).
+    pub async fn start_with_clock(config: Config, dir: &Path, clock: Clock) -> TestMaster {
+        Self::start_with_options(config, dir, Options { clock, ..Options::default() }).await
     }
 
     /// Starts a master with options (such as a Kubernetes client).
@@ -147,6 +153,14 @@ impl TestMaster {
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let response = self.client.get(self.url(path)).send().await.expect("GET");
         (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
+    /// Forces a build through `scheduler`; asserts it was accepted and returns the (first)
+    /// request id.
+    pub async fn force_request(&self, scheduler: &str, params: Value) -> i64 {
+        let (status, reply) = self.force(scheduler, params).await;
+        assert_eq!(status, 200, "{reply}");
+        reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(Value::as_i64).expect("a request id")
     }
 
     /// Forces a build and returns `[bsid, {builderid: brid}]`.

@@ -31,9 +31,7 @@ async fn rpc(master: &TestMaster, path: &str, method: &str, params: Value) -> (u
 }
 
 async fn force(master: &TestMaster, params: Value) -> i64 {
-    let (status, reply) = master.force("force", params).await;
-    assert_eq!(status, 200, "{reply}");
-    reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap()
+    master.force_request("force", params).await
 }
 
 async fn request(master: &TestMaster, brid: i64) -> Value {

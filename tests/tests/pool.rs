@@ -24,9 +24,7 @@ fn config(dir: &std::path::Path, prefix: &str, min: u32, max: u32, delay: f64, b
 }
 
 async fn force(master: &TestMaster, builder: &str) -> i64 {
-    let (status, reply) = master.force("force", json!({ "builderNames": [builder] })).await;
-    assert_eq!(status, 200, "{reply}");
-    reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap()
+    master.force_request("force", json!({ "builderNames": [builder] })).await
 }
 
 /// The pid of the `kiln-worker` process named `name`.

@@ -9,13 +9,10 @@ use std::time::Duration;
 
 use kiln_master::clock::Clock;
 use kiln_master::config::Config;
-use kiln_master::server::Options;
 use kiln_tests::system::{TestMaster, config_text};
-use kiln_tests::{eventually, real_sleep, with_paused_clock};
+use kiln_tests::{CLOCK_START_MS as START_MS, eventually, real_sleep, tokio_clock, with_paused_clock};
 use serde_json::Value;
 
-/// Sunday 2026-11-22 02:59:00 UTC, where every test's clock starts.
-const START_MS: i64 = 1_795_316_340_000;
 const SECOND: i64 = 1000;
 const DAY: i64 = 86_400 * SECOND;
 
@@ -24,7 +21,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 async fn start(database: &str, dir: &Path, setup: &str, clock: Clock) -> TestMaster {
     let config = Config::parse("schedulers.yaml", &config_text(database, dir, setup)).unwrap();
-    TestMaster::start_with_options(config, dir, Options { clock, ..Options::default() }).await
+    TestMaster::start_with_clock(config, dir, clock).await
 }
 
 fn sqlite(dir: &Path) -> String {
@@ -95,7 +92,7 @@ schedulers:
 fn a_tree_stable_timer_waits_for_quiet_and_builds_the_newest_change() {
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
-        let master = start(&sqlite(dir.path()), dir.path(), CHANGES, Clock::following_tokio(START_MS)).await;
+        let master = start(&sqlite(dir.path()), dir.path(), CHANGES, tokio_clock()).await;
 
         // Three changes at once: one build of the newest, ten seconds later.
         push(&master, "main", "r1", r#"["src/a.rs"]"#).await;
@@ -145,7 +142,7 @@ fn a_tree_stable_timer_waits_for_quiet_and_builds_the_newest_change() {
 fn an_any_branch_scheduler_keeps_a_timer_per_branch() {
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
-        let master = start(&sqlite(dir.path()), dir.path(), CHANGES, Clock::following_tokio(START_MS)).await;
+        let master = start(&sqlite(dir.path()), dir.path(), CHANGES, tokio_clock()).await;
         push(&master, "feature/a", "a1", "[]").await;
         advance(3 * SECOND).await;
         push(&master, "feature/b", "b1", "[]").await;
@@ -185,7 +182,7 @@ fn a_timer_running_when_the_master_stops_fires_on_time_after_it_restarts() {
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
         let database = sqlite(dir.path());
-        let clock = Clock::following_tokio(START_MS);
+        let clock = tokio_clock();
         let master = start(&database, dir.path(), CHANGES, clock).await;
         push(&master, "main", "r1", r#"["src/a.rs"]"#).await;
         advance(4 * SECOND).await;
@@ -236,7 +233,7 @@ schedulers:
 fn periodic_schedulers_fire_at_start_then_every_period_and_only_if_changed_waits_for_a_change() {
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
-        let master = start(&sqlite(dir.path()), dir.path(), TIMED, Clock::following_tokio(START_MS)).await;
+        let master = start(&sqlite(dir.path()), dir.path(), TIMED, tokio_clock()).await;
         // As in Buildbot, a Periodic scheduler that never fired fires at once.
         let every = wait_for(&master, "every-ten-minutes", 1).await;
         assert_eq!(submitted(&every[0]), 0);
@@ -268,7 +265,7 @@ fn a_restart_keeps_a_periodic_schedule_and_a_new_period_counts_from_the_change()
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
         let database = sqlite(dir.path());
-        let clock = Clock::following_tokio(START_MS);
+        let clock = tokio_clock();
         let master = start(&database, dir.path(), TIMED, clock).await;
         wait_for(&master, "every-ten-minutes", 1).await;
         master.stop().await;
@@ -297,7 +294,7 @@ fn a_nightly_scheduler_fires_on_its_day_and_minute_and_once_after_an_outage() {
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
         let database = sqlite(dir.path());
-        let clock = Clock::following_tokio(START_MS);
+        let clock = tokio_clock();
         let master = start(&database, dir.path(), TIMED, clock).await;
         // Sunday 02:59 → Monday (dayOfWeek 0) 03:00 is a day and a minute away.
         let monday_three = DAY + 60 * SECOND;
@@ -330,7 +327,7 @@ fn a_periodic_scheduler_fires_once_per_period_across_masters() {
     with_paused_clock(LIMIT, || async {
         let dir = tempfile::tempdir().unwrap();
         let database = kiln_tests::pg::fresh_database().await;
-        let clock = Clock::following_tokio(START_MS);
+        let clock = tokio_clock();
         let a = start(&database, &dir.path().join("a"), &format!("master_name: a\n{TIMED}"), clock).await;
         let b = start(&database, &dir.path().join("b"), &format!("master_name: b\n{TIMED}"), clock).await;
         wait_for(&a, "every-ten-minutes", 1).await;

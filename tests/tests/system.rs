@@ -163,9 +163,7 @@ schedulers:
     )
     .await;
     let _worker = master.spawn_worker("w1");
-    let (status, reply) = master.force("force", json!({ "builderNames": ["b"], "reason": "test" })).await;
-    assert_eq!(status, 200, "{reply}");
-    let brid = reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
+    let brid = master.force_request("force", json!({ "builderNames": ["b"], "reason": "test" })).await;
     let build = master.wait_build_of_request(brid, MINUTE).await;
     assert_eq!(build["results"], 2, "FAILURE: {build}");
     assert_eq!(build["state_string"], "failed broken");
@@ -203,9 +201,7 @@ fn one_step_config(dir: &std::path::Path, command: &str) -> kiln_master::config:
 
 /// Forces a build and returns its request id.
 async fn force_one(master: &TestMaster) -> i64 {
-    let (status, reply) = master.force("force", json!({})).await;
-    assert_eq!(status, 200, "{reply}");
-    reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap()
+    master.force_request("force", json!({})).await
 }
 
 /// Waits until the first build of a request has printed `text` in its `work` step.
@@ -439,16 +435,10 @@ fn logs_older_than_the_horizon_are_deleted_and_builds_kept() {
             &config_text(&sqlite_url(dir.path()), dir.path(), JANITOR),
         )
         .unwrap();
-        let options = kiln_master::server::Options {
-            clock: kiln_master::clock::Clock::following_tokio(1_795_316_340_000),
-            ..Default::default()
-        };
-        let master = TestMaster::start_with_options(config, dir.path(), options).await;
+        let master = TestMaster::start_with_clock(config, dir.path(), kiln_tests::tokio_clock()).await;
         let _worker = master.spawn_worker("w1");
         master.wait_workers(1).await;
-        let (status, reply) = master.force("force", json!({ "builderNames": ["hello"] })).await;
-        assert_eq!(status, 200, "{reply}");
-        let brid = reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap();
+        let brid = master.force_request("force", json!({ "builderNames": ["hello"] })).await;
         let build = master.wait_build_of_request(brid, MINUTE).await;
         let logs = master.get(&format!("/api/v2/builds/{}/steps/0/logs", build["buildid"])).await;
         let logid = logs["logs"][0]["logid"].as_i64().unwrap();

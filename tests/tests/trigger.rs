@@ -49,9 +49,7 @@ async fn start() -> (TestMaster, tempfile::TempDir, Vec<kiln_tests::system::Test
 async fn force(master: &TestMaster, builder: &str, params: Value) -> i64 {
     let mut params = params;
     params["builderNames"] = json!([builder]);
-    let (status, reply) = master.force("force", params).await;
-    assert_eq!(status, 200, "{reply}");
-    reply["result"][1].as_object().unwrap().values().next().unwrap().as_i64().unwrap()
+    master.force_request("force", params).await
 }
 
 async fn child_of(master: &TestMaster, parent_buildid: i64) -> Value {
@@ -160,11 +158,7 @@ fn a_waiting_trigger_is_woken_when_its_child_finishes() {
         let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
         let text = kiln_tests::system::config_text(&database, dir.path(), SETUP);
         let config = kiln_master::config::Config::parse("trigger.yaml", &text).unwrap();
-        let options = kiln_master::server::Options {
-            clock: kiln_master::clock::Clock::following_tokio(1_795_316_340_000),
-            ..Default::default()
-        };
-        let master = TestMaster::start_with_options(config, dir.path(), options).await;
+        let master = TestMaster::start_with_clock(config, dir.path(), kiln_tests::tokio_clock()).await;
         let _worker = master.spawn_worker("w1");
         let _other = master.spawn_worker("w2");
         master.wait_workers(2).await;

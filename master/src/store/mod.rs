@@ -267,10 +267,6 @@ impl Store {
         self.clock.now_ms()
     }
 
-    pub fn clock(&self) -> Clock {
-        self.clock
-    }
-
     /// The clause that lets concurrent masters take different rows: `FOR UPDATE SKIP LOCKED` on
     /// PostgreSQL; nothing on SQLite, whose single writer connection serialises them anyway.
     fn skip_locked(&self) -> &'static str {
@@ -1648,22 +1644,22 @@ impl Store {
     /// does); the logs' rows, steps and builds stay. Returns how many logs it deleted: fewer than
     /// `limit` means none is left.
     pub async fn delete_old_logs(&self, before: i64, limit: i64) -> Result<u64> {
+        // The same batch twice in one transaction: its chunks go first, then the logs are marked.
+        const BATCH: &str = "SELECT l.id FROM logs l JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid \
+             WHERE l.type <> 'd' AND b.complete_at IS NOT NULL AND b.complete_at < $1 ORDER BY l.id LIMIT $2";
         let mut tx = self.write.begin().await?;
-        let rows = sqlx::query(
-            "SELECT l.id FROM logs l JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid \
-             WHERE l.type <> 'd' AND b.complete_at IS NOT NULL AND b.complete_at < $1 ORDER BY l.id LIMIT $2",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &rows {
-            let logid = get_i64(row, "id")?;
-            sqlx::query("DELETE FROM logchunks WHERE logid = $1").bind(logid).execute(&mut *tx).await?;
-            sqlx::query("UPDATE logs SET type = 'd' WHERE id = $1").bind(logid).execute(&mut *tx).await?;
-        }
+        sqlx::query(AssertSqlSafe(format!("DELETE FROM logchunks WHERE logid IN ({BATCH})")))
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+        let marked = sqlx::query(AssertSqlSafe(format!("UPDATE logs SET type = 'd' WHERE id IN ({BATCH})")))
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(rows.len() as u64)
+        Ok(marked.rows_affected())
     }
 
     /// Lines `offset..offset+limit` of a log (all from `offset` when `limit` is `None`), as stored
