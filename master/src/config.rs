@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -809,6 +810,12 @@ fn default_grpc_listen() -> SocketAddr {
 fn default_body_limit() -> usize {
     1 << 20
 }
+/// How long a worker's commands may outlive its session (see `kiln.proto`): four heartbeats
+/// (at least three seconds) and one second more.
+pub fn orphan_deadline(heartbeat: Duration) -> Duration {
+    (heartbeat * 4).max(Duration::from_secs(3)) + Duration::from_secs(1)
+}
+
 fn default_heartbeat() -> f64 {
     5.0
 }
@@ -950,6 +957,18 @@ impl Config {
         }
         if self.workers.lease_seconds < 5 {
             return Err(("workers.lease_seconds".into(), "must be at least 5 seconds".into()));
+        }
+        // A lease must outlast the time a worker's commands may outlive their master (four
+        // heartbeats and a second), or another master could re-run a build still running.
+        let orphan_seconds = orphan_deadline(Duration::from_secs_f64(self.workers.heartbeat_interval)).as_secs_f64();
+        if (self.workers.lease_seconds as f64) <= orphan_seconds {
+            return Err((
+                "workers.lease_seconds".into(),
+                format!(
+                    "must be longer than {orphan_seconds} s (4 × workers.heartbeat_interval, at least 3 s, plus \
+                     1 s): a worker's commands may outlive a lost master that long"
+                ),
+            ));
         }
         for (i, token) in self.workers.tokens.iter().enumerate() {
             resolve_secret(&format!("workers.tokens[{i}]"), ("value", &token.value), ("value_env", &token.value_env))?;

@@ -35,6 +35,10 @@ pub struct BuildContext {
     pub builder: Arc<BuilderConfig>,
     pub triggers: Arc<dyn Triggers>,
     pub log_limits: LogLimits,
+    /// How long after a lost session the worker's commands may still run (see
+    /// [`crate::remote::WorkerSession::orphans_dead`]); a build lost with its worker ends RETRY
+    /// only after it, so its retry never overlaps the command.
+    pub orphan_deadline: Duration,
 }
 
 /// How much of a step's log is kept: Buildbot's `logMaxSize` and `logMaxTailSize`.
@@ -179,11 +183,17 @@ pub async fn run_build(
         let mut results = Results::Success;
         let mut halted = false;
         let mut failed_step = None;
+        // Whether a stop cut the build short. A stop that comes after the last step ended (say,
+        // a master that could not renew its lease during an outage) changes nothing: the build
+        // did all it had to, and its claim token decides whether its result is recorded.
+        let mut cut_short = false;
         for (index, step) in builder.steps.iter().enumerate() {
             let name = step_name(step, index);
             let (halt_on_failure, flunk, warn_flag, always_run) = effective_flags(step);
-            if (halted && !always_run) || stop.borrow().is_some() {
-                ctx.store.skip_step(build.buildid, index as i64, &name).await?;
+            let stopped = stop.borrow().is_some();
+            cut_short |= stopped;
+            if (halted && !always_run) || stopped {
+                persist("skip a step", || ctx.store.skip_step(build.buildid, index as i64, &name)).await?;
                 continue;
             }
             let runner =
@@ -191,6 +201,7 @@ pub async fn run_build(
             let outcome = runner.run(step, &mut props, &mut stop).await?;
             if matches!(outcome.results, Results::Retry | Results::Cancelled) {
                 results = outcome.results;
+                cut_short = true;
                 break;
             }
             let counted = contribution(outcome.results, flunk, warn_flag);
@@ -202,14 +213,18 @@ pub async fn run_build(
                 halted = true;
             }
         }
-        if let Some(reason) = *stop.borrow() {
+        if let Some(reason) = *stop.borrow()
+            && cut_short
+        {
             results = match reason {
                 StopReason::Cancelled => Results::Cancelled,
                 StopReason::ClaimLost | StopReason::Shutdown => Results::Retry,
             };
         }
         let state = build_state(results, failed_step.as_deref());
-        let recorded = ctx.store.finish_build(build.buildid, results, &state, &props, request).await?;
+        let recorded =
+            persist("finish the build", || ctx.store.finish_build(build.buildid, results, &state, &props, request))
+                .await?;
         if recorded {
             info!(results = %results, "build finished");
         } else {
@@ -265,12 +280,14 @@ impl StepRunner<'_> {
             Ok(command) => describe(command),
             Err(_) => self.name.to_owned(),
         };
+        let running_state = format!("{description} (running)");
         let (stepid, logid) =
-            store.begin_step(self.buildid, self.number, self.name, &format!("{description} (running)")).await?;
+            persist("begin a step", || store.begin_step(self.buildid, self.number, self.name, &running_state)).await?;
         let mut log = LogWriter::new(store.clone(), logid, self.ctx.log_limits);
         // Every way out of the step writes its log's last lines and its result in one go.
         let finish = |log: LogWriter, results: Results, state: String| async move {
-            store.finish_step(stepid, results, &state, &log.into_tail()).await?;
+            let tail = log.into_tail();
+            persist("finish a step", || store.finish_step(stepid, results, &state, &tail)).await?;
             Ok::<_, StoreError>(StepOutcome { results, state })
         };
         let command = match command {
@@ -295,44 +312,69 @@ impl StepRunner<'_> {
         let mut interrupted = false;
         let mut flush_tick = tokio::time::interval(LogWriter::FLUSH_INTERVAL);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let error = loop {
-            let event = tokio::select! {
-                event = running.next() => event,
-                _ = flush_tick.tick() => {
-                    log.flush().await?;
-                    continue;
-                }
-                changed = stop.changed(), if !interrupted => {
-                    if changed.is_ok() && stop.borrow().is_some() {
-                        interrupted = true;
-                        interrupt(&running, "build stopped").await;
+        let followed: Result<Option<Option<String>>, StoreError> = async {
+            loop {
+                let event = tokio::select! {
+                    event = running.next() => event,
+                    _ = flush_tick.tick() => {
+                        log.flush().await?;
+                        continue;
                     }
-                    continue;
-                }
-            };
-            match event {
-                CommandEvent::Update(Update::Output(stream, data)) => {
-                    if capture && stream == Stream::Stdout {
-                        stdout.extend_from_slice(&data);
+                    changed = stop.changed(), if !interrupted => {
+                        if changed.is_ok() && stop.borrow().is_some() {
+                            interrupted = true;
+                            interrupt(&running, "build stopped").await;
+                        }
+                        continue;
                     }
-                    log.append(stream, &data);
-                    log.flush_if_due().await?;
-                }
-                CommandEvent::Update(Update::Rc(code)) => rc = Some(code),
-                CommandEvent::Update(Update::Property(name, value)) => props.set(name, value, "Git"),
-                CommandEvent::Update(Update::FailureReason(reason)) => {
-                    log.header(&format!("failure reason: {reason}\n"))
-                }
-                CommandEvent::Update(_) => {}
-                CommandEvent::Complete(error) => break error,
-                CommandEvent::Lost => {
-                    log.header("worker lost\n");
-                    return finish(log, Results::Retry, format!("{description} (worker lost)")).await;
+                };
+                match event {
+                    CommandEvent::Update(Update::Output(stream, data)) => {
+                        if capture && stream == Stream::Stdout {
+                            stdout.extend_from_slice(&data);
+                        }
+                        log.append(stream, &data);
+                        log.flush_if_due().await?;
+                    }
+                    CommandEvent::Update(Update::Rc(code)) => rc = Some(code),
+                    CommandEvent::Update(Update::Property(name, value)) => props.set(name, value, "Git"),
+                    CommandEvent::Update(Update::FailureReason(reason)) => {
+                        log.header(&format!("failure reason: {reason}\n"))
+                    }
+                    CommandEvent::Update(_) => {}
+                    CommandEvent::Complete(error) => return Ok(Some(error)),
+                    CommandEvent::Lost => return Ok(None),
                 }
             }
+        }
+        .await;
+        let error = match followed {
+            Ok(Some(error)) => error,
+            Ok(None) => {
+                // The session ended under the command. Its worker kills it within the orphan
+                // deadline; only then may the build end RETRY and its request run elsewhere. A
+                // cancellation ends it at once: nothing will run again.
+                log.header("worker lost\n");
+                tokio::select! {
+                    _ = session.orphans_dead(self.ctx.orphan_deadline) => {}
+                    Ok(_) = stop.wait_for(|r| *r == Some(StopReason::Cancelled)) => {}
+                }
+                return finish(log, Results::Retry, format!("{description} (worker lost)")).await;
+            }
+            Err(error) => {
+                // The database failed while the command runs: the build will be handed back,
+                // so the command must end first, or its retry would run beside it.
+                stop_command(&mut running, self.ctx.orphan_deadline).await;
+                return Err(error);
+            }
         };
+        // A command that ended by itself before the interrupt reached it (exit status 0) keeps
+        // its result; one the interrupt killed ends as the stop says.
         let stopped = *stop.borrow();
-        if let Some(reason) = stopped {
+        if let Some(reason) = stopped
+            && interrupted
+            && rc != Some(0)
+        {
             let results = if reason == StopReason::Cancelled { Results::Cancelled } else { Results::Retry };
             return finish(log, results, format!("{description} (interrupted)")).await;
         }
@@ -421,11 +463,13 @@ impl StepRunner<'_> {
     ) -> Result<StepOutcome, StoreError> {
         let store = &self.ctx.store;
         let names = trigger.scheduler_names.join(", ");
+        let running_state = format!("triggering {names}");
         let (stepid, logid) =
-            store.begin_step(self.buildid, self.number, self.name, &format!("triggering {names}")).await?;
+            persist("begin a step", || store.begin_step(self.buildid, self.number, self.name, &running_state)).await?;
         let mut log = LogWriter::new(store.clone(), logid, self.ctx.log_limits);
         let finish = |log: LogWriter, results: Results, state: String| async move {
-            store.finish_step(stepid, results, &state, &log.into_tail()).await?;
+            let tail = log.into_tail();
+            persist("finish a step", || store.finish_step(stepid, results, &state, &tail)).await?;
             Ok::<_, StoreError>(StepOutcome { results, state })
         };
         let got_revision = props.get("got_revision").and_then(Value::as_str).map(str::to_owned);
@@ -508,8 +552,62 @@ impl StepRunner<'_> {
     }
 }
 
+/// How long a build waits for an unreachable database to record what it did, before it gives
+/// up and leaves its request to the lease.
+const OUTAGE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Runs a store write, again and again while the database is unreachable (up to
+/// [`OUTAGE_PATIENCE`]), so that a build whose command has finished during an outage is recorded
+/// once the database is back instead of being run again. Whether the claim still holds is
+/// decided by the write itself (its claim token).
+async fn persist<T, F, Fut>(what: &str, mut write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = Instant::now() + OUTAGE_PATIENCE;
+    let mut delay = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match write().await {
+            Err(error) if error.is_unavailable() && Instant::now() + delay < deadline => {
+                if !warned {
+                    warn!(%error, "cannot {what}: the database is unavailable; trying again");
+                    warned = true;
+                }
+                crate::telemetry::store_error("build");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 async fn interrupt(running: &RunningCommand, reason: &str) {
     running.interrupt(reason).await;
+}
+
+/// Interrupts a command and waits until it has ended on the worker. A worker that does not
+/// confirm within `limit` has its session closed, which makes it kill every command of the
+/// session (and makes the build's slot free only once that is done).
+async fn stop_command(running: &mut RunningCommand, limit: Duration) {
+    interrupt(running, "the build cannot be recorded").await;
+    let ended = tokio::time::timeout(limit, async {
+        loop {
+            match running.next().await {
+                CommandEvent::Complete(_) | CommandEvent::Lost => return,
+                CommandEvent::Update(_) => {}
+            }
+        }
+    })
+    .await;
+    if ended.is_err() {
+        warn!(command = %running.command_id, "the worker did not confirm the interrupt; ending its session");
+        let session = Arc::clone(running.session());
+        session.close();
+        session.orphans_dead(limit).await;
+    }
 }
 
 /// A short description of a command for state strings.
@@ -553,6 +651,8 @@ struct Truncated {
 impl LogWriter {
     const FLUSH_BYTES: usize = 64 * 1024;
     const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+    /// Output kept in memory while the database is unreachable before the build gives up.
+    const OUTAGE_BUFFER: usize = 16 * 1024 * 1024;
 
     fn new(store: Store, logid: i64, limits: LogLimits) -> Self {
         Self {
@@ -629,9 +729,20 @@ impl LogWriter {
             return Ok(());
         }
         let text = std::mem::take(&mut self.pending);
-        self.next_line = self.store.append_log(self.logid, self.next_line, &text).await?;
-        crate::telemetry::log_bytes(text.len());
-        Ok(())
+        match self.store.append_log(self.logid, self.next_line, &text).await {
+            Ok(next) => {
+                self.next_line = next;
+                crate::telemetry::log_bytes(text.len());
+                Ok(())
+            }
+            // While the database is unreachable the output is kept here and written with the
+            // next flush, up to a bound; the command goes on.
+            Err(error) if error.is_unavailable() && text.len() < Self::OUTAGE_BUFFER => {
+                self.pending = text + &self.pending;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Ends the log: terminates unfinished lines, adds the tail of a truncated log, and returns

@@ -444,8 +444,18 @@ impl Master {
         let session = self.workers.lock().expect("workers poisoned").get(name).cloned();
         if let Some(session) = session {
             warn!(worker = name, running = session.running_builds(), "the worker's pod is gone; ending its session");
+            session.close_gone();
             self.detach_worker(&session).await;
         }
+    }
+
+    /// How long after a worker's session ended its commands may still run: the worker kills
+    /// them within four heartbeats of last hearing from the master (three of silence, one
+    /// tick), and a frozen worker's commands are killed by their supervisor after three
+    /// heartbeats (at least 3 s) without a feed; one more second covers clock granularity. A
+    /// lost worker's builds are re-queued only after it. Leases are validated to be longer.
+    pub fn orphan_deadline(&self) -> Duration {
+        crate::config::orphan_deadline(self.heartbeat)
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -521,6 +531,13 @@ impl Master {
             if let Some(existing) = workers.get(&info.name)
                 && !existing.is_closed()
             {
+                warn!(
+                    worker = %info.name,
+                    host = %info.host,
+                    connected_host = %existing.info.host,
+                    "refused a worker: one of that name is connected (a stale session ends after three silent \
+                     heartbeats; two live workers must not share a name)"
+                );
                 return Err(AttachError::NameTaken(info.name));
             }
         }
@@ -1183,20 +1200,63 @@ impl Master {
                 }
                 // The slot is reserved before the claim, so a scale-down that drains this
                 // worker meanwhile either sees the build coming or is seen by it.
-                let Some(slot) = worker.try_reserve() else { continue };
+                let Some(slot) = worker.try_reserve() else {
+                    // The reservation saw a drain and backed off; the drainer may have seen it
+                    // and be waiting for a build that will never come.
+                    self.reservation_unused(&worker).await;
+                    continue;
+                };
                 match self.store.claim_next(self.masterid, builderids.as_deref(), lease_ms).await {
                     Ok(Some(request)) => {
                         progressed = true;
                         self.spawn_build(request, slot);
                     }
                     Ok(None) => {
+                        drop(slot);
+                        self.reservation_unused(&worker).await;
                         exhausted.insert(builderids);
                     }
-                    Err(error) => return Err(error),
+                    Err(error) => {
+                        drop(slot);
+                        self.reservation_unused(&worker).await;
+                        return Err(error);
+                    }
                 }
             }
             if !progressed {
                 return Ok(());
+            }
+        }
+    }
+
+    /// A slot reserved for a claim that found nothing is free again: as if no build had run, a
+    /// draining worker that now has nothing to do is told to exit, and the scaler, which may
+    /// have seen the reservation as a build, looks again.
+    async fn reservation_unused(&self, worker: &Arc<WorkerSession>) {
+        if worker.is_draining() {
+            self.shutdown_if_drained(worker).await;
+            self.scale_wake.notify_one();
+        }
+    }
+
+    /// Hands a request back to the queue after a build failed in the database, retrying while
+    /// the database is unreachable, for up to a lease: past that the claim has expired and any
+    /// master's housekeeping takes it back.
+    async fn hand_back(&self, request: &ClaimedRequest) -> bool {
+        let deadline = Instant::now() + self.lease;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.store.release_request(request.brid, request.claim_token).await {
+                Ok(released) => return released,
+                Err(error) if Instant::now() + delay < deadline && !self.is_shutting_down() => {
+                    debug!(brid = request.brid, %error, "cannot hand the request back yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => {
+                    warn!(brid = request.brid, %error, "cannot hand the request back; its lease will expire");
+                    return false;
+                }
             }
         }
     }
@@ -1229,6 +1289,7 @@ impl Master {
                     max: master.config.log_max_size,
                     tail: master.config.log_max_tail_size,
                 },
+                orphan_deadline: master.orphan_deadline(),
             };
             let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
             master.running.lock().expect("running poisoned").remove(&request.brid);
@@ -1238,10 +1299,11 @@ impl Master {
             let requeued = match outcome {
                 Ok(outcome) => outcome.recorded && outcome.results == Results::Retry,
                 Err(error) => {
-                    // The database failed mid-build: hand the request back if we still can;
-                    // otherwise its lease expires and housekeeping re-queues it.
+                    // The database failed mid-build. The engine has interrupted the command on
+                    // the worker; hand the request back once the database answers again.
+                    crate::telemetry::store_error("build");
                     error!(brid = request.brid, %error, "build failed in the database; re-queueing");
-                    master.store.release_request(request.brid, request.claim_token).await.unwrap_or(false)
+                    master.hand_back(&request).await
                 }
             };
             if requeued {
@@ -1409,8 +1471,18 @@ impl Master {
                 _ = tokio::time::sleep(period) => {}
                 _ = shutdown.changed() => return,
             }
-            match self.store.renew_leases(self.masterid, self.lease.as_millis() as i64).await {
-                Ok(_) => last_renewal = Instant::now(),
+            let held: Vec<(i64, i64)> =
+                self.running.lock().expect("running poisoned").iter().map(|(brid, b)| (*brid, b.claim_token)).collect();
+            match self.store.renew_leases(self.masterid, &held, self.lease.as_millis() as i64).await {
+                Ok(renewed) => {
+                    last_renewal = Instant::now();
+                    for (brid, _) in held.iter().filter(|(brid, _)| !renewed.contains(brid)) {
+                        if self.running.lock().expect("running poisoned").contains_key(brid) {
+                            warn!(brid, "claim taken back; stopping the build");
+                            self.stop_build(*brid, StopReason::ClaimLost);
+                        }
+                    }
+                }
                 Err(error) => {
                     crate::telemetry::store_error("renew_leases");
                     warn!(%error, "could not renew leases");
@@ -1423,16 +1495,6 @@ impl Master {
                     continue;
                 }
             }
-            let held: Vec<(i64, i64)> =
-                self.running.lock().expect("running poisoned").iter().map(|(brid, b)| (*brid, b.claim_token)).collect();
-            for (brid, token) in held {
-                if let Ok(false) = self.store.claim_held(brid, token).await
-                    && self.running.lock().expect("running poisoned").contains_key(&brid)
-                {
-                    warn!(brid, "claim taken back; stopping the build");
-                    self.stop_build(brid, StopReason::ClaimLost);
-                }
-            }
             match self.store.stops_requested(self.masterid).await {
                 Ok(brids) => {
                     for brid in brids {
@@ -1442,9 +1504,15 @@ impl Master {
                 Err(error) => warn!(%error, "could not read stop requests"),
             }
             match self.store.reap_expired_claims().await {
-                Ok(reaped) if !reaped.requeued.is_empty() => {
-                    crate::telemetry::leases_expired(reaped.requeued.len());
-                    warn!(requests = ?reaped.requeued, builds = ?reaped.retried_builds, "re-queued requests with expired leases");
+                Ok(reaped) if !reaped.requeued.is_empty() || !reaped.cancelled.is_empty() => {
+                    crate::telemetry::leases_expired(reaped.requeued.len() + reaped.cancelled.len());
+                    warn!(
+                        requests = ?reaped.requeued,
+                        cancelled = ?reaped.cancelled,
+                        builds = ?reaped.retried_builds,
+                        "took back requests with expired leases"
+                    );
+                    self.buildsets_completed.notify_one();
                     self.store.notify_queue().await;
                     self.wake();
                 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
@@ -191,6 +192,11 @@ pub struct WorkerSession {
     draining: AtomicBool,
     /// Wakes whoever waits for this session to end.
     ended: Notify,
+    /// When the session ended, for the orphan deadline.
+    ended_at: Mutex<Option<tokio::time::Instant>>,
+    /// Set when the worker's machine is known to be gone (its pod was deleted): none of its
+    /// commands can still run, so nobody needs to wait for the worker's own deadline.
+    gone: AtomicBool,
 }
 
 impl WorkerSession {
@@ -205,6 +211,8 @@ impl WorkerSession {
             running: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             ended: Notify::new(),
+            ended_at: Mutex::new(None),
+            gone: AtomicBool::new(false),
         })
     }
 
@@ -329,12 +337,31 @@ impl WorkerSession {
 
     /// Ends the session: every running command sees [`CommandEvent::Lost`].
     pub fn close(&self) {
+        self.ended_at.lock().expect("ended_at poisoned").get_or_insert_with(tokio::time::Instant::now);
         self.closed.store(true, Ordering::SeqCst);
         let commands: Vec<_> = self.commands.lock().expect("command table poisoned").drain().collect();
         for (_, tx) in commands {
             let _ = tx.try_send(CommandEvent::Lost);
         }
         self.ended.notify_waiters();
+    }
+
+    /// Records that the worker's machine is gone, then ends the session.
+    pub fn close_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        self.close();
+    }
+
+    /// Waits, after the session ended, until no command of it can still run on the worker:
+    /// `deadline` after the end — the worker kills its commands within that time of losing its
+    /// master (see `kiln.proto`) — or at once when its machine is known to be gone.
+    pub async fn orphans_dead(&self, deadline: Duration) {
+        if self.gone.load(Ordering::SeqCst) {
+            return;
+        }
+        let ended = *self.ended_at.lock().expect("ended_at poisoned");
+        let Some(ended) = ended else { return };
+        tokio::time::sleep_until(ended + deadline).await;
     }
 
     /// Waits until the session ends.
@@ -380,6 +407,11 @@ impl RunningCommand {
             return CommandEvent::Lost;
         }
         self.events.recv().await.unwrap_or(CommandEvent::Lost)
+    }
+
+    /// The session the command runs in.
+    pub fn session(&self) -> &Arc<WorkerSession> {
+        &self.session
     }
 
     /// Asks the worker to kill the command; it still ends with `Complete`.

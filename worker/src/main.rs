@@ -59,8 +59,17 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The worker re-executes itself as the supervisor of each shell command.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == kiln_worker::commands::supervise::ARG) {
+        kiln_worker::commands::supervise::main(&argv[2..]);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    runtime.block_on(serve())
+}
+
+async fn serve() -> ExitCode {
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     match args.log_format {
@@ -96,6 +105,7 @@ async fn main() -> ExitCode {
         max_builds: args.max_builds.max(1),
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         pool: args.pool.filter(|p| !p.is_empty()),
+        supervisor: std::env::current_exe().ok(),
     };
     let (terminate_tx, terminate_rx) = watch::channel(false);
     let (kill_tx, kill_rx) = watch::channel(false);

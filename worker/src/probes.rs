@@ -4,7 +4,8 @@
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -15,6 +16,18 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static CONNECTED: AtomicBool = AtomicBool::new(false);
 static DRAINING: AtomicBool = AtomicBool::new(false);
+static RUNNING: AtomicU64 = AtomicU64::new(0);
+/// When the last session ended, in milliseconds since the process started (0: never).
+static DISCONNECTED_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// How long a worker that lost its master still reads as ready: a short disconnect must not
+/// make it the ReplicaSet's first choice for deletion.
+const READY_WHILE_RECONNECTING: Duration = Duration::from_secs(30);
+
+fn uptime_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 /// Every metric the worker exports.
 pub const METRICS: &[&str] = &[
@@ -46,7 +59,10 @@ fn handle() -> &'static PrometheusHandle {
 
 /// The session registered with a master (`true`) or ended (`false`).
 pub fn connected(yes: bool) {
-    CONNECTED.store(yes, Ordering::SeqCst);
+    let was = CONNECTED.swap(yes, Ordering::SeqCst);
+    if was && !yes {
+        DISCONNECTED_AT_MS.store(uptime_ms(), Ordering::SeqCst);
+    }
     gauge!("kiln_worker_connected").set(if yes { 1.0 } else { 0.0 });
 }
 
@@ -64,6 +80,7 @@ impl CommandGauge {
     pub fn start() -> CommandGauge {
         counter!("kiln_worker_commands_total").increment(1);
         gauge!("kiln_worker_running_commands").increment(1.0);
+        RUNNING.fetch_add(1, Ordering::SeqCst);
         CommandGauge(())
     }
 }
@@ -71,6 +88,7 @@ impl CommandGauge {
 impl Drop for CommandGauge {
     fn drop(&mut self) {
         gauge!("kiln_worker_running_commands").decrement(1.0);
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -91,8 +109,25 @@ pub fn serve(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
 }
 
 async fn ready() -> impl IntoResponse {
-    match (CONNECTED.load(Ordering::SeqCst), DRAINING.load(Ordering::SeqCst)) {
+    let disconnected_at = DISCONNECTED_AT_MS.load(Ordering::SeqCst);
+    let reconnecting = disconnected_at > 0
+        && uptime_ms().saturating_sub(disconnected_at) < READY_WHILE_RECONNECTING.as_millis() as u64;
+    readiness(
+        CONNECTED.load(Ordering::SeqCst),
+        DRAINING.load(Ordering::SeqCst),
+        RUNNING.load(Ordering::SeqCst) > 0,
+        reconnecting,
+    )
+}
+
+/// Whether the pod reads as ready. A worker running a command stays ready whatever else holds,
+/// so the ReplicaSet, which deletes not-ready pods first, never prefers a busy one; one that
+/// just lost its master stays ready while it reconnects.
+fn readiness(connected: bool, draining: bool, busy: bool, reconnecting: bool) -> (StatusCode, &'static str) {
+    match (connected, draining) {
+        _ if busy => (StatusCode::OK, "ready: running a build"),
         (true, false) => (StatusCode::OK, "ready"),
+        (false, false) if reconnecting => (StatusCode::OK, "ready: reconnecting to the master"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not registered with a master"),
         (true, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
     }
@@ -103,4 +138,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("--http-listen: cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_worker_stays_ready_and_a_draining_idle_one_does_not() {
+        assert_eq!(readiness(true, false, false, false).0, StatusCode::OK);
+        assert_eq!(readiness(false, false, true, false).0, StatusCode::OK, "busy while disconnected");
+        assert_eq!(readiness(true, true, true, false).0, StatusCode::OK, "busy while draining");
+        assert_eq!(readiness(false, false, false, true).0, StatusCode::OK, "reconnecting");
+        assert_eq!(readiness(false, false, false, false).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(readiness(true, true, false, false).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(readiness(false, true, false, true).0, StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

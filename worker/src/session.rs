@@ -34,6 +34,9 @@ pub struct WorkerConfig {
     pub labels: BTreeMap<String, String>,
     /// The pool this worker belongs to, if any.
     pub pool: Option<String>,
+    /// The `kiln-worker` binary that supervises shell commands (see
+    /// [`crate::commands::supervise`]); `None` runs them unsupervised.
+    pub supervisor: Option<PathBuf>,
 }
 
 /// Why the worker stopped for good.
@@ -175,6 +178,14 @@ async fn session(
     if draining {
         let _ = out_tx.send(pb::WorkerMessage { body: Some(Out::Draining(pb::Draining {})) }).await;
     }
+    // Fed every heartbeat while the master is heard from; the supervisors of this session's
+    // commands kill them when it stops (a frozen worker) or is dropped (the session ended).
+    let (lifeline, lifeline_rx) = watch::channel(0u64);
+    let supervision = config.supervisor.clone().map(|program| commands::Supervision {
+        program,
+        watchdog: watchdog(heartbeat),
+        lifeline: lifeline_rx,
+    });
     let mut beat = tokio::time::interval(heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0u64;
@@ -187,7 +198,7 @@ async fn session(
                     match message.body {
                         Some(In::Start(start)) => {
                             let id = start.command_id.clone();
-                            match spawn_command(config, start, out_tx.clone(), Arc::clone(&cut_off), &mut tasks) {
+                            match spawn_command(config, start, out_tx.clone(), Arc::clone(&cut_off), supervision.clone(), &mut tasks) {
                                 Ok(handle) => { running.insert(id, handle); }
                                 Err(reason) => {
                                     let complete = pb::CommandComplete { command_id: id, error: reason };
@@ -230,6 +241,7 @@ async fn session(
                 if last_heard.elapsed() > heartbeat * 3 {
                     break SessionEnd::Lost("the master went silent".into());
                 }
+                lifeline.send_modify(|n| *n = n.wrapping_add(1));
                 sequence += 1;
                 let _ = out_tx.send(pb::WorkerMessage { body: Some(Out::Heartbeat(pb::Heartbeat { sequence })) }).await;
             }
@@ -251,6 +263,8 @@ async fn session(
     // Whatever ended the session, no command of it may outlive it: the master is re-running (or
     // has finished) its builds elsewhere.
     crate::probes::connected(false);
+    drop(lifeline);
+    drop(supervision);
     cut_off.store(true, std::sync::atomic::Ordering::SeqCst);
     for command in running.values() {
         command.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -261,6 +275,13 @@ async fn session(
         SessionEnd::Lost(_) if draining || *kill.borrow() => SessionEnd::Drained,
         other => other,
     })
+}
+
+/// How long a supervisor lets a command run without a feed: three heartbeats, at least three
+/// seconds (a loaded machine may delay a tick). The master waits longer than this before it
+/// re-runs a lost worker's build (`Master::orphan_deadline`).
+pub fn watchdog(heartbeat: Duration) -> Duration {
+    (heartbeat * 3).max(Duration::from_secs(3))
 }
 
 fn classify(status: tonic::Status) -> SessionFailure {
@@ -303,6 +324,7 @@ fn spawn_command(
     start: pb::StartCommand,
     out: mpsc::Sender<pb::WorkerMessage>,
     cut_off: Arc<AtomicBool>,
+    supervision: Option<commands::Supervision>,
     tasks: &mut JoinSet<String>,
 ) -> Result<Running, String> {
     use pb::start_command::Command as C;
@@ -334,6 +356,7 @@ fn spawn_command(
             timeout: (s.timeout_secs > 0).then(|| Duration::from_secs(u64::from(s.timeout_secs))),
             max_time: (s.max_time_secs > 0).then(|| Duration::from_secs(u64::from(s.max_time_secs))),
             log_environ: s.log_environ,
+            supervision,
         }),
         C::Git(g) => Job::Git(GitArgs {
             repourl: g.repourl,

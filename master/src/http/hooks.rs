@@ -100,15 +100,27 @@ async fn handle(
             return (status, error.to_string()).into_response();
         }
     };
+    if let Some((index, field)) = changes.iter().enumerate().find_map(|(i, c)| c.nul_field().map(|f| (i, f))) {
+        tracing::warn!(dialect, index, field, "change hook delivery refused: a NUL byte in the text");
+        return (StatusCode::BAD_REQUEST, format!("change {index}: {field} must not contain NUL bytes"))
+            .into_response();
+    }
     if changes.is_empty() {
         return (StatusCode::OK, "no change found").into_response();
     }
     let count = changes.len();
     match master.add_changes(changes).await {
         Ok(_) => (StatusCode::OK, format!("{count} change found")).into_response(),
-        Err(SubmitError::Store(error)) => {
+        Err(SubmitError::Store(crate::store::StoreError::Invalid(reason))) => {
+            (StatusCode::BAD_REQUEST, format!("Error processing changes: {reason}")).into_response()
+        }
+        Err(SubmitError::Store(error)) if error.is_unavailable() => {
             tracing::error!(%error, "could not store changes");
             (StatusCode::SERVICE_UNAVAILABLE, "Error processing changes: the database is unavailable").into_response()
+        }
+        Err(SubmitError::Store(error)) => {
+            tracing::error!(%error, "could not store changes");
+            (StatusCode::INTERNAL_SERVER_ERROR, "Error processing changes").into_response()
         }
         Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
     }

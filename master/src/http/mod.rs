@@ -34,7 +34,28 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/readyz", get(ready))
         .layer(axum::Extension(Arc::new(hooks::Hooks::from_config(&master.config.change_hooks))))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(refuse_nul_in_uri))
         .with_state(master)
+}
+
+/// Refuses a request whose path or query holds a NUL byte (`%00`), which no database stores the
+/// same way, with 400 naming the place, before any handler sees it.
+async fn refuse_nul_in_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match nul_in_uri(request.uri()) {
+        Some(place) => ApiError::BadRequest(format!("{place}: text must not contain NUL bytes")).into_response(),
+        None => next.run(request).await,
+    }
+}
+
+fn nul_in_uri(uri: &axum::http::Uri) -> Option<String> {
+    if uri.path().contains("%00") {
+        return Some("the path".into());
+    }
+    let query = uri.query()?;
+    query.split('&').find(|pair| pair.contains("%00")).map(|pair| {
+        let key = pair.split('=').next().unwrap_or_default().replace("%00", "\\0");
+        format!("query parameter {key:?}")
+    })
 }
 
 /// Prometheus's scrape: gauges read now, counters and histograms as recorded.
@@ -71,16 +92,14 @@ async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) 
 pub enum ApiError {
     NotFound(String),
     BadRequest(String),
+    Unavailable(String),
     Internal(String),
 }
 
 impl From<DataError> for ApiError {
     fn from(error: DataError) -> Self {
         match error {
-            DataError::Store(inner) => {
-                tracing::error!(error = %inner, "database error in the data API");
-                ApiError::Internal("database error".into())
-            }
+            DataError::Store(inner) => ApiError::from(crate::store::StoreError::from(inner)),
             other => ApiError::BadRequest(other.to_string()),
         }
     }
@@ -90,6 +109,11 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(error: crate::store::StoreError) -> Self {
         match error {
             crate::store::StoreError::NotFound(what) => ApiError::NotFound(what),
+            crate::store::StoreError::Invalid(reason) => ApiError::BadRequest(reason),
+            other if other.is_unavailable() => {
+                tracing::warn!(error = %other, "the data API cannot reach the database");
+                ApiError::Unavailable("the database is unavailable; try again".into())
+            }
             other => {
                 tracing::error!(error = %other, "store error in the data API");
                 ApiError::Internal("database error".into())
@@ -103,6 +127,7 @@ impl IntoResponse for ApiError {
         let (status, message) = match self {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
         };
         (status, [(header::CONTENT_TYPE, "application/json")], json!({ "error": message }).to_string()).into_response()

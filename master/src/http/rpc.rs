@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
 use crate::secrets;
-use crate::store::SourceStamp;
+use crate::store::{SourceStamp, StoreError};
 
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
@@ -48,6 +48,14 @@ pub async fn post(
         }
     };
     let id = request.get("id").cloned().unwrap_or(Value::Null);
+    if let Some(place) = nul_in(&request, String::new()) {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            INVALID_PARAMS,
+            format!("{place}: text must not contain NUL bytes"),
+        );
+    }
     let Some(method) = request.get("method").and_then(Value::as_str) else {
         return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_REQUEST, "missing method");
     };
@@ -61,7 +69,7 @@ pub async fn post(
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let reason = text_param(&params, "reason").ok().flatten().unwrap_or_else(|| "no reason given".into());
     let undefined =
-        || rpc_error(StatusCode::NOT_IMPLEMENTED, &id, METHOD_NOT_FOUND, format!("action '{method}' is not defined"));
+        || rpc_error(StatusCode::BAD_REQUEST, &id, METHOD_NOT_FOUND, format!("action '{method}' is not defined"));
     let number = |text: &str| text.parse::<i64>().ok();
     match (segments.as_slice(), method) {
         (["forceschedulers", name], "force") => force(&master, name, &params, &id).await,
@@ -167,10 +175,36 @@ fn reply(id: &Value, outcome: Result<Value, ControlError>) -> Response {
             rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
         }
         Err(ControlError::Finished(why)) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, why),
-        Err(ControlError::Store(error)) => {
-            tracing::error!(%error, "control action failed in the database");
+        Err(ControlError::Store(error)) => store_error(id, &error, "control action"),
+    }
+}
+
+/// A store failure as a JSON-RPC error: the caller's bad value is 400, an unreachable database
+/// 503 (retry later), anything else 500. The cause is logged, never sent.
+fn store_error(id: &Value, error: &StoreError, what: &str) -> Response {
+    match error {
+        StoreError::Invalid(reason) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, reason.clone()),
+        error if error.is_unavailable() => {
+            tracing::warn!(%error, "{what} failed: the database is unavailable");
+            rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, INTERNAL_ERROR, "the database is unavailable; try again")
+        }
+        error => {
+            tracing::error!(%error, "{what} failed in the database");
             rpc_error(StatusCode::INTERNAL_SERVER_ERROR, id, INTERNAL_ERROR, "database error")
         }
+    }
+}
+
+/// Where in a JSON value a string (or a key) holds a NUL byte, as a dotted path.
+fn nul_in(value: &Value, path: String) -> Option<String> {
+    let at = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+    match value {
+        Value::String(text) if text.contains('\0') => Some(if path.is_empty() { "body".into() } else { path }),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| nul_in(item, format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') { Some(at(&key.replace('\0', "\\0"))) } else { nul_in(item, at(key)) }
+        }),
+        _ => None,
     }
 }
 
@@ -257,10 +291,7 @@ async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> 
         Err(SubmitError::UnknownScheduler(name)) => {
             rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no force scheduler named {name:?}"))
         }
-        Err(SubmitError::Store(error)) => {
-            tracing::error!(%error, "force failed in the database");
-            rpc_error(StatusCode::INTERNAL_SERVER_ERROR, id, INTERNAL_ERROR, "database error")
-        }
+        Err(SubmitError::Store(error)) => store_error(id, &error, "force"),
         Err(other) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, other.to_string()),
     }
 }

@@ -277,11 +277,11 @@ impl KubernetesPool {
                 Some(Ok(event)) => self.apply(event, &mut listing),
             };
             for name in gone {
+                // A scale-down pause stays: should the process of a deleted pod still reach the
+                // master (a partitioned node), it must not be given work again. Pod names of a
+                // Deployment are never reused.
                 master.worker_gone(&name).await;
-                let was_drained = self.state().drained.remove(&name).is_some();
-                if was_drained && let Err(error) = master.store.set_worker_paused(&name, false, None).await {
-                    warn!(worker = %name, %error, "cannot clear the scale-down pause");
-                }
+                self.state().drained.remove(&name);
             }
             self.changed.notify_one();
         }

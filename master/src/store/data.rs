@@ -370,6 +370,7 @@ fn parse_value(field: &Field, value: &str) -> Result<Bind, DataError> {
             "false" | "0" | "no" | "off" => 0,
             _ => return Err(bad("expected true or false")),
         }),
+        Kind::Text | Kind::Json if value.contains('\0') => return Err(bad("text must not contain NUL bytes")),
         Kind::Text | Kind::Json => Bind::Text(value.to_owned()),
     })
 }
@@ -509,7 +510,13 @@ pub(super) async fn list(
             Some(name) => (name, "DESC"),
             None => (item.as_str(), "ASC"),
         };
-        order.push(format!("{} {direction}", field(spec, name)?.sql));
+        let sql = field(spec, name)?.sql;
+        // A field Kiln reports as a constant (such as `locks_duration_s`) orders nothing; a
+        // number in ORDER BY would name a column position instead.
+        if sql.parse::<i64>().is_ok() {
+            continue;
+        }
+        order.push(format!("{sql} {direction}"));
     }
     order.push(format!("{} ASC", spec.key));
     let columns: Vec<&str> = spec.fields.iter().map(|f| f.sql).collect();

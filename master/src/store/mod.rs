@@ -33,11 +33,36 @@ pub enum StoreError {
     #[error("migration {version} failed: {source}")]
     Migration { version: i64, source: sqlx::Error },
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("corrupt data: {0}")]
     Corrupt(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The database refused a value the caller gave (for example a NUL byte in text, which
+    /// PostgreSQL cannot store): the caller's mistake, not an outage.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        // SQLSTATE class 22 is "data exception": the value, not the database, is at fault.
+        // 22021 is a byte sequence invalid in the encoding (a NUL byte), 22P05 an untranslatable
+        // character, 22003 a number out of range.
+        let code = error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        match code.as_deref() {
+            Some("22021") | Some("22P05") => StoreError::Invalid("text must not contain NUL bytes".into()),
+            Some("22003") => StoreError::Invalid("a number is out of range".into()),
+            _ => StoreError::Database(error),
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the failure is the database's (unreachable, failing): callers answer 503 and retry.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Database(_) | StoreError::Connect { .. })
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -87,6 +112,28 @@ pub struct NewChange {
 }
 
 impl NewChange {
+    /// The first text field holding a NUL byte, which no database stores the same way (PostgreSQL
+    /// refuses it), so a change with one is refused before it is stored.
+    pub fn nul_field(&self) -> Option<&'static str> {
+        let texts: [(&'static str, Option<&str>); 10] = [
+            ("author", Some(&self.author)),
+            ("committer", self.committer.as_deref()),
+            ("comments", Some(&self.comments)),
+            ("branch", self.branch.as_deref()),
+            ("revision", self.revision.as_deref()),
+            ("revlink", self.revlink.as_deref()),
+            ("category", self.category.as_deref()),
+            ("repository", Some(&self.repository)),
+            ("codebase", Some(&self.codebase)),
+            ("project", Some(&self.project)),
+        ];
+        texts
+            .into_iter()
+            .find(|(_, text)| text.is_some_and(|t| t.contains('\0')))
+            .map(|(name, _)| name)
+            .or_else(|| self.files.iter().any(|f| f.contains('\0')).then_some("files"))
+    }
+
     /// The source state the change describes.
     pub fn sourcestamp(&self) -> SourceStamp {
         SourceStamp {
@@ -195,8 +242,10 @@ pub struct NewBuild {
 pub struct Reaped {
     /// Requests put back in the queue.
     pub requeued: Vec<i64>,
-    /// Builds finished as RETRY.
+    /// Builds finished as RETRY (or CANCELLED, for a request someone asked to stop).
     pub retried_builds: Vec<i64>,
+    /// Requests someone asked to stop, completed as CANCELLED instead of re-queued.
+    pub cancelled: Vec<i64>,
 }
 
 fn get_i64(row: &AnyRow, column: &str) -> Result<i64> {
@@ -1008,18 +1057,34 @@ impl Store {
         .transpose()
     }
 
-    /// Extends the leases of every request this master holds, and its own heartbeat.
-    pub async fn renew_leases(&self, masterid: i64, lease_ms: i64) -> Result<u64> {
+    /// Extends the leases of the claims in `held` — the builds this process runs, by request id
+    /// and claim token — and the master's heartbeat. Only these: a claim of the same master id
+    /// that this process does not run (a predecessor's, after a restart under the same name)
+    /// must expire and be taken back. Returns the requests whose claims are still held; a
+    /// missing one was taken back.
+    pub async fn renew_leases(&self, masterid: i64, held: &[(i64, i64)], lease_ms: i64) -> Result<Vec<i64>> {
         let now = self.now_ms();
         self.master_heartbeat(masterid).await?;
-        let done = sqlx::query(
-            "UPDATE buildrequests SET lease_expires_at = $1 WHERE claimed_by_masterid = $2 AND complete = 0",
-        )
-        .bind(now + lease_ms)
-        .bind(masterid)
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected())
+        let mut renewed = Vec::with_capacity(held.len());
+        // Ids are integers formatted here, never caller text; a few hundred per statement.
+        for batch in held.chunks(500) {
+            let ids = batch.iter().map(|(brid, _)| brid.to_string()).collect::<Vec<_>>().join(",");
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE buildrequests SET lease_expires_at = $1 \
+                 WHERE claimed_by_masterid = $2 AND complete = 0 AND id IN ({ids}) RETURNING id, claim_token"
+            )))
+            .bind(now + lease_ms)
+            .bind(masterid)
+            .fetch_all(&self.write)
+            .await?;
+            for row in rows {
+                let (brid, token) = (get_i64(&row, "id")?, row.try_get::<Option<i64>, _>("claim_token")?);
+                if batch.iter().any(|(b, t)| *b == brid && Some(*t) == token) {
+                    renewed.push(brid);
+                }
+            }
+        }
+        Ok(renewed)
     }
 
     /// Whether a claim is still held with this token.
@@ -1052,15 +1117,15 @@ impl Store {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        Self::maybe_complete_buildset(&mut tx, brid, now).await?;
+        let row =
+            sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1").bind(brid).fetch_one(&mut *tx).await?;
+        Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now).await?;
         tx.commit().await?;
         Ok(true)
     }
 
-    async fn maybe_complete_buildset(conn: &mut sqlx::AnyConnection, brid: i64, now: i64) -> Result<()> {
-        let row =
-            sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1").bind(brid).fetch_one(&mut *conn).await?;
-        let bsid = get_i64(&row, "buildsetid")?;
+    /// Completes buildset `bsid` with the worst result of its requests once all are complete.
+    async fn maybe_complete_buildset(conn: &mut sqlx::AnyConnection, bsid: i64, now: i64) -> Result<()> {
         let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildsetid = $1")
             .bind(bsid)
             .fetch_all(&mut *conn)
@@ -1286,8 +1351,8 @@ impl Store {
         let mut tx = self.write.begin().await?;
         let lock = self.skip_locked();
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NOT NULL \
-             AND lease_expires_at < $1 ORDER BY id {lock}"
+            "SELECT id, buildsetid, stop_requested FROM buildrequests WHERE complete = 0 \
+             AND claimed_by_masterid IS NOT NULL AND lease_expires_at < $1 ORDER BY id {lock}"
         )))
         .bind(now)
         .fetch_all(&mut *tx)
@@ -1295,14 +1360,33 @@ impl Store {
         let mut reaped = Reaped::default();
         for row in rows {
             let brid = get_i64(&row, "id")?;
+            // A stop asked of a build whose master is gone takes effect here: the request ends
+            // CANCELLED instead of returning to the queue.
+            let stopped = get_i64(&row, "stop_requested")? != 0;
+            let (results, state) =
+                if stopped { (Results::Cancelled, "cancelled") } else { (Results::Retry, "retry: lease expired") };
             let builds = sqlx::query("SELECT id FROM builds WHERE buildrequestid = $1 AND complete_at IS NULL")
                 .bind(brid)
                 .fetch_all(&mut *tx)
                 .await?;
             for build in builds {
                 let buildid = get_i64(&build, "id")?;
-                Self::finish_open_build(&mut tx, buildid, Results::Retry, "retry: lease expired", now).await?;
+                Self::finish_open_build(&mut tx, buildid, results, state, now).await?;
                 reaped.retried_builds.push(buildid);
+            }
+            if stopped {
+                sqlx::query(
+                    "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, lease_expires_at = NULL \
+                     WHERE id = $3",
+                )
+                .bind(now)
+                .bind(Results::Cancelled.code())
+                .bind(brid)
+                .execute(&mut *tx)
+                .await?;
+                Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now).await?;
+                reaped.cancelled.push(brid);
+                continue;
             }
             sqlx::query(
                 "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \

@@ -4,13 +4,14 @@
 
 mod fs;
 mod shell;
+pub mod supervise;
 
 use std::path::{Component, Path, PathBuf};
 
 use tokio::sync::{mpsc, watch};
 
 pub use fs::{download_file, glob, listdir, mkdir, rmdir, stat, upload_file};
-pub use shell::{ShellArgs, run_shell};
+pub use shell::{ShellArgs, Supervision, run_shell};
 
 /// Which output a chunk belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

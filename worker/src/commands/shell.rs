@@ -23,6 +23,21 @@ pub struct ShellArgs {
     pub timeout: Option<Duration>,
     pub max_time: Option<Duration>,
     pub log_environ: bool,
+    /// Run under a supervisor that kills the command's group when the worker dies or stops
+    /// feeding it (see `supervise`); `None` runs the program directly.
+    pub supervision: Option<Supervision>,
+}
+
+/// How a command is supervised.
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// The `kiln-worker` binary, re-executed as the supervisor.
+    pub program: PathBuf,
+    /// The supervisor kills the command after this long without a feed.
+    pub watchdog: Duration,
+    /// Changes every heartbeat while the worker's session is alive; each change feeds the
+    /// supervisor. Dropped senders stop the feeding.
+    pub lifeline: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Output is sent once this much is buffered, even in the middle of a line.
@@ -98,15 +113,28 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, stream: Stream, tx: mpsc::Sender
 /// Runs a shell command to completion, interruption or timeout.
 pub async fn run_shell(args: ShellArgs, report: &Reporter, mut interrupt: Interrupt) -> Result<(), String> {
     std::fs::create_dir_all(&args.workdir).map_err(|e| format!("cannot create {}: {e}", args.workdir.display()))?;
-    let (mut command, shown) = if args.argv.is_empty() {
+    let (program, shown): (Vec<String>, String) = if args.argv.is_empty() {
         let script = args.script.clone().unwrap_or_default();
-        let mut command = Command::new("/bin/sh");
-        command.arg("-c").arg(&script);
-        (command, script)
+        (vec!["/bin/sh".into(), "-c".into(), script.clone()], script)
     } else {
-        let mut command = Command::new(&args.argv[0]);
-        command.args(&args.argv[1..]);
-        (command, args.argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "))
+        (args.argv.clone(), args.argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "))
+    };
+    let mut command = match &args.supervision {
+        Some(supervision) => {
+            let mut command = Command::new(&supervision.program);
+            command
+                .arg(super::supervise::ARG)
+                .arg(supervision.watchdog.as_millis().to_string())
+                .arg("--")
+                .args(&program)
+                .stdin(Stdio::piped());
+            command
+        }
+        None => {
+            let mut command = Command::new(&program[0]);
+            command.args(&program[1..]).stdin(Stdio::null());
+            command
+        }
     };
     for name in &args.unset_env {
         command.env_remove(name);
@@ -116,7 +144,6 @@ pub async fn run_shell(args: ShellArgs, report: &Reporter, mut interrupt: Interr
     }
     command
         .current_dir(&args.workdir)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -143,6 +170,8 @@ pub async fn run_shell(args: ShellArgs, report: &Reporter, mut interrupt: Interr
         }
     };
     let pid = child.id();
+    let mut lifeline_pipe = child.stdin.take();
+    let mut lifeline = args.supervision.as_ref().map(|s| s.lifeline.clone());
     let (out_tx, mut out_rx) = mpsc::channel(16);
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -180,6 +209,22 @@ pub async fn run_shell(args: ShellArgs, report: &Reporter, mut interrupt: Interr
             exit = child.wait(), if status.is_none() => {
                 status = Some(exit);
                 exit_deadline = Some(Instant::now() + Duration::from_secs(2));
+            }
+            fed = async { lifeline.as_mut().expect("guarded").changed().await }, if lifeline.is_some() => {
+                match (fed, lifeline_pipe.as_mut()) {
+                    (Ok(()), Some(pipe)) => {
+                        // A closed pipe means the supervisor has ended; nothing to feed.
+                        use tokio::io::AsyncWriteExt;
+                        if pipe.write_all(b".").await.is_err() {
+                            lifeline_pipe = None;
+                        }
+                    }
+                    // The session ended: stop feeding; the worker kills the command anyway.
+                    _ => {
+                        lifeline = None;
+                        lifeline_pipe = None;
+                    }
+                }
             }
             changed = interrupt.changed(), if failure.is_none() => {
                 if changed.is_err() || *interrupt.borrow() {
