@@ -2,6 +2,7 @@
 //! repositories, masters on loopback ports and real `kiln-worker` processes.
 
 pub mod kube;
+pub mod ledger;
 pub mod pg;
 pub mod process;
 pub mod repo;

@@ -139,3 +139,91 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
 }
+
+/// A `kiln-master` process for the fault suite: its ports and configuration are fixed when it is
+/// made, so it can be killed and started again in place, as a crashed master is restarted.
+pub struct MasterNode {
+    pub name: String,
+    pub http: u16,
+    pub grpc: u16,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl MasterNode {
+    /// Writes the configuration of master `name` — `body` (builders, schedulers) on `database`,
+    /// the test token, heartbeats of 0.5 s and a lease of `lease` seconds — and starts it.
+    pub async fn start(dir: &std::path::Path, name: &str, database: &str, lease: u64, body: &str) -> MasterNode {
+        let (http, grpc) = (free_port(), free_port());
+        let data = dir.join(format!("data-{name}"));
+        let config = format!(
+            "master_name: {name}\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\n\
+             workers:\n  listen: \"127.0.0.1:{grpc}\"\n  heartbeat_interval: 0.5\n  lease_seconds: {lease}\n  \
+             tokens: [{{name: test, value: {}}}]\n{body}",
+            data.display(),
+            crate::system::TOKEN
+        );
+        let path = dir.join(format!("master-{name}.yaml"));
+        std::fs::write(&path, config).expect("master config");
+        let mut node = MasterNode {
+            name: name.to_owned(),
+            http,
+            grpc,
+            config: path,
+            log: dir.join(format!("master-{name}.log")),
+            child: None,
+        };
+        node.restart().await;
+        node
+    }
+
+    /// `http://127.0.0.1:<port>` of the API.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    /// The worker endpoint's URL.
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    /// Starts the process (again) and waits until its API answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "master {} is running", self.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("master log");
+        let child = Command::new(binary("kiln-master"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn kiln-master");
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let url = format!("{}/api/v2/masters", self.base());
+        crate::eventually(&format!("master {} to answer", self.name), Duration::from_secs(60), || {
+            let request = client.get(&url).send();
+            async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// Kills the process with SIGKILL, as a crash or a lost node would, and reaps it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Sends a signal to the running process.
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+}
