@@ -86,6 +86,14 @@ pub struct BuildOutcome {
     pub recorded: bool,
 }
 
+/// How following a running command ended.
+enum Followed {
+    /// It completed; `Some` carries why it could not run.
+    Completed(Option<String>),
+    /// The session with its worker ended first.
+    Lost,
+}
+
 /// What a step contributed.
 #[derive(Debug, Clone, PartialEq)]
 struct StepOutcome {
@@ -312,7 +320,7 @@ impl StepRunner<'_> {
         let mut interrupted = false;
         let mut flush_tick = tokio::time::interval(LogWriter::FLUSH_INTERVAL);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let followed: Result<Option<Option<String>>, StoreError> = async {
+        let followed: Result<Followed, StoreError> = async {
             loop {
                 let event = tokio::select! {
                     event = running.next() => event,
@@ -342,15 +350,15 @@ impl StepRunner<'_> {
                         log.header(&format!("failure reason: {reason}\n"))
                     }
                     CommandEvent::Update(_) => {}
-                    CommandEvent::Complete(error) => return Ok(Some(error)),
-                    CommandEvent::Lost => return Ok(None),
+                    CommandEvent::Complete(error) => return Ok(Followed::Completed(error)),
+                    CommandEvent::Lost => return Ok(Followed::Lost),
                 }
             }
         }
         .await;
         let error = match followed {
-            Ok(Some(error)) => error,
-            Ok(None) => {
+            Ok(Followed::Completed(error)) => error,
+            Ok(Followed::Lost) => {
                 // The session ended under the command. Its worker kills it within the orphan
                 // deadline; only then may the build end RETRY and its request run elsewhere. A
                 // cancellation ends it at once: nothing will run again.
@@ -556,16 +564,16 @@ impl StepRunner<'_> {
 /// up and leaves its request to the lease.
 const OUTAGE_PATIENCE: Duration = Duration::from_secs(300);
 
-/// Runs a store write, again and again while the database is unreachable (up to
-/// [`OUTAGE_PATIENCE`]), so that a build whose command has finished during an outage is recorded
-/// once the database is back instead of being run again. Whether the claim still holds is
-/// decided by the write itself (its claim token).
-async fn persist<T, F, Fut>(what: &str, mut write: F) -> Result<T, StoreError>
+/// Runs a store write, again and again while the database is unreachable (for up to
+/// `patience`), so that a build whose command has finished during an outage is recorded once
+/// the database is back instead of being run again. Whether the claim still holds is decided by
+/// the write itself (its claim token). Other errors return at once.
+pub(crate) async fn persist_within<T, F, Fut>(what: &str, patience: Duration, mut write: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let deadline = Instant::now() + OUTAGE_PATIENCE;
+    let deadline = Instant::now() + patience;
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
@@ -582,6 +590,15 @@ where
             outcome => return outcome,
         }
     }
+}
+
+/// [`persist_within`] the build's [`OUTAGE_PATIENCE`].
+async fn persist<T, F, Fut>(what: &str, write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    persist_within(what, OUTAGE_PATIENCE, write).await
 }
 
 async fn interrupt(running: &RunningCommand, reason: &str) {

@@ -1243,20 +1243,12 @@ impl Master {
     /// the database is unreachable, for up to a lease: past that the claim has expired and any
     /// master's housekeeping takes it back.
     async fn hand_back(&self, request: &ClaimedRequest) -> bool {
-        let deadline = Instant::now() + self.lease;
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match self.store.release_request(request.brid, request.claim_token).await {
-                Ok(released) => return released,
-                Err(error) if Instant::now() + delay < deadline && !self.is_shutting_down() => {
-                    debug!(brid = request.brid, %error, "cannot hand the request back yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(error) => {
-                    warn!(brid = request.brid, %error, "cannot hand the request back; its lease will expire");
-                    return false;
-                }
+        let release = || self.store.release_request(request.brid, request.claim_token);
+        match engine::persist_within("hand the request back", self.lease, release).await {
+            Ok(released) => released,
+            Err(error) => {
+                warn!(brid = request.brid, %error, "cannot hand the request back; its lease will expire");
+                false
             }
         }
     }
