@@ -18,7 +18,9 @@ use crate::properties::Properties;
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
 use crate::results::Results;
 use crate::schedulers::{self, ChangeScheduler, Classification};
-use crate::store::{Change, ClaimedRequest, NewBuildset, NewChange, Notification, SourceStamp, Store, StoreError};
+use crate::store::{
+    Change, ClaimedRequest, NewBuildset, NewChange, Notification, SessionLock, SourceStamp, Store, StoreError,
+};
 
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +248,11 @@ pub struct Master {
     shutting_down: watch::Sender<bool>,
     lease: Duration,
     pub heartbeat: Duration,
+    /// The lock saying that this process is the one running as `masterid` (see
+    /// [`take_instance`]); `None` while another live process holds it.
+    instance: tokio::sync::Mutex<Option<SessionLock>>,
+    /// When the claims a previous run under this id left become takeable, if it left any.
+    orphans_due: Option<Instant>,
 }
 
 impl std::fmt::Debug for Master {
@@ -262,6 +269,9 @@ impl Master {
             format!("{host}:{}", config.data_dir.display())
         });
         let masterid = store.register_master(&name).await?;
+        let heartbeat = Duration::from_secs_f64(config.workers.heartbeat_interval);
+        let (instance, orphans_due) =
+            take_instance(&store, masterid, &name, crate::config::orphan_deadline(heartbeat)).await?;
         let mut builders = Vec::new();
         for builder in &config.builders {
             let id = store.upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags).await?;
@@ -334,7 +344,9 @@ impl Master {
             timers_changed: Notify::new(),
             buildsets_completed: Notify::new(),
             lease: Duration::from_secs(config.workers.lease_seconds),
-            heartbeat: Duration::from_secs_f64(config.workers.heartbeat_interval),
+            heartbeat,
+            instance: tokio::sync::Mutex::new(instance),
+            orphans_due,
             config,
             store,
             masterid,
@@ -1458,11 +1470,13 @@ impl Master {
         let mut shutdown = self.shutting_down.subscribe();
         let period = (self.lease / 4).max(Duration::from_millis(250));
         let mut last_renewal = Instant::now();
+        let mut orphans_due = self.orphans_due;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(next_round(period, &mut orphans_due)) => {}
                 _ = shutdown.changed() => return,
             }
+            self.keep_instance_lock().await;
             let held: Vec<(i64, i64)> =
                 self.running.lock().expect("running poisoned").iter().map(|(brid, b)| (*brid, b.claim_token)).collect();
             match self.store.renew_leases(self.masterid, &held, self.lease.as_millis() as i64).await {
@@ -1514,6 +1528,27 @@ impl Master {
                     warn!(%error, "could not reap expired claims");
                 }
             }
+        }
+    }
+
+    /// Checks that this process still holds its instance lock (a database restart ends the
+    /// session holding it) and takes it again when it is free.
+    async fn keep_instance_lock(&self) {
+        let mut instance = self.instance.lock().await;
+        if let Some(lock) = instance.as_mut() {
+            if lock.check().await.is_ok() {
+                return;
+            }
+            warn!("lost the database session holding this master's instance lock");
+            *instance = None;
+        }
+        match self.store.try_session_lock(&instance_lock_name(self.masterid)).await {
+            Ok(Some(lock)) => {
+                info!(master = %self.name, "holding this master's instance lock again");
+                *instance = Some(lock);
+            }
+            Ok(None) => debug!(master = %self.name, "another process holds this master's instance lock"),
+            Err(error) => debug!(%error, "cannot take this master's instance lock"),
         }
     }
 
@@ -1575,6 +1610,52 @@ impl Master {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The name of the lock held by the process running as master `masterid`.
+fn instance_lock_name(masterid: i64) -> String {
+    format!("kiln-master:{masterid}")
+}
+
+/// Takes the instance lock of `masterid`. Holding it proves that no other live process runs
+/// under this id, so claims carrying the id are a previous run's orphans: their leases are
+/// brought forward to `deadline` from now — when that run's commands are surely dead, since its
+/// workers lost their sessions no later than this start — instead of running a whole lease.
+/// Without the lock (two masters share a name, or a predecessor's database session has not
+/// ended yet) the claims are left to their leases. Returns the lock and when orphans are due.
+async fn take_instance(
+    store: &Store,
+    masterid: i64,
+    name: &str,
+    deadline: Duration,
+) -> Result<(Option<SessionLock>, Option<Instant>), StoreError> {
+    let Some(lock) = store.try_session_lock(&instance_lock_name(masterid)).await? else {
+        warn!(
+            master = %name,
+            masterid,
+            "another live process holds this master's instance lock: two masters run under one name, or the \
+             previous one's database session has not ended yet; the claims it left are taken back when their \
+             leases expire"
+        );
+        return Ok((None, None));
+    };
+    let shortened = store.shorten_claims(masterid, store.now_ms() + deadline.as_millis() as i64).await?;
+    if shortened == 0 {
+        return Ok((Some(lock), None));
+    }
+    warn!(requests = shortened, after = ?deadline, "a previous run of this master left claimed requests; re-running them");
+    Ok((Some(lock), Some(Instant::now() + deadline)))
+}
+
+/// How long housekeeping sleeps: one period, or less to reap orphans the moment they are due.
+fn next_round(period: Duration, orphans_due: &mut Option<Instant>) -> Duration {
+    let Some(due) = *orphans_due else { return period };
+    let until = due.saturating_duration_since(Instant::now()) + Duration::from_millis(20);
+    if until <= period {
+        *orphans_due = None;
+        return until;
+    }
+    period
 }
 
 fn hostname() -> String {

@@ -155,8 +155,21 @@ impl MasterNode {
     /// Writes the configuration of master `name` — `body` (builders, schedulers) on `database`,
     /// the test token, heartbeats of 0.5 s and a lease of `lease` seconds — and starts it.
     pub async fn start(dir: &std::path::Path, name: &str, database: &str, lease: u64, body: &str) -> MasterNode {
+        Self::start_as(dir, name, name, database, lease, body).await
+    }
+
+    /// [`MasterNode::start`] for a process called `node` here (its files and ports are its own)
+    /// that runs as master `name`, so two processes can share one master name.
+    pub async fn start_as(
+        dir: &std::path::Path,
+        node: &str,
+        name: &str,
+        database: &str,
+        lease: u64,
+        body: &str,
+    ) -> MasterNode {
         let (http, grpc) = (free_port(), free_port());
-        let data = dir.join(format!("data-{name}"));
+        let data = dir.join(format!("data-{node}"));
         let config = format!(
             "master_name: {name}\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\n\
              workers:\n  listen: \"127.0.0.1:{grpc}\"\n  heartbeat_interval: 0.5\n  lease_seconds: {lease}\n  \
@@ -164,14 +177,14 @@ impl MasterNode {
             data.display(),
             crate::system::TOKEN
         );
-        let path = dir.join(format!("master-{name}.yaml"));
+        let path = dir.join(format!("master-{node}.yaml"));
         std::fs::write(&path, config).expect("master config");
         let mut node = MasterNode {
-            name: name.to_owned(),
+            name: node.to_owned(),
             http,
             grpc,
             config: path,
-            log: dir.join(format!("master-{name}.log")),
+            log: dir.join(format!("master-{node}.log")),
             child: None,
         };
         node.restart().await;
@@ -217,6 +230,11 @@ impl MasterNode {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
         }
+    }
+
+    /// What the process has logged so far (across restarts).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Sends a signal to the running process.

@@ -39,6 +39,7 @@ conformance!(
     a_stale_claim_token_changes_nothing,
     a_released_request_returns_to_the_queue,
     expired_leases_are_reaped_and_their_builds_retried,
+    shortened_claims_expire_early_and_only_for_their_master,
     builds_are_numbered_per_builder,
     a_buildset_completes_with_the_worst_result,
     logs_round_trip_through_compressed_chunks,
@@ -199,6 +200,43 @@ async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
         "the old claim is void"
     );
     assert_eq!(store.pending_count().await.unwrap(), 1);
+}
+
+async fn shortened_claims_expire_early_and_only_for_their_master(store: Store) {
+    let (restarted, other) = (store.register_master("m").await.unwrap(), store.register_master("n").await.unwrap());
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let orphan = store.claim_next(restarted, None, LEASE).await.unwrap().unwrap();
+    let live = store.claim_next(other, None, LEASE).await.unwrap().unwrap();
+    assert_eq!(store.shorten_claims(restarted, store.now_ms() + LEASE * 2).await.unwrap(), 0, "never lengthened");
+    assert_eq!(store.reap_expired_claims().await.unwrap().requeued, Vec::<i64>::new());
+    assert_eq!(store.shorten_claims(restarted, store.now_ms() - 1).await.unwrap(), 1);
+    let reaped = store.reap_expired_claims().await.unwrap();
+    assert_eq!(reaped.requeued, vec![orphan.brid], "only the restarted master's claim is taken back");
+    assert!(store.claim_held(live.brid, live.claim_token).await.unwrap());
+}
+
+/// A session lock on the database at `url` has one holder among stores (processes) at a time,
+/// and is free again once its holder lets it go.
+async fn a_session_lock_has_one_holder_at_a_time(url: &str) {
+    let (first, second) = (Store::connect(url).await.unwrap(), Store::connect(url).await.unwrap());
+    let held = first.try_session_lock("kiln-master:1").await.unwrap().expect("free at first");
+    assert!(second.try_session_lock("kiln-master:1").await.unwrap().is_none(), "held by the first store");
+    assert!(second.try_session_lock("kiln-master:2").await.unwrap().is_some(), "another name is free");
+    held.release().await;
+    assert!(second.try_session_lock("kiln-master:1").await.unwrap().is_some(), "free once released");
+}
+
+#[tokio::test]
+async fn a_session_lock_has_one_holder_at_a_time_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    a_session_lock_has_one_holder_at_a_time(&format!("sqlite://{}", dir.path().join("kiln.sqlite").display())).await;
+}
+
+#[tokio::test]
+async fn a_session_lock_has_one_holder_at_a_time_on_postgres() {
+    a_session_lock_has_one_holder_at_a_time(&pg::fresh_database().await).await;
 }
 
 async fn builds_are_numbered_per_builder(store: Store) {

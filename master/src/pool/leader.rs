@@ -5,19 +5,19 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::{Connection, Row};
 use tracing::{info, warn};
+
+use crate::store::{Backend, SessionLock, Store};
 
 /// How often a standby tries to take the lock, and a leader checks that it still holds it.
 pub const RETRY: Duration = Duration::from_secs(1);
 
 /// One master's claim to lead one pool.
 pub struct Leadership {
-    /// The PostgreSQL URL; `None` for SQLite, where this master always leads.
-    url: Option<String>,
-    key: i64,
+    /// The database; `None` for SQLite, where this master always leads.
+    store: Option<Store>,
     pool: String,
-    held: Option<sqlx::AnyConnection>,
+    held: Option<SessionLock>,
     checked: Instant,
 }
 
@@ -27,34 +27,28 @@ impl std::fmt::Debug for Leadership {
     }
 }
 
-/// The advisory lock key of a pool: stable across masters and releases (FNV-1a of the name).
-pub fn lock_key(pool: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in "kiln-pool:".bytes().chain(pool.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash as i64
+/// The name of a pool's lock: stable across masters and releases.
+fn lock_name(pool: &str) -> String {
+    format!("kiln-pool:{pool}")
 }
 
 impl Leadership {
-    pub fn new(database_url: &str, pool: &str) -> Leadership {
-        let url = (database_url.starts_with("postgres://") || database_url.starts_with("postgresql://"))
-            .then(|| database_url.to_owned());
-        Leadership { url, key: lock_key(pool), pool: pool.to_owned(), held: None, checked: Instant::now() }
+    pub fn new(store: &Store, pool: &str) -> Leadership {
+        let store = (store.backend() == Backend::Postgres).then(|| store.clone());
+        Leadership { store, pool: pool.to_owned(), held: None, checked: Instant::now() }
     }
 
     /// Whether this master leads the pool now: takes the lock if it is free, and checks (at most
     /// once per [`RETRY`]) that a held lock's connection is still alive.
     pub async fn hold(&mut self) -> bool {
-        let Some(url) = &self.url else { return true };
-        if let Some(conn) = &mut self.held {
+        let Some(store) = &self.store else { return true };
+        if let Some(lock) = &mut self.held {
             if self.checked.elapsed() < RETRY {
                 return true;
             }
             self.checked = Instant::now();
-            match tokio::time::timeout(RETRY * 3, sqlx::query("SELECT 1").execute(&mut *conn)).await {
-                Ok(Ok(_)) => return true,
+            match tokio::time::timeout(RETRY * 3, lock.check()).await {
+                Ok(Ok(())) => return true,
                 Ok(Err(error)) => warn!(pool = %self.pool, %error, "lost the database connection; no longer leading"),
                 Err(_) => warn!(pool = %self.pool, "the database does not answer; no longer leading"),
             }
@@ -62,16 +56,10 @@ impl Leadership {
             crate::telemetry::pool_leader(&self.pool, false);
             return false;
         }
-        let attempt = async {
-            let mut conn = sqlx::AnyConnection::connect(url).await?;
-            let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS ok").bind(self.key).fetch_one(&mut conn).await?;
-            let ok: bool = row.try_get("ok")?;
-            Ok::<_, sqlx::Error>(ok.then_some(conn))
-        };
-        match tokio::time::timeout(RETRY * 3, attempt).await {
-            Ok(Ok(Some(conn))) => {
+        match tokio::time::timeout(RETRY * 3, store.try_session_lock(&lock_name(&self.pool))).await {
+            Ok(Ok(Some(lock))) => {
                 info!(pool = %self.pool, "leading the pool's scaler");
-                self.held = Some(conn);
+                self.held = Some(lock);
                 self.checked = Instant::now();
                 crate::telemetry::pool_leader(&self.pool, true);
                 true
@@ -87,8 +75,8 @@ impl Leadership {
 
     /// Gives the lead up (at shutdown), so a standby takes over at once.
     pub async fn release(&mut self) {
-        if let Some(conn) = self.held.take() {
-            let _ = conn.close().await;
+        if let Some(lock) = self.held.take() {
+            lock.release().await;
             crate::telemetry::pool_leader(&self.pool, false);
         }
     }
@@ -99,9 +87,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pools_get_distinct_stable_keys() {
-        assert_eq!(lock_key("linux"), lock_key("linux"));
-        assert_ne!(lock_key("linux"), lock_key("arm"));
-        assert_eq!(Leadership::new("sqlite://x", "p").url, None);
+    fn pools_get_distinct_stable_lock_names() {
+        assert_eq!(lock_name("linux"), "kiln-pool:linux");
+        assert_ne!(crate::store::lock_key(&lock_name("linux")), crate::store::lock_key(&lock_name("arm")));
     }
 }

@@ -116,7 +116,7 @@ impl Pool {
         // Local processes belong to this machine; other backends have one scaler per database.
         let mut leadership = match self.backend {
             Backend::Local(_) => None,
-            _ => Some(Leadership::new(&master.config.database, &self.config.name)),
+            _ => Some(Leadership::new(&master.store, &self.config.name)),
         };
         let sweep = Duration::from_secs(30);
         let mut failures = 0u32;

@@ -6,6 +6,7 @@
 //! for claiming — is chosen by [`Backend`].
 
 mod data;
+mod locks;
 mod logs;
 mod migrations;
 
@@ -23,6 +24,7 @@ use crate::properties::Properties;
 use crate::results::Results;
 
 pub use data::{DataError, Filter, ListQuery, Op, Resource};
+pub use locks::{SessionLock, lock_key};
 pub use logs::{LogChunk, decode_chunk, encode_chunk};
 
 /// Why a store operation failed.
@@ -83,6 +85,8 @@ pub struct Store {
     read: AnyPool,
     backend: Backend,
     clock: Clock,
+    /// The SQLite database file (`None` in memory and on PostgreSQL); locks live beside it.
+    file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -295,7 +299,8 @@ impl Store {
                     .await
                     .map_err(connect_error)?
             };
-            Ok(Store { write, read, backend: Backend::Sqlite, clock })
+            let file = (!in_memory).then(|| Path::new(path).to_path_buf());
+            Ok(Store { write, read, backend: Backend::Sqlite, clock, file })
         } else {
             let pool = pool_options(clock, Duration::from_secs(10))
                 .max_connections(16)
@@ -303,7 +308,7 @@ impl Store {
                 .await
                 .map_err(connect_error)?;
             migrations::run(&pool, Backend::Postgres, clock).await?;
-            Ok(Store { write: pool.clone(), read: pool, backend: Backend::Postgres, clock })
+            Ok(Store { write: pool.clone(), read: pool, backend: Backend::Postgres, clock, file: None })
         }
     }
 
@@ -1085,6 +1090,22 @@ impl Store {
             }
         }
         Ok(renewed)
+    }
+
+    /// Brings the leases of `masterid`'s claims forward to `until` (where they run later): done
+    /// by a master at start, holding the instance lock of its id, so a predecessor's claims —
+    /// no live process runs them — are taken back as soon as its commands are surely dead
+    /// instead of a whole lease later. Returns how many claims were shortened.
+    pub async fn shorten_claims(&self, masterid: i64, until: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE buildrequests SET lease_expires_at = $1 \
+             WHERE claimed_by_masterid = $2 AND complete = 0 AND lease_expires_at > $1",
+        )
+        .bind(until)
+        .bind(masterid)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Whether a claim is still held with this token.
