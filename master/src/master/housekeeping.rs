@@ -1,0 +1,225 @@
+//! Housekeeping: this process's leases and instance lock, expired claims taken back, old logs
+//! deleted, and notifications from the other masters sharing the database.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use crate::engine::StopReason;
+use crate::store::{Notification, SessionLock, Store, StoreError};
+
+use super::Master;
+
+/// How many logs the janitor deletes per transaction.
+pub(super) const LOG_BATCH: i64 = 200;
+
+/// The name of the lock held by the process running as master `masterid`.
+pub(super) fn instance_lock_name(masterid: i64) -> String {
+    format!("kiln-master:{masterid}")
+}
+
+/// Takes the instance lock of `masterid`. Holding it proves that no other live process runs
+/// under this id, so claims carrying the id are a previous run's orphans: their leases are
+/// brought forward to `deadline` from now — when that run's commands are surely dead, since its
+/// workers lost their sessions no later than this start — instead of running a whole lease.
+/// Without the lock (two masters share a name, or a predecessor's database session has not
+/// ended yet) the claims are left to their leases. Returns the lock and when orphans are due.
+pub(super) async fn take_instance(
+    store: &Store,
+    masterid: i64,
+    name: &str,
+    deadline: Duration,
+) -> Result<(Option<SessionLock>, Option<Instant>), StoreError> {
+    let Some(lock) = store.try_session_lock(&instance_lock_name(masterid)).await? else {
+        warn!(
+            master = %name,
+            masterid,
+            "another live process holds this master's instance lock: two masters run under one name, or the \
+             previous one's database session has not ended yet; the claims it left are taken back when their \
+             leases expire"
+        );
+        return Ok((None, None));
+    };
+    let shortened = store.shorten_claims(masterid, store.now_ms() + deadline.as_millis() as i64).await?;
+    if shortened == 0 {
+        return Ok((Some(lock), None));
+    }
+    warn!(requests = shortened, after = ?deadline, "a previous run of this master left claimed requests; re-running them");
+    Ok((Some(lock), Some(Instant::now() + deadline)))
+}
+
+/// How long housekeeping sleeps: one period, or less to reap orphans the moment they are due.
+pub(super) fn next_round(period: Duration, orphans_due: &mut Option<Instant>) -> Duration {
+    let Some(due) = *orphans_due else { return period };
+    let until = due.saturating_duration_since(Instant::now()) + Duration::from_millis(20);
+    if until <= period {
+        *orphans_due = None;
+        return until;
+    }
+    period
+}
+
+impl Master {
+    /// Renews this master's leases, stops builds whose claim was taken back, and re-queues
+    /// requests whose lease expired anywhere. If renewal keeps failing for most of a lease, this
+    /// master stops its own builds: another master will run them once the lease expires, and the
+    /// same build must never run twice at once.
+    pub async fn run_housekeeping(self: Arc<Self>) {
+        let mut shutdown = self.shutting_down.subscribe();
+        let period = (self.lease / 4).max(Duration::from_millis(250));
+        let mut last_renewal = Instant::now();
+        let mut orphans_due = self.orphans_due;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(next_round(period, &mut orphans_due)) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.keep_instance_lock().await;
+            let held: Vec<(i64, i64)> =
+                self.running.lock().expect("running poisoned").iter().map(|(brid, b)| (*brid, b.claim_token)).collect();
+            match self.store.renew_leases(self.masterid, &held, self.lease.as_millis() as i64).await {
+                Ok(renewed) => {
+                    last_renewal = Instant::now();
+                    for (brid, _) in held.iter().filter(|(brid, _)| !renewed.contains(brid)) {
+                        if self.running.lock().expect("running poisoned").contains_key(brid) {
+                            warn!(brid, "claim taken back; stopping the build");
+                            self.stop_build(*brid, StopReason::ClaimLost);
+                        }
+                    }
+                }
+                Err(error) => {
+                    crate::telemetry::store_error("renew_leases");
+                    warn!(%error, "could not renew leases");
+                    if last_renewal.elapsed() > self.lease * 2 / 3 {
+                        error!("leases could not be renewed for most of a lease; stopping this master's builds");
+                        for build in self.running.lock().expect("running poisoned").values() {
+                            let _ = build.stop.send(Some(StopReason::ClaimLost));
+                        }
+                    }
+                    continue;
+                }
+            }
+            match self.store.stops_requested(self.masterid).await {
+                Ok(brids) => {
+                    for brid in brids {
+                        self.stop_build(brid, StopReason::Cancelled);
+                    }
+                }
+                Err(error) => warn!(%error, "could not read stop requests"),
+            }
+            match self.store.reap_expired_claims().await {
+                Ok(reaped) if !reaped.requeued.is_empty() || !reaped.cancelled.is_empty() => {
+                    crate::telemetry::leases_expired(reaped.requeued.len() + reaped.cancelled.len());
+                    warn!(
+                        requests = ?reaped.requeued,
+                        cancelled = ?reaped.cancelled,
+                        builds = ?reaped.retried_builds,
+                        "took back requests with expired leases"
+                    );
+                    self.buildsets_completed.notify_one();
+                    self.store.notify_queue().await;
+                    self.wake();
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    crate::telemetry::store_error("reap_leases");
+                    warn!(%error, "could not reap expired claims");
+                }
+            }
+        }
+    }
+
+    /// Checks that this process still holds its instance lock (a database restart ends the
+    /// session holding it) and takes it again when it is free.
+    async fn keep_instance_lock(&self) {
+        let mut instance = self.instance.lock().await;
+        if let Some(lock) = instance.as_mut() {
+            if lock.check().await.is_ok() {
+                return;
+            }
+            warn!("lost the database session holding this master's instance lock");
+            *instance = None;
+        }
+        match self.store.try_session_lock(&instance_lock_name(self.masterid)).await {
+            Ok(Some(lock)) => {
+                info!(master = %self.name, "holding this master's instance lock again");
+                *instance = Some(lock);
+            }
+            Ok(None) => debug!(master = %self.name, "another process holds this master's instance lock"),
+            Err(error) => debug!(%error, "cannot take this master's instance lock"),
+        }
+    }
+
+    /// Deletes the logs of builds older than `logHorizon`, if set: a pass every quarter of the
+    /// horizon (between a minute and an hour), in batches of [`LOG_BATCH`] logs, each its own
+    /// short transaction, so the janitor never holds the database for long. Every master may
+    /// run it; deleting twice is harmless.
+    pub async fn run_log_janitor(self: Arc<Self>) {
+        let Some(horizon) = self.config.log_horizon else { return };
+        let horizon_ms = (horizon * 1000.0) as i64;
+        let every =
+            Duration::from_millis((horizon_ms / 4) as u64).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        let mut shutdown = self.shutting_down.subscribe();
+        loop {
+            let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
+            let mut deleted = 0;
+            loop {
+                match self.store.delete_old_logs(now - horizon_ms, LOG_BATCH).await {
+                    Ok(count) => {
+                        deleted += count;
+                        crate::telemetry::logs_deleted(count);
+                        if count < LOG_BATCH as u64 || self.is_shutting_down() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    Err(error) => {
+                        warn!(%error, "could not delete old logs");
+                        break;
+                    }
+                }
+            }
+            if deleted > 0 {
+                info!(logs = deleted, horizon_seconds = horizon, "deleted the logs of old builds");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(read_at + every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Listens for queue changes made by other masters sharing the database (PostgreSQL only).
+    pub async fn run_queue_listener(self: Arc<Self>, database_url: String) {
+        let mut shutdown = self.shutting_down.subscribe();
+        loop {
+            let listener = self.store.listen_queue(&database_url).await;
+            let mut listener = match listener {
+                Ok(Some(listener)) => listener,
+                Ok(None) => return,
+                Err(error) => {
+                    warn!(%error, "cannot listen for queue notifications; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    event = listener.recv() => match event {
+                        Ok(Notification::Queue) => self.wake(),
+                        Ok(Notification::Control(payload)) => self.on_control(&payload).await,
+                        Err(error) => {
+                            warn!(%error, "queue notifications interrupted; reconnecting");
+                            self.wake();
+                            break;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+}

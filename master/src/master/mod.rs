@@ -1,0 +1,296 @@
+//! One master: its shared state (configuration, database, builders, workers, signals) and
+//! start-up. Each use case lives in a file of its own: `workers` (the registry of connected
+//! workers), `submit` (changes and forces into buildsets), `dispatch` (claims to free workers),
+//! `control` (stop, cancel, rebuild, priority, worker actions), `timers` and `dependents`
+//! (timed, tree-stable and Dependent schedulers), `pollers`, `housekeeping` (leases, the
+//! instance lock, log janitor, cross-master notifications), `metrics` and `triggers`.
+
+mod control;
+mod dependents;
+mod dispatch;
+mod housekeeping;
+mod metrics;
+mod pollers;
+mod submit;
+mod timers;
+mod triggers;
+mod workers;
+
+pub use control::{ControlError, WorkerAction};
+pub use pollers::PollError;
+pub use submit::{ForceRequest, SubmitError};
+pub use workers::AttachError;
+
+use dispatch::RunningBuild;
+use housekeeping::take_instance;
+use pollers::PollerEntry;
+use submit::ChangeSchedulerEntry;
+use timers::{TimedSchedulerEntry, When};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use tracing::info;
+
+use crate::config::{BuilderConfig, ChangeSourceConfig, Config, SchedulerConfig};
+use crate::engine::StopReason;
+use crate::poller::GitPoller;
+use crate::remote::WorkerSession;
+use crate::schedulers::ChangeScheduler;
+use crate::store::{SessionLock, Store, StoreError};
+
+struct Builder {
+    id: i64,
+    config: Arc<BuilderConfig>,
+}
+
+/// One master: configuration, database and the workers connected to it.
+pub struct Master {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub masterid: i64,
+    pub name: String,
+    builders: Vec<Builder>,
+    change_schedulers: Vec<ChangeSchedulerEntry>,
+    timed_schedulers: Vec<TimedSchedulerEntry>,
+    pollers: Vec<PollerEntry>,
+    /// Wakes the timer loop when a change (re)starts a tree-stable timer.
+    timers_changed: Notify,
+    /// Wakes the completion loop when a build (and so perhaps a buildset) finished.
+    buildsets_completed: Notify,
+    workers: Mutex<HashMap<String, Arc<WorkerSession>>>,
+    running: Mutex<HashMap<i64, RunningBuild>>,
+    /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
+    wake: Notify,
+    /// Wakes the pool scaler on the same events.
+    scale_wake: Notify,
+    /// Counts the same events for whoever waits on the queue's progress (`trigger` steps
+    /// waiting for their children).
+    queue_events: watch::Sender<u64>,
+    /// When the oldest wake-up not yet seen by a scaler happened, to measure reaction time.
+    scale_woken_at: Mutex<Option<Instant>>,
+    /// The builders each pool's workers run, by pool name.
+    pool_builders: HashMap<String, Vec<i64>>,
+    /// The pools this master runs, for status.
+    pools: Mutex<Vec<Arc<crate::pool::Pool>>>,
+    /// Workers drained here for a scale-down (not by their own SIGTERM), which a failed
+    /// scale-down may return to service.
+    scale_drained: Mutex<HashSet<String>>,
+    shutting_down: watch::Sender<bool>,
+    lease: Duration,
+    pub heartbeat: Duration,
+    /// The lock saying that this process is the one running as `masterid` (see
+    /// [`take_instance`]); `None` while another live process holds it.
+    instance: tokio::sync::Mutex<Option<SessionLock>>,
+    /// When the claims a previous run under this id left become takeable, if it left any.
+    orphans_due: Option<Instant>,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master").field("name", &self.name).field("masterid", &self.masterid).finish()
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".to_owned())
+}
+
+impl Master {
+    /// Registers the master and its builders in the database.
+    pub async fn start(config: Arc<Config>, store: Store) -> Result<Arc<Master>, StoreError> {
+        let name = config.master_name.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(hostname);
+            format!("{host}:{}", config.data_dir.display())
+        });
+        let masterid = store.register_master(&name).await?;
+        let heartbeat = Duration::from_secs_f64(config.workers.heartbeat_interval);
+        let (instance, orphans_due) =
+            take_instance(&store, masterid, &name, crate::config::orphan_deadline(heartbeat)).await?;
+        let mut builders = Vec::new();
+        for builder in &config.builders {
+            let id = store.upsert_builder(&builder.name, builder.description.as_deref(), &builder.tags).await?;
+            builders.push(Builder { id, config: Arc::new(builder.clone()) });
+        }
+        for scheduler in &config.schedulers {
+            store.upsert_scheduler(scheduler.name()).await?;
+        }
+        let change_schedulers = config
+            .schedulers
+            .iter()
+            .filter_map(|s| match s {
+                SchedulerConfig::SingleBranch(c) => Some((c, false)),
+                SchedulerConfig::AnyBranch(c) => Some((c, true)),
+                _ => None,
+            })
+            .map(|(c, per_branch)| ChangeSchedulerEntry {
+                config: c.clone(),
+                compiled: ChangeScheduler::compile(c, per_branch).expect("validated with the configuration"),
+            })
+            .collect();
+        let timed_schedulers = config
+            .schedulers
+            .iter()
+            .filter_map(|s| match s {
+                SchedulerConfig::Periodic(t) => {
+                    let ms = (t.periodic_build_timer.unwrap_or(600.0) * 1000.0) as i64;
+                    Some((t, When::Every(ms)))
+                }
+                SchedulerConfig::Nightly(t) => {
+                    Some((t, When::Cron(t.cron().expect("validated with the configuration"))))
+                }
+                _ => None,
+            })
+            .map(|(t, when)| TimedSchedulerEntry {
+                rules: ChangeScheduler::compile(&t.change_rules(), false).expect("validated with the configuration"),
+                config: t.clone(),
+                when,
+            })
+            .collect();
+        let pollers = config
+            .change_sources
+            .iter()
+            .map(|source| {
+                let ChangeSourceConfig::GitPoller(poller) = source;
+                PollerEntry {
+                    poller: GitPoller::new(poller.clone(), &config.data_dir),
+                    force: Notify::new(),
+                    busy: tokio::sync::Mutex::new(()),
+                }
+            })
+            .collect();
+        let pool_builders = config
+            .pools
+            .iter()
+            .map(|pool| {
+                let ids = builders.iter().filter(|b| pool.serves(&b.config)).map(|b| b.id).collect();
+                (pool.name.clone(), ids)
+            })
+            .collect();
+        let (shutting_down, _) = watch::channel(false);
+        let master = Arc::new(Master {
+            scale_woken_at: Mutex::new(None),
+            scale_drained: Mutex::new(HashSet::new()),
+            pools: Mutex::new(Vec::new()),
+            pool_builders,
+            change_schedulers,
+            timed_schedulers,
+            pollers,
+            timers_changed: Notify::new(),
+            buildsets_completed: Notify::new(),
+            lease: Duration::from_secs(config.workers.lease_seconds),
+            heartbeat,
+            instance: tokio::sync::Mutex::new(instance),
+            orphans_due,
+            config,
+            store,
+            masterid,
+            name,
+            builders,
+            workers: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            scale_wake: Notify::new(),
+            queue_events: watch::channel(0).0,
+            shutting_down,
+        });
+        info!(master = %master.name, masterid, "master registered");
+        Ok(master)
+    }
+
+    pub fn builder_id(&self, name: &str) -> Option<i64> {
+        self.builders.iter().find(|b| b.config.name == name).map(|b| b.id)
+    }
+
+    fn builder_by_id(&self, id: i64) -> Option<&Builder> {
+        self.builders.iter().find(|b| b.id == id)
+    }
+
+    /// The builders among `builderids` whose requests collapse.
+    fn collapsing(&self, builderids: &[i64]) -> Vec<i64> {
+        builderids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.builder_by_id(*id)
+                    .is_some_and(|b| b.config.collapse_requests.unwrap_or(self.config.collapse_requests))
+            })
+            .collect()
+    }
+
+    /// Records the pools this master runs.
+    pub fn set_pools(&self, pools: Vec<Arc<crate::pool::Pool>>) {
+        *self.pools.lock().expect("pools poisoned") = pools;
+    }
+
+    /// The pools this master runs.
+    pub fn pools(&self) -> Vec<Arc<crate::pool::Pool>> {
+        self.pools.lock().expect("pools poisoned").clone()
+    }
+
+    /// The builders a pool serves (its workers run only these).
+    pub fn pool_builder_ids(&self, pool: &str) -> Option<&[i64]> {
+        self.pool_builders.get(pool).map(Vec::as_slice)
+    }
+
+    /// How long after a worker's session ended its commands may still run: the worker kills
+    /// them within four heartbeats of last hearing from the master (three of silence, one
+    /// tick), and a frozen worker's commands are killed by their supervisor after three
+    /// heartbeats (at least 3 s) without a feed; one more second covers clock granularity. A
+    /// lost worker's builds are re-queued only after it. Leases are validated to be longer.
+    pub fn orphan_deadline(&self) -> Duration {
+        crate::config::orphan_deadline(self.heartbeat)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Wakes the dispatcher and the pool scaler.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+        self.queue_events.send_modify(|n| *n = n.wrapping_add(1));
+        self.scale_wake.notify_one();
+        self.scale_woken_at.lock().expect("scale_woken_at poisoned").get_or_insert_with(Instant::now);
+    }
+
+    /// When the earliest wake-up since the last call happened, if any (for the reaction-time
+    /// histogram of the scalers).
+    pub fn take_scale_wake(&self) -> Option<Instant> {
+        self.scale_woken_at.lock().expect("scale_woken_at poisoned").take()
+    }
+
+    /// Waits until something happened that may change how many workers a pool needs: a request
+    /// entered the queue, a build ended, a worker joined or left.
+    pub async fn scaling_wanted(&self) {
+        self.scale_wake.notified().await;
+    }
+
+    /// Begins a graceful shutdown: no new claims or workers; running builds are stopped and their
+    /// requests handed back to the queue for another master or the next start.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutting_down.send(true);
+        for build in self.running.lock().expect("running poisoned").values() {
+            let _ = build.stop.send(Some(StopReason::Shutdown));
+        }
+        self.wake();
+    }
+
+    /// Ends every worker session, so workers reconnect to another master (or to this one when it
+    /// is back). Their builds have already been handed back by [`Master::begin_shutdown`].
+    pub fn close_sessions(&self) {
+        for session in self.workers() {
+            session.close();
+        }
+    }
+
+    /// Waits until no build runs on this master, up to `limit`.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.running.lock().expect("running poisoned").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

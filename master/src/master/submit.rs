@@ -1,0 +1,274 @@
+//! Submission: changes stored and handed to the change schedulers, forced builds, and the
+//! buildsets every scheduler submits.
+
+use serde_json::Value;
+use tracing::{debug, info};
+
+use crate::config::{ChangeSchedulerConfig, SchedulerConfig};
+use crate::properties::Properties;
+use crate::schedulers::{self, ChangeScheduler, Classification};
+use crate::store::{Change, NewBuildset, NewChange, SourceStamp, StoreError};
+
+use super::Master;
+
+/// Why a build could not be submitted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no scheduler named {0:?}")]
+    UnknownScheduler(String),
+    #[error("no builder named {0:?}")]
+    UnknownBuilder(String),
+    #[error("builder {builder:?} is not served by scheduler {scheduler:?}")]
+    BuilderNotInScheduler { builder: String, scheduler: String },
+    #[error("scheduler {0:?} is not a force scheduler")]
+    NotForceable(String),
+    #[error("scheduler {0:?} is disabled")]
+    Disabled(String),
+    #[error("invalid parameter {field}: {reason}")]
+    InvalidParameter { field: String, reason: String },
+    #[error("invalid parameters: {0:?}")]
+    InvalidParameters(std::collections::BTreeMap<String, String>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a force asks for, already decoded from the API.
+#[derive(Debug, Clone, Default)]
+pub struct ForceRequest {
+    pub builder_names: Vec<String>,
+    pub builderid: Option<i64>,
+    pub reason: String,
+    pub owner: String,
+    pub priority: i64,
+    pub sourcestamp: SourceStamp,
+    pub properties: Vec<(String, Value)>,
+}
+
+/// Who submits a buildset, for its reason and properties.
+pub(super) struct Origin<'a> {
+    pub(super) kind: &'a str,
+    pub(super) name: &'a str,
+    pub(super) builder_names: &'a [String],
+    pub(super) properties: &'a std::collections::BTreeMap<String, Value>,
+}
+
+/// A single- or any-branch scheduler: its configuration and its compiled rules.
+pub(super) struct ChangeSchedulerEntry {
+    pub(super) config: ChangeSchedulerConfig,
+    pub(super) compiled: ChangeScheduler,
+}
+
+impl Master {
+    /// Stores a change durably, then lets every matching scheduler turn it into build requests.
+    pub async fn add_change(&self, change: NewChange) -> Result<Change, SubmitError> {
+        let mut stored = self.add_changes(vec![change]).await?;
+        Ok(stored.remove(0))
+    }
+
+    /// Stores the changes of one delivery in one transaction — all or none — then lets the
+    /// schedulers act on each, in order.
+    pub async fn add_changes(&self, changes: Vec<NewChange>) -> Result<Vec<Change>, SubmitError> {
+        let stored = self.store.add_changes(&changes).await?;
+        for change in &stored {
+            self.schedule_change(change).await?;
+        }
+        Ok(stored)
+    }
+
+    /// Lets every change scheduler act on a stored change: build it now, or classify it under a
+    /// tree-stable timer.
+    pub(super) async fn schedule_change(&self, stored: &Change) -> Result<(), SubmitError> {
+        let change = &stored.change;
+        info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
+        let disabled = self.store.disabled_schedulers().await?;
+        for scheduler in self.change_schedulers.iter().filter(|s| !disabled.contains(&s.config.name)) {
+            let classification = scheduler.compiled.classify(change);
+            if classification == Classification::Ignored {
+                continue;
+            }
+            match scheduler.compiled.tree_stable_ms {
+                None if classification == Classification::Important => {
+                    let buildset = self.buildset_for(scheduler, std::slice::from_ref(stored));
+                    self.submit(&buildset).await?;
+                }
+                None => {}
+                Some(stable_ms) => {
+                    let now = self.store.now_ms();
+                    let key = scheduler.compiled.timer_key(change);
+                    let important = classification == Classification::Important;
+                    self.store
+                        .classify_change(&scheduler.compiled.name, &key, stored.changeid, important, |running| {
+                            schedulers::next_fire(running, classification, now, stable_ms)
+                        })
+                        .await?;
+                    self.timers_changed.notify_one();
+                }
+            }
+        }
+        for timed in
+            self.timed_schedulers.iter().filter(|t| t.config.only_if_changed && !disabled.contains(&t.config.name))
+        {
+            let classification = timed.rules.classify(change);
+            if classification != Classification::Ignored {
+                let important = classification == Classification::Important;
+                self.store.remember_change(&timed.config.name, stored.changeid, important).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The buildset a change scheduler submits for `changes` (oldest first).
+    pub(super) fn buildset_for(&self, scheduler: &ChangeSchedulerEntry, changes: &[Change]) -> NewBuildset {
+        let config = &scheduler.config;
+        let kind = if scheduler.compiled.per_branch { "AnyBranchScheduler" } else { "SingleBranchScheduler" };
+        let origin =
+            Origin { kind, name: &config.name, builder_names: &config.builder_names, properties: &config.properties };
+        self.buildset_from(&origin, config.priority, changes, None)
+    }
+
+    /// A scheduler's buildset: the newest change's sources for each codebase (or `default` when
+    /// there is no change), the scheduler's properties and the newest change's.
+    pub(super) fn buildset_from(
+        &self,
+        origin: &Origin<'_>,
+        priority: i64,
+        changes: &[Change],
+        default: Option<SourceStamp>,
+    ) -> NewBuildset {
+        let mut props = Properties::new();
+        for (k, v) in origin.properties {
+            props.set(k.clone(), v.clone(), "Scheduler");
+        }
+        props.set("scheduler", Value::from(origin.name), "Scheduler");
+        let mut sourcestamps: Vec<SourceStamp> = Vec::new();
+        for stored in changes {
+            for (k, v, _) in stored.change.properties.iter() {
+                props.set(k, v.clone(), "Change");
+            }
+            let ss = stored.change.sourcestamp();
+            match sourcestamps.iter_mut().find(|s| s.codebase == ss.codebase) {
+                Some(existing) => *existing = ss,
+                None => sourcestamps.push(ss),
+            }
+        }
+        if sourcestamps.is_empty() {
+            sourcestamps.extend(default);
+        }
+        let builderids: Vec<i64> = origin.builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
+        NewBuildset {
+            reason: format!("The {} scheduler named '{}' triggered this build", origin.kind, origin.name),
+            external_idstring: None,
+            properties: props,
+            sourcestamps,
+            collapse_builderids: self.collapsing(&builderids),
+            builderids,
+            priority,
+            ..Default::default()
+        }
+    }
+
+    /// Forces a build through a force scheduler.
+    pub async fn force(
+        &self,
+        scheduler_name: &str,
+        request: ForceRequest,
+    ) -> Result<(i64, Vec<(i64, i64)>), SubmitError> {
+        let scheduler = self
+            .config
+            .schedulers
+            .iter()
+            .find(|s| s.name() == scheduler_name)
+            .ok_or_else(|| SubmitError::UnknownScheduler(scheduler_name.to_owned()))?;
+        let SchedulerConfig::Force(force) = scheduler else {
+            return Err(SubmitError::NotForceable(scheduler_name.to_owned()));
+        };
+        if self.store.disabled_schedulers().await?.contains(scheduler_name) {
+            return Err(SubmitError::Disabled(scheduler_name.to_owned()));
+        }
+        let (allowed, properties) = (&force.builder_names, &force.properties);
+        let mut names = request.builder_names.clone();
+        if let Some(id) = request.builderid {
+            let builder = self.builder_by_id(id).ok_or_else(|| SubmitError::UnknownBuilder(id.to_string()))?;
+            names.push(builder.config.name.clone());
+        }
+        if names.is_empty() {
+            names = allowed.clone();
+        }
+        let mut builderids = Vec::new();
+        for name in &names {
+            let id = self.builder_id(name).ok_or_else(|| SubmitError::UnknownBuilder(name.clone()))?;
+            if !allowed.contains(name) {
+                return Err(SubmitError::BuilderNotInScheduler {
+                    builder: name.clone(),
+                    scheduler: scheduler_name.to_owned(),
+                });
+            }
+            if !builderids.contains(&id) {
+                builderids.push(id);
+            }
+        }
+        let mut props = Properties::new();
+        for (k, v) in properties {
+            props.set(k.clone(), v.clone(), "Scheduler");
+        }
+        props.set("scheduler", Value::from(scheduler_name), "Scheduler");
+        props.set("owner", Value::from(request.owner.clone()), "Force Build Form");
+        props.set("reason", Value::from(request.reason.clone()), "Force Build Form");
+        // Sources: one source stamp per configured codebase; a named codebase `cb` reads its
+        // fields from `cb_branch`, `cb_revision`, `cb_repository` and `cb_project`.
+        let mut extras = request.properties.clone();
+        let mut sourcestamps = Vec::new();
+        for codebase in &force.codebases {
+            if codebase.is_empty() {
+                sourcestamps.push(request.sourcestamp.clone());
+                continue;
+            }
+            let mut take = |field: &str| {
+                let key = format!("{codebase}_{field}");
+                let position = extras.iter().position(|(k, _)| *k == key)?;
+                let (_, value) = extras.remove(position);
+                value.as_str().filter(|v| !v.is_empty()).map(str::to_owned)
+            };
+            sourcestamps.push(SourceStamp {
+                branch: take("branch"),
+                revision: take("revision"),
+                repository: take("repository").unwrap_or_default(),
+                project: take("project").unwrap_or_default(),
+                codebase: codebase.clone(),
+            });
+        }
+        // With declared parameters only they become properties, typed and checked; without,
+        // whatever extra fields were submitted are passed on as they came.
+        let submitted: Vec<(String, Value)> = if force.parameters.is_empty() {
+            extras
+        } else {
+            let given = extras.into_iter().collect();
+            crate::force::properties(&force.parameters, &given).map_err(SubmitError::InvalidParameters)?
+        };
+        for (k, v) in &submitted {
+            props.set(k.clone(), v.clone(), "Force Build Form");
+        }
+        let buildset = NewBuildset {
+            reason: format!("A build was forced by '{}': {}", request.owner, request.reason),
+            external_idstring: None,
+            properties: props,
+            sourcestamps,
+            builderids,
+            priority: request.priority,
+            rebuilt_buildid: None,
+            ..Default::default()
+        };
+        Ok(self.submit(&buildset).await?)
+    }
+
+    pub(super) async fn submit(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
+        let mut buildset = buildset.clone();
+        buildset.collapse_builderids = self.collapsing(&buildset.builderids);
+        let submitted = self.store.add_buildset(&buildset).await?;
+        crate::telemetry::request_submitted(submitted.1.len());
+        debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
+        self.store.notify_queue().await;
+        self.wake();
+        Ok(submitted)
+    }
+}

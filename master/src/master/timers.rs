@@ -1,0 +1,186 @@
+//! Time-driven schedulers: Periodic and Nightly, and the tree-stable timers of change
+//! schedulers, each firing once across masters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::schedulers::ChangeScheduler;
+use crate::store::{Change, SourceStamp};
+
+use super::Master;
+use super::submit::Origin;
+
+/// When a timed scheduler fires.
+pub(super) enum When {
+    /// Every so many milliseconds (Periodic).
+    Every(i64),
+    /// On a cron schedule (Nightly).
+    Cron(crate::timed::Cron),
+}
+
+impl When {
+    /// The first time of a scheduler that has never fired: at once for Periodic, as in Buildbot.
+    fn first_after(&self, now: i64) -> Option<i64> {
+        match self {
+            When::Every(_) => Some(now),
+            When::Cron(cron) => cron.next_after(now),
+        }
+    }
+
+    fn next_after(&self, now: i64) -> Option<i64> {
+        match self {
+            When::Every(ms) => Some(now + ms),
+            When::Cron(cron) => cron.next_after(now),
+        }
+    }
+}
+
+/// A Periodic or Nightly scheduler.
+pub(super) struct TimedSchedulerEntry {
+    pub(super) config: crate::config::TimedSchedulerConfig,
+    pub(super) when: When,
+    /// Classifies changes for `onlyIfChanged`.
+    pub(super) rules: ChangeScheduler,
+}
+
+impl TimedSchedulerEntry {
+    /// A fingerprint of the schedule, to notice a changed configuration.
+    fn spec(&self) -> String {
+        match &self.when {
+            When::Every(ms) => format!("every {ms} ms"),
+            When::Cron(cron) => format!("cron {cron:?}"),
+        }
+    }
+}
+
+impl Master {
+    /// Fires Periodic and Nightly schedulers on time, on exactly one master: the next time lives
+    /// in the database and firing moves it forward with a compare-and-swap. A master that was
+    /// down fires a missed time once when it returns.
+    pub async fn run_timed(self: Arc<Self>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..self.timed_schedulers.len() {
+            let master = Arc::clone(&self);
+            tasks.spawn(async move { master.run_timed_scheduler(index).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn run_timed_scheduler(&self, index: usize) {
+        let entry = &self.timed_schedulers[index];
+        let name = &entry.config.name;
+        let mut shutdown = self.shutting_down.subscribe();
+        let sweep = Duration::from_secs(30);
+        loop {
+            // Sleeps end at an instant read with `now`, so they end when the clock reads `due`
+            // however long the database takes to answer.
+            let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
+            // A new Periodic scheduler fires at once; a changed period counts from now.
+            let (Some(first), Some(changed)) = (entry.when.first_after(now), entry.when.next_after(now)) else {
+                return;
+            };
+            let due = match self.store.scheduler_next_fire(name, &entry.spec(), first, changed).await {
+                Ok(due) => due,
+                Err(error) => {
+                    warn!(scheduler = %name, %error, "cannot read the scheduler's next time");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            if due > now {
+                let wait = Duration::from_millis((due - now) as u64).min(sweep);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(read_at + wait) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            let Some(next) = entry.when.next_after(now) else { return };
+            let config = &entry.config;
+            let disabled = self.store.disabled_schedulers().await.map(|d| d.contains(name)).unwrap_or(false);
+            let origin = Origin {
+                kind: if matches!(entry.when, When::Every(_)) { "Periodic" } else { "Nightly" },
+                name,
+                builder_names: &config.builder_names,
+                properties: &config.properties,
+            };
+            let fired = self
+                .store
+                .fire_scheduled(name, due, next, |remembered| {
+                    if disabled {
+                        return None;
+                    }
+                    if config.only_if_changed && !remembered.iter().any(|(_, important)| *important) {
+                        return None;
+                    }
+                    let changes: Vec<Change> = remembered.iter().map(|(c, _)| c.clone()).collect();
+                    let default = SourceStamp {
+                        branch: config.branch.clone(),
+                        revision: None,
+                        repository: config.repository.clone(),
+                        project: config.project.clone(),
+                        codebase: config.codebase.clone(),
+                    };
+                    Some(self.buildset_from(&origin, config.priority, &changes, Some(default)))
+                })
+                .await;
+            match fired {
+                Ok(Some(Some((bsid, _)))) => {
+                    info!(scheduler = %name, bsid, "timed scheduler fired");
+                    self.store.notify_queue().await;
+                    self.wake();
+                }
+                Ok(Some(None)) => info!(scheduler = %name, "nothing changed; no build"),
+                Ok(None) => debug!(scheduler = %name, "another master fired this time"),
+                Err(error) => warn!(scheduler = %name, %error, "could not fire the scheduler"),
+            }
+        }
+    }
+
+    /// Fires tree-stable timers when they are due. Timers live in the database, so a restarted
+    /// master — or any other master sharing the database — picks them up; each fires once.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut shutdown = self.shutting_down.subscribe();
+        let sweep = Duration::from_secs(5);
+        loop {
+            // As for timed schedulers: the sleep ends at an instant read with `now`.
+            let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
+            let wait = match self.store.next_timer_at().await {
+                Ok(Some(at)) => Duration::from_millis((at - now).clamp(0, sweep.as_millis() as i64) as u64),
+                Ok(None) => sweep,
+                Err(error) => {
+                    warn!(%error, "cannot read scheduler timers");
+                    sweep
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(read_at + wait) => {}
+                _ = self.timers_changed.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
+            let disabled = self.store.disabled_schedulers().await.unwrap_or_default();
+            let fired = self
+                .store
+                .fire_due_timers(self.store.now_ms(), |name, changes| {
+                    if disabled.contains(name) {
+                        return None;
+                    }
+                    let scheduler = self.change_schedulers.iter().find(|s| s.config.name == name)?;
+                    (!changes.is_empty()).then(|| self.buildset_for(scheduler, changes))
+                })
+                .await;
+            match fired {
+                Ok(buildsets) if !buildsets.is_empty() => {
+                    info!(buildsets = buildsets.len(), "tree-stable timers fired");
+                    self.store.notify_queue().await;
+                    self.wake();
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "could not fire scheduler timers"),
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `trigger` steps: the engine's port to submit to Triggerable schedulers and wait for the result.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::config::SchedulerConfig;
+use crate::engine::{TriggerRequest, Triggered, Triggers};
+use crate::properties::Properties;
+use crate::results::Results;
+use crate::store::NewBuildset;
+
+use super::Master;
+
+impl Triggers for Master {
+    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, String>> {
+        Box::pin(async move {
+            let mut submitted = Vec::new();
+            for name in &request.scheduler_names {
+                let Some(SchedulerConfig::Triggerable(scheduler)) =
+                    self.config.schedulers.iter().find(|s| s.name() == name)
+                else {
+                    return Err(format!("{name:?} is not a triggerable scheduler"));
+                };
+                let mut properties = Properties::new();
+                for (k, v) in &scheduler.properties {
+                    properties.set(k.clone(), v.clone(), "Scheduler");
+                }
+                properties.set("scheduler", Value::from(name.clone()), "Scheduler");
+                properties.update(&request.properties);
+                let builderids: Vec<i64> = scheduler.builder_names.iter().filter_map(|b| self.builder_id(b)).collect();
+                let buildset = NewBuildset {
+                    reason: format!("The Triggerable scheduler named '{name}' triggered this build"),
+                    properties,
+                    sourcestamps: request.sourcestamps.clone(),
+                    builderids,
+                    priority: scheduler.priority,
+                    parent_buildid: Some(request.parent_buildid),
+                    parent_relationship: Some("Triggered from".into()),
+                    waited_for: request.waited_for,
+                    ..Default::default()
+                };
+                let (bsid, requests) = self.submit(&buildset).await.map_err(|e| e.to_string())?;
+                submitted.push((name.clone(), bsid, requests));
+            }
+            Ok(submitted)
+        })
+    }
+
+    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, String>> {
+        Box::pin(async move {
+            // Completion is read from the database, again whenever the queue moves here or on
+            // another master (its notification wakes this one); the sweep is a safety net.
+            let mut events = self.queue_events.subscribe();
+            loop {
+                let results = self.store.buildset_results(&bsids).await.map_err(|e| e.to_string())?;
+                if results.iter().all(Option::is_some) {
+                    return Ok(results.into_iter().flatten().collect());
+                }
+                tokio::select! {
+                    _ = events.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        })
+    }
+}
