@@ -89,13 +89,13 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
             pool: Some(register.pool).filter(|p| !p.is_empty()),
         };
         let (tx, rx) = mpsc::channel::<ToWorker>(64);
-        let session = self.master.attach_worker(info, tx).await.map_err(attach_status)?;
+        let session = self.master.workers.attach(info, tx).await.map_err(attach_status)?;
 
         let master = Arc::clone(&self.master);
         let reader_session = Arc::clone(&session);
         tokio::spawn(async move {
             read_worker(&master, &reader_session, inbound).await;
-            master.detach_worker(&reader_session).await;
+            master.workers.detach(&reader_session).await;
         });
         let heartbeat_session = Arc::clone(&session);
         let interval = self.master.heartbeat;
@@ -130,7 +130,7 @@ async fn read_worker(master: &Arc<Master>, session: &Arc<WorkerSession>, mut inb
         };
         match message {
             Ok(Ok(Some(message))) => match decode(message) {
-                Some(message) => master.worker_message(session, message).await,
+                Some(message) => master.workers.message(session, message).await,
                 None => warn!(worker = session.name(), "ignoring an empty or misplaced message"),
             },
             Ok(Ok(None)) => {

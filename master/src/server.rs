@@ -16,7 +16,7 @@ use crate::grpc::WorkerGrpc;
 use crate::master::Master;
 use crate::pool::kubernetes::KubernetesPool;
 use crate::pool::local::{LocalError, LocalPool};
-use crate::pool::{Backend, Pool};
+use crate::pool::{Backend, MasterPort, Pool};
 use crate::store::{Store, StoreError};
 
 /// Why the master could not run.
@@ -198,7 +198,15 @@ pub async fn run_with(
     master.set_pools(pools.clone());
     let pool_tasks: Vec<_> = pools
         .into_iter()
-        .map(|pool| tokio::spawn(pool.run(Arc::clone(&master), pool_stop_rx.clone(), Duration::from_secs(30))))
+        .map(|pool| {
+            let port = MasterPort {
+                store: master.store.clone(),
+                workers: Arc::clone(&master.workers),
+                signals: Arc::clone(&master.signals),
+                builderids: master.pool_builder_ids(&pool.config.name).unwrap_or_default().to_vec(),
+            };
+            tokio::spawn(pool.run(port, pool_stop_rx.clone(), Duration::from_secs(30)))
+        })
         .collect();
     on_start(&master);
 

@@ -197,7 +197,7 @@ impl TestMaster {
         let master = Arc::clone(&self.master);
         eventually(&format!("{count} connected workers"), Duration::from_secs(30), || {
             let master = Arc::clone(&master);
-            async move { (master.workers().len() >= count).then_some(()) }
+            async move { (master.workers.list().len() >= count).then_some(()) }
         })
         .await;
     }

@@ -79,7 +79,7 @@ async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) 
     // A probe must answer quickly even when the database hangs.
     let check = tokio::time::timeout(std::time::Duration::from_secs(2), master.store.schema_is_current()).await;
     match check {
-        Ok(Ok(true)) if !master.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
+        Ok(Ok(true)) if !master.signals.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
         Ok(Ok(true)) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "database schema is not current").into_response(),
         Ok(Err(error)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {error}")).into_response(),

@@ -117,7 +117,7 @@ impl Master {
             return Err(ControlError::Finished(format!("build request {brid} is complete")));
         }
         self.store.notify_queue().await;
-        self.wake();
+        self.signals.wake();
         Ok(())
     }
 
@@ -138,13 +138,13 @@ impl Master {
             self.store.notify_control(&format!("worker {} {name}", action.name())).await;
         }
         self.store.notify_queue().await;
-        self.wake();
+        self.signals.wake();
         Ok(())
     }
 
     /// Applies a worker action if the worker is connected here; returns whether it was.
     async fn apply_worker_action(&self, name: &str, action: WorkerAction) -> bool {
-        let session = self.workers.lock().expect("workers poisoned").get(name).cloned();
+        let session = self.workers.get(name);
         let Some(session) = session else { return false };
         match action {
             WorkerAction::Pause | WorkerAction::Unpause => {}
@@ -152,7 +152,7 @@ impl Master {
                 info!(worker = name, "stopping the worker once its builds are done");
                 session.set_draining();
                 let _ = session.send(ToWorker::Drain).await;
-                self.shutdown_if_drained(&session).await;
+                self.workers.shutdown_if_drained(&session).await;
             }
             WorkerAction::Kill => {
                 warn!(worker = name, "killing the worker; its builds will be retried");

@@ -17,7 +17,7 @@ impl Master {
     /// result is SUCCESS or WARNINGS makes them submit a buildset of the same sources. The
     /// completions come from an outbox written with the completion, so each is acted on once.
     pub async fn run_completions(self: Arc<Self>) {
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         loop {
             let taken = self
                 .store
@@ -54,7 +54,7 @@ impl Master {
                     if !submitted.is_empty() {
                         info!(buildsets = submitted.len(), "dependent schedulers fired");
                         self.store.notify_queue().await;
-                        self.wake();
+                        self.signals.wake();
                     }
                     count == 100
                 }

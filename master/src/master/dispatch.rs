@@ -26,7 +26,7 @@ impl Master {
     /// waits to be woken. A safety sweep every few seconds covers wake-ups lost with a database
     /// notification.
     pub async fn run_dispatcher(self: Arc<Self>) {
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         let sweep = Duration::from_secs(5);
         loop {
             if *shutdown.borrow() {
@@ -36,10 +36,10 @@ impl Master {
                 crate::telemetry::store_error("dispatch");
                 error!(%error, "dispatch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                self.wake();
+                self.signals.wake();
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
+                _ = self.signals.dispatch_wanted() => {}
                 _ = tokio::time::sleep(sweep) => {}
                 _ = shutdown.changed() => {}
             }
@@ -67,10 +67,11 @@ impl Master {
     async fn dispatch_round(self: &Arc<Self>) -> Result<(), StoreError> {
         let lease_ms = self.lease.as_millis() as i64;
         loop {
-            if self.is_shutting_down() {
+            if self.signals.is_shutting_down() {
                 return Ok(());
             }
-            let mut free: Vec<Arc<WorkerSession>> = self.workers().into_iter().filter(|w| w.has_free_slot()).collect();
+            let mut free: Vec<Arc<WorkerSession>> =
+                self.workers.list().into_iter().filter(|w| w.has_free_slot()).collect();
             if free.is_empty() {
                 return Ok(());
             }
@@ -125,8 +126,8 @@ impl Master {
     /// have seen the reservation as a build, looks again.
     async fn reservation_unused(&self, worker: &Arc<WorkerSession>) {
         if worker.is_draining() {
-            self.shutdown_if_drained(worker).await;
-            self.scale_wake.notify_one();
+            self.workers.shutdown_if_drained(worker).await;
+            self.signals.wake_scalers();
         }
     }
 
@@ -195,8 +196,8 @@ impl Master {
             master.buildsets_completed.notify_one();
             let session = Arc::clone(slot.session());
             drop(slot);
-            master.shutdown_if_drained(&session).await;
-            master.wake();
+            master.workers.shutdown_if_drained(&session).await;
+            master.signals.wake();
         });
     }
 }

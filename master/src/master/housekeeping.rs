@@ -66,7 +66,7 @@ impl Master {
     /// master stops its own builds: another master will run them once the lease expires, and the
     /// same build must never run twice at once.
     pub async fn run_housekeeping(self: Arc<Self>) {
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         let period = (self.lease / 4).max(Duration::from_millis(250));
         let mut last_renewal = Instant::now();
         let mut orphans_due = self.orphans_due;
@@ -119,7 +119,7 @@ impl Master {
                     );
                     self.buildsets_completed.notify_one();
                     self.store.notify_queue().await;
-                    self.wake();
+                    self.signals.wake();
                 }
                 Ok(_) => {}
                 Err(error) => {
@@ -160,7 +160,7 @@ impl Master {
         let horizon_ms = (horizon * 1000.0) as i64;
         let every =
             Duration::from_millis((horizon_ms / 4) as u64).clamp(Duration::from_secs(60), Duration::from_secs(3600));
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         loop {
             let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
             let mut deleted = 0;
@@ -169,7 +169,7 @@ impl Master {
                     Ok(count) => {
                         deleted += count;
                         crate::telemetry::logs_deleted(count);
-                        if count < LOG_BATCH as u64 || self.is_shutting_down() {
+                        if count < LOG_BATCH as u64 || self.signals.is_shutting_down() {
                             break;
                         }
                         tokio::task::yield_now().await;
@@ -192,7 +192,7 @@ impl Master {
 
     /// Listens for queue changes made by other masters sharing the database (PostgreSQL only).
     pub async fn run_queue_listener(self: Arc<Self>, database_url: String) {
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         loop {
             let listener = self.store.listen_queue(&database_url).await;
             let mut listener = match listener {
@@ -209,11 +209,11 @@ impl Master {
             loop {
                 tokio::select! {
                     event = listener.recv() => match event {
-                        Ok(Notification::Queue) => self.wake(),
+                        Ok(Notification::Queue) => self.signals.wake(),
                         Ok(Notification::Control(payload)) => self.on_control(&payload).await,
                         Err(error) => {
                             warn!(%error, "queue notifications interrupted; reconnecting");
-                            self.wake();
+                            self.signals.wake();
                             break;
                         }
                     },

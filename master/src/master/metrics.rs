@@ -27,7 +27,7 @@ impl Master {
                 by_state.push((pool.clone(), state, 0));
             }
         }
-        for worker in self.workers() {
+        for worker in self.workers.list() {
             let pool = worker.info.pool.clone().filter(|p| self.pool_builders.contains_key(p)).unwrap_or_default();
             let state = if worker.is_draining() {
                 "draining"

@@ -11,6 +11,7 @@ mod dispatch;
 mod housekeeping;
 mod metrics;
 mod pollers;
+mod signals;
 mod submit;
 mod timers;
 mod triggers;
@@ -18,8 +19,9 @@ mod workers;
 
 pub use control::{ControlError, WorkerAction};
 pub use pollers::PollError;
+pub use signals::Signals;
 pub use submit::{ForceRequest, SubmitError};
-pub use workers::AttachError;
+pub use workers::{AttachError, WorkerRegistry};
 
 use dispatch::RunningBuild;
 use housekeeping::take_instance;
@@ -27,17 +29,16 @@ use pollers::PollerEntry;
 use submit::ChangeSchedulerEntry;
 use timers::{TimedSchedulerEntry, When};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tracing::info;
 
 use crate::config::{BuilderConfig, ChangeSourceConfig, Config, SchedulerConfig};
 use crate::engine::StopReason;
 use crate::poller::GitPoller;
-use crate::remote::WorkerSession;
 use crate::schedulers::ChangeScheduler;
 use crate::store::{SessionLock, Store, StoreError};
 
@@ -60,25 +61,15 @@ pub struct Master {
     timers_changed: Notify,
     /// Wakes the completion loop when a build (and so perhaps a buildset) finished.
     buildsets_completed: Notify,
-    workers: Mutex<HashMap<String, Arc<WorkerSession>>>,
+    /// The workers connected here.
+    pub workers: Arc<WorkerRegistry>,
+    /// Wake-ups and the shutdown flag, shared with the registry and the pool scalers.
+    pub signals: Arc<Signals>,
     running: Mutex<HashMap<i64, RunningBuild>>,
-    /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
-    wake: Notify,
-    /// Wakes the pool scaler on the same events.
-    scale_wake: Notify,
-    /// Counts the same events for whoever waits on the queue's progress (`trigger` steps
-    /// waiting for their children).
-    queue_events: watch::Sender<u64>,
-    /// When the oldest wake-up not yet seen by a scaler happened, to measure reaction time.
-    scale_woken_at: Mutex<Option<Instant>>,
     /// The builders each pool's workers run, by pool name.
     pool_builders: HashMap<String, Vec<i64>>,
     /// The pools this master runs, for status.
     pools: Mutex<Vec<Arc<crate::pool::Pool>>>,
-    /// Workers drained here for a scale-down (not by their own SIGTERM), which a failed
-    /// scale-down may return to service.
-    scale_drained: Mutex<HashSet<String>>,
-    shutting_down: watch::Sender<bool>,
     lease: Duration,
     pub heartbeat: Duration,
     /// The lock saying that this process is the one running as `masterid` (see
@@ -169,10 +160,10 @@ impl Master {
                 (pool.name.clone(), ids)
             })
             .collect();
-        let (shutting_down, _) = watch::channel(false);
+        let signals = Arc::new(Signals::default());
+        let workers =
+            Arc::new(WorkerRegistry::new(store.clone(), masterid, name.clone(), heartbeat, Arc::clone(&signals)));
         let master = Arc::new(Master {
-            scale_woken_at: Mutex::new(None),
-            scale_drained: Mutex::new(HashSet::new()),
             pools: Mutex::new(Vec::new()),
             pool_builders,
             change_schedulers,
@@ -189,12 +180,9 @@ impl Master {
             masterid,
             name,
             builders,
-            workers: Mutex::new(HashMap::new()),
+            workers,
+            signals,
             running: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
-            scale_wake: Notify::new(),
-            queue_events: watch::channel(0).0,
-            shutting_down,
         });
         info!(master = %master.name, masterid, "master registered");
         Ok(master)
@@ -244,44 +232,20 @@ impl Master {
         crate::config::orphan_deadline(self.heartbeat)
     }
 
-    pub fn is_shutting_down(&self) -> bool {
-        *self.shutting_down.borrow()
-    }
-
-    /// Wakes the dispatcher and the pool scaler.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-        self.queue_events.send_modify(|n| *n = n.wrapping_add(1));
-        self.scale_wake.notify_one();
-        self.scale_woken_at.lock().expect("scale_woken_at poisoned").get_or_insert_with(Instant::now);
-    }
-
-    /// When the earliest wake-up since the last call happened, if any (for the reaction-time
-    /// histogram of the scalers).
-    pub fn take_scale_wake(&self) -> Option<Instant> {
-        self.scale_woken_at.lock().expect("scale_woken_at poisoned").take()
-    }
-
-    /// Waits until something happened that may change how many workers a pool needs: a request
-    /// entered the queue, a build ended, a worker joined or left.
-    pub async fn scaling_wanted(&self) {
-        self.scale_wake.notified().await;
-    }
-
     /// Begins a graceful shutdown: no new claims or workers; running builds are stopped and their
     /// requests handed back to the queue for another master or the next start.
     pub fn begin_shutdown(&self) {
-        let _ = self.shutting_down.send(true);
+        self.signals.begin_shutdown();
         for build in self.running.lock().expect("running poisoned").values() {
             let _ = build.stop.send(Some(StopReason::Shutdown));
         }
-        self.wake();
+        self.signals.wake();
     }
 
     /// Ends every worker session, so workers reconnect to another master (or to this one when it
     /// is back). Their builds have already been handed back by [`Master::begin_shutdown`].
     pub fn close_sessions(&self) {
-        for session in self.workers() {
+        for session in self.workers.list() {
             session.close();
         }
     }

@@ -87,7 +87,7 @@ impl Master {
         let name = entry.poller.name.clone();
         let interval = Duration::from_secs_f64(entry.poller.config.poll_interval);
         let lease = (interval * 3).max(Duration::from_secs(30));
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         loop {
             match self.store.claim_poller(&name, self.masterid, lease.as_millis() as i64).await {
                 Ok(true) => match self.poll(&name).await {

@@ -268,7 +268,7 @@ impl Master {
         crate::telemetry::request_submitted(submitted.1.len());
         debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
         self.store.notify_queue().await;
-        self.wake();
+        self.signals.wake();
         Ok(submitted)
     }
 }

@@ -71,7 +71,7 @@ impl Master {
     async fn run_timed_scheduler(&self, index: usize) {
         let entry = &self.timed_schedulers[index];
         let name = &entry.config.name;
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         let sweep = Duration::from_secs(30);
         loop {
             // Sleeps end at an instant read with `now`, so they end when the clock reads `due`
@@ -131,7 +131,7 @@ impl Master {
                 Ok(Some(Some((bsid, _)))) => {
                     info!(scheduler = %name, bsid, "timed scheduler fired");
                     self.store.notify_queue().await;
-                    self.wake();
+                    self.signals.wake();
                 }
                 Ok(Some(None)) => info!(scheduler = %name, "nothing changed; no build"),
                 Ok(None) => debug!(scheduler = %name, "another master fired this time"),
@@ -143,7 +143,7 @@ impl Master {
     /// Fires tree-stable timers when they are due. Timers live in the database, so a restarted
     /// master — or any other master sharing the database — picks them up; each fires once.
     pub async fn run_timers(self: Arc<Self>) {
-        let mut shutdown = self.shutting_down.subscribe();
+        let mut shutdown = self.signals.shutdown();
         let sweep = Duration::from_secs(5);
         loop {
             // As for timed schedulers: the sleep ends at an instant read with `now`.
@@ -176,7 +176,7 @@ impl Master {
                 Ok(buildsets) if !buildsets.is_empty() => {
                     info!(buildsets = buildsets.len(), "tree-stable timers fired");
                     self.store.notify_queue().await;
-                    self.wake();
+                    self.signals.wake();
                 }
                 Ok(_) => {}
                 Err(error) => warn!(%error, "could not fire scheduler timers"),

@@ -52,7 +52,7 @@ impl Triggers for Master {
         Box::pin(async move {
             // Completion is read from the database, again whenever the queue moves here or on
             // another master (its notification wakes this one); the sweep is a safety net.
-            let mut events = self.queue_events.subscribe();
+            let mut events = self.signals.queue_events();
             loop {
                 let results = self.store.buildset_results(&bsids).await.map_err(|e| e.to_string())?;
                 if results.iter().all(Option::is_some) {

@@ -15,7 +15,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
-use crate::master::Master;
+use super::MasterPort;
 use crate::scaling::Member;
 
 /// The annotation the ReplicaSet controller reads to choose which pods to remove first.
@@ -149,7 +149,7 @@ impl KubernetesPool {
 
     /// Pods that count as the pool's workers, as a scale-down sees them: not being deleted, and
     /// not already chosen by an earlier scale-down (the ReplicaSet may not have marked it yet).
-    pub fn members(&self, master: &Master, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
+    pub fn members(&self, master: &MasterPort, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
         let now = master.store.now_ms();
         let state = self.state();
         state
@@ -158,7 +158,7 @@ impl KubernetesPool {
             .filter(|(name, pod)| !pod.terminating && !state.drained.contains_key(*name))
             .map(|(name, pod)| {
                 let (db, since) = running.get(name).copied().unwrap_or((0, now));
-                let here = master.builds_on(name);
+                let here = master.workers.builds_on(name);
                 Member {
                     name: name.clone(),
                     starting: !pod.ready && here == 0 && db == 0,
@@ -234,7 +234,7 @@ impl KubernetesPool {
 
     /// Watches the pool's pods until `shutdown`: keeps the pod table current and tells the master
     /// when a pod is gone, so the builds of its worker are retried at once. Errors back off.
-    pub async fn watch(&self, master: &Master, mut shutdown: watch::Receiver<bool>) {
+    pub async fn watch(&self, master: &MasterPort, mut shutdown: watch::Receiver<bool>) {
         let mut delay = Duration::from_millis(500);
         let selector = loop {
             if *shutdown.borrow() {
@@ -280,7 +280,7 @@ impl KubernetesPool {
                 // A scale-down pause stays: should the process of a deleted pod still reach the
                 // master (a partitioned node), it must not be given work again. Pod names of a
                 // Deployment are never reused.
-                master.worker_gone(&name).await;
+                master.workers.gone(&name).await;
                 self.state().drained.remove(&name);
             }
             self.changed.notify_one();

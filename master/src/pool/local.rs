@@ -13,8 +13,8 @@ use tokio::process::Command;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::MasterPort;
 use crate::config::PoolConfig;
-use crate::master::Master;
 use crate::scaling::Member;
 
 /// Why a local worker could not start.
@@ -93,9 +93,9 @@ impl LocalPool {
     }
 
     /// The pool's processes as a scale-down sees them.
-    pub fn members(&self, master: &Master, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
+    pub fn members(&self, master: &MasterPort, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
         let connected: HashMap<String, u32> =
-            master.workers().iter().map(|s| (s.name().to_owned(), s.running_builds())).collect();
+            master.workers.list().iter().map(|s| (s.name().to_owned(), s.running_builds())).collect();
         self.staying()
             .into_iter()
             .map(|name| {
@@ -187,8 +187,9 @@ impl LocalPool {
 
     /// Retires the chosen victims: each is drained in the master first, so no build lands on
     /// it, and told to exit. Returns how many leave.
-    pub async fn retire(&self, master: &Master, victims: &[String]) -> u32 {
-        let sessions: HashMap<String, _> = master.workers().into_iter().map(|s| (s.name().to_owned(), s)).collect();
+    pub async fn retire(&self, master: &MasterPort, victims: &[String]) -> u32 {
+        let sessions: HashMap<String, _> =
+            master.workers.list().into_iter().map(|s| (s.name().to_owned(), s)).collect();
         let mut retired = 0;
         for name in victims {
             match sessions.get(name) {
@@ -201,7 +202,7 @@ impl LocalPool {
                 // Drain first, then look again: a build assigned in between keeps the worker
                 // until it is done, and the master sends Shutdown afterwards.
                 Some(session) => {
-                    if master.retire_worker(session).await {
+                    if master.workers.retire(session).await {
                         self.mark_leaving(name);
                         retired += 1;
                     }

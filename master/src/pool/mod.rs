@@ -15,12 +15,22 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::PoolConfig;
-use crate::master::Master;
+use crate::master::{Signals, WorkerRegistry};
 use crate::scaling::{self, Hysteresis, Load, Member, Policy};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 use kubernetes::KubernetesPool;
 use leader::Leadership;
 use local::{LocalError, LocalPool};
+
+/// What a pool needs of the master it runs in: the database, the workers connected here, the
+/// wake-ups, and the builders the pool's workers run. Nothing else of the master is reachable.
+#[derive(Debug, Clone)]
+pub struct MasterPort {
+    pub store: Store,
+    pub workers: Arc<WorkerRegistry>,
+    pub signals: Arc<Signals>,
+    pub builderids: Vec<i64>,
+}
 
 /// Why a scaling step failed; the scaler backs off and the master keeps building.
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +102,11 @@ impl Pool {
 
     /// Runs the pool until `shutdown`: the scaler (when this master leads the pool) and, for
     /// Kubernetes, the pod watch; then stops local workers within `grace`.
-    pub async fn run(self: Arc<Self>, master: Arc<Master>, shutdown: watch::Receiver<bool>, grace: Duration) {
+    pub async fn run(self: Arc<Self>, master: MasterPort, shutdown: watch::Receiver<bool>, grace: Duration) {
         crate::telemetry::pool_started(&self.config.name);
         let watch = match &self.backend {
             Backend::Kubernetes(k8s) => {
-                let (k8s, master, shutdown) = (Arc::clone(k8s), Arc::clone(&master), shutdown.clone());
+                let (k8s, master, shutdown) = (Arc::clone(k8s), master.clone(), shutdown.clone());
                 Some(tokio::spawn(async move { k8s.watch(&master, shutdown).await }))
             }
             _ => None,
@@ -110,7 +120,7 @@ impl Pool {
         }
     }
 
-    async fn scale(&self, master: &Master, mut shutdown: watch::Receiver<bool>) {
+    async fn scale(&self, master: &MasterPort, mut shutdown: watch::Receiver<bool>) {
         let policy = self.config.policy();
         let mut hysteresis = Hysteresis::default();
         // Local processes belong to this machine; other backends have one scaler per database.
@@ -130,7 +140,7 @@ impl Pool {
                 hysteresis = Hysteresis::default();
                 leader::RETRY
             } else {
-                let woken = master.take_scale_wake();
+                let woken = master.signals.take_scale_wake();
                 match self.step(master, &policy, &mut hysteresis, woken).await {
                     Ok(recheck) => {
                         failures = 0;
@@ -156,7 +166,7 @@ impl Pool {
                 }
             };
             tokio::select! {
-                _ = master.scaling_wanted(), if leading && failures == 0 => {}
+                _ = master.signals.scaling_wanted(), if leading && failures == 0 => {}
                 _ = backend_changed, if leading && failures == 0 => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => break,
@@ -170,7 +180,7 @@ impl Pool {
     /// One decision: read the load, decide, act. Returns when to look again if nothing happens.
     async fn step(
         &self,
-        master: &Master,
+        master: &MasterPort,
         policy: &Policy,
         hysteresis: &mut Hysteresis,
         woken: Option<Instant>,
@@ -179,7 +189,7 @@ impl Pool {
         // Claimed requests are the builds running (or about to) on the pool's workers, on any
         // master; counting slots reserved in sessions instead would count a request twice while
         // a worker claims it.
-        let (pending, claimed) = master.store.queue_counts(master.pool_builder_ids(name)).await?;
+        let (pending, claimed) = master.store.queue_counts(Some(&master.builderids)).await?;
         let claimable = u32::try_from(pending).unwrap_or(u32::MAX);
         let running = master.store.running_by_worker().await?;
         let (members, workers) = match &self.backend {
@@ -187,7 +197,7 @@ impl Pool {
             Backend::Kubernetes(k8s) => {
                 for kept in k8s.kept_victims() {
                     warn!(pool = %name, worker = %kept, "the ReplicaSet kept a drained worker; returning it to service");
-                    master.undrain_worker(&kept).await?;
+                    master.workers.undrain(&kept).await?;
                 }
                 (k8s.members(master, &running), k8s.replicas().await?)
             }
@@ -245,18 +255,18 @@ impl Pool {
     /// lower `replicas` by their number. A failure returns the victims to service.
     async fn shrink_deployment(
         &self,
-        master: &Master,
+        master: &MasterPort,
         k8s: &KubernetesPool,
         members: &[Member],
         victims: Vec<String>,
         replicas: u32,
     ) -> Result<u32, PoolError> {
         for victim in &victims {
-            master.drain_worker(victim).await?;
+            master.workers.drain(victim).await?;
         }
         let (victims, busy) = still_idle(master, victims).await?;
         for worker in &busy {
-            master.undrain_worker(worker).await?;
+            master.workers.undrain(worker).await?;
         }
         if victims.is_empty() {
             return Ok(0);
@@ -283,10 +293,10 @@ impl Pool {
     }
 
     /// Returns the victims of a scale-down that did not happen to service.
-    async fn call_off(&self, master: &Master, k8s: &KubernetesPool, victims: &[String]) -> Result<(), PoolError> {
+    async fn call_off(&self, master: &MasterPort, k8s: &KubernetesPool, victims: &[String]) -> Result<(), PoolError> {
         k8s.forget_drained(victims);
         for victim in victims {
-            master.undrain_worker(victim).await?;
+            master.workers.undrain(victim).await?;
         }
         Ok(())
     }
@@ -294,15 +304,16 @@ impl Pool {
 
 /// Splits workers into those still idle and those holding a build, here (including a slot
 /// reserved for a claim) or on any master.
-async fn still_idle(master: &Master, workers: Vec<String>) -> Result<(Vec<String>, Vec<String>), PoolError> {
+async fn still_idle(master: &MasterPort, workers: Vec<String>) -> Result<(Vec<String>, Vec<String>), PoolError> {
     let running = master.store.running_by_worker().await?;
-    Ok(workers.into_iter().partition(|w| master.builds_on(w) == 0 && running.get(w).is_none_or(|r| r.0 == 0)))
+    Ok(workers.into_iter().partition(|w| master.workers.builds_on(w) == 0 && running.get(w).is_none_or(|r| r.0 == 0)))
 }
 
 /// Workers of a static pool connected to this master.
-fn static_members(master: &Master, pool: &str, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
+fn static_members(master: &MasterPort, pool: &str, running: &HashMap<String, (u32, i64)>) -> Vec<Member> {
     master
-        .workers()
+        .workers
+        .list()
         .iter()
         .filter(|s| s.info.pool.as_deref() == Some(pool))
         .map(|s| Member {
