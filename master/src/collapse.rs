@@ -1,8 +1,8 @@
 //! Buildbot's rule for collapsing build requests: a new request makes older, still unclaimed
 //! requests of the same builder redundant when they would build the same thing. Pure.
 
+use crate::domain::SourceStamp;
 use crate::properties::Properties;
-use crate::store::SourceStamp;
 
 /// What the rule looks at in a buildset.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -1145,16 +1145,6 @@ impl Config {
                 }
                 _ => {}
             }
-            if let SchedulerConfig::Periodic(t) | SchedulerConfig::Nightly(t) = scheduler
-                && let Err((key, reason)) = crate::schedulers::ChangeScheduler::compile(&t.change_rules(), false)
-            {
-                return Err((format!("schedulers[{i}].{key}"), reason));
-            }
-            if let SchedulerConfig::SingleBranch(c) | SchedulerConfig::AnyBranch(c) = scheduler
-                && let Err((key, reason)) = crate::schedulers::ChangeScheduler::compile(c, false)
-            {
-                return Err((format!("schedulers[{i}].{key}"), reason));
-            }
         }
         Ok(())
     }

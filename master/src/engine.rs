@@ -10,10 +10,11 @@ use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
 use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, TriggerStepConfig, step_name};
+use crate::domain::{ClaimedRequest, SourceStamp};
 use crate::properties::{Properties, SourceView, interpolate};
 use crate::remote::{BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update};
 use crate::results::Results;
-use crate::store::{ClaimedRequest, LogTail, SourceStamp, Store, StoreError};
+use crate::store::{LogTail, Store, StoreError};
 
 /// Why a build stops early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

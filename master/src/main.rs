@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kiln_master::config::Config;
+use kiln_master::config::{Config, ConfigError};
+use kiln_master::plan::Plan;
 use kiln_master::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -45,6 +46,11 @@ async fn main() -> ExitCode {
     let config = Config::load(&args.config).and_then(|c| match args.database.clone() {
         Some(url) => c.with_database(&format!("{file} (--database)"), url),
         None => Ok(c),
+    });
+    // Compiled here too, so that `--check` accepts only what starts.
+    let config = config.and_then(|c| match Plan::compile(&c) {
+        Ok(_) => Ok(c),
+        Err((key, reason)) => Err(ConfigError { file: file.clone(), key, reason }),
     });
     let config = match config {
         Ok(config) => config,

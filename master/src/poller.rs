@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use git2::{Direction, Oid, Repository, Sort};
 
 use crate::config::{GitPollerConfig, PolledBranches};
-use crate::store::NewChange;
+use crate::domain::NewChange;
 
 /// A configured poller, ready to poll.
 #[derive(Debug, Clone)]

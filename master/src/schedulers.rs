@@ -5,7 +5,7 @@
 use regex::Regex;
 
 use crate::config::{ChangeFilterConfig, ChangeSchedulerConfig, OneOrMany};
-use crate::store::NewChange;
+use crate::domain::NewChange;
 
 /// A compiled Buildbot ChangeFilter.
 #[derive(Debug, Clone, Default)]

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use crate::config::{BackendKind, Config};
 use crate::grpc::WorkerGrpc;
 use crate::master::Master;
+use crate::plan::Plan;
 use crate::pool::kubernetes::KubernetesPool;
 use crate::pool::local::{LocalError, LocalPool};
 use crate::pool::{Backend, MasterPort, Pool};
@@ -30,6 +31,8 @@ pub enum RunError {
     Kubernetes { pool: String, reason: String },
     #[error("cannot serve: {0}")]
     Serve(String),
+    #[error("invalid configuration: {key}: {reason}")]
+    Config { key: String, reason: String },
 }
 
 /// The sockets a master serves on, bound by the caller (tests bind port 0).
@@ -124,7 +127,8 @@ pub async fn run_with(
             Err(error) => return Err(error.into()),
         }
     };
-    let master = Master::start(Arc::clone(&config), store.clone()).await?;
+    let plan = Plan::compile(&config).map_err(|(key, reason)| RunError::Config { key, reason })?;
+    let master = Master::start(Arc::clone(&config), plan, store.clone()).await?;
 
     let mut tokens = config.worker_tokens();
     let local_token = format!("local-{:032x}", rand::random::<u128>());

@@ -75,7 +75,8 @@ async fn a_burst_grows_the_pool_to_max_and_it_shrinks_back_without_interrupting_
         );
     }
     // After the delay the pool returns to its minimum.
-    eventually("the pool back at min", MINUTE, || async { (master.master.workers.list().len() == 1).then_some(()) }).await;
+    eventually("the pool back at min", MINUTE, || async { (master.master.workers.list().len() == 1).then_some(()) })
+        .await;
     master.stop().await;
 }
 
@@ -100,7 +101,8 @@ async fn a_worker_killed_while_the_pool_shrinks_has_its_build_retried() {
     })
     .await;
     // The quick builds are done and the pool is shrinking towards the one busy worker.
-    eventually("the pool to shrink", MINUTE, || async { (master.master.workers.list().len() <= 2).then_some(()) }).await;
+    eventually("the pool to shrink", MINUTE, || async { (master.master.workers.list().len() <= 2).then_some(()) })
+        .await;
     let pid = worker_pid(&worker).expect("the busy worker's process");
     // SAFETY: SIGKILL to a worker process this test's master started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -110,6 +112,7 @@ async fn a_worker_killed_while_the_pool_shrinks_has_its_build_retried() {
     let results: Vec<i64> =
         builds["builds"].as_array().unwrap().iter().map(|b| b["results"].as_i64().unwrap()).collect();
     assert_eq!(results, vec![5, 0], "RETRY, then SUCCESS on a replacement");
-    eventually("the pool back at min", MINUTE, || async { (master.master.workers.list().len() == 1).then_some(()) }).await;
+    eventually("the pool back at min", MINUTE, || async { (master.master.workers.list().len() == 1).then_some(()) })
+        .await;
     master.stop().await;
 }

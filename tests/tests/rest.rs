@@ -2,7 +2,7 @@
 //! field selection, ordering, paging with the full total, and collections larger than a page
 //! (streamed, never held whole in memory).
 
-use kiln_master::store::{NewBuildset, SourceStamp};
+use kiln_master::domain::{NewBuildset, SourceStamp};
 use kiln_tests::pg;
 use kiln_tests::system::TestMaster;
 use serde_json::Value;

@@ -2,9 +2,10 @@
 
 use std::collections::HashSet;
 
+use kiln_master::domain::{NewBuildset, NewChange, SourceStamp};
 use kiln_master::properties::Properties;
 use kiln_master::results::Results;
-use kiln_master::store::{ListQuery, LogTail, NewBuildset, NewChange, Op, Resource, SourceStamp, Store};
+use kiln_master::store::{ListQuery, LogTail, Op, Resource, Store};
 use kiln_tests::pg;
 use serde_json::json;
 
@@ -371,7 +372,7 @@ async fn completed_buildsets_are_taken_from_the_outbox_once(store: Store) {
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
     store.complete_request(claim.brid, claim.claim_token, Results::Warnings).await.unwrap();
     let seen = std::sync::Mutex::new(Vec::new());
-    let follow_up = |c: &kiln_master::store::CompletedBuildset| {
+    let follow_up = |c: &kiln_master::domain::CompletedBuildset| {
         seen.lock().unwrap().push((c.bsid, c.results, c.details.sourcestamps[0].branch.clone()));
         vec![buildset(vec![b], 0)]
     };

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use crate::domain::NewChange;
 use crate::properties::Properties;
-use crate::store::NewChange;
 
 /// Maps Buildbot's base-hook fields to a change.
 pub fn change(fields: &HashMap<String, String>) -> Result<NewChange, String> {

@@ -6,8 +6,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::{HookError, iso_time_ms, person};
+use crate::domain::NewChange;
 use crate::properties::Properties;
-use crate::store::NewChange;
 
 /// How a GitHub hook is set up.
 #[derive(Debug, Clone)]

@@ -3,8 +3,8 @@
 use serde_json::Value;
 
 use super::{HookError, iso_time_ms, person};
+use crate::domain::NewChange;
 use crate::properties::Properties;
-use crate::store::NewChange;
 
 /// The all-zero revision GitLab reports for a deleted ref.
 const NO_REVISION: &str = "0000000000000000000000000000000000000000";

@@ -15,8 +15,8 @@ use serde_json::Value;
 use crate::changes::github::{self, GithubHook};
 use crate::changes::{HookError, base, gitlab};
 use crate::config::ChangeHooksConfig;
+use crate::domain::NewChange;
 use crate::master::{Master, SubmitError};
-use crate::store::NewChange;
 
 /// The hooks a master serves, ready to use (patterns compiled, secrets resolved).
 #[derive(Debug)]

@@ -9,9 +9,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::domain::SourceStamp;
 use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
 use crate::secrets;
-use crate::store::{SourceStamp, StoreError};
+use crate::store::StoreError;
 
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::domain::NewBuildset;
 use crate::engine::StopReason;
 use crate::remote::ToWorker;
-use crate::store::{NewBuildset, StoreError};
+use crate::store::StoreError;
 
 use super::Master;
 

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
+use crate::domain::ClaimedRequest;
 use crate::engine::{self, BuildContext, StopReason, Triggers};
 use crate::remote::WorkerSession;
 use crate::results::Results;
-use crate::store::{ClaimedRequest, StoreError};
+use crate::store::StoreError;
 
 use super::Master;
 

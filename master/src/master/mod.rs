@@ -26,8 +26,6 @@ pub use workers::{AttachError, WorkerRegistry};
 use dispatch::RunningBuild;
 use housekeeping::take_instance;
 use pollers::PollerEntry;
-use submit::ChangeSchedulerEntry;
-use timers::{TimedSchedulerEntry, When};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,10 +34,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::info;
 
-use crate::config::{BuilderConfig, ChangeSourceConfig, Config, SchedulerConfig};
+use crate::config::{BuilderConfig, ChangeSourceConfig, Config};
 use crate::engine::StopReason;
+use crate::plan::{ChangeSchedulerPlan, Plan, TimedSchedulerPlan};
 use crate::poller::GitPoller;
-use crate::schedulers::ChangeScheduler;
 use crate::store::{SessionLock, Store, StoreError};
 
 struct Builder {
@@ -54,8 +52,8 @@ pub struct Master {
     pub masterid: i64,
     pub name: String,
     builders: Vec<Builder>,
-    change_schedulers: Vec<ChangeSchedulerEntry>,
-    timed_schedulers: Vec<TimedSchedulerEntry>,
+    change_schedulers: Vec<ChangeSchedulerPlan>,
+    timed_schedulers: Vec<TimedSchedulerPlan>,
     pollers: Vec<PollerEntry>,
     /// Wakes the timer loop when a change (re)starts a tree-stable timer.
     timers_changed: Notify,
@@ -90,8 +88,9 @@ fn hostname() -> String {
 }
 
 impl Master {
-    /// Registers the master and its builders in the database.
-    pub async fn start(config: Arc<Config>, store: Store) -> Result<Arc<Master>, StoreError> {
+    /// Registers the master and its builders in the database, to run `plan` (compiled from
+    /// `config`).
+    pub async fn start(config: Arc<Config>, plan: Plan, store: Store) -> Result<Arc<Master>, StoreError> {
         let name = config.master_name.clone().unwrap_or_else(|| {
             let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(hostname);
             format!("{host}:{}", config.data_dir.display())
@@ -108,38 +107,7 @@ impl Master {
         for scheduler in &config.schedulers {
             store.upsert_scheduler(scheduler.name()).await?;
         }
-        let change_schedulers = config
-            .schedulers
-            .iter()
-            .filter_map(|s| match s {
-                SchedulerConfig::SingleBranch(c) => Some((c, false)),
-                SchedulerConfig::AnyBranch(c) => Some((c, true)),
-                _ => None,
-            })
-            .map(|(c, per_branch)| ChangeSchedulerEntry {
-                config: c.clone(),
-                compiled: ChangeScheduler::compile(c, per_branch).expect("validated with the configuration"),
-            })
-            .collect();
-        let timed_schedulers = config
-            .schedulers
-            .iter()
-            .filter_map(|s| match s {
-                SchedulerConfig::Periodic(t) => {
-                    let ms = (t.periodic_build_timer.unwrap_or(600.0) * 1000.0) as i64;
-                    Some((t, When::Every(ms)))
-                }
-                SchedulerConfig::Nightly(t) => {
-                    Some((t, When::Cron(t.cron().expect("validated with the configuration"))))
-                }
-                _ => None,
-            })
-            .map(|(t, when)| TimedSchedulerEntry {
-                rules: ChangeScheduler::compile(&t.change_rules(), false).expect("validated with the configuration"),
-                config: t.clone(),
-                when,
-            })
-            .collect();
+        let Plan { change_schedulers, timed_schedulers } = plan;
         let pollers = config
             .change_sources
             .iter()

@@ -4,10 +4,12 @@
 use serde_json::Value;
 use tracing::{debug, info};
 
-use crate::config::{ChangeSchedulerConfig, SchedulerConfig};
+use crate::config::SchedulerConfig;
+use crate::domain::{Change, NewBuildset, NewChange, SourceStamp};
+use crate::plan::ChangeSchedulerPlan;
 use crate::properties::Properties;
-use crate::schedulers::{self, ChangeScheduler, Classification};
-use crate::store::{Change, NewBuildset, NewChange, SourceStamp, StoreError};
+use crate::schedulers::{self, Classification};
+use crate::store::StoreError;
 
 use super::Master;
 
@@ -50,12 +52,6 @@ pub(super) struct Origin<'a> {
     pub(super) name: &'a str,
     pub(super) builder_names: &'a [String],
     pub(super) properties: &'a std::collections::BTreeMap<String, Value>,
-}
-
-/// A single- or any-branch scheduler: its configuration and its compiled rules.
-pub(super) struct ChangeSchedulerEntry {
-    pub(super) config: ChangeSchedulerConfig,
-    pub(super) compiled: ChangeScheduler,
 }
 
 impl Master {
@@ -118,7 +114,7 @@ impl Master {
     }
 
     /// The buildset a change scheduler submits for `changes` (oldest first).
-    pub(super) fn buildset_for(&self, scheduler: &ChangeSchedulerEntry, changes: &[Change]) -> NewBuildset {
+    pub(super) fn buildset_for(&self, scheduler: &ChangeSchedulerPlan, changes: &[Change]) -> NewBuildset {
         let config = &scheduler.config;
         let kind = if scheduler.compiled.per_branch { "AnyBranchScheduler" } else { "SingleBranchScheduler" };
         let origin =

@@ -6,54 +6,11 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::schedulers::ChangeScheduler;
-use crate::store::{Change, SourceStamp};
+use crate::domain::{Change, SourceStamp};
+use crate::plan::When;
 
 use super::Master;
 use super::submit::Origin;
-
-/// When a timed scheduler fires.
-pub(super) enum When {
-    /// Every so many milliseconds (Periodic).
-    Every(i64),
-    /// On a cron schedule (Nightly).
-    Cron(crate::timed::Cron),
-}
-
-impl When {
-    /// The first time of a scheduler that has never fired: at once for Periodic, as in Buildbot.
-    fn first_after(&self, now: i64) -> Option<i64> {
-        match self {
-            When::Every(_) => Some(now),
-            When::Cron(cron) => cron.next_after(now),
-        }
-    }
-
-    fn next_after(&self, now: i64) -> Option<i64> {
-        match self {
-            When::Every(ms) => Some(now + ms),
-            When::Cron(cron) => cron.next_after(now),
-        }
-    }
-}
-
-/// A Periodic or Nightly scheduler.
-pub(super) struct TimedSchedulerEntry {
-    pub(super) config: crate::config::TimedSchedulerConfig,
-    pub(super) when: When,
-    /// Classifies changes for `onlyIfChanged`.
-    pub(super) rules: ChangeScheduler,
-}
-
-impl TimedSchedulerEntry {
-    /// A fingerprint of the schedule, to notice a changed configuration.
-    fn spec(&self) -> String {
-        match &self.when {
-            When::Every(ms) => format!("every {ms} ms"),
-            When::Cron(cron) => format!("cron {cron:?}"),
-        }
-    }
-}
 
 impl Master {
     /// Fires Periodic and Nightly schedulers on time, on exactly one master: the next time lives

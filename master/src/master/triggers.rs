@@ -6,10 +6,10 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::config::SchedulerConfig;
+use crate::domain::NewBuildset;
 use crate::engine::{TriggerRequest, Triggered, Triggers};
 use crate::properties::Properties;
 use crate::results::Results;
-use crate::store::NewBuildset;
 
 use super::Master;
 
