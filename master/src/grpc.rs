@@ -14,10 +14,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::master::{AttachError, Master};
+use crate::master::Master;
 use crate::remote::{
     Command, FromWorker, StatInfo, Stream as OutputStream, ToWorker, Update, WorkerInfo, WorkerSession,
 };
+use crate::workers::AttachError;
 
 /// The `WorkerService` implementation.
 pub struct WorkerGrpc {

@@ -21,6 +21,8 @@ pub mod scaling;
 pub mod schedulers;
 pub mod secrets;
 pub mod server;
+pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod timed;
+pub mod workers;

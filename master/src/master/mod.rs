@@ -1,9 +1,9 @@
-//! One master: its shared state (configuration, database, builders, workers, signals) and
-//! start-up. Each use case lives in a file of its own: `workers` (the registry of connected
-//! workers), `submit` (changes and forces into buildsets), `dispatch` (claims to free workers),
-//! `control` (stop, cancel, rebuild, priority, worker actions), `timers` and `dependents`
-//! (timed, tree-stable and Dependent schedulers), `pollers`, `housekeeping` (leases, the
-//! instance lock, log janitor, cross-master notifications), `metrics` and `triggers`.
+//! One master: its shared state (configuration, database, builders, the worker registry and
+//! signals) and start-up. Each use case lives in a file of its own: `submit` (changes and forces
+//! into buildsets), `dispatch` (claims to free workers), `control` (stop, cancel, rebuild,
+//! priority, worker actions), `timers` and `dependents` (timed, tree-stable and Dependent
+//! schedulers), `pollers`, `housekeeping` (leases, the instance lock, log janitor, notifications
+//! from other masters), `metrics` and `triggers`.
 
 mod control;
 mod dependents;
@@ -11,17 +11,13 @@ mod dispatch;
 mod housekeeping;
 mod metrics;
 mod pollers;
-mod signals;
 mod submit;
 mod timers;
 mod triggers;
-mod workers;
 
 pub use control::{ControlError, WorkerAction};
 pub use pollers::PollError;
-pub use signals::Signals;
 pub use submit::{ForceRequest, SubmitError};
-pub use workers::{AttachError, WorkerRegistry};
 
 use dispatch::RunningBuild;
 use housekeeping::take_instance;
@@ -38,7 +34,9 @@ use crate::config::{BuilderConfig, ChangeSourceConfig, Config};
 use crate::engine::StopReason;
 use crate::plan::{ChangeSchedulerPlan, Plan, TimedSchedulerPlan};
 use crate::poller::GitPoller;
+use crate::signals::Signals;
 use crate::store::{SessionLock, Store, StoreError};
+use crate::workers::WorkerRegistry;
 
 struct Builder {
     id: i64,

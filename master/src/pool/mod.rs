@@ -15,9 +15,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::PoolConfig;
-use crate::master::{Signals, WorkerRegistry};
 use crate::scaling::{self, Hysteresis, Load, Member, Policy};
+use crate::signals::Signals;
 use crate::store::{Store, StoreError};
+use crate::workers::WorkerRegistry;
 use kubernetes::KubernetesPool;
 use leader::Leadership;
 use local::{LocalError, LocalPool};

@@ -1,5 +1,6 @@
-//! The workers connected to this master: attaching and detaching sessions, their messages,
-//! draining (by a user, a pool's scale-down or the worker itself), retiring and shutting down.
+//! The registry of workers connected to this master: attaching and detaching their sessions,
+//! their messages, draining (by a user, a pool's scale-down or the worker itself), retiring, a
+//! gone pod's worker, and the builds on each.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use tracing::{info, warn};
 use crate::remote::{FromWorker, ToWorker, WorkerInfo, WorkerSession};
 use crate::store::{Store, StoreError};
 
-use super::signals::Signals;
+use crate::signals::Signals;
 
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
