@@ -98,6 +98,29 @@ pub struct NewBuildset {
     pub waited_for: bool,
 }
 
+/// A buildset just stored, with the request it made for each builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub bsid: i64,
+    pub requests: Vec<SubmittedRequest>,
+}
+
+/// One build request of a [`Submitted`] buildset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmittedRequest {
+    pub builderid: i64,
+    pub brid: i64,
+}
+
+/// What came of trying to fire a timed scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Firing {
+    /// Another master fired it first.
+    TakenElsewhere,
+    /// It fired; the buildset it submitted, if its changes (or lack of them) called for one.
+    Fired(Option<Submitted>),
+}
+
 /// A build request this master has claimed. `claim_token` fences it: only the holder of the
 /// current token may finish or release it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
 use crate::config::{BuilderConfig, CommandLine, StepConfig, StepFlags, TriggerStepConfig, step_name};
-use crate::domain::{ClaimedRequest, SourceStamp};
+use crate::domain::{ClaimedRequest, SourceStamp, Submitted};
 use crate::properties::{Properties, SourceView, interpolate};
 use crate::remote::{BuildSlot, Command, CommandEvent, GitCommand, RunningCommand, ShellCommand, Stream, Update};
 use crate::results::Results;
@@ -61,15 +61,31 @@ pub struct TriggerRequest {
     pub waited_for: bool,
 }
 
-/// A buildset a `trigger` step submitted: the scheduler, the buildset, and `(builderid, brid)`s.
-pub type Triggered = (String, i64, Vec<(i64, i64)>);
+/// A buildset a `trigger` step submitted, and the scheduler it went to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triggered {
+    pub scheduler: String,
+    pub buildset: Submitted,
+}
+
+/// Why a `trigger` step could not submit or wait.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    /// The step names a scheduler that is not a Triggerable one.
+    #[error("{0:?} is not a triggerable scheduler")]
+    NotTriggerable(String),
+    /// The database failed.
+    #[error("the database failed: {0}")]
+    Store(#[from] StoreError),
+}
 
 /// The master's side of `trigger` steps.
 pub trait Triggers: Send + Sync {
-    /// Submits a buildset to each named triggerable scheduler; returns (scheduler, bsid, requests).
-    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, String>>;
-    /// Waits until every buildset is complete and returns their results.
-    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, String>>;
+    /// Submits a buildset to each named triggerable scheduler.
+    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, TriggerError>>;
+    /// Waits until every buildset is complete and returns their results. A database outage is
+    /// waited out, not returned.
+    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, TriggerError>>;
 }
 
 impl std::fmt::Debug for dyn Triggers {
@@ -532,14 +548,18 @@ impl StepRunner<'_> {
                 return finish(log, Results::Exception, format!("trigger failed: {reason}")).await;
             }
         };
-        for (scheduler, bsid, requests) in &submitted {
-            let brids: Vec<String> = requests.iter().map(|(_, brid)| brid.to_string()).collect();
-            log.header(&format!("triggered {scheduler}: buildset {bsid}, build requests {}\n", brids.join(", ")));
+        for Triggered { scheduler, buildset } in &submitted {
+            let brids: Vec<String> = buildset.requests.iter().map(|r| r.brid.to_string()).collect();
+            log.header(&format!(
+                "triggered {scheduler}: buildset {}, build requests {}\n",
+                buildset.bsid,
+                brids.join(", ")
+            ));
         }
         if !trigger.wait_for_finish {
             return finish(log, Results::Success, format!("triggered {names}")).await;
         }
-        let bsids = submitted.iter().map(|(_, bsid, _)| *bsid).collect();
+        let bsids = submitted.iter().map(|t| t.buildset.bsid).collect();
         let results = tokio::select! {
             results = self.ctx.triggers.wait(bsids) => results,
             reason = async { stop.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use kiln_master::domain::{NewBuildset, NewChange, SourceStamp};
+use kiln_master::domain::{NewBuildset, NewChange, SourceStamp, Submitted};
 use kiln_master::properties::Properties;
 use kiln_master::results::Results;
 use kiln_master::store::{ListQuery, LogTail, Op, Resource, Store};
@@ -99,16 +99,16 @@ async fn changes_are_stored_with_a_deduplicated_sourcestamp(store: Store) {
 async fn claims_take_the_highest_priority_then_the_oldest(store: Store) {
     let master = store.register_master("m").await.unwrap();
     let b = builder(&store, "b").await;
-    let (_, low) = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
-    let (_, high) = store.add_buildset(&buildset(vec![b], 5)).await.unwrap();
-    let (_, low2) = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let Submitted { requests: low, .. } = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let Submitted { requests: high, .. } = store.add_buildset(&buildset(vec![b], 5)).await.unwrap();
+    let Submitted { requests: low2, .. } = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let order: Vec<i64> = [
         store.claim_next(master, None, LEASE).await.unwrap().unwrap().brid,
         store.claim_next(master, None, LEASE).await.unwrap().unwrap().brid,
         store.claim_next(master, None, LEASE).await.unwrap().unwrap().brid,
     ]
     .to_vec();
-    assert_eq!(order, vec![high[0].1, low[0].1, low2[0].1]);
+    assert_eq!(order, vec![high[0].brid, low[0].brid, low2[0].brid]);
     assert!(store.claim_next(master, None, LEASE).await.unwrap().is_none());
 }
 
@@ -143,11 +143,11 @@ async fn claims_respect_the_builders_a_worker_serves(store: Store) {
     let master = store.register_master("m").await.unwrap();
     let a = builder(&store, "a").await;
     let b = builder(&store, "b").await;
-    let (_, requests) = store.add_buildset(&buildset(vec![a], 0)).await.unwrap();
+    let Submitted { requests, .. } = store.add_buildset(&buildset(vec![a], 0)).await.unwrap();
     assert!(store.claim_next(master, Some(&[b]), LEASE).await.unwrap().is_none());
     assert!(store.claim_next(master, Some(&[]), LEASE).await.unwrap().is_none());
     let claim = store.claim_next(master, Some(&[b, a]), LEASE).await.unwrap().unwrap();
-    assert_eq!(claim.brid, requests[0].1);
+    assert_eq!(claim.brid, requests[0].brid);
 }
 
 async fn a_stale_claim_token_changes_nothing(store: Store) {
@@ -260,7 +260,7 @@ async fn a_buildset_completes_with_the_worst_result(store: Store) {
     let master = store.register_master("m").await.unwrap();
     let a = builder(&store, "a").await;
     let b = builder(&store, "b").await;
-    let (bsid, _) = store.add_buildset(&buildset(vec![a, b], 0)).await.unwrap();
+    let Submitted { bsid, .. } = store.add_buildset(&buildset(vec![a, b], 0)).await.unwrap();
     let first = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
     store.complete_request(first.brid, first.claim_token, Results::Success).await.unwrap();
     let (sets, _) = store.list(Resource::Buildsets, &ListQuery::by("bsid", bsid)).await.unwrap();
@@ -346,29 +346,29 @@ async fn compatible_older_requests_collapse_as_skipped(store: Store) {
         collapse_builderids: vec![b],
         ..Default::default()
     };
-    let (old_bsid, old) = store.add_buildset(&with_change("r1")).await.unwrap();
-    let claimed_meanwhile = store.add_buildset(&buildset(vec![b], 0)).await.unwrap().1[0].1;
+    let Submitted { bsid: old_bsid, requests: old } = store.add_buildset(&with_change("r1")).await.unwrap();
+    let claimed_meanwhile = store.add_buildset(&buildset(vec![b], 0)).await.unwrap().requests[0].brid;
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
-    assert_eq!(claim.brid, old[0].1, "the oldest request is claimed first");
+    assert_eq!(claim.brid, old[0].brid, "the oldest request is claimed first");
     store.release_request(claim.brid, claim.claim_token).await.unwrap();
     let change2 = NewChange { revision: Some("r2".into()), ..change };
     store.add_change(&change2).await.unwrap();
-    let (_, new) = store.add_buildset(&with_change("r2")).await.unwrap();
-    let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", old[0].1)).await.unwrap();
+    let Submitted { requests: new, .. } = store.add_buildset(&with_change("r2")).await.unwrap();
+    let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", old[0].brid)).await.unwrap();
     assert_eq!((rows[0]["complete"].as_bool(), rows[0]["results"].as_i64()), (Some(true), Some(3)), "SKIPPED");
     let (sets, _) = store.list(Resource::Buildsets, &ListQuery::by("bsid", old_bsid)).await.unwrap();
     assert_eq!(sets[0]["results"], 0, "a buildset of collapsed requests reports SUCCESS");
     let (rows, _) =
         store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", claimed_meanwhile)).await.unwrap();
     assert_eq!(rows[0]["complete"], false, "a forced build without changes is not collapsed by a change");
-    let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", new[0].1)).await.unwrap();
+    let (rows, _) = store.list(Resource::BuildRequests, &ListQuery::by("buildrequestid", new[0].brid)).await.unwrap();
     assert_eq!(rows[0]["complete"], false);
 }
 
 async fn completed_buildsets_are_taken_from_the_outbox_once(store: Store) {
     let master = store.register_master("m").await.unwrap();
     let b = builder(&store, "b").await;
-    let (bsid, _) = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let Submitted { bsid, .. } = store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
     store.complete_request(claim.brid, claim.claim_token, Results::Warnings).await.unwrap();
     let seen = std::sync::Mutex::new(Vec::new());

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::domain::SourceStamp;
+use crate::domain::{SourceStamp, Submitted};
 use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
 use crate::secrets;
 use crate::store::StoreError;
@@ -80,7 +80,7 @@ pub async fn post(
             None => not_found(&id, "build"),
         },
         (["builds", build], "rebuild") => match number(build) {
-            Some(buildid) => reply(&id, master.rebuild(buildid).await.map(|(bsid, brids)| submitted(bsid, brids))),
+            Some(buildid) => reply(&id, master.rebuild(buildid).await.map(submitted)),
             None => not_found(&id, "build"),
         },
         (["builds", _], _) => undefined(),
@@ -164,9 +164,10 @@ fn not_found(id: &Value, what: &str) -> Response {
     rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
 }
 
-fn submitted(bsid: i64, brids: Vec<(i64, i64)>) -> Value {
-    let map: serde_json::Map<String, Value> = brids.into_iter().map(|(b, r)| (b.to_string(), Value::from(r))).collect();
-    json!([bsid, map])
+fn submitted(submitted: Submitted) -> Value {
+    let map: serde_json::Map<String, Value> =
+        submitted.requests.into_iter().map(|r| (r.builderid.to_string(), Value::from(r.brid))).collect();
+    json!([submitted.bsid, map])
 }
 
 fn reply(id: &Value, outcome: Result<Value, ControlError>) -> Response {
@@ -279,11 +280,7 @@ async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> 
         Err(reason) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, reason),
     };
     match master.force(scheduler, request).await {
-        Ok((bsid, brids)) => {
-            let map: serde_json::Map<String, Value> =
-                brids.into_iter().map(|(b, r)| (b.to_string(), Value::from(r))).collect();
-            Json(json!({ "jsonrpc": "2.0", "id": id, "result": [bsid, map] })).into_response()
-        }
+        Ok(buildset) => Json(json!({ "jsonrpc": "2.0", "id": id, "result": submitted(buildset) })).into_response(),
         Err(SubmitError::InvalidParameters(errors)) => {
             // Buildbot reports each bad field in the error's message, as an object.
             let body = json!({ "jsonrpc": "2.0", "id": id, "error": { "code": INVALID_PARAMS, "message": errors } });

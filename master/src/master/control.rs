@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::domain::NewBuildset;
+use crate::domain::{NewBuildset, Submitted};
 use crate::engine::StopReason;
 use crate::remote::ToWorker;
 use crate::store::StoreError;
@@ -95,7 +95,7 @@ impl Master {
     }
 
     /// Builds a build's sources and properties again, as a new buildset.
-    pub async fn rebuild(&self, buildid: i64) -> Result<(i64, Vec<(i64, i64)>), ControlError> {
+    pub async fn rebuild(&self, buildid: i64) -> Result<Submitted, ControlError> {
         let origin = self.store.build_origin(buildid).await?;
         let details = self.store.buildset_details(origin.buildsetid).await?;
         let buildset = NewBuildset {

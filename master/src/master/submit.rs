@@ -5,7 +5,7 @@ use serde_json::Value;
 use tracing::{debug, info};
 
 use crate::config::SchedulerConfig;
-use crate::domain::{Change, NewBuildset, NewChange, SourceStamp};
+use crate::domain::{Change, NewBuildset, NewChange, SourceStamp, Submitted};
 use crate::plan::ChangeSchedulerPlan;
 use crate::properties::Properties;
 use crate::schedulers::{self, Classification};
@@ -164,11 +164,7 @@ impl Master {
     }
 
     /// Forces a build through a force scheduler.
-    pub async fn force(
-        &self,
-        scheduler_name: &str,
-        request: ForceRequest,
-    ) -> Result<(i64, Vec<(i64, i64)>), SubmitError> {
+    pub async fn force(&self, scheduler_name: &str, request: ForceRequest) -> Result<Submitted, SubmitError> {
         let scheduler = self
             .config
             .schedulers
@@ -257,12 +253,12 @@ impl Master {
         Ok(self.submit(&buildset).await?)
     }
 
-    pub(super) async fn submit(&self, buildset: &NewBuildset) -> Result<(i64, Vec<(i64, i64)>), StoreError> {
+    pub(super) async fn submit(&self, buildset: &NewBuildset) -> Result<Submitted, StoreError> {
         let mut buildset = buildset.clone();
         buildset.collapse_builderids = self.collapsing(&buildset.builderids);
         let submitted = self.store.add_buildset(&buildset).await?;
-        crate::telemetry::request_submitted(submitted.1.len());
-        debug!(bsid = submitted.0, requests = submitted.1.len(), "buildset submitted");
+        crate::telemetry::request_submitted(submitted.requests.len());
+        debug!(bsid = submitted.bsid, requests = submitted.requests.len(), "buildset submitted");
         self.store.notify_queue().await;
         self.signals.wake();
         Ok(submitted)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::domain::{Change, SourceStamp};
+use crate::domain::{Change, Firing, SourceStamp};
 use crate::plan::When;
 
 use super::Master;
@@ -85,13 +85,13 @@ impl Master {
                 })
                 .await;
             match fired {
-                Ok(Some(Some((bsid, _)))) => {
-                    info!(scheduler = %name, bsid, "timed scheduler fired");
+                Ok(Firing::Fired(Some(submitted))) => {
+                    info!(scheduler = %name, bsid = submitted.bsid, "timed scheduler fired");
                     self.store.notify_queue().await;
                     self.signals.wake();
                 }
-                Ok(Some(None)) => info!(scheduler = %name, "nothing changed; no build"),
-                Ok(None) => debug!(scheduler = %name, "another master fired this time"),
+                Ok(Firing::Fired(None)) => info!(scheduler = %name, "nothing changed; no build"),
+                Ok(Firing::TakenElsewhere) => debug!(scheduler = %name, "another master fired this time"),
                 Err(error) => warn!(scheduler = %name, %error, "could not fire the scheduler"),
             }
         }

@@ -4,24 +4,25 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
+use tracing::warn;
 
 use crate::config::SchedulerConfig;
 use crate::domain::NewBuildset;
-use crate::engine::{TriggerRequest, Triggered, Triggers};
+use crate::engine::{TriggerError, TriggerRequest, Triggered, Triggers};
 use crate::properties::Properties;
 use crate::results::Results;
 
 use super::Master;
 
 impl Triggers for Master {
-    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, String>> {
+    fn trigger(&self, request: TriggerRequest) -> BoxFuture<'_, Result<Vec<Triggered>, TriggerError>> {
         Box::pin(async move {
             let mut submitted = Vec::new();
             for name in &request.scheduler_names {
                 let Some(SchedulerConfig::Triggerable(scheduler)) =
                     self.config.schedulers.iter().find(|s| s.name() == name)
                 else {
-                    return Err(format!("{name:?} is not a triggerable scheduler"));
+                    return Err(TriggerError::NotTriggerable(name.clone()));
                 };
                 let mut properties = Properties::new();
                 for (k, v) in &scheduler.properties {
@@ -41,22 +42,28 @@ impl Triggers for Master {
                     waited_for: request.waited_for,
                     ..Default::default()
                 };
-                let (bsid, requests) = self.submit(&buildset).await.map_err(|e| e.to_string())?;
-                submitted.push((name.clone(), bsid, requests));
+                let buildset = self.submit(&buildset).await?;
+                submitted.push(Triggered { scheduler: name.clone(), buildset });
             }
             Ok(submitted)
         })
     }
 
-    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, String>> {
+    fn wait(&self, bsids: Vec<i64>) -> BoxFuture<'_, Result<Vec<Results>, TriggerError>> {
         Box::pin(async move {
             // Completion is read from the database, again whenever the queue moves here or on
             // another master (its notification wakes this one); the sweep is a safety net.
             let mut events = self.signals.queue_events();
             loop {
-                let results = self.store.buildset_results(&bsids).await.map_err(|e| e.to_string())?;
-                if results.iter().all(Option::is_some) {
-                    return Ok(results.into_iter().flatten().collect());
+                match self.store.buildset_results(&bsids).await {
+                    Ok(results) if results.iter().all(Option::is_some) => {
+                        return Ok(results.into_iter().flatten().collect());
+                    }
+                    Ok(_) => {}
+                    Err(error) if error.is_unavailable() => {
+                        warn!(%error, "cannot read the triggered buildsets' results; waiting for the database");
+                    }
+                    Err(error) => return Err(error.into()),
                 }
                 tokio::select! {
                     _ = events.changed() => {}

@@ -1,0 +1,205 @@
+//! Builds and their steps: rows, states and results.
+
+use super::{LogTail, Result, Store, StoreError, get_i64};
+use crate::domain::ClaimedRequest;
+use crate::properties::Properties;
+use crate::results::Results;
+
+/// A build row just created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewBuild {
+    pub buildid: i64,
+    pub number: i64,
+}
+
+impl Store {
+    /// Creates the next numbered build of a builder for a claimed request, recording its number
+    /// as the `buildnumber` property too.
+    pub async fn new_build(
+        &self,
+        builderid: i64,
+        brid: i64,
+        workerid: i64,
+        masterid: i64,
+        properties: &Properties,
+    ) -> Result<NewBuild> {
+        let now = self.now_ms();
+        // Two masters may race for the same number; the unique (builderid, number) index decides
+        // and the loser takes the next one.
+        for _ in 0..20 {
+            let row = sqlx::query("SELECT COALESCE(MAX(number), 0) + 1 AS next FROM builds WHERE builderid = $1")
+                .bind(builderid)
+                .fetch_one(&self.write)
+                .await?;
+            let number = get_i64(&row, "next")?;
+            let mut properties = properties.clone();
+            properties.set("buildnumber", serde_json::Value::from(number), "Build");
+            let row = sqlx::query(
+                "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string, properties) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'building', $7) ON CONFLICT (builderid, number) DO NOTHING RETURNING id",
+            )
+            .bind(number)
+            .bind(builderid)
+            .bind(brid)
+            .bind(workerid)
+            .bind(masterid)
+            .bind(now)
+            .bind(properties.to_json().to_string())
+            .fetch_optional(&self.write)
+            .await?;
+            if let Some(row) = row {
+                return Ok(NewBuild { buildid: get_i64(&row, "id")?, number });
+            }
+        }
+        Err(StoreError::Corrupt(format!("could not number a build of builder {builderid}")))
+    }
+
+    pub async fn set_build_state(&self, buildid: i64, state: &str) -> Result<()> {
+        sqlx::query("UPDATE builds SET state_string = $1 WHERE id = $2")
+            .bind(state)
+            .bind(buildid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Finishes a build with its final properties and, in the same transaction, completes its
+    /// request with the build's result — or, for RETRY, puts the request back in the queue.
+    /// Returns false and changes nothing when the claim is no longer held: whoever took it back
+    /// has already finished the build.
+    pub async fn finish_build(
+        &self,
+        buildid: i64,
+        results: Results,
+        state: &str,
+        properties: &Properties,
+        claim: &ClaimedRequest,
+    ) -> Result<bool> {
+        let now = self.now_ms();
+        let mut tx = self.write.begin().await?;
+        let mut results = results;
+        let mut settled = false;
+        if results == Results::Retry {
+            // A retry never undoes a stop: a request someone asked to stop ends CANCELLED.
+            let requeued = sqlx::query(
+                "UPDATE buildrequests SET claimed_by_masterid = NULL, claimed_at = NULL, claim_token = NULL, \
+                 lease_expires_at = NULL WHERE id = $1 AND claim_token = $2 AND complete = 0 AND stop_requested = 0",
+            )
+            .bind(claim.brid)
+            .bind(claim.claim_token)
+            .execute(&mut *tx)
+            .await?;
+            settled = requeued.rows_affected() > 0;
+            if !settled {
+                results = Results::Cancelled;
+            }
+        }
+        let state = if results == Results::Cancelled { "cancelled" } else { state };
+        if !settled {
+            let completed = sqlx::query(
+                "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, lease_expires_at = NULL \
+                 WHERE id = $3 AND claim_token = $4 AND complete = 0",
+            )
+            .bind(now)
+            .bind(results.code())
+            .bind(claim.brid)
+            .bind(claim.claim_token)
+            .execute(&mut *tx)
+            .await?;
+            settled = completed.rows_affected() > 0;
+        }
+        if !settled {
+            return Ok(false);
+        }
+        if results != Results::Retry {
+            Self::maybe_complete_buildset(&mut tx, claim.buildsetid, now).await?;
+        }
+        // The engine has finished every step it started, so only the build row changes here.
+        sqlx::query(
+            "UPDATE builds SET properties = $1, complete_at = $2, results = $3, state_string = $4 \
+             WHERE id = $5 AND complete_at IS NULL",
+        )
+        .bind(properties.to_json().to_string())
+        .bind(now)
+        .bind(results.code())
+        .bind(state)
+        .bind(buildid)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records a step that did not run.
+    pub async fn skip_step(&self, buildid: i64, number: i64, name: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO steps (number, name, buildid, complete_at, results, state_string) VALUES ($1, $2, $3, $4, $5, 'skipped') \
+             RETURNING id",
+        )
+        .bind(number)
+        .bind(name)
+        .bind(buildid)
+        .bind(self.now_ms())
+        .bind(Results::Skipped.code())
+        .fetch_one(&self.write)
+        .await?;
+        get_i64(&row, "id")
+    }
+
+    /// Starts a step together with its `stdio` log; returns the step and log ids.
+    pub async fn begin_step(&self, buildid: i64, number: i64, name: &str, state: &str) -> Result<(i64, i64)> {
+        let mut tx = self.write.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(number)
+        .bind(name)
+        .bind(buildid)
+        .bind(self.now_ms())
+        .bind(state)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stepid = get_i64(&row, "id")?;
+        let row =
+            sqlx::query("INSERT INTO logs (name, slug, stepid, type) VALUES ('stdio', 'stdio', $1, 's') RETURNING id")
+                .bind(stepid)
+                .fetch_one(&mut *tx)
+                .await?;
+        let logid = get_i64(&row, "id")?;
+        tx.commit().await?;
+        Ok((stepid, logid))
+    }
+
+    pub async fn set_step_state(&self, stepid: i64, state: &str) -> Result<()> {
+        sqlx::query("UPDATE steps SET state_string = $1 WHERE id = $2")
+            .bind(state)
+            .bind(stepid)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Finishes a step: writes the last lines of its log, closes the log and records the result,
+    /// in one transaction.
+    pub async fn finish_step(&self, stepid: i64, results: Results, state: &str, log: &LogTail) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        let lines = Self::insert_chunk(&mut tx, log.logid, log.first_line, &log.text).await?;
+        sqlx::query("UPDATE logs SET num_lines = $1, complete = 1 WHERE id = $2")
+            .bind(log.first_line + lines)
+            .bind(log.logid)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE steps SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4")
+            .bind(self.now_ms())
+            .bind(results.code())
+            .bind(state)
+            .bind(stepid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Logs
+}

@@ -1,0 +1,136 @@
+//! Changes and the source stamps they point at.
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::{Result, Store, StoreError, get_i64};
+use crate::domain::{Change, NewChange, SourceStamp};
+use crate::properties::Properties;
+
+impl Store {
+    pub(super) async fn find_or_create_sourcestamp(
+        conn: &mut sqlx::AnyConnection,
+        ss: &SourceStamp,
+        now: i64,
+    ) -> Result<i64> {
+        let hash = sourcestamp_hash(ss);
+        sqlx::query(
+            "INSERT INTO sourcestamps (ss_hash, branch, revision, repository, project, codebase, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (ss_hash) DO NOTHING",
+        )
+        .bind(&hash)
+        .bind(ss.branch.clone())
+        .bind(ss.revision.clone())
+        .bind(&ss.repository)
+        .bind(&ss.project)
+        .bind(&ss.codebase)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        let row =
+            sqlx::query("SELECT id FROM sourcestamps WHERE ss_hash = $1").bind(&hash).fetch_one(&mut *conn).await?;
+        get_i64(&row, "id")
+    }
+
+    /// Stores a change (and its source stamp) durably.
+    pub async fn add_change(&self, change: &NewChange) -> Result<Change> {
+        Ok(self.add_changes(std::slice::from_ref(change)).await?.remove(0))
+    }
+
+    /// Stores several changes in one transaction: all of them or none.
+    pub async fn add_changes(&self, changes: &[NewChange]) -> Result<Vec<Change>> {
+        let mut tx = self.write.begin().await?;
+        let stored = Self::add_changes_in(&mut tx, changes, self.now_ms()).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    pub(super) async fn add_changes_in(tx: &mut AnyConnection, changes: &[NewChange], now: i64) -> Result<Vec<Change>> {
+        let mut stored = Vec::with_capacity(changes.len());
+        for change in changes {
+            let ssid = Self::find_or_create_sourcestamp(tx, &change.sourcestamp(), now).await?;
+            let files = serde_json::to_string(&change.files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let row = sqlx::query(
+                "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp, \
+                 category, repository, codebase, project, files, properties, sourcestampid) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING changeid",
+            )
+            .bind(&change.author)
+            .bind(change.committer.clone())
+            .bind(&change.comments)
+            .bind(change.branch.clone())
+            .bind(change.revision.clone())
+            .bind(change.revlink.clone())
+            .bind(change.when_ms.unwrap_or(now))
+            .bind(change.category.clone())
+            .bind(&change.repository)
+            .bind(&change.codebase)
+            .bind(&change.project)
+            .bind(files)
+            .bind(change.properties.to_json().to_string())
+            .bind(ssid)
+            .fetch_one(&mut *tx)
+            .await?;
+            stored.push(Change { changeid: get_i64(&row, "changeid")?, sourcestampid: ssid, change: change.clone() });
+        }
+        Ok(stored)
+    }
+}
+
+/// A stored change from a row of `changes`.
+pub(super) fn change_from_row(row: &AnyRow) -> Result<Change> {
+    let files: String = row.try_get("files")?;
+    let properties: String = row.try_get("properties")?;
+    let properties: serde_json::Value =
+        serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Change {
+        changeid: get_i64(row, "changeid")?,
+        sourcestampid: get_i64(row, "sourcestampid")?,
+        change: NewChange {
+            author: row.try_get("author")?,
+            committer: row.try_get("committer")?,
+            comments: row.try_get("comments")?,
+            branch: row.try_get("branch")?,
+            revision: row.try_get("revision")?,
+            revlink: row.try_get("revlink")?,
+            when_ms: Some(get_i64(row, "when_timestamp")?),
+            category: row.try_get("category")?,
+            repository: row.try_get("repository")?,
+            codebase: row.try_get("codebase")?,
+            project: row.try_get("project")?,
+            files: serde_json::from_str(&files).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            properties: Properties::from_json(&properties),
+        },
+    })
+}
+
+/// A stable key for de-duplicating source stamps.
+pub(super) fn sourcestamp_hash(ss: &SourceStamp) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in
+        [ss.branch.as_deref(), ss.revision.as_deref(), Some(&ss.repository), Some(&ss.project), Some(&ss.codebase)]
+    {
+        match part {
+            Some(p) => {
+                hasher.update(b"s");
+                hasher.update(p.as_bytes());
+            }
+            None => hasher.update(b"n"),
+        }
+        hasher.update([0u8]);
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sourcestamp_hashes_tell_none_from_empty() {
+        let a = SourceStamp { branch: None, ..Default::default() };
+        let b = SourceStamp { branch: Some(String::new()), ..Default::default() };
+        assert_ne!(sourcestamp_hash(&a), sourcestamp_hash(&b));
+    }
+}
