@@ -194,3 +194,22 @@ fn no_two_modules_of_the_master_depend_on_each_other() {
     }
     assert!(circles.is_empty(), "modules that depend on each other:\n{}", circles.join("\n\n"));
 }
+
+#[test]
+fn only_the_http_error_module_answers_a_server_error() {
+    let http = master_src().join("http");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut offenders = Vec::new();
+    for (path, text) in sources(&http).into_iter().filter(|(p, _)| *p != http.join("errors.rs")) {
+        for (n, line) in text.lines().enumerate() {
+            if ["INTERNAL_SERVER_ERROR", "BAD_GATEWAY"].iter().any(|s| line.contains(s)) {
+                offenders.push(format!("{}:{}: {}", path.strip_prefix(root).unwrap().display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "server errors are answered by master/src/http/errors.rs, which keeps causes out of replies:\n{}",
+        offenders.join("\n")
+    );
+}

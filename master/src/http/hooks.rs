@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use super::ApiError;
 use crate::changes::github::{self, GithubHook};
 use crate::changes::{HookError, base, gitlab};
 use crate::config::ChangeHooksConfig;
@@ -91,13 +92,13 @@ async fn handle(
     let changes = match parsed {
         Ok(changes) => changes,
         Err(error) => {
-            let status = match error {
-                HookError::BadPayload(_) => StatusCode::BAD_REQUEST,
-                HookError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-                HookError::Forbidden(_) => StatusCode::FORBIDDEN,
-            };
             tracing::warn!(dialect, %error, "change hook delivery refused");
-            return (status, error.to_string()).into_response();
+            let refusal = match error {
+                HookError::BadPayload(_) => ApiError::BadRequest(error.to_string()),
+                HookError::Unauthenticated(_) => ApiError::Unauthorized(error.to_string()),
+                HookError::Forbidden(_) => ApiError::Forbidden(error.to_string()),
+            };
+            return refusal.text("");
         }
     };
     if let Some((index, field)) = changes.iter().enumerate().find_map(|(i, c)| c.nul_field().map(|f| (i, f))) {
@@ -111,16 +112,8 @@ async fn handle(
     let count = changes.len();
     match master.add_changes(changes).await {
         Ok(_) => (StatusCode::OK, format!("{count} change found")).into_response(),
-        Err(SubmitError::Store(crate::store::StoreError::Invalid(reason))) => {
-            (StatusCode::BAD_REQUEST, format!("Error processing changes: {reason}")).into_response()
-        }
-        Err(SubmitError::Store(error)) if error.is_unavailable() => {
-            tracing::error!(%error, "could not store changes");
-            (StatusCode::SERVICE_UNAVAILABLE, "Error processing changes: the database is unavailable").into_response()
-        }
         Err(SubmitError::Store(error)) => {
-            tracing::error!(%error, "could not store changes");
-            (StatusCode::INTERNAL_SERVER_ERROR, "Error processing changes").into_response()
+            ApiError::from_store(&error, "storing a hook's changes").text("Error processing changes: ")
         }
         Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
     }
@@ -146,8 +139,8 @@ async fn poll_now(master: &Master, query: Option<&str>) -> Response {
         match master.poll(name).await {
             Ok(count) => found += count,
             Err(error) => {
-                tracing::warn!(poller = %name, %error, "forced poll failed");
-                return (StatusCode::BAD_GATEWAY, format!("polling {name} failed: {error}")).into_response();
+                return ApiError::upstream(&format!("a forced poll of {name}"), &error)
+                    .text(&format!("polling {name} failed: "));
             }
         }
     }

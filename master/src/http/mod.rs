@@ -1,7 +1,8 @@
 //! The HTTP adapter: Buildbot's REST data API v2 and JSON-RPC control, the change hooks, and the
 //! health probes. Handlers decode, call the master or the store, and encode; errors become HTTP
-//! responses in exactly one place ([`ApiError`]).
+//! responses in exactly one place ([`errors`]).
 
+mod errors;
 mod hooks;
 mod rest;
 mod rpc;
@@ -13,10 +14,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use serde_json::json;
 
 use crate::master::Master;
-use crate::store::DataError;
+
+pub use errors::ApiError;
 
 /// The router of the master's HTTP port.
 pub fn router(master: Arc<Master>) -> Router {
@@ -82,54 +83,10 @@ async fn ready(axum::extract::State(master): axum::extract::State<Arc<Master>>) 
         Ok(Ok(true)) if !master.signals.is_shutting_down() => (StatusCode::OK, "ready").into_response(),
         Ok(Ok(true)) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "database schema is not current").into_response(),
-        Ok(Err(error)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {error}")).into_response(),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "not ready: the database is unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response()
+        }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database does not answer").into_response(),
-    }
-}
-
-/// An error of the REST API, answered as Buildbot does: `{"error": "..."}`.
-#[derive(Debug)]
-pub enum ApiError {
-    NotFound(String),
-    BadRequest(String),
-    Unavailable(String),
-    Internal(String),
-}
-
-impl From<DataError> for ApiError {
-    fn from(error: DataError) -> Self {
-        match error {
-            DataError::Store(inner) => ApiError::from(crate::store::StoreError::from(inner)),
-            other => ApiError::BadRequest(other.to_string()),
-        }
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(error: crate::store::StoreError) -> Self {
-        match error {
-            crate::store::StoreError::NotFound(what) => ApiError::NotFound(what),
-            crate::store::StoreError::Invalid(reason) => ApiError::BadRequest(reason),
-            other if other.is_unavailable() => {
-                tracing::warn!(error = %other, "the data API cannot reach the database");
-                ApiError::Unavailable("the database is unavailable; try again".into())
-            }
-            other => {
-                tracing::error!(error = %other, "store error in the data API");
-                ApiError::Internal("database error".into())
-            }
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, message) = match self {
-            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
-            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
-            ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
-        };
-        (status, [(header::CONTENT_TYPE, "application/json")], json!({ "error": message }).to_string()).into_response()
     }
 }

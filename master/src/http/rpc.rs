@@ -9,20 +9,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::errors::{ApiError, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, rpc_error};
 use crate::domain::{SourceStamp, Submitted};
 use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
 use crate::secrets;
-use crate::store::StoreError;
-
-const INVALID_REQUEST: i64 = -32600;
-const METHOD_NOT_FOUND: i64 = -32601;
-const INVALID_PARAMS: i64 = -32602;
-const INTERNAL_ERROR: i64 = -32603;
-
-fn rpc_error(status: StatusCode, id: &Value, code: i64, message: impl Into<String>) -> Response {
-    let body = json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message.into() } });
-    (status, Json(body)).into_response()
-}
 
 pub async fn post(
     State(master): State<Arc<Master>>,
@@ -45,7 +35,7 @@ pub async fn post(
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, -32700, format!("invalid JSON: {e}"));
+            return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, PARSE_ERROR, format!("invalid JSON: {e}"));
         }
     };
     let id = request.get("id").cloned().unwrap_or(Value::Null);
@@ -177,23 +167,7 @@ fn reply(id: &Value, outcome: Result<Value, ControlError>) -> Response {
             rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
         }
         Err(ControlError::Finished(why)) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, why),
-        Err(ControlError::Store(error)) => store_error(id, &error, "control action"),
-    }
-}
-
-/// A store failure as a JSON-RPC error: the caller's bad value is 400, an unreachable database
-/// 503 (retry later), anything else 500. The cause is logged, never sent.
-fn store_error(id: &Value, error: &StoreError, what: &str) -> Response {
-    match error {
-        StoreError::Invalid(reason) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, reason.clone()),
-        error if error.is_unavailable() => {
-            tracing::warn!(%error, "{what} failed: the database is unavailable");
-            rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, INTERNAL_ERROR, "the database is unavailable; try again")
-        }
-        error => {
-            tracing::error!(%error, "{what} failed in the database");
-            rpc_error(StatusCode::INTERNAL_SERVER_ERROR, id, INTERNAL_ERROR, "database error")
-        }
+        Err(ControlError::Store(error)) => ApiError::from_store(&error, "a control action").rpc(id),
     }
 }
 
@@ -289,7 +263,7 @@ async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> 
         Err(SubmitError::UnknownScheduler(name)) => {
             rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no force scheduler named {name:?}"))
         }
-        Err(SubmitError::Store(error)) => store_error(id, &error, "force"),
+        Err(SubmitError::Store(error)) => ApiError::from_store(&error, "force").rpc(id),
         Err(other) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, other.to_string()),
     }
 }
