@@ -1,0 +1,269 @@
+//! Builders and their steps in the configuration, with the steps' flags and Buildbot's default names.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+use super::{SchedulerConfig, sanitize_dir, yes};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Workers that may run this builder; empty means any.
+    #[serde(default)]
+    pub workernames: Vec<String>,
+    /// Directory of the builder on the worker, relative to its base directory.
+    #[serde(default)]
+    pub builddir: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, serde_json::Value>,
+    /// Overrides the global `collapseRequests`.
+    #[serde(default, rename = "collapseRequests")]
+    pub collapse_requests: Option<bool>,
+    pub steps: Vec<StepConfig>,
+}
+
+impl BuilderConfig {
+    pub fn builddir(&self) -> String {
+        self.builddir.clone().unwrap_or_else(|| sanitize_dir(&self.name))
+    }
+}
+
+/// One step of a builder, written as a single-key map: `- shell: {...}`.
+#[derive(Debug, Clone)]
+pub enum StepConfig {
+    Git(GitStepConfig),
+    Shell(ShellStepConfig),
+    SetPropertyFromCommand(SetPropertyStepConfig),
+    Trigger(TriggerStepConfig),
+}
+
+impl<'de> Deserialize<'de> for StepConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StepVisitor;
+        impl<'de> serde::de::Visitor<'de> for StepVisitor {
+            type Value = StepConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map with one key: git, shell or set_property_from_command")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StepConfig, A::Error> {
+                use serde::de::Error;
+                let kind: String = map.next_key()?.ok_or_else(|| A::Error::custom("empty step: name its kind"))?;
+                let step = match kind.as_str() {
+                    "git" => StepConfig::Git(map.next_value()?),
+                    "shell" => StepConfig::Shell(map.next_value()?),
+                    "set_property_from_command" => StepConfig::SetPropertyFromCommand(map.next_value()?),
+                    "trigger" => StepConfig::Trigger(map.next_value()?),
+                    other => {
+                        return Err(A::Error::unknown_variant(
+                            other,
+                            &["git", "shell", "set_property_from_command", "trigger"],
+                        ));
+                    }
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(A::Error::custom(format!("a step has exactly one kind; found also {extra:?}")));
+                }
+                Ok(step)
+            }
+        }
+        deserializer.deserialize_map(StepVisitor)
+    }
+}
+
+/// Flags every step takes, with Buildbot's names and defaults.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct StepFlags {
+    #[serde(default, rename = "haltOnFailure")]
+    pub halt_on_failure: Option<bool>,
+    #[serde(default, rename = "flunkOnFailure")]
+    pub flunk_on_failure: Option<bool>,
+    #[serde(default, rename = "warnOnFailure")]
+    pub warn_on_failure: Option<bool>,
+    #[serde(default, rename = "alwaysRun")]
+    pub always_run: Option<bool>,
+}
+
+/// A command line as Buildbot takes it: a list of arguments, or one string for the shell.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    Argv(Vec<String>),
+    Script(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub command: CommandLine,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Seconds without output before the command is killed (Buildbot's default 1200).
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    #[serde(default, rename = "maxTime")]
+    pub max_time: Option<u32>,
+    #[serde(default, rename = "logEnviron")]
+    pub log_environ: Option<bool>,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Repository URL; defaults to the source stamp's repository.
+    #[serde(default)]
+    pub repourl: Option<String>,
+    /// Branch to build when the source stamp names none.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// `incremental` (default) or `full`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<u32>,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+/// Buildbot's Trigger step: submits buildsets to triggerable schedulers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(rename = "schedulerNames")]
+    pub scheduler_names: Vec<String>,
+    /// Wait for the triggered builds; the step then takes their worst result.
+    #[serde(default, rename = "waitForFinish")]
+    pub wait_for_finish: bool,
+    /// Build the revision this build checked out (`got_revision`), not the one it was asked for.
+    #[serde(default = "yes", rename = "updateSourceStamp")]
+    pub update_source_stamp: bool,
+    /// Build the latest sources instead of this build's.
+    #[serde(default, rename = "alwaysUseLatest")]
+    pub always_use_latest: bool,
+    /// Properties to set, rendered with this build's properties.
+    #[serde(default)]
+    pub set_properties: BTreeMap<String, serde_json::Value>,
+    /// This build's properties to pass on.
+    #[serde(default)]
+    pub copy_properties: Vec<String>,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPropertyStepConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub property: String,
+    pub command: CommandLine,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Strip surrounding white space from the output (Buildbot's default: yes).
+    #[serde(default = "yes")]
+    pub strip: bool,
+    #[serde(flatten)]
+    pub flags: StepFlags,
+}
+
+/// The name a step shows: its configured name, or Buildbot's default for its kind.
+pub fn step_name(step: &StepConfig, index: usize) -> String {
+    let (configured, default) = match step {
+        StepConfig::Git(s) => (&s.name, "git".to_owned()),
+        StepConfig::Shell(s) => (&s.name, format!("shell_{index}")),
+        StepConfig::SetPropertyFromCommand(s) => (&s.name, format!("set_property_{}", s.property)),
+        StepConfig::Trigger(s) => (&s.name, "trigger".to_owned()),
+    };
+    configured.clone().unwrap_or(default)
+}
+
+/// Each builder and its steps; returns the builders' names.
+pub(super) fn validate<'a>(
+    builders: &'a [BuilderConfig],
+    schedulers: &[SchedulerConfig],
+) -> Result<BTreeSet<&'a str>, (String, String)> {
+    if builders.is_empty() {
+        return Err(("builders".into(), "at least one builder is needed".into()));
+    }
+    let mut names = BTreeSet::new();
+    for (i, builder) in builders.iter().enumerate() {
+        if builder.name.is_empty() || builder.name.len() > 100 {
+            return Err((format!("builders[{i}].name"), "must be 1 to 100 characters".into()));
+        }
+        if !names.insert(builder.name.as_str()) {
+            return Err((format!("builders[{i}].name"), format!("duplicate builder {:?}", builder.name)));
+        }
+        if builder.steps.is_empty() {
+            return Err((format!("builders[{i}].steps"), "a builder needs at least one step".into()));
+        }
+        let mut step_names = BTreeSet::new();
+        for (j, step) in builder.steps.iter().enumerate() {
+            let key = format!("builders[{i}].steps[{j}]");
+            validate_step(&key, step, schedulers)?;
+            let name = step_name(step, j);
+            if !step_names.insert(name.clone()) {
+                return Err((format!("{key}.name"), format!("duplicate step name {name:?} in this builder")));
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// One step at `key`: a command to run, schedulers to trigger that are Triggerable, a known git mode.
+fn validate_step(key: &str, step: &StepConfig, schedulers: &[SchedulerConfig]) -> Result<(), (String, String)> {
+    match step {
+        StepConfig::Shell(ShellStepConfig { command, .. })
+        | StepConfig::SetPropertyFromCommand(SetPropertyStepConfig { command, .. }) => {
+            let empty = match command {
+                CommandLine::Argv(argv) => argv.is_empty(),
+                CommandLine::Script(script) => script.trim().is_empty(),
+            };
+            if empty {
+                return Err((format!("{key}.command"), "must not be empty".into()));
+            }
+        }
+        StepConfig::Trigger(trigger) => {
+            if trigger.scheduler_names.is_empty() {
+                return Err((format!("{key}.trigger.schedulerNames"), "name at least one scheduler".into()));
+            }
+            for (k, name) in trigger.scheduler_names.iter().enumerate() {
+                let triggerable =
+                    schedulers.iter().any(|s| matches!(s, SchedulerConfig::Triggerable(t) if &t.name == name));
+                if !triggerable {
+                    return Err((
+                        format!("{key}.trigger.schedulerNames[{k}]"),
+                        format!("{name:?} is not a triggerable scheduler"),
+                    ));
+                }
+            }
+        }
+        StepConfig::Git(git) => {
+            if let Some(mode) = &git.mode
+                && mode != "incremental"
+                && mode != "full"
+            {
+                return Err((format!("{key}.git.mode"), "must be incremental or full".into()));
+            }
+        }
+    }
+    Ok(())
+}
