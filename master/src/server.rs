@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::{BackendKind, Config};
 use crate::grpc::WorkerGrpc;
 use crate::master::Master;
@@ -110,22 +112,8 @@ pub async fn run_with(
         kube_client = Some(client);
     }
     let mut shutdown = std::pin::pin!(shutdown);
-    // The database may not be up yet (a fresh install starts both at once): wait for it here
-    // rather than crash-looping; a broken schema or URL is not retried.
-    let mut delay = Duration::from_millis(500);
-    let store = loop {
-        match Store::connect_with_clock(&config.database, options.clock).await {
-            Ok(store) => break store,
-            Err(StoreError::Connect { url, source }) if !config.database.starts_with("sqlite:") => {
-                warn!(%url, error = %source, retry_in = ?delay, "cannot reach the database yet");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = &mut shutdown => return Ok(()),
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(error) => return Err(error.into()),
-        }
+    let Some(store) = connect(&config, options.clock, &mut shutdown).await? else {
+        return Ok(());
     };
     let plan = Plan::compile(&config).map_err(|(key, reason)| RunError::Config { key, reason })?;
     let master = Master::start(Arc::clone(&config), plan, store.clone()).await?;
@@ -135,35 +123,10 @@ pub async fn run_with(
     if !local_binaries.is_empty() {
         tokens.push(local_token.clone());
     }
-
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc_addr = listeners.grpc.local_addr().map_err(|e| RunError::Serve(e.to_string()))?;
-    let grpc = {
-        let service = WorkerGrpc::new(Arc::clone(&master), tokens).into_server();
-        let mut stop = stop_rx.clone();
-        let incoming = TcpListenerStream::new(listeners.grpc);
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
-    };
-    let http = {
-        let router = crate::http::router(Arc::clone(&master));
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(listeners.http, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
-    };
+    let grpc = serve_grpc(listeners.grpc, WorkerGrpc::new(Arc::clone(&master), tokens), stop_rx.clone());
+    let http = serve_http(listeners.http, crate::http::router(Arc::clone(&master)), stop_rx);
     let background = [
         tokio::spawn(Arc::clone(&master).run_dispatcher()),
         tokio::spawn(Arc::clone(&master).run_housekeeping()),
@@ -174,44 +137,9 @@ pub async fn run_with(
         tokio::spawn(Arc::clone(&master).run_log_janitor()),
         tokio::spawn(Arc::clone(&master).run_queue_listener(config.database.clone())),
     ];
+    let local = LocalWorkers { binaries: local_binaries, grpc: format!("http://{grpc_addr}"), token: local_token };
     let (pool_stop_tx, pool_stop_rx) = watch::channel(false);
-    let mut local_binaries = local_binaries.into_iter();
-    let mut pools = Vec::new();
-    for pool_config in &config.pools {
-        let backend = match pool_config.backend {
-            BackendKind::Local => Backend::Local(Arc::new(LocalPool::new(
-                pool_config.clone(),
-                local_binaries.next().expect("one binary per local pool"),
-                format!("http://{grpc_addr}"),
-                local_token.clone(),
-                config.data_dir.clone(),
-            ))),
-            BackendKind::Kubernetes => {
-                let k8s = pool_config.kubernetes.as_ref().expect("validated with the configuration");
-                Backend::Kubernetes(Arc::new(KubernetesPool::new(
-                    kube_client.clone().expect("created above"),
-                    k8s.namespace.as_deref(),
-                    &k8s.deployment,
-                    &pool_config.name,
-                )))
-            }
-            BackendKind::Static => Backend::Static,
-        };
-        pools.push(Arc::new(Pool::new(pool_config.clone(), backend)));
-    }
-    master.set_pools(pools.clone());
-    let pool_tasks: Vec<_> = pools
-        .into_iter()
-        .map(|pool| {
-            let port = MasterPort {
-                store: master.store.clone(),
-                workers: Arc::clone(&master.workers),
-                signals: Arc::clone(&master.signals),
-                builderids: master.pool_builder_ids(&pool.config.name).unwrap_or_default().to_vec(),
-            };
-            tokio::spawn(pool.run(port, pool_stop_rx.clone(), Duration::from_secs(30)))
-        })
-        .collect();
+    let pool_tasks = start_pools(&master, local, kube_client, pool_stop_rx)?;
     on_start(&master);
 
     shutdown.await;
@@ -230,17 +158,133 @@ pub async fn run_with(
     if let Err(error) = store.master_stopped(master.masterid).await {
         error!(%error, "could not mark the master stopped");
     }
-    match grpc.await {
-        Ok(Err(e)) => return Err(RunError::Serve(e.to_string())),
-        Err(e) => return Err(RunError::Serve(e.to_string())),
-        Ok(Ok(())) => {}
-    }
-    match http.await {
-        Ok(Err(e)) => return Err(RunError::Serve(e.to_string())),
-        Err(e) => return Err(RunError::Serve(e.to_string())),
-        Ok(Ok(())) => {}
+    for server in [grpc, http] {
+        server.await.map_err(|e| RunError::Serve(e.to_string()))?.map_err(RunError::Serve)?;
     }
     store.close().await;
     info!("master stopped");
     Ok(())
+}
+
+/// Opens the database. It may not be up yet (a fresh install starts both at once): a server
+/// database is waited for here rather than crash-looping, until `shutdown` (then `None`); a
+/// broken schema or URL is not retried.
+async fn connect(
+    config: &Config,
+    clock: Clock,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Option<Store>, RunError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match Store::connect_with_clock(&config.database, clock).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(StoreError::Connect { url, source }) if !config.database.starts_with("sqlite:") => {
+                warn!(%url, error = %source, retry_in = ?delay, "cannot reach the database yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut *shutdown => return Ok(None),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// A server task; it ends once `stop` turns true and its connections have closed.
+type Server = tokio::task::JoinHandle<Result<(), String>>;
+
+/// Serves workers' gRPC sessions on `listener`.
+fn serve_grpc(listener: TcpListener, service: WorkerGrpc, mut stop: watch::Receiver<bool>) -> Server {
+    let service = service.into_server();
+    let incoming = TcpListenerStream::new(listener);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Serves the HTTP API on `listener`.
+fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) -> Server {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// What local pools need to start workers: one binary per local pool, in configuration order,
+/// the address workers dial, and the token that admits them.
+struct LocalWorkers {
+    binaries: Vec<PathBuf>,
+    grpc: String,
+    token: String,
+}
+
+/// Builds each configured pool's backend and starts its scaler.
+fn start_pools(
+    master: &Arc<Master>,
+    local: LocalWorkers,
+    kube_client: Option<kube::Client>,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
+    let config = &master.config;
+    let mut binaries = local.binaries.into_iter();
+    let mut pools = Vec::new();
+    for (i, pool_config) in config.pools.iter().enumerate() {
+        let backend = match pool_config.backend {
+            BackendKind::Local => {
+                let binary = binaries.next().ok_or_else(|| RunError::Config {
+                    key: format!("pools[{i}]"),
+                    reason: "no kiln-worker binary was located for this pool".into(),
+                })?;
+                Backend::Local(Arc::new(LocalPool::new(
+                    pool_config.clone(),
+                    binary,
+                    local.grpc.clone(),
+                    local.token.clone(),
+                    config.data_dir.clone(),
+                )))
+            }
+            BackendKind::Kubernetes => {
+                let (Some(k8s), Some(client)) = (pool_config.kubernetes.as_ref(), kube_client.clone()) else {
+                    return Err(RunError::Config {
+                        key: format!("pools[{i}].kubernetes"),
+                        reason: "a kubernetes pool needs its deployment and a cluster client".into(),
+                    });
+                };
+                Backend::Kubernetes(Arc::new(KubernetesPool::new(
+                    client,
+                    k8s.namespace.as_deref(),
+                    &k8s.deployment,
+                    &pool_config.name,
+                )))
+            }
+            BackendKind::Static => Backend::Static,
+        };
+        pools.push(Arc::new(Pool::new(pool_config.clone(), backend)));
+    }
+    master.set_pools(pools.clone());
+    Ok(pools
+        .into_iter()
+        .map(|pool| {
+            let port = MasterPort {
+                store: master.store.clone(),
+                workers: Arc::clone(&master.workers),
+                signals: Arc::clone(&master.signals),
+                builderids: master.pool_builder_ids(&pool.config.name).unwrap_or_default().to_vec(),
+            };
+            tokio::spawn(pool.run(port, stop.clone(), Duration::from_secs(30)))
+        })
+        .collect())
 }

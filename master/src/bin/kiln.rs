@@ -177,6 +177,7 @@ async fn follow(client: &Client, buildid: i64, wait: bool) -> Result<(), CliErro
     }
 }
 
+/// One arm per subcommand, each a request and its table: a long match that reads best whole.
 async fn run(args: Args) -> Result<(), CliError> {
     let client =
         Client { http: reqwest::Client::new(), url: args.url.trim_end_matches('/').to_owned(), token: args.token };

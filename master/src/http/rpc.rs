@@ -20,40 +20,11 @@ pub async fn post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let json_body = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json_body {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            &Value::Null,
-            INVALID_REQUEST,
-            "the request body must be application/json",
-        );
-    }
-    let request: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, PARSE_ERROR, format!("invalid JSON: {e}"));
-        }
+    let Call { id, method, params } = match call(&headers, &body) {
+        Ok(call) => call,
+        Err(refusal) => return *refusal,
     };
-    let id = request.get("id").cloned().unwrap_or(Value::Null);
-    if let Some(place) = nul_in(&request, String::new()) {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            &id,
-            INVALID_PARAMS,
-            format!("{place}: text must not contain NUL bytes"),
-        );
-    }
-    let Some(method) = request.get("method").and_then(Value::as_str) else {
-        return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_REQUEST, "missing method");
-    };
-    let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
-    if !params.is_object() {
-        return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "params must be an object");
-    }
+    let method = method.as_str();
     if let Some(refusal) = refuse_unauthorized(&master, &headers, &id) {
         return refusal;
     }
@@ -148,6 +119,57 @@ fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Opti
     let mut response = rpc_error(status, id, INVALID_REQUEST, "control actions need valid credentials");
     response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"kiln\""));
     Some(response)
+}
+
+/// A JSON-RPC call, decoded.
+struct Call {
+    id: Value,
+    method: String,
+    params: Value,
+}
+
+/// Decodes a JSON-RPC request body, or answers why it cannot be.
+fn call(headers: &HeaderMap, body: &[u8]) -> Result<Call, Box<Response>> {
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json_body {
+        return Err(Box::new(rpc_error(
+            StatusCode::BAD_REQUEST,
+            &Value::Null,
+            INVALID_REQUEST,
+            "the request body must be application/json",
+        )));
+    }
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(Box::new(rpc_error(
+                StatusCode::BAD_REQUEST,
+                &Value::Null,
+                PARSE_ERROR,
+                format!("invalid JSON: {e}"),
+            )));
+        }
+    };
+    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    if let Some(place) = nul_in(&request, String::new()) {
+        return Err(Box::new(rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            INVALID_PARAMS,
+            format!("{place}: text must not contain NUL bytes"),
+        )));
+    }
+    let Some(method) = request.get("method").and_then(Value::as_str).map(str::to_owned) else {
+        return Err(Box::new(rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_REQUEST, "missing method")));
+    };
+    let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
+    if !params.is_object() {
+        return Err(Box::new(rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "params must be an object")));
+    }
+    Ok(Call { id, method, params })
 }
 
 fn not_found(id: &Value, what: &str) -> Response {
