@@ -13,7 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, ControlAccess};
 use crate::grpc::WorkerGrpc;
 use crate::master::Master;
 use crate::plan::Plan;
@@ -98,6 +98,13 @@ pub async fn run_with(
     on_start: impl FnOnce(&Started) + Send,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
+    match config.open_api_warning() {
+        Some(warning) => warn!("{warning}"),
+        None if config.control_access() == ControlAccess::Closed => {
+            info!("control actions are closed: http.auth gives no credentials");
+        }
+        None => {}
+    }
     let mut local_binaries = Vec::new();
     for pool in config.pools.iter().filter(|p| p.backend == BackendKind::Local) {
         local_binaries.push(LocalPool::locate_binary(pool)?);

@@ -23,7 +23,7 @@ impl MasterProcess {
     pub async fn start(database: &str, dir: &std::path::Path, body: &str, workers: u64) -> MasterProcess {
         let (http, grpc) = (free_port(), free_port());
         let config = format!(
-            "database: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n{body}",
+            "database: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\", auth: open}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n{body}",
             dir.display()
         );
         let path = dir.join("master.yaml");
@@ -171,7 +171,7 @@ impl MasterNode {
         let (http, grpc) = (free_port(), free_port());
         let data = dir.join(format!("data-{node}"));
         let config = format!(
-            "master_name: {name}\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\n\
+            "master_name: {name}\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\", auth: open}}\n\
              workers:\n  listen: \"127.0.0.1:{grpc}\"\n  heartbeat_interval: 0.5\n  lease_seconds: {lease}\n  \
              tokens: [{{name: test, value: {}}}]\n{body}",
             data.display(),

@@ -52,7 +52,7 @@ impl TestWorker {
 /// database, loopback listeners on port 0 and the test token.
 pub fn config_text(database: &str, data_dir: &Path, builders_and_schedulers: &str) -> String {
     format!(
-        "database: \"{database}\"\ndata_dir: \"{}\"\nhttp:\n  listen: 127.0.0.1:0\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: 0.5\n  lease_seconds: 10\n  tokens:\n    - name: test\n      value: {TOKEN}\n{builders_and_schedulers}",
+        "database: \"{database}\"\ndata_dir: \"{}\"\nhttp:\n  listen: 127.0.0.1:0\n  auth: open\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: 0.5\n  lease_seconds: 10\n  tokens:\n    - name: test\n      value: {TOKEN}\n{builders_and_schedulers}",
         data_dir.display()
     )
 }

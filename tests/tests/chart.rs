@@ -188,6 +188,9 @@ async fn the_binaries_run_with_what_the_chart_gives_them() {
     .unwrap();
     let database = pg::fresh_database().await;
     let master_env = container_env(master, secret, "kiln-master-0", &[("KILN_DATABASE_URL", database)]);
+    let api_token = master_env.iter().find(|(n, _)| n == "KILN_API_TOKEN").map(|(_, v)| v.clone());
+    let api_token = api_token.expect("the chart gives the master an API token");
+    assert!(api_token.len() >= 32, "a generated token is long: {api_token:?}");
     let _master = tokio::process::Command::new(binary("kiln-master"))
         .arg("--config")
         .arg(dir.path().join("config.yaml"))
@@ -232,6 +235,12 @@ async fn the_binaries_run_with_what_the_chart_gives_them() {
         (response.status() == 200).then_some(())
     })
     .await;
+    let anonymous = serde_json::json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let refused = client.post(format!("{base}/api/v2/forceschedulers/force")).json(&anonymous).send().await.unwrap();
+    assert_eq!(refused.status(), 401, "control actions need the chart's API token");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {api_token}").parse().unwrap());
+    let client = reqwest::Client::builder().default_headers(headers).build().unwrap();
     let brid = kiln_tests::process::force(&client, &base).await;
     let request = kiln_tests::process::wait_request(&client, &base, brid).await;
     assert_eq!(request["results"], 0, "the chart's example build succeeds");

@@ -13,7 +13,10 @@ fn every_example_config_is_valid() {
         if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             // Example configs may name tokens by environment variable; give them one.
             // SAFETY: this test binary runs this test alone on its thread before reading the env.
-            unsafe { std::env::set_var("KILN_WORKER_TOKEN", "example") };
+            unsafe {
+                std::env::set_var("KILN_WORKER_TOKEN", "example");
+                std::env::set_var("KILN_API_TOKEN", "example");
+            }
             Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;
         }

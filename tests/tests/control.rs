@@ -200,8 +200,10 @@ async fn a_gracefully_stopped_worker_finishes_its_build_and_a_killed_one_has_it_
 async fn control_actions_need_credentials_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
-    let text = config_text(&database, dir.path(), &setup("true"))
-        .replace("http:\n  listen: 127.0.0.1:0\n", "http:\n  listen: 127.0.0.1:0\n  auth:\n    tokens: [{name: ci, value: s3cret}]\n    users: [{username: ada, password: lovelace}]\n");
+    let text = config_text(&database, dir.path(), &setup("true")).replace(
+        "  auth: open\n",
+        "  auth:\n    tokens: [{name: ci, value: s3cret}]\n    users: [{username: ada, password: lovelace}]\n",
+    );
     let master = TestMaster::start_with(Config::parse("auth.yaml", &text).unwrap(), dir.path()).await;
     let url = master.url("/api/v2/forceschedulers/force");
     let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
@@ -220,6 +222,31 @@ async fn control_actions_need_credentials_when_configured() {
     assert_eq!(post(Some(("Authorization", "Basic YWRhOndyb25n".into()))).await, 403);
     assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 2, "reading stays open");
     master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_actions_are_closed_unless_the_configuration_opens_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup("true")).replace("  auth: open\n", "");
+    let master = TestMaster::start_with(Config::parse("closed.yaml", &text).unwrap(), dir.path()).await;
+    let force = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let reply = master.client.post(master.url("/api/v2/forceschedulers/force")).json(&force).send().await.unwrap();
+    assert_eq!(reply.status().as_u16(), 403);
+    let body: serde_json::Value = reply.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("http.auth"), "{body}");
+    let (status, _) = rpc(&master, "workers/1", "kill", json!({})).await;
+    assert_eq!(status, 403);
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 0, "nothing was queued");
+    assert_eq!(master.get("/api/v2/builders").await["meta"]["total"], 1, "reading stays open");
+    master.stop().await;
+
+    let error = Config::parse(
+        "typo.yaml",
+        &config_text(&database, dir.path(), &setup("true")).replace("auth: open", "auth: opne"),
+    )
+    .unwrap_err();
+    assert_eq!(error.key, "http.auth", "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// A master with one Kubernetes pool `linux` (Deployment `workers` in namespace `ci`).
 async fn start(dir: &std::path::Path, fake: &FakeKube, pool: &str, heartbeat: f64, builders: &str) -> TestMaster {
     let text = format!(
-        "collapseRequests: false\ndatabase: \"sqlite://{db}\"\ndata_dir: \"{data}\"\nhttp:\n  listen: 127.0.0.1:0\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: {heartbeat}\n  tokens: [{{name: t, value: {TOKEN}}}]\npools:\n  - {{name: linux, backend: kubernetes, kubernetes: {{namespace: ci, deployment: workers}}, {pool}}}\n{builders}",
+        "collapseRequests: false\ndatabase: \"sqlite://{db}\"\ndata_dir: \"{data}\"\nhttp:\n  listen: 127.0.0.1:0\n  auth: open\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: {heartbeat}\n  tokens: [{{name: t, value: {TOKEN}}}]\npools:\n  - {{name: linux, backend: kubernetes, kubernetes: {{namespace: ci, deployment: workers}}, {pool}}}\n{builders}",
         db = dir.join("kiln.sqlite").display(),
         data = dir.display(),
     );

@@ -99,7 +99,7 @@ async fn json_logs_name_the_build_and_builder_on_every_build_line() {
     let dir = tempfile::tempdir().unwrap();
     let (http, grpc) = (free_port(), free_port());
     let config = format!(
-        "database: \"sqlite://{}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\"}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n{}",
+        "database: \"sqlite://{}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\", auth: open}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n{}",
         dir.path().join("kiln.sqlite").display(),
         dir.path().display(),
         body()

@@ -15,7 +15,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// one of them looks its worker up by name).
 fn config(dir: &std::path::Path, prefix: &str, min: u32, max: u32, delay: f64, builders: &str) -> Config {
     let text = format!(
-        "collapseRequests: false\ndatabase: \"sqlite://{db}\"\ndata_dir: \"{data}\"\nhttp:\n  listen: 127.0.0.1:0\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: 0.5\n  tokens: [{{name: t, value: {TOKEN}}}]\npools:\n  - {{name: {prefix}, backend: local, min: {min}, max: {max}, scale_down_delay: {delay}, local: {{binary: \"{bin}\"}}}}\n{builders}",
+        "collapseRequests: false\ndatabase: \"sqlite://{db}\"\ndata_dir: \"{data}\"\nhttp:\n  listen: 127.0.0.1:0\n  auth: open\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: 0.5\n  tokens: [{{name: t, value: {TOKEN}}}]\npools:\n  - {{name: {prefix}, backend: local, min: {min}, max: {max}, scale_down_delay: {delay}, local: {{binary: \"{bin}\"}}}}\n{builders}",
         db = dir.join("kiln.sqlite").display(),
         data = dir.display(),
         bin = binary("kiln-worker").display(),

@@ -88,10 +88,31 @@ pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
-    /// When set, control actions (JSON-RPC POSTs to `/api/v2`) need a bearer token or HTTP basic
-    /// credentials. Reading the API and the change hooks (which have their own secrets) stay open.
+    /// Who may use control actions (JSON-RPC POSTs to `/api/v2`): holders of a bearer token or
+    /// HTTP basic credentials, or — only when it says `open` — anyone. Without it, control
+    /// actions are refused. Reading the API and the change hooks (which have their own secrets)
+    /// stay open.
     #[serde(default)]
-    pub auth: Option<AuthConfig>,
+    pub auth: Option<AuthSetting>,
+}
+
+/// `http.auth`: the word `open`, or credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AuthSetting {
+    Word(String),
+    Credentials(AuthConfig),
+}
+
+/// Who may use control actions, as the configuration says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAccess {
+    /// No `http.auth`: nobody.
+    Closed,
+    /// `http.auth: open`: anybody who reaches the port.
+    Open,
+    /// Holders of one of these bearer tokens or `user:password` pairs (basic authentication).
+    Credentials { tokens: Vec<String>, users: Vec<String> },
 }
 
 impl Default for HttpConfig {
@@ -314,7 +335,15 @@ impl Config {
 
     /// Who may use control actions.
     fn validate_auth(&self) -> Result<(), (String, String)> {
-        if let Some(auth) = &self.http.auth {
+        if let Some(AuthSetting::Word(word)) = &self.http.auth
+            && word != "open"
+        {
+            return Err((
+                "http.auth".into(),
+                format!("{word:?}: give tokens or users, or the word open to let anyone use control actions"),
+            ));
+        }
+        if let Some(AuthSetting::Credentials(auth)) = &self.http.auth {
             if auth.tokens.is_empty() && auth.users.is_empty() {
                 return Err(("http.auth".into(), "give at least one token or user, or remove the key".into()));
             }
@@ -344,10 +373,13 @@ impl Config {
         self.workers.tokens.iter().filter_map(TokenConfig::resolve).collect()
     }
 
-    /// Credentials that admit control actions: bearer tokens, and `user:password` pairs for basic
-    /// authentication. `None` when control actions are open.
-    pub fn control_credentials(&self) -> Option<(Vec<String>, Vec<String>)> {
-        let auth = self.http.auth.as_ref()?;
+    /// Who may use control actions.
+    pub fn control_access(&self) -> ControlAccess {
+        let auth = match &self.http.auth {
+            None => return ControlAccess::Closed,
+            Some(AuthSetting::Word(_)) => return ControlAccess::Open,
+            Some(AuthSetting::Credentials(auth)) => auth,
+        };
         let tokens = auth.tokens.iter().filter_map(TokenConfig::resolve).collect();
         let users = auth
             .users
@@ -358,7 +390,19 @@ impl Config {
                 Some(format!("{}:{password}", u.username))
             })
             .collect();
-        Some((tokens, users))
+        ControlAccess::Credentials { tokens, users }
+    }
+
+    /// A warning for the start-up log when anyone who reaches a non-loopback address may use
+    /// control actions.
+    pub fn open_api_warning(&self) -> Option<String> {
+        let listen = self.http.listen;
+        (self.control_access() == ControlAccess::Open && !listen.ip().is_loopback()).then(|| {
+            format!(
+                "http.auth is open and http.listen is {listen}: anyone who reaches that address can stop builds \
+                 and workers; give tokens or users, or listen on 127.0.0.1"
+            )
+        })
     }
 
     pub fn builder(&self, name: &str) -> Option<&BuilderConfig> {

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::errors::{ApiError, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, rpc_error};
+use crate::config::ControlAccess;
 use crate::domain::{SourceStamp, Submitted};
 use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
 use crate::secrets;
@@ -97,8 +98,14 @@ pub async fn post(
 /// Checks the credentials of a control action when the configuration asks for them; returns the
 /// refusal to send when they are missing or wrong.
 fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Option<Response> {
-    // No credentials configured: control actions are open.
-    let (tokens, users) = master.config.control_credentials()?;
+    let (tokens, users) = match master.config.control_access() {
+        ControlAccess::Open => return None,
+        ControlAccess::Closed => {
+            let reason = "control actions are closed: this master's configuration gives no http.auth";
+            return Some(rpc_error(StatusCode::FORBIDDEN, id, INVALID_REQUEST, reason));
+        }
+        ControlAccess::Credentials { tokens, users } => (tokens, users),
+    };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let admitted = if let Some(token) = given.strip_prefix("Bearer ") {
         secrets::matches_any(&tokens, token.trim())
