@@ -78,6 +78,14 @@ pub struct SourceStamp {
     pub codebase: String,
 }
 
+/// One webhook delivery, by the id its sender gives it (and repeats when it redelivers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The dialect it came through: `github`, `gitlab`.
+    pub source: String,
+    pub id: String,
+}
+
 /// What a scheduler asks to be built.
 #[derive(Debug, Clone, Default)]
 pub struct NewBuildset {

@@ -232,6 +232,70 @@ async fn gitlab_deliveries_need_the_token_and_map_like_buildbot() {
     w.master.stop().await;
 }
 
+/// Posts `body` to `master`'s `dialect` hook with `headers` (the GitHub signature is added).
+async fn deliver(master: &TestMaster, dialect: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut request = master
+        .client
+        .post(master.url(&format!("/change_hook/{dialect}")))
+        .header("Content-Type", "application/json")
+        .body(body.to_vec());
+    if dialect == "github" {
+        request = request.header("X-Hub-Signature-256", sign_sha256(SECRET, body));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_webhook_is_acted_on_once_across_masters() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::init(&dir.path().join("upstream"));
+    let parent = repo.commit("start", &[("README", "hello\n")]);
+    let first = repo.commit("Add the greeting", &[("hello.txt", "hello\n")]);
+    let head = repo.commit("Say hello to Kiln", &[("hello.txt", "hello kiln\n")]);
+    let database = kiln_tests::pg::fresh_database().await;
+    let a = TestMaster::start(&database, &dir.path().join("a"), &format!("master_name: a\n{SETUP}")).await;
+    let b = TestMaster::start(&database, &dir.path().join("b"), &format!("master_name: b\n{SETUP}")).await;
+    let fixture = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+        std::fs::read_to_string(path)
+            .unwrap()
+            .replace("{{REPO}}", &repo.path.display().to_string())
+            .replace("{{PARENT}}", &parent)
+            .replace("{{FIRST}}", &first)
+            .replace("{{HEAD}}", &head)
+            .into_bytes()
+    };
+    let push = fixture("github/push.json");
+    let github = [("X-GitHub-Event", "push"), ("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")];
+    // The same delivery reaches both masters at once (a retry racing the original), then again.
+    let (one, two) = tokio::join!(deliver(&a, "github", &github, &push), deliver(&b, "github", &github, &push));
+    let mut answers = [one.1.clone(), two.1.clone()];
+    answers.sort();
+    assert_eq!((one.0, two.0), (200, 200));
+    assert_eq!(answers, ["2 change found".to_owned(), "already processed".to_owned()]);
+    assert_eq!(deliver(&b, "github", &github, &push).await, (200, "already processed".to_owned()));
+    // Another delivery of the same payload is a new event: GitHub gives it a new id.
+    let again = [("X-GitHub-Event", "push"), ("X-GitHub-Delivery", "9a1b6f2c-cc78-11e3-81ab-4c9367dc0958")];
+    assert_eq!(deliver(&a, "github", &again, &push).await, (200, "2 change found".to_owned()));
+
+    let gitlab_push = fixture("gitlab/push.json");
+    let idempotent = [("X-Gitlab-Token", "gitlab-token"), ("Idempotency-Key", "908a6d9e-45fd-46c8-97e6-c4f350f219dd")];
+    assert_eq!(deliver(&a, "gitlab", &idempotent, &gitlab_push).await, (200, "1 change found".to_owned()));
+    assert_eq!(deliver(&b, "gitlab", &idempotent, &gitlab_push).await, (200, "already processed".to_owned()));
+    let uuid = [("X-Gitlab-Token", "gitlab-token"), ("X-Gitlab-Event-UUID", "13792a34-cac6-4fda-95a8-c58e00a3954e")];
+    assert_eq!(deliver(&b, "gitlab", &uuid, &gitlab_push).await, (200, "1 change found".to_owned()));
+    assert_eq!(deliver(&a, "gitlab", &uuid, &gitlab_push).await, (200, "already processed".to_owned()));
+
+    assert_eq!(a.get("/api/v2/changes").await["meta"]["total"], 6, "2 + 2 from GitHub, 1 + 1 from GitLab");
+    assert_eq!(b.get("/api/v2/buildrequests").await["meta"]["total"], 6, "one build request per change");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialect_not_configured_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use kiln_master::domain::{NewBuildset, NewChange, SourceStamp, Submitted};
+use kiln_master::domain::{Delivery, NewBuildset, NewChange, SourceStamp, Submitted};
 use kiln_master::properties::Properties;
 use kiln_master::results::Results;
 use kiln_master::store::{ListQuery, LogTail, Op, Resource, Store};
@@ -41,6 +41,7 @@ conformance!(
     a_released_request_returns_to_the_queue,
     expired_leases_are_reaped_and_their_builds_retried,
     shortened_claims_expire_early_and_only_for_their_master,
+    a_webhook_delivery_is_stored_once_until_forgotten,
     builds_are_numbered_per_builder,
     a_buildset_completes_with_the_worst_result,
     logs_round_trip_through_compressed_chunks,
@@ -201,6 +202,22 @@ async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
         "the old claim is void"
     );
     assert_eq!(store.pending_count().await.unwrap(), 1);
+}
+
+async fn a_webhook_delivery_is_stored_once_until_forgotten(store: Store) {
+    let change = NewChange { author: "a".into(), branch: Some("main".into()), ..Default::default() };
+    let delivery = Delivery { source: "github".into(), id: "72d3162e".into() };
+    let changes = [change.clone(), change];
+    assert_eq!(store.add_delivered_changes(&delivery, &changes).await.unwrap().map(|c| c.len()), Some(2));
+    assert_eq!(store.add_delivered_changes(&delivery, &changes).await.unwrap(), None, "seen before");
+    let elsewhere = Delivery { source: "gitlab".into(), id: delivery.id.clone() };
+    assert!(store.add_delivered_changes(&elsewhere, &changes[..1]).await.unwrap().is_some(), "ids are per source");
+    assert_eq!(store.list(Resource::Changes, &ListQuery::default()).await.unwrap().1, 3);
+    store.forget_delivery(&delivery).await.unwrap();
+    assert!(store.add_delivered_changes(&delivery, &changes[..1]).await.unwrap().is_some(), "forgotten");
+    assert_eq!(store.forget_deliveries_before(store.now_ms() - 60_000).await.unwrap(), 0, "all are recent");
+    assert_eq!(store.forget_deliveries_before(store.now_ms() + 1).await.unwrap(), 2);
+    assert!(store.add_delivered_changes(&delivery, &changes[..1]).await.unwrap().is_some());
 }
 
 async fn shortened_claims_expire_early_and_only_for_their_master(store: Store) {

@@ -16,8 +16,8 @@ use super::ApiError;
 use crate::changes::github::{self, GithubHook};
 use crate::changes::{HookError, base, gitlab};
 use crate::config::ChangeHooksConfig;
-use crate::domain::NewChange;
-use crate::master::{Master, SubmitError};
+use crate::domain::{Delivery, NewChange};
+use crate::master::{Delivered, Master, SubmitError};
 
 /// The hooks a master serves, ready to use (patterns compiled, secrets resolved).
 #[derive(Debug)]
@@ -110,13 +110,33 @@ async fn handle(
         return (StatusCode::OK, "no change found").into_response();
     }
     let count = changes.len();
-    match master.add_changes(changes).await {
-        Ok(_) => (StatusCode::OK, format!("{count} change found")).into_response(),
+    let added = match delivery(dialect, &headers) {
+        Some(delivery) => master.add_delivered_changes(&delivery, changes).await,
+        None => master.add_changes(changes).await.map(Delivered::Now),
+    };
+    match added {
+        Ok(Delivered::Now(_)) => (StatusCode::OK, format!("{count} change found")).into_response(),
+        Ok(Delivered::Before) => (StatusCode::OK, "already processed").into_response(),
         Err(SubmitError::Store(error)) => {
             ApiError::from_store(&error, "storing a hook's changes").text("Error processing changes: ")
         }
         Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
     }
+}
+
+/// The id a sender gives a delivery and repeats when it redelivers it: GitHub's
+/// `X-GitHub-Delivery`; GitLab's `Idempotency-Key` (GitLab 17.4 and later), else its
+/// `X-Gitlab-Event-UUID`. The base dialect has none.
+fn delivery(dialect: &str, headers: &HeaderMap) -> Option<Delivery> {
+    let names: &[&str] = match dialect {
+        "github" => &["x-github-delivery"],
+        "gitlab" => &["idempotency-key", "x-gitlab-event-uuid"],
+        _ => &[],
+    };
+    let id =
+        names.iter().find_map(|name| headers.get(*name)?.to_str().ok().map(str::trim).filter(|v| !v.is_empty()))?;
+    // An id is a UUID; anything much longer is not one and is not kept.
+    (id.len() <= 200).then(|| Delivery { source: dialect.to_owned(), id: id.to_owned() })
 }
 
 /// `/change_hook/poller?poller=NAME…`: polls the named pollers (all of them when none is named)

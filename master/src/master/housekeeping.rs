@@ -1,5 +1,5 @@
 //! Housekeeping: this process's leases and instance lock, expired claims taken back, old logs
-//! deleted, and notifications from the other masters sharing the database.
+//! and webhook deliveries forgotten, and notifications from the other masters sharing the database.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +10,10 @@ use crate::engine::StopReason;
 use crate::store::{Notification, SessionLock, Store, StoreError};
 
 use super::Master;
+
+/// How long a webhook delivery's id is remembered, so that its redelivery stores nothing: longer
+/// than GitHub and GitLab offer redelivery of a past delivery (three days).
+pub(super) const DELIVERY_MEMORY: Duration = Duration::from_secs(7 * 86_400);
 
 /// How many logs the janitor deletes per transaction.
 pub(super) const LOG_BATCH: i64 = 200;
@@ -151,42 +155,55 @@ impl Master {
         }
     }
 
-    /// Deletes the logs of builds older than `logHorizon`, if set: a pass every quarter of the
-    /// horizon (between a minute and an hour), in batches of [`LOG_BATCH`] logs, each its own
-    /// short transaction, so the janitor never holds the database for long. Every master may
-    /// run it; deleting twice is harmless.
-    pub async fn run_log_janitor(self: Arc<Self>) {
-        let Some(horizon) = self.config.log_horizon else { return };
-        let horizon_ms = (horizon * 1000.0) as i64;
-        let every =
-            Duration::from_millis((horizon_ms / 4) as u64).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+    /// Forgets what is kept only for a while: webhook deliveries after [`DELIVERY_MEMORY`], and —
+    /// with `logHorizon` set — the logs of builds older than the horizon. A pass every quarter of
+    /// the horizon (between a minute and an hour; hourly without one); logs go in batches of
+    /// [`LOG_BATCH`], each its own short transaction, so the janitor never holds the database for
+    /// long. Every master may run it; deleting twice is harmless.
+    pub async fn run_janitor(self: Arc<Self>) {
+        let horizon_ms = self.config.log_horizon.map(|horizon| (horizon * 1000.0) as i64);
+        let every = horizon_ms.map_or(Duration::from_secs(3600), |ms| {
+            Duration::from_millis((ms / 4) as u64).clamp(Duration::from_secs(60), Duration::from_secs(3600))
+        });
         let mut shutdown = self.signals.shutdown();
         loop {
             let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
-            let mut deleted = 0;
-            loop {
-                match self.store.delete_old_logs(now - horizon_ms, LOG_BATCH).await {
-                    Ok(count) => {
-                        deleted += count;
-                        crate::telemetry::logs_deleted(count);
-                        if count < LOG_BATCH as u64 || self.signals.is_shutting_down() {
-                            break;
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                    Err(error) => {
-                        warn!(%error, "could not delete old logs");
-                        break;
-                    }
-                }
+            if let Some(horizon_ms) = horizon_ms {
+                self.delete_old_logs(now - horizon_ms).await;
             }
-            if deleted > 0 {
-                info!(logs = deleted, horizon_seconds = horizon, "deleted the logs of old builds");
+            match self.store.forget_deliveries_before(now - DELIVERY_MEMORY.as_millis() as i64).await {
+                Ok(0) => {}
+                Ok(count) => debug!(deliveries = count, "forgot old webhook deliveries"),
+                Err(error) => warn!(%error, "could not forget old webhook deliveries"),
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(read_at + every) => {}
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+
+    /// Deletes the logs of builds finished before `before`, batch by batch.
+    async fn delete_old_logs(&self, before: i64) {
+        let mut deleted = 0;
+        loop {
+            match self.store.delete_old_logs(before, LOG_BATCH).await {
+                Ok(count) => {
+                    deleted += count;
+                    crate::telemetry::logs_deleted(count);
+                    if count < LOG_BATCH as u64 || self.signals.is_shutting_down() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(error) => {
+                    warn!(%error, "could not delete old logs");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            info!(logs = deleted, "deleted the logs of old builds");
         }
     }
 

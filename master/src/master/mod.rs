@@ -17,7 +17,7 @@ mod triggers;
 
 pub use control::{ControlError, WorkerAction};
 pub use pollers::PollError;
-pub use submit::{ForceRequest, SubmitError};
+pub use submit::{Delivered, ForceRequest, SubmitError};
 
 use dispatch::RunningBuild;
 use housekeeping::take_instance;

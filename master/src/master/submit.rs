@@ -2,10 +2,10 @@
 //! buildsets every scheduler submits.
 
 use serde_json::Value;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::SchedulerConfig;
-use crate::domain::{Change, NewBuildset, NewChange, SourceStamp, Submitted};
+use crate::domain::{Change, Delivery, NewBuildset, NewChange, SourceStamp, Submitted};
 use crate::plan::ChangeSchedulerPlan;
 use crate::properties::Properties;
 use crate::schedulers::{self, Classification};
@@ -54,6 +54,15 @@ pub(super) struct Origin<'a> {
     pub(super) properties: &'a std::collections::BTreeMap<String, Value>,
 }
 
+/// What became of a webhook delivery.
+#[derive(Debug)]
+pub enum Delivered {
+    /// Its changes were stored and scheduled.
+    Now(Vec<Change>),
+    /// The same delivery was stored before; nothing was.
+    Before,
+}
+
 impl Master {
     /// Stores a change durably, then lets every matching scheduler turn it into build requests.
     pub async fn add_change(&self, change: NewChange) -> Result<Change, SubmitError> {
@@ -69,6 +78,30 @@ impl Master {
             self.schedule_change(change).await?;
         }
         Ok(stored)
+    }
+
+    /// Stores the changes of one webhook delivery — unless the same delivery was stored before,
+    /// by this master or another — then lets the schedulers act on each. When they cannot, the
+    /// delivery is forgotten again, so that its redelivery (the sender's answer to a 5xx) is
+    /// acted on rather than taken for a duplicate.
+    pub async fn add_delivered_changes(
+        &self,
+        delivery: &Delivery,
+        changes: Vec<NewChange>,
+    ) -> Result<Delivered, SubmitError> {
+        let Some(stored) = self.store.add_delivered_changes(delivery, &changes).await? else {
+            info!(source = %delivery.source, delivery = %delivery.id, "webhook delivery seen before; nothing stored");
+            return Ok(Delivered::Before);
+        };
+        for change in &stored {
+            if let Err(error) = self.schedule_change(change).await {
+                if let Err(forget) = self.store.forget_delivery(delivery).await {
+                    warn!(error = %forget, delivery = %delivery.id, "could not forget a delivery whose changes were not scheduled");
+                }
+                return Err(error);
+            }
+        }
+        Ok(Delivered::Now(stored))
     }
 
     /// Lets every change scheduler act on a stored change: build it now, or classify it under a

@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use super::{Result, Store, StoreError, get_i64};
-use crate::domain::{Change, NewChange, SourceStamp};
+use crate::domain::{Change, Delivery, NewChange, SourceStamp};
 use crate::properties::Properties;
 
 impl Store {
@@ -43,6 +43,50 @@ impl Store {
         let stored = Self::add_changes_in(&mut tx, changes, self.now_ms()).await?;
         tx.commit().await?;
         Ok(stored)
+    }
+
+    /// Stores the changes of one webhook delivery in one transaction with the delivery's id, so
+    /// that the same delivery is stored once however often it comes, to whichever master.
+    /// Returns `None` when the delivery was seen before (and stores nothing).
+    pub async fn add_delivered_changes(
+        &self,
+        delivery: &Delivery,
+        changes: &[NewChange],
+    ) -> Result<Option<Vec<Change>>> {
+        let now = self.now_ms();
+        let mut tx = self.write.begin().await?;
+        let first = sqlx::query(
+            "INSERT INTO hook_deliveries (source, delivery, received_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(&delivery.source)
+        .bind(&delivery.id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if first.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let stored = Self::add_changes_in(&mut tx, changes, now).await?;
+        tx.commit().await?;
+        Ok(Some(stored))
+    }
+
+    /// Forgets a delivery, so that its redelivery is acted on: for a delivery whose changes were
+    /// stored but could not be scheduled.
+    pub async fn forget_delivery(&self, delivery: &Delivery) -> Result<()> {
+        sqlx::query("DELETE FROM hook_deliveries WHERE source = $1 AND delivery = $2")
+            .bind(&delivery.source)
+            .bind(&delivery.id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets deliveries received before `before` (ms); returns how many.
+    pub async fn forget_deliveries_before(&self, before: i64) -> Result<u64> {
+        let done =
+            sqlx::query("DELETE FROM hook_deliveries WHERE received_at < $1").bind(before).execute(&self.write).await?;
+        Ok(done.rows_affected())
     }
 
     pub(super) async fn add_changes_in(tx: &mut AnyConnection, changes: &[NewChange], now: i64) -> Result<Vec<Change>> {

@@ -20,7 +20,7 @@ enum Held {
     /// The connection whose session holds the advisory lock.
     Postgres(AnyConnection),
     /// The open file carrying the `flock`; closing it releases the lock.
-    File(#[allow(dead_code, reason = "held only to keep the file open")] File),
+    File(File),
     /// An in-memory SQLite database: no other process can reach it.
     Private,
 }
@@ -101,9 +101,20 @@ impl SessionLock {
     }
 
     /// Gives the lock up now rather than when the process ends.
-    pub async fn release(self) {
-        if let Held::Postgres(conn) = self.held {
+    pub async fn release(mut self) {
+        if let Held::Postgres(conn) = std::mem::replace(&mut self.held, Held::Private) {
             let _ = conn.close().await;
+        }
+    }
+}
+
+impl Drop for SessionLock {
+    /// Unlocks a lock file explicitly rather than only closing it: a child process being started
+    /// at that moment shares the open file until it executes its program, and closing alone would
+    /// leave the lock held until then.
+    fn drop(&mut self) {
+        if let Held::File(file) = &self.held {
+            let _ = file.unlock();
         }
     }
 }

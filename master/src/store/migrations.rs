@@ -68,6 +68,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0009_log_horizon.sql"),
         postgres: include_str!("../../migrations/postgres/0009_log_horizon.sql"),
     },
+    Migration {
+        version: 10,
+        description: "webhook deliveries",
+        sqlite: include_str!("../../migrations/sqlite/0010_hook_deliveries.sql"),
+        postgres: include_str!("../../migrations/postgres/0010_hook_deliveries.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.
