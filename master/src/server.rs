@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
@@ -21,6 +23,7 @@ use crate::pool::kubernetes::KubernetesPool;
 use crate::pool::local::{LocalError, LocalPool};
 use crate::pool::{Backend, MasterPort, Pool};
 use crate::store::{Store, StoreError};
+use crate::tls::{self, TlsError};
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,8 @@ pub enum RunError {
     Serve(String),
     #[error("invalid configuration: {key}: {reason}")]
     Config { key: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// The sockets a master serves on, bound by the caller (tests bind port 0).
@@ -132,8 +137,10 @@ pub async fn run_with(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc_addr = listeners.grpc.local_addr().map_err(|e| RunError::Serve(e.to_string()))?;
-    let grpc = serve_grpc(listeners.grpc, WorkerGrpc::new(Arc::clone(&master), tokens), stop_rx.clone());
-    let http = serve_http(listeners.http, crate::http::router(Arc::clone(&master)), stop_rx);
+    let grpc_tls = config.workers.tls.as_ref().map(|t| tls::acceptor("workers.tls", t, &[b"h2"])).transpose()?;
+    let http_tls = config.http.tls.as_ref().map(|t| tls::acceptor("http.tls", t, &[b"http/1.1"])).transpose()?;
+    let grpc = serve_grpc(listeners.grpc, grpc_tls, WorkerGrpc::new(Arc::clone(&master), tokens), stop_rx.clone());
+    let http = serve_http(listeners.http, http_tls, crate::http::router(Arc::clone(&master)), stop_rx)?;
     let background = [
         tokio::spawn(Arc::clone(&master).run_dispatcher()),
         tokio::spawn(Arc::clone(&master).run_housekeeping()),
@@ -201,32 +208,54 @@ async fn connect(
 /// A server task; it ends once `stop` turns true and its connections have closed.
 type Server = tokio::task::JoinHandle<Result<(), String>>;
 
-/// Serves workers' gRPC sessions on `listener`.
-fn serve_grpc(listener: TcpListener, service: WorkerGrpc, mut stop: watch::Receiver<bool>) -> Server {
+/// Serves workers' gRPC sessions on `listener`, over TLS when `tls` is given.
+fn serve_grpc(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    service: WorkerGrpc,
+    mut stop: watch::Receiver<bool>,
+) -> Server {
     let service = service.into_server();
-    let incoming = TcpListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(service);
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
-            .map_err(|e| e.to_string())
+        match tls {
+            None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped).await,
+            Some(acceptor) => {
+                let streams = tls::accept(listener, acceptor);
+                let incoming = ReceiverStream::new(streams).map(|(stream, _)| Ok::<_, std::io::Error>(stream));
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+        }
+        .map_err(|e| e.to_string())
     })
 }
 
-/// Serves the HTTP API on `listener`.
-fn serve_http(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) -> Server {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
+/// Serves the HTTP API on `listener`, over TLS when `tls` is given.
+fn serve_http(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Server, RunError> {
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    Ok(match tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(|e| e.to_string())
+        }),
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor).map_err(|e| RunError::Serve(e.to_string()))?;
+            tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(|e| e.to_string())
             })
-            .await
-            .map_err(|e| e.to_string())
+        }
     })
 }
 

@@ -18,6 +18,9 @@ struct Args {
     /// The master's gRPC address.
     #[arg(long, env = "KILN_MASTER", default_value = "http://127.0.0.1:9989")]
     master: String,
+    /// The CA certificate file (PEM) that an `https://` master's certificate must chain to.
+    #[arg(long, env = "KILN_MASTER_CA")]
+    master_ca: Option<PathBuf>,
     /// This worker's name; on Kubernetes, the pod name.
     #[arg(long, env = "KILN_WORKER_NAME")]
     name: Option<String>,
@@ -96,8 +99,19 @@ async fn serve() -> ExitCode {
     let basedir = std::path::absolute(&args.basedir).unwrap_or(args.basedir);
     let cache_dir =
         args.cache_dir.map(|c| std::path::absolute(&c).unwrap_or(c)).unwrap_or_else(|| basedir.join(".cache"));
+    let master_ca = match &args.master_ca {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(error) => {
+                eprintln!("kiln-worker: --master-ca {}: {error}", path.display());
+                std::process::exit(2);
+            }
+        },
+    };
     let config = WorkerConfig {
         master_url: args.master,
+        master_ca,
         name,
         token: args.token,
         basedir,

@@ -24,8 +24,10 @@ use crate::git::{self, GitArgs};
 /// What a worker needs to know to serve a master.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The master's gRPC address, e.g. `http://127.0.0.1:9989`.
+    /// The master's gRPC address, e.g. `http://127.0.0.1:9989`, or `https://…` for TLS.
     pub master_url: String,
+    /// The CA certificates (PEM) a TLS master's certificate must chain to.
+    pub master_ca: Option<Vec<u8>>,
     pub name: String,
     pub token: String,
     pub basedir: PathBuf,
@@ -104,6 +106,19 @@ pub async fn run(
     }
 }
 
+/// An error with its causes, outermost first: a transport error's own text says only "transport
+/// error", while its cause says, for example, that the master's certificate is not trusted.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn rand_jitter(max: u64) -> u64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
@@ -133,7 +148,18 @@ async fn session(
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint.connect().await.map_err(|e| SessionFailure::Retry(e.to_string()))?;
+    let endpoint = if config.master_url.starts_with("https://") {
+        let Some(ca) = &config.master_ca else {
+            return Err(SessionFailure::Fatal(WorkerError::Refused(
+                "an https:// master needs the CA its certificate is signed by (--master-ca or KILN_MASTER_CA)".into(),
+            )));
+        };
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        endpoint.tls_config(tls).map_err(|e| SessionFailure::Fatal(WorkerError::Refused(causes(&e))))?
+    } else {
+        endpoint
+    };
+    let channel = endpoint.connect().await.map_err(|e| SessionFailure::Retry(causes(&e)))?;
     let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
 
     let (out_tx, out_rx) = mpsc::channel::<pb::WorkerMessage>(64);

@@ -94,6 +94,20 @@ pub struct HttpConfig {
     /// stay open.
     #[serde(default)]
     pub auth: Option<AuthSetting>,
+    /// Serve HTTPS with this certificate; plain HTTP without it.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// A listener's TLS: a certificate chain and its key in PEM files, read again when they change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (PEM).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `http.auth`: the word `open`, or credentials.
@@ -117,7 +131,7 @@ pub enum ControlAccess {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_http_listen(), max_body_bytes: default_body_limit(), auth: None }
+        Self { listen: default_http_listen(), max_body_bytes: default_body_limit(), auth: None, tls: None }
     }
 }
 
@@ -159,6 +173,9 @@ pub struct WorkersConfig {
     /// take it back.
     #[serde(default = "default_lease")]
     pub lease_seconds: u64,
+    /// Serve the worker endpoint over TLS with this certificate; plain HTTP/2 without it.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +300,7 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_basics()?;
         self.validate_auth()?;
+        self.validate_tls()?;
         sources::validate(&self.change_hooks, &self.change_sources)?;
         pools::validate(&self.pools, &self.builders)?;
         let builder_names = builders::validate(&self.builders, &self.schedulers)?;
@@ -329,6 +347,22 @@ impl Config {
         }
         for (i, token) in self.workers.tokens.iter().enumerate() {
             resolve_secret(&format!("workers.tokens[{i}]"), ("value", &token.value), ("value_env", &token.value_env))?;
+        }
+        Ok(())
+    }
+
+    /// The listeners' certificate files exist.
+    fn validate_tls(&self) -> Result<(), (String, String)> {
+        for (key, tls) in [("workers.tls", &self.workers.tls), ("http.tls", &self.http.tls)] {
+            let Some(tls) = tls else { continue };
+            let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())];
+            for (name, path) in files {
+                if let Some(path) = path
+                    && let Err(error) = std::fs::metadata(path)
+                {
+                    return Err((format!("{key}.{name}"), format!("{}: {error}", path.display())));
+                }
+            }
         }
         Ok(())
     }
