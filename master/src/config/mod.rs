@@ -351,8 +351,18 @@ impl Config {
         Ok(())
     }
 
-    /// The listeners' certificate files exist.
+    /// The listeners' certificate files exist, and no local pool needs a plain worker endpoint.
     fn validate_tls(&self) -> Result<(), (String, String)> {
+        if self.workers.tls.is_some()
+            && let Some(i) = self.pools.iter().position(|p| p.backend == BackendKind::Local)
+        {
+            return Err((
+                format!("pools[{i}].backend"),
+                "local pools connect in plain text on loopback, which workers.tls turns off; use a static or \
+                 kubernetes pool with TLS"
+                    .into(),
+            ));
+        }
         for (key, tls) in [("workers.tls", &self.workers.tls), ("http.tls", &self.http.tls)] {
             let Some(tls) = tls else { continue };
             let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())];
