@@ -131,6 +131,16 @@ fn the_role_grants_exactly_what_the_autoscaler_calls() {
         .collect();
     assert_eq!(granted, wanted);
     assert_eq!(docs.iter().filter(|d| d["kind"] == "ClusterRole").count(), 0, "nothing cluster-wide");
+    // Scaling reaches the worker Deployments by name, and nothing else.
+    let workers: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment" && d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker")
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert!(!workers.is_empty());
+    let scale = role["rules"].as_sequence().unwrap().iter().find(|r| r["resources"][0] == "deployments/scale").unwrap();
+    let names: Vec<&str> = scale["resourceNames"].as_sequence().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert_eq!(names, workers, "deployments/scale is narrowed to the worker Deployments");
 }
 
 /// The environment a container gets from its manifest: literal values, the pod's name, and
