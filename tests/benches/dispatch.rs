@@ -31,6 +31,13 @@ struct Args {
     /// Concurrent HTTP clients submitting the burst.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Workers connect over TLS (a throwaway CA) as K separate `kiln-worker` processes instead of
+    /// a local pool; run without it with `--static-workers` for the plain-text comparison.
+    #[arg(long)]
+    tls: bool,
+    /// K separate `kiln-worker` processes in plain text, as `--tls` starts them.
+    #[arg(long)]
+    static_workers: bool,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -81,14 +88,42 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let database = bench_database(&args.database, dir.path()).await;
     const BUILDER: &str = "collapseRequests: false\nbuilders:\n  - name: quick\n    steps:\n      - shell: {name: run, command: [\"true\"]}\nschedulers:\n  - {type: force, name: force, builderNames: [quick]}\n";
-    let body = format!("pools:\n  - {{name: local, backend: local, count: {}}}\n{BUILDER}", args.workers);
-    let master = MasterProcess::start(&database, dir.path(), &body, u64::from(args.workers)).await;
+    let (http, grpc) = (kiln_tests::free_port(), kiln_tests::free_port());
+    let mut workers = Vec::new();
+    let body = if args.tls || args.static_workers {
+        let (url, mut env, tls) = if args.tls {
+            let ca = kiln_tests::tls::Ca::new("bench CA");
+            let (cert, key, _) = ca.issue(dir.path(), "master");
+            let ca_file = ca.write(dir.path(), "ca.pem").display().to_string();
+            let tls = format!("  tls: {{cert: \"{}\", key: \"{}\"}}\n", cert.display(), key.display());
+            (format!("https://localhost:{grpc}"), vec![("KILN_MASTER_CA", ca_file)], tls)
+        } else {
+            (format!("http://127.0.0.1:{grpc}"), Vec::new(), String::new())
+        };
+        env.push(("KILN_LOG", "warn".to_owned()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for i in 0..args.workers {
+            let name = format!("w{i}");
+            workers.push(kiln_tests::system::spawn_worker_env(&url, &name, "bench-token", dir.path(), &env));
+        }
+        format!("{tls}  tokens: [{{name: bench, value: bench-token}}]\n{BUILDER}")
+    } else {
+        format!("pools:\n  - {{name: local, backend: local, count: {}}}\n{BUILDER}", args.workers)
+    };
+    let master = MasterProcess::start_on(&database, dir.path(), &body, u64::from(args.workers), http, grpc).await;
     let base = master.base.clone();
     let client = reqwest::Client::new();
     println!(
-        "Kiln dispatch benchmark: {} builds, {} workers, {} ({} CPUs)",
+        "Kiln dispatch benchmark: {} builds, {} workers ({}), {} ({} CPUs)",
         args.builds,
         args.workers,
+        if args.tls {
+            "TLS"
+        } else if args.static_workers {
+            "plain text"
+        } else {
+            "local pool"
+        },
         args.database,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );

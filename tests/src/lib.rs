@@ -7,6 +7,7 @@ pub mod pg;
 pub mod process;
 pub mod repo;
 pub mod system;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

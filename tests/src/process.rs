@@ -21,7 +21,18 @@ impl MasterProcess {
     /// database and data directory, and waits until its API answers and `workers` workers are
     /// connected.
     pub async fn start(database: &str, dir: &std::path::Path, body: &str, workers: u64) -> MasterProcess {
-        let (http, grpc) = (free_port(), free_port());
+        Self::start_on(database, dir, body, workers, free_port(), free_port()).await
+    }
+
+    /// [`MasterProcess::start`] on the given ports (to start workers before the master).
+    pub async fn start_on(
+        database: &str,
+        dir: &std::path::Path,
+        body: &str,
+        workers: u64,
+        http: u16,
+        grpc: u16,
+    ) -> MasterProcess {
         let config = format!(
             "database: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\", auth: open}}\nworkers:\n  listen: \"127.0.0.1:{grpc}\"\n{body}",
             dir.display()

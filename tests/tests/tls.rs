@@ -2,14 +2,13 @@
 //! builds over TLS; one that trusts another CA, or speaks plain text, is refused with a clear
 //! error; a rotated certificate is served without a restart; the HTTP API serves HTTPS.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_master::config::Config;
 use kiln_tests::eventually;
 use kiln_tests::system::{TOKEN, TestMaster, config_text, spawn_worker_env};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use kiln_tests::tls::Ca;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -19,40 +18,6 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 const MINUTE: Duration = Duration::from_secs(60);
 
 const SETUP: &str = "builders:\n  - name: b\n    steps:\n      - shell: {command: [echo, hello over tls]}\nschedulers:\n  - {type: force, name: force, builderNames: [b]}\n";
-
-/// A certificate authority made for the test.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
-    }
-
-    /// A server certificate for localhost and 127.0.0.1, written as `<stem>.crt` and `<stem>.key`.
-    fn issue(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf, String) {
-        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (cert_path, key_path) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path, cert.pem())
-    }
-
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, &self.pem).unwrap();
-        path
-    }
-}
 
 /// Opens a TLS connection to `port` trusting `ca`; returns the certificate the server presented.
 async fn presented(
