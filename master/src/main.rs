@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kiln_master::config::{Config, ConfigError};
+use kiln_master::config::{Config, ConfigError, ControlAccess};
 use kiln_master::plan::Plan;
 use kiln_master::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
@@ -76,17 +76,25 @@ async fn main() -> ExitCode {
         kiln_master::config::SchedulerConfig::Force(f) => Some(f.name.clone()),
         _ => None,
     });
+    let scheme = if config.http.tls.is_some() { "https" } else { "http" };
+    let credentials = match config.control_access() {
+        ControlAccess::Open => Some(""),
+        ControlAccess::Credentials { .. } => Some(" -H \"Authorization: Bearer $KILN_API_TOKEN\""),
+        ControlAccess::Closed => None,
+    };
     let result = server::run(config, listeners, shutdown_signal(), |master| {
         println!("Kiln master {:?} is running.", master.name);
-        println!("  REST API:      http://{http}/api/v2/builds");
+        println!("  REST API:      {scheme}://{http}/api/v2/builds");
         println!("  workers (gRPC): {grpc}");
         println!(
-            "  change hook:   (in a git repository) curl -d author=me -d branch=main -d repository=$PWD -d revision=$(git rev-parse HEAD) http://{http}/change_hook/base"
+            "  change hook:   (in a git repository) curl -d author=me -d branch=main -d repository=$PWD -d revision=$(git rev-parse HEAD) {scheme}://{http}/change_hook/base"
         );
-        if let Some(force) = force {
-            println!(
-                "  force a build: curl -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{}}}}' http://{http}/api/v2/forceschedulers/{force}"
-            );
+        match (force, credentials) {
+            (Some(force), Some(auth)) => println!(
+                "  force a build: curl{auth} -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{}}}}' {scheme}://{http}/api/v2/forceschedulers/{force}"
+            ),
+            (_, None) => println!("  control actions are closed: http.auth gives no credentials"),
+            (None, Some(_)) => {}
         }
         println!("Press Ctrl-C to stop.");
     })
