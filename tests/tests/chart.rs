@@ -143,6 +143,28 @@ fn the_role_grants_exactly_what_the_autoscaler_calls() {
     assert_eq!(names, workers, "deployments/scale is narrowed to the worker Deployments");
 }
 
+#[test]
+fn worker_tls_from_a_secret_reaches_the_master_config_and_the_workers() {
+    let out = template(None, &["--set", "workerTLS.secretName=kiln-worker-tls"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs = documents(&String::from_utf8(out.stdout).unwrap());
+    let config: Value =
+        serde_yaml_ng::from_str(find(&docs, "ConfigMap", "-config")["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(config["workers"]["tls"]["cert"], "/etc/kiln-tls/tls.crt");
+    assert_eq!(config["workers"]["tls"]["key"], "/etc/kiln-tls/tls.key");
+    let master = &find(&docs, "Deployment", "-master")["spec"]["template"]["spec"];
+    assert!(master["volumes"].as_sequence().unwrap().iter().any(|v| v["secret"]["secretName"] == "kiln-worker-tls"));
+    let worker = &find(&docs, "Deployment", "-worker-default")["spec"]["template"]["spec"];
+    let env = worker["containers"][0]["env"].as_sequence().unwrap();
+    let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].as_str().unwrap().to_owned());
+    assert_eq!(value("KILN_MASTER").as_deref(), Some("https://kiln-master:9989"));
+    assert_eq!(value("KILN_MASTER_CA").as_deref(), Some("/etc/kiln-tls/ca.crt"));
+    // Workers get the CA only, never the master's key.
+    let volume = worker["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(volume["secret"]["items"][0]["key"], "ca.crt");
+    assert_eq!(volume["secret"]["items"].as_sequence().unwrap().len(), 1);
+}
+
 /// The environment a container gets from its manifest: literal values, the pod's name, and
 /// Secret keys (decoded), with `overrides` for what only a cluster provides.
 fn container_env(container: &Value, secret: &Value, pod: &str, overrides: &[(&str, String)]) -> Vec<(String, String)> {
