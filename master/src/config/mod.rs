@@ -111,11 +111,34 @@ pub struct TlsConfig {
 }
 
 /// `http.auth`: the word `open`, or credentials.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum AuthSetting {
     Word(String),
     Credentials(AuthConfig),
+}
+
+/// Read by hand rather than as an untagged enum, so that a mistake inside the credentials is
+/// reported as itself (say, an unknown field) instead of "matches no variant".
+impl<'de> Deserialize<'de> for AuthSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Setting;
+        impl<'de> serde::de::Visitor<'de> for Setting {
+            type Value = AuthSetting;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the word open, or a mapping with tokens and users")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, word: &str) -> Result<AuthSetting, E> {
+                Ok(AuthSetting::Word(word.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<AuthSetting, A::Error> {
+                AuthConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(AuthSetting::Credentials)
+            }
+        }
+        deserializer.deserialize_any(Setting)
+    }
 }
 
 /// Who may use control actions, as the configuration says.
@@ -472,6 +495,19 @@ schedulers:
   - {type: force, name: force, builderNames: [b]}
   - {type: single_branch, name: main, branch: main, builderNames: [b]}
 "#;
+
+    #[test]
+    fn http_auth_is_open_or_credentials_and_a_mistake_in_them_says_what_it_is() {
+        let with = |auth: &str| Config::parse("c.yaml", &format!("http:\n  auth: {auth}\n{MINIMAL}"));
+        assert_eq!(with("open").unwrap().control_access(), ControlAccess::Open);
+        let tokens = with("{tokens: [{name: ci, value: s}]}").unwrap().control_access();
+        assert_eq!(tokens, ControlAccess::Credentials { tokens: vec!["s".into()], users: vec![] });
+        let typo = with("{tokns: [{name: ci, value: s}]}").unwrap_err();
+        assert!(typo.key.starts_with("http.auth"), "{typo}");
+        assert!(typo.reason.contains("unknown field `tokns`"), "{typo}");
+        assert_eq!(with("opne").unwrap_err().key, "http.auth");
+        assert_eq!(Config::parse("c.yaml", MINIMAL).unwrap().control_access(), ControlAccess::Closed);
+    }
 
     #[test]
     fn a_minimal_config_parses_with_buildbot_defaults() {
