@@ -80,7 +80,6 @@ impl StepRunner<'_> {
         props: &mut Properties,
         stop: &mut watch::Receiver<Option<StopReason>>,
     ) -> Result<StepOutcome, StoreError> {
-        let store = &self.ctx.store;
         if let StepConfig::Trigger(trigger) = step {
             return self.run_trigger(trigger, props, stop).await;
         }
@@ -90,15 +89,9 @@ impl StepRunner<'_> {
             Err(_) => self.name.to_owned(),
         };
         let running_state = format!("{description} (running)");
-        let (stepid, logid) =
-            persist("begin a step", || store.begin_step(self.buildid, self.number, self.name, &running_state)).await?;
-        let mut log = LogWriter::new(store.clone(), logid, self.ctx.log_limits);
+        let (stepid, mut log) = self.begin(&running_state).await?;
         // Every way out of the step writes its log's last lines and its result in one go.
-        let finish = |log: LogWriter, results: Results, state: String| async move {
-            let tail = log.into_tail();
-            persist("finish a step", || store.finish_step(stepid, results, &state, &tail)).await?;
-            Ok::<_, StoreError>(StepOutcome { results, state })
-        };
+        let finish = |log: LogWriter, results: Results, state: String| self.finish(stepid, log, results, state);
         let command = match command {
             Ok(command) => command,
             Err(reason) => {
@@ -219,6 +212,27 @@ impl StepRunner<'_> {
                 CommandEvent::Lost => return Ok(Followed::Lost),
             }
         }
+    }
+
+    /// Records the step as begun, in `state`; returns its id and the writer of its log.
+    pub(super) async fn begin(&self, state: &str) -> Result<(i64, LogWriter), StoreError> {
+        let store = &self.ctx.store;
+        let (stepid, logid) =
+            persist("begin a step", || store.begin_step(self.buildid, self.number, self.name, state)).await?;
+        Ok((stepid, LogWriter::new(store.clone(), logid, self.ctx.log_limits)))
+    }
+
+    /// Records the step's end: its log's last lines, its result and its state, in one write.
+    pub(super) async fn finish(
+        &self,
+        stepid: i64,
+        log: LogWriter,
+        results: Results,
+        state: String,
+    ) -> Result<StepOutcome, StoreError> {
+        let tail = log.into_tail();
+        persist("finish a step", || self.ctx.store.finish_step(stepid, results, &state, &tail)).await?;
+        Ok(StepOutcome { results, state })
     }
 
     pub(super) fn build_command(&self, step: &StepConfig, props: &Properties) -> Result<Command, String> {

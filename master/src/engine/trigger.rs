@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{LogWriter, StepOutcome, StepRunner, StopReason, persist};
+use super::{LogWriter, StepOutcome, StepRunner, StopReason};
 use crate::config::TriggerStepConfig;
 use crate::domain::{SourceStamp, Submitted};
 use crate::properties::Properties;
@@ -64,17 +64,10 @@ impl StepRunner<'_> {
         props: &Properties,
         stop: &mut watch::Receiver<Option<StopReason>>,
     ) -> Result<StepOutcome, StoreError> {
-        let store = &self.ctx.store;
         let names = trigger.scheduler_names.join(", ");
         let running_state = format!("triggering {names}");
-        let (stepid, logid) =
-            persist("begin a step", || store.begin_step(self.buildid, self.number, self.name, &running_state)).await?;
-        let mut log = LogWriter::new(store.clone(), logid, self.ctx.log_limits);
-        let finish = |log: LogWriter, results: Results, state: String| async move {
-            let tail = log.into_tail();
-            persist("finish a step", || store.finish_step(stepid, results, &state, &tail)).await?;
-            Ok::<_, StoreError>(StepOutcome { results, state })
-        };
+        let (stepid, mut log) = self.begin(&running_state).await?;
+        let finish = |log: LogWriter, results: Results, state: String| self.finish(stepid, log, results, state);
         let request = match self.trigger_request(trigger, props) {
             Ok(request) => request,
             Err(reason) => {
