@@ -10,6 +10,7 @@ use kiln_proto as pb;
 use kiln_proto::master_message::Body as Out;
 use kiln_proto::worker_message::Body as In;
 use tokio::sync::mpsc;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -20,15 +21,25 @@ use crate::remote::{
 };
 use crate::workers::AttachError;
 
+/// How a worker proves it may connect.
+#[derive(Debug)]
+pub enum Admission {
+    /// A bearer token from this list; a token admits any worker name.
+    Tokens(Vec<String>),
+    /// A client certificate, verified by the TLS layer against `workers.tls.client_ca`; it admits
+    /// only the worker names it carries as DNS names.
+    Certificates,
+}
+
 /// The `WorkerService` implementation.
 pub struct WorkerGrpc {
     master: Arc<Master>,
-    tokens: Arc<Vec<String>>,
+    admission: Arc<Admission>,
 }
 
 impl WorkerGrpc {
-    pub fn new(master: Arc<Master>, tokens: Vec<String>) -> Self {
-        Self { master, tokens: Arc::new(tokens) }
+    pub fn new(master: Arc<Master>, admission: Admission) -> Self {
+        Self { master, admission: Arc::new(admission) }
     }
 
     pub fn into_server(self) -> pb::worker_service_server::WorkerServiceServer<WorkerGrpc> {
@@ -47,6 +58,17 @@ fn authenticate(tokens: &[String], metadata: &tonic::metadata::MetadataMap) -> R
     } else {
         Err(Status::unauthenticated("invalid worker token"))
     }
+}
+
+/// Checks that a worker's certificate carries the name it registers under.
+fn certificate_names(cert: &CertificateDer<'_>, name: &str) -> Result<(), Status> {
+    let cert = webpki::EndEntityCert::try_from(cert)
+        .map_err(|_| Status::unauthenticated("the client certificate cannot be read"))?;
+    let subject = ServerName::try_from(name).map_err(|_| {
+        Status::permission_denied(format!("the worker name {name:?} is not a DNS name, so no certificate can carry it"))
+    })?;
+    cert.verify_is_valid_for_subject_name(&subject)
+        .map_err(|_| Status::permission_denied(format!("the client certificate does not name the worker {name:?}")))
 }
 
 fn attach_status(error: AttachError) -> Status {
@@ -71,7 +93,18 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<OutboundStream>, Status> {
-        authenticate(&self.tokens, request.metadata())?;
+        let certificate = match &*self.admission {
+            Admission::Tokens(tokens) => {
+                authenticate(tokens, request.metadata())?;
+                None
+            }
+            Admission::Certificates => Some(
+                request
+                    .peer_certs()
+                    .and_then(|chain| chain.first().cloned())
+                    .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?,
+            ),
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -79,16 +112,10 @@ impl pb::worker_service_server::WorkerService for WorkerGrpc {
         let Some(pb::WorkerMessage { body: Some(In::Register(register)) }) = first else {
             return Err(Status::invalid_argument("the first message must be Register"));
         };
-        let info = WorkerInfo {
-            name: register.name,
-            version: register.version,
-            max_builds: register.max_builds.max(1),
-            labels: register.labels.into_iter().collect(),
-            commands: register.commands,
-            basedir: register.basedir,
-            host: register.host,
-            pool: Some(register.pool).filter(|p| !p.is_empty()),
-        };
+        if let Some(certificate) = &certificate {
+            certificate_names(certificate, &register.name)?;
+        }
+        let info = worker_info(register);
         let (tx, rx) = mpsc::channel::<ToWorker>(64);
         let session = self.master.workers.attach(info, tx).await.map_err(attach_status)?;
 
@@ -155,7 +182,21 @@ async fn read_worker(master: &Arc<Master>, session: &Arc<WorkerSession>, mut inb
     }
 }
 
-fn decode(message: pb::WorkerMessage) -> Option<FromWorker> {
+/// What a worker says of itself when it registers.
+pub(crate) fn worker_info(register: pb::Register) -> WorkerInfo {
+    WorkerInfo {
+        name: register.name,
+        version: register.version,
+        max_builds: register.max_builds.max(1),
+        labels: register.labels.into_iter().collect(),
+        commands: register.commands,
+        basedir: register.basedir,
+        host: register.host,
+        pool: Some(register.pool).filter(|p| !p.is_empty()),
+    }
+}
+
+pub(crate) fn decode(message: pb::WorkerMessage) -> Option<FromWorker> {
     Some(match message.body? {
         In::Register(_) => return None,
         In::Heartbeat(_) => FromWorker::Heartbeat,

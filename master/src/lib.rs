@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod force;
+pub mod fuzz;
 pub mod grpc;
 pub mod http;
 pub mod master;

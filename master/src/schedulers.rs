@@ -153,8 +153,15 @@ impl ChangeScheduler {
         };
         let tree_stable_ms = match config.tree_stable_timer {
             None => None,
-            Some(seconds) if seconds.is_finite() && seconds >= 0.0 => Some((seconds * 1000.0) as i64),
-            Some(_) => return Err(("treeStableTimer".into(), "must be a number of seconds, 0 or more".into())),
+            Some(seconds) if (0.0..=crate::config::LONGEST_SECONDS).contains(&seconds) => {
+                Some((seconds * 1000.0) as i64)
+            }
+            Some(_) => {
+                return Err((
+                    "treeStableTimer".into(),
+                    "must be a number of seconds, 0 or more and at most a year".into(),
+                ));
+            }
         };
         Ok(ChangeScheduler { name: config.name.clone(), per_branch, filter, important, tree_stable_ms })
     }

@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::clock::Clock;
 use crate::config::{BackendKind, Config, ControlAccess};
-use crate::grpc::WorkerGrpc;
+use crate::grpc::{Admission, WorkerGrpc};
 use crate::master::Master;
 use crate::plan::Plan;
 use crate::pool::kubernetes::KubernetesPool;
@@ -139,7 +139,12 @@ pub async fn run_with(
     let grpc_addr = listeners.grpc.local_addr().map_err(|e| RunError::Serve(e.to_string()))?;
     let grpc_tls = config.workers.tls.as_ref().map(|t| tls::acceptor("workers.tls", t, &[b"h2"])).transpose()?;
     let http_tls = config.http.tls.as_ref().map(|t| tls::acceptor("http.tls", t, &[b"http/1.1"])).transpose()?;
-    let grpc = serve_grpc(listeners.grpc, grpc_tls, WorkerGrpc::new(Arc::clone(&master), tokens), stop_rx.clone());
+    let admission = if config.workers.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+        Admission::Certificates
+    } else {
+        Admission::Tokens(tokens)
+    };
+    let grpc = serve_grpc(listeners.grpc, grpc_tls, WorkerGrpc::new(Arc::clone(&master), admission), stop_rx.clone());
     let http = serve_http(listeners.http, http_tls, crate::http::router(Arc::clone(&master)), stop_rx)?;
     let background = [
         tokio::spawn(Arc::clone(&master).run_dispatcher()),

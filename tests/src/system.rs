@@ -241,12 +241,14 @@ pub fn spawn_worker(master_url: &str, name: &str, token: &str, dir: &Path) -> Te
     spawn_worker_env(master_url, name, token, dir, &[])
 }
 
-/// [`spawn_worker`] with extra environment variables.
+/// [`spawn_worker`] with extra environment variables; an empty `token` passes none (a worker with a
+/// client certificate needs none).
 pub fn spawn_worker_env(master_url: &str, name: &str, token: &str, dir: &Path, env: &[(&str, &str)]) -> TestWorker {
     std::fs::create_dir_all(dir).expect("worker dir");
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log");
     let child = Command::new(binary("kiln-worker"))
-        .args(["--master", master_url, "--name", name, "--token", token])
+        .args(["--master", master_url, "--name", name])
+        .args(if token.is_empty() { vec![] } else { vec!["--token", token] })
         .arg("--basedir")
         .arg(dir.join("workers").join(name))
         .arg("--cache-dir")

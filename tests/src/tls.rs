@@ -22,7 +22,13 @@ impl Ca {
 
     /// A server certificate for localhost and 127.0.0.1, written as `<stem>.crt` and `<stem>.key`.
     pub fn issue(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf, String) {
-        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        self.issue_for(dir, stem, &["localhost", "127.0.0.1"])
+    }
+
+    /// A certificate carrying `names` (DNS names or IP addresses), written as `<stem>.crt` and
+    /// `<stem>.key`.
+    pub fn issue_for(&self, dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf, String) {
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (cert_path, key_path) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));

@@ -149,6 +149,14 @@ fn cases() -> Vec<Case> {
             names: "-32601",
         },
         Case {
+            what: "a time beyond the milliseconds the database keeps",
+            method: "GET",
+            path: "/api/v2/builds?started_at__gt=9223372036854775807",
+            body: None,
+            status: 400,
+            names: "started_at",
+        },
+        Case {
             what: "unknown worker action",
             method: "POST",
             path: "/api/v2/workers/w",

@@ -392,7 +392,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
     let status = tokio::time::timeout(MINUTE, intruder.child.wait()).await.expect("refused worker exits").unwrap();
     assert_eq!(status.code(), Some(3));
     let log = std::fs::read_to_string(dir.path().join("intruder.log")).unwrap();
-    assert!(log.contains("refused the worker token"), "{log}");
+    assert!(log.contains("refused the worker's credentials: invalid worker token"), "{log}");
     assert!(master.master.workers.list().is_empty());
     master.stop().await;
 }

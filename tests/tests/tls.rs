@@ -135,3 +135,88 @@ fn missing_certificate_files_are_a_configuration_error_naming_the_key() {
     let error = Config::parse("tls.yaml", &text).unwrap_err();
     assert_eq!(error.key, "workers.tls.cert", "{error}");
 }
+
+/// With `workers.tls.client_ca`, a certificate from that CA admits a worker without a token, but
+/// only under a name the certificate carries; no certificate, or one of another CA, is refused
+/// at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_admits_a_worker_under_its_own_name_instead_of_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, stranger) = (Ca::new("kiln test CA"), Ca::new("someone else's CA"));
+    let (cert, key, _) = ca.issue(dir.path(), "master");
+    let trusted = ca.write(dir.path(), "ca.pem");
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let tls = format!(
+        "  tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\"}}\n",
+        cert.display(),
+        key.display(),
+        trusted.display()
+    );
+    let text = config_text(&database, dir.path(), SETUP)
+        .replace(&format!("  tokens:\n    - name: test\n      value: {TOKEN}\n"), "")
+        .replace("workers:\n  listen: 127.0.0.1:0\n", &format!("workers:\n  listen: 127.0.0.1:0\n{tls}"));
+    assert!(!text.contains("tokens"), "the workers have no token: {text}");
+    let master = TestMaster::start_with(Config::parse("mtls.yaml", &text).unwrap(), dir.path()).await;
+    let url = format!("https://localhost:{}", master.grpc.port());
+    let ca_env = trusted.display().to_string();
+    let with_cert = |issuer: &Ca, stem: &str, names: &[&str]| {
+        let (cert, key, _) = issuer.issue_for(dir.path(), stem, names);
+        (cert.display().to_string(), key.display().to_string())
+    };
+    let spawn = |name: &str, identity: Option<&(String, String)>, token: &str| {
+        let mut env = vec![("KILN_MASTER_CA", ca_env.as_str())];
+        if let Some((cert, key)) = identity {
+            env.extend([("KILN_WORKER_CERT", cert.as_str()), ("KILN_WORKER_KEY", key.as_str())]);
+        }
+        spawn_worker_env(&url, name, token, dir.path(), &env)
+    };
+    let own = with_cert(&ca, "certified", &["certified"]);
+    let _certified = spawn("certified", Some(&own), "");
+    let other = with_cert(&ca, "borrowed", &["someone-else"]);
+    let _impostor = spawn("impostor", Some(&other), "");
+    let stray = with_cert(&stranger, "stray", &["stray"]);
+    let _stray = spawn("stray", Some(&stray), "");
+    let _token_only = spawn("token-only", None, TOKEN);
+    master.wait_workers(1).await;
+
+    let brid = master.force_request("force", json!({})).await;
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    assert_eq!(build["results"], 0, "{build}");
+    let (workers, _) = master
+        .master
+        .store
+        .list(kiln_master::store::Resource::Workers, &kiln_master::store::ListQuery::default())
+        .await
+        .unwrap();
+    let names: Vec<&str> = workers.iter().filter_map(|w| w["name"].as_str()).collect();
+    assert_eq!(names, ["certified"], "only the worker whose certificate names it registered");
+    let log = dir.path().join("impostor.log");
+    eventually("the impostor to be told its certificate does not name it", MINUTE, || async {
+        std::fs::read_to_string(&log).ok()?.contains("the client certificate does not name the worker").then_some(())
+    })
+    .await;
+    for refused in ["stray", "token-only"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{refused}.log"))).unwrap();
+        assert!(!log.contains("registered with the master"), "{refused} registered:\n{log}");
+    }
+    master.stop().await;
+}
+
+#[test]
+fn certificates_or_tokens_admit_workers_not_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("kiln test CA");
+    let (cert, key, _) = ca.issue(dir.path(), "master");
+    let trusted = ca.write(dir.path(), "ca.pem");
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let tls = format!(
+        "  tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\"}}\n",
+        cert.display(),
+        key.display(),
+        trusted.display()
+    );
+    let text = config_text(&database, dir.path(), SETUP)
+        .replace("workers:\n  listen: 127.0.0.1:0\n", &format!("workers:\n  listen: 127.0.0.1:0\n{tls}"));
+    let error = Config::parse("mtls.yaml", &text).unwrap_err();
+    assert_eq!(error.key, "workers.tokens", "{error}");
+}

@@ -24,9 +24,16 @@ struct Args {
     /// This worker's name; on Kubernetes, the pod name.
     #[arg(long, env = "KILN_WORKER_NAME")]
     name: Option<String>,
-    /// The token the master admits workers with.
-    #[arg(long, env = "KILN_WORKER_TOKEN", hide_env_values = true)]
-    token: String,
+    /// The token the master admits workers with (not needed with a client certificate).
+    #[arg(long, env = "KILN_WORKER_TOKEN", hide_env_values = true, required_unless_present = "client_cert")]
+    token: Option<String>,
+    /// This worker's certificate (PEM), for a master that admits workers by certificate instead
+    /// of token; it must carry the worker's name as a DNS name.
+    #[arg(long, env = "KILN_WORKER_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--client-cert`.
+    #[arg(long, env = "KILN_WORKER_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Where builds run.
     #[arg(long, env = "KILN_WORKER_BASEDIR", default_value = "kiln-worker")]
     basedir: PathBuf,
@@ -99,19 +106,22 @@ async fn serve() -> ExitCode {
     let basedir = std::path::absolute(&args.basedir).unwrap_or(args.basedir);
     let cache_dir =
         args.cache_dir.map(|c| std::path::absolute(&c).unwrap_or(c)).unwrap_or_else(|| basedir.join(".cache"));
-    let master_ca = match &args.master_ca {
+    let read = |flag: &str, path: &Option<PathBuf>| match path {
         None => None,
         Some(path) => match std::fs::read(path) {
             Ok(pem) => Some(pem),
             Err(error) => {
-                eprintln!("kiln-worker: --master-ca {}: {error}", path.display());
+                eprintln!("kiln-worker: {flag} {}: {error}", path.display());
                 std::process::exit(2);
             }
         },
     };
+    let master_ca = read("--master-ca", &args.master_ca);
+    let identity = read("--client-cert", &args.client_cert).zip(read("--client-key", &args.client_key));
     let config = WorkerConfig {
         master_url: args.master,
         master_ca,
+        identity,
         name,
         token: args.token,
         basedir,
@@ -138,7 +148,7 @@ async fn serve() -> ExitCode {
     });
     match kiln_worker::run(config, terminate_rx, kill_rx).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error @ WorkerError::Unauthenticated) | Err(error @ WorkerError::Refused(_)) => {
+        Err(error @ WorkerError::Unauthenticated(_)) | Err(error @ WorkerError::Refused(_)) => {
             eprintln!("kiln-worker: {error}");
             ExitCode::from(3)
         }

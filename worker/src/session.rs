@@ -28,8 +28,11 @@ pub struct WorkerConfig {
     pub master_url: String,
     /// The CA certificates (PEM) a TLS master's certificate must chain to.
     pub master_ca: Option<Vec<u8>>,
+    /// This worker's certificate and key (PEM), for a master that admits workers by certificate.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
     pub name: String,
-    pub token: String,
+    /// The token the master admits workers with; none when a certificate does.
+    pub token: Option<String>,
     pub basedir: PathBuf,
     pub cache_dir: PathBuf,
     pub max_builds: u32,
@@ -44,8 +47,8 @@ pub struct WorkerConfig {
 /// Why the worker stopped for good.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("the master refused the worker token")]
-    Unauthenticated,
+    #[error("the master refused the worker's credentials: {0}")]
+    Unauthenticated(String),
     #[error("the master refused the registration: {0}")]
     Refused(String),
 }
@@ -154,7 +157,11 @@ async fn session(
                 "an https:// master needs the CA its certificate is signed by (--master-ca or KILN_MASTER_CA)".into(),
             )));
         };
-        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        let mut tls =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        if let Some((cert, key)) = &config.identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
         endpoint.tls_config(tls).map_err(|e| SessionFailure::Fatal(WorkerError::Refused(causes(&e))))?
     } else {
         endpoint
@@ -175,10 +182,12 @@ async fn session(
     };
     out_tx.send(pb::WorkerMessage { body: Some(Out::Register(register)) }).await.expect("fresh channel");
     let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
-    let bearer: MetadataValue<_> = format!("Bearer {}", config.token)
-        .parse()
-        .map_err(|_| SessionFailure::Fatal(WorkerError::Refused("the token is not valid header text".into())))?;
-    request.metadata_mut().insert(kiln_proto::AUTHORIZATION, bearer);
+    if let Some(token) = &config.token {
+        let bearer: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| SessionFailure::Fatal(WorkerError::Refused("the token is not valid header text".into())))?;
+        request.metadata_mut().insert(kiln_proto::AUTHORIZATION, bearer);
+    }
     let mut inbound = match client.session(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Err(classify(status)),
@@ -312,7 +321,7 @@ pub fn watchdog(heartbeat: Duration) -> Duration {
 
 fn classify(status: tonic::Status) -> SessionFailure {
     match status.code() {
-        Code::Unauthenticated => SessionFailure::Fatal(WorkerError::Unauthenticated),
+        Code::Unauthenticated => SessionFailure::Fatal(WorkerError::Unauthenticated(status.message().to_owned())),
         Code::InvalidArgument | Code::PermissionDenied => {
             SessionFailure::Fatal(WorkerError::Refused(status.message().to_owned()))
         }

@@ -105,7 +105,9 @@ pub struct HttpConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// When set, clients must present a certificate signed by one of these CAs (PEM).
+    /// When set, clients must present a certificate signed by one of these CAs (PEM). On the
+    /// worker endpoint the certificate replaces the token: a worker may register only under a
+    /// DNS name its certificate carries.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
 }
@@ -248,6 +250,27 @@ pub fn orphan_deadline(heartbeat: Duration) -> Duration {
     (heartbeat * 4).max(Duration::from_secs(3)) + Duration::from_secs(1)
 }
 
+/// The longest span of seconds a setting may give (a year): longer is a mistake, and would not fit
+/// the timers the setting drives.
+pub const LONGEST_SECONDS: f64 = 365.0 * 86_400.0;
+
+/// Checks a setting in seconds: a finite number from `least` up to a year.
+pub(super) fn seconds(key: &str, value: f64, least: f64) -> Result<(), (String, String)> {
+    if value.is_finite() && value >= least && value > 0.0 && value <= LONGEST_SECONDS {
+        return Ok(());
+    }
+    let range = if least > 0.0 { format!("from {least}") } else { "above 0".to_owned() };
+    Err((
+        key.to_owned(),
+        format!("must be a number of seconds {range}, at most a year ({LONGEST_SECONDS}), not {value}"),
+    ))
+}
+
+/// As [`seconds`], where zero means "at once".
+pub(super) fn seconds_or_zero(key: &str, value: f64) -> Result<(), (String, String)> {
+    if value == 0.0 { Ok(()) } else { seconds(key, value, 0.0) }
+}
+
 pub(super) fn default_heartbeat() -> f64 {
     5.0
 }
@@ -339,13 +362,12 @@ impl Config {
                 format!("unsupported database URL {db:?}: use sqlite://PATH or postgres://…"),
             ));
         }
-        if self.workers.heartbeat_interval <= 0.0 || !self.workers.heartbeat_interval.is_finite() {
-            return Err(("workers.heartbeat_interval".into(), "must be a positive number of seconds".into()));
-        }
-        if let Some(horizon) = self.log_horizon
-            && !(horizon.is_finite() && horizon > 0.0)
-        {
-            return Err(("logHorizon".into(), "must be a positive number of seconds".into()));
+        seconds("workers.heartbeat_interval", self.workers.heartbeat_interval, 0.0)?;
+        if let Some(horizon) = self.log_horizon {
+            // Logs may be kept for many years; the bound only keeps the arithmetic in range.
+            if !(horizon.is_finite() && horizon > 0.0 && horizon <= 1000.0 * LONGEST_SECONDS) {
+                return Err(("logHorizon".into(), "must be a positive number of seconds, at most 1000 years".into()));
+            }
         }
         if self.log_max_size == Some(0) {
             return Err(("logMaxSize".into(), "must be a positive number of bytes".into()));
@@ -383,6 +405,13 @@ impl Config {
                 format!("pools[{i}].backend"),
                 "local pools connect in plain text on loopback, which workers.tls turns off; use a static or \
                  kubernetes pool with TLS"
+                    .into(),
+            ));
+        }
+        if self.workers.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) && !self.workers.tokens.is_empty() {
+            return Err((
+                "workers.tokens".into(),
+                "workers.tls.client_ca makes workers authenticate by certificate; give tokens or client_ca, not both"
                     .into(),
             ));
         }
@@ -556,6 +585,44 @@ schedulers:
         for (line, key) in table {
             let result = Config::parse("mem.yaml", &format!("{line}\n{MINIMAL}"));
             assert_eq!(result.as_ref().err().map(|e| e.key.as_str()), key, "{line}");
+        }
+    }
+
+    /// Every setting in seconds drives a timer: one too large for it is refused here, not met as
+    /// a panic when the master starts.
+    #[test]
+    fn spans_of_seconds_beyond_a_year_are_refused() {
+        let poller = "change_sources: [{type: git_poller, repourl: /srv/r.git, pollInterval: %}]";
+        let pool = "pools: [{name: p, backend: static, max: 1, scale_down_delay: %}]";
+        let scheduler = MINIMAL.replace("branch: main, builderNames", "branch: main, treeStableTimer: %, builderNames");
+        let table = [
+            (
+                format!(
+                    "workers: {{heartbeat_interval: %, tokens: [{{name: t, value: s}}]}}\n{}",
+                    MINIMAL.replace("workers:\n  tokens: [{name: t, value: secret}]\n", "")
+                ),
+                "workers.heartbeat_interval",
+            ),
+            (format!("{poller}\n{MINIMAL}"), "change_sources[0].pollInterval"),
+            (format!("{pool}\n{MINIMAL}"), "pools[0].scale_down_delay"),
+            (scheduler, "schedulers[1]"),
+            (format!("logHorizon: %\n{MINIMAL}"), "logHorizon"),
+            (
+                format!("{MINIMAL}  - {{type: periodic, name: p, builderNames: [b], periodicBuildTimer: %}}\n"),
+                "schedulers[2]",
+            ),
+        ];
+        // As the master reads a configuration: parsed, validated, then compiled into its plan.
+        let refused_key = |text: &str| match Config::parse("mem.yaml", text) {
+            Ok(config) => crate::plan::Plan::compile(&config).err().map(|(key, _)| key),
+            Err(error) => Some(error.key),
+        };
+        for (template, key) in table {
+            assert_eq!(refused_key(&template.replace('%', "2")), None, "{key} = 2 is fine");
+            for huge in ["4611686018427387648", "1.0e300", ".inf", ".nan", "-1"] {
+                let refused = refused_key(&template.replace('%', huge)).unwrap_or_default();
+                assert!(refused.starts_with(key), "{key} = {huge}: refused at {refused:?}");
+            }
         }
     }
 

@@ -125,15 +125,14 @@ pub(super) fn validate_pool(key: &str, pool: &PoolConfig, builders: &[BuilderCon
     if pool.count.is_some() && (pool.min.is_some() || pool.max.is_some()) {
         return Err((key.to_owned(), "give count, or min and max, not both".into()));
     }
+    // Checked before the policy, which holds it as a `Duration`.
+    super::seconds_or_zero(&format!("{key}.scale_down_delay"), pool.scale_down_delay)?;
     let policy = pool.policy();
     if policy.max == 0 || pool.builds_per_worker == 0 {
         return Err((key.to_owned(), "max (or count) and builds_per_worker must be at least 1".into()));
     }
     if policy.min > policy.max {
         return Err((format!("{key}.min"), format!("min {} is above max {}", policy.min, policy.max)));
-    }
-    if !(pool.scale_down_delay.is_finite() && pool.scale_down_delay >= 0.0) {
-        return Err((format!("{key}.scale_down_delay"), "must be a number of seconds".into()));
     }
     for (i, name) in pool.builders.iter().enumerate() {
         if !builders.iter().any(|b| &b.name == name) {

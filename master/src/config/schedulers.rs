@@ -275,15 +275,12 @@ pub(super) fn validate(schedulers: &[SchedulerConfig], builder_names: &BTreeSet<
             return Err((format!("schedulers[{i}].upstream"), format!("no other scheduler named {:?}", d.upstream)));
         }
         match scheduler {
-            SchedulerConfig::Periodic(t) => match t.periodic_build_timer {
-                Some(seconds) if seconds.is_finite() && seconds >= 1.0 => {}
-                _ => {
-                    return Err((
-                        format!("schedulers[{i}].periodicBuildTimer"),
-                        "give the seconds between builds, at least 1".into(),
-                    ));
-                }
-            },
+            SchedulerConfig::Periodic(t) => {
+                let key = format!("schedulers[{i}].periodicBuildTimer");
+                let seconds =
+                    t.periodic_build_timer.ok_or_else(|| (key.clone(), "give the seconds between builds".into()))?;
+                super::seconds(&key, seconds, 1.0)?;
+            }
             SchedulerConfig::Nightly(t) => {
                 let cron = t.cron().map_err(|reason| (format!("schedulers[{i}]"), reason))?;
                 if cron.next_after(0).is_none() && cron.next_after(crate::clock::system_now_ms()).is_none() {

@@ -152,9 +152,7 @@ pub(super) fn validate(hooks: &ChangeHooksConfig, sources: &[ChangeSourceConfig]
         if poller.repourl.is_empty() {
             return Err((format!("change_sources[{i}].repourl"), "must not be empty".into()));
         }
-        if !(poller.poll_interval.is_finite() && poller.poll_interval >= 0.1) {
-            return Err((format!("change_sources[{i}].pollInterval"), "must be at least 0.1 seconds".into()));
-        }
+        super::seconds(&format!("change_sources[{i}].pollInterval"), poller.poll_interval, 0.1)?;
         if let Some(PolledBranches::All(word)) = &poller.branches
             && word != "all"
         {

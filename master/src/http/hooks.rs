@@ -179,7 +179,7 @@ fn content_type(headers: &HeaderMap) -> &str {
     header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or("")
 }
 
-fn base_changes(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<Vec<NewChange>, HookError> {
+pub(crate) fn base_changes(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<Vec<NewChange>, HookError> {
     let fields = read_fields(query, headers, body).map_err(HookError::BadPayload)?;
     Ok(vec![base::change(&fields).map_err(HookError::BadPayload)?])
 }
@@ -202,7 +202,7 @@ fn json_payload(headers: &HeaderMap, body: &[u8]) -> Result<Value, HookError> {
     serde_json::from_slice(&json).map_err(|e| HookError::BadPayload(format!("invalid JSON payload: {e}")))
 }
 
-fn github_changes(hook: &GithubHook, headers: &HeaderMap, body: &[u8]) -> Result<Vec<NewChange>, HookError> {
+pub(crate) fn github_changes(hook: &GithubHook, headers: &HeaderMap, body: &[u8]) -> Result<Vec<NewChange>, HookError> {
     github::verify_signature(
         hook.secret.as_deref(),
         body,
@@ -215,7 +215,7 @@ fn github_changes(hook: &GithubHook, headers: &HeaderMap, body: &[u8]) -> Result
     hook.changes(event, &payload)
 }
 
-fn gitlab_changes(
+pub(crate) fn gitlab_changes(
     secret: Option<&str>,
     query: Option<&str>,
     headers: &HeaderMap,

@@ -3,9 +3,9 @@
 //! responses in exactly one place ([`errors`]).
 
 mod errors;
-mod hooks;
-mod rest;
-mod rpc;
+pub(crate) mod hooks;
+pub(crate) mod rest;
+pub(crate) mod rpc;
 
 use std::sync::Arc;
 

@@ -178,13 +178,17 @@ fn resolve_log(logid: i64, rest: &[&str]) -> Result<Target, ApiError> {
 
 /// Buildbot's query parameters, decoded.
 #[derive(Default, Clone)]
-struct Params {
-    fields: Vec<String>,
-    properties: Vec<String>,
-    query: ListQuery,
+pub(crate) struct Params {
+    pub fields: Vec<String>,
+    pub properties: Vec<String>,
+    pub query: ListQuery,
 }
 
-fn parse_params(resource: Option<Resource>, pairs: Vec<(String, String)>, single: bool) -> Result<Params, ApiError> {
+pub(crate) fn parse_params(
+    resource: Option<Resource>,
+    pairs: Vec<(String, String)>,
+    single: bool,
+) -> Result<Params, ApiError> {
     let mut params = Params::default();
     let unrecognized = |name: &str| ApiError::BadRequest(format!("unrecognized query parameter '{name}'"));
     let integer = |name: &str, value: &str| {

@@ -21,77 +21,139 @@ pub async fn post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Call { id, method, params } = match call(&headers, &body) {
+    let call = match call(&headers, &body) {
         Ok(call) => call,
         Err(refusal) => return *refusal,
     };
-    let method = method.as_str();
-    if let Some(refusal) = refuse_unauthorized(&master, &headers, &id) {
+    if let Some(refusal) = refuse_unauthorized(&master, &headers, &call.id) {
         return refusal;
     }
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let reason = text_param(&params, "reason").ok().flatten().unwrap_or_else(|| "no reason given".into());
-    let undefined =
-        || rpc_error(StatusCode::BAD_REQUEST, &id, METHOD_NOT_FOUND, format!("action '{method}' is not defined"));
-    let number = |text: &str| text.parse::<i64>().ok();
-    match (segments.as_slice(), method) {
-        (["forceschedulers", name], "force") => force(&master, name, &params, &id).await,
-        (["forceschedulers", _], _) => undefined(),
-        (["builds", build], "stop") => match number(build) {
-            Some(buildid) => reply(&id, master.stop_build_by_id(buildid).await.map(|()| Value::Null)),
-            None => not_found(&id, "build"),
-        },
-        (["builds", build], "rebuild") => match number(build) {
-            Some(buildid) => reply(&id, master.rebuild(buildid).await.map(submitted)),
-            None => not_found(&id, "build"),
-        },
-        (["builds", _], _) => undefined(),
-        (["buildrequests", request], "cancel") => match number(request) {
-            Some(brid) => reply(&id, master.cancel_request(brid).await.map(|()| Value::Null)),
-            None => not_found(&id, "build request"),
-        },
-        (["buildrequests", request], "set_priority") => {
-            let priority = match params.get("priority") {
-                Some(Value::Number(n)) if n.is_i64() => n.as_i64().unwrap_or_default(),
-                Some(Value::String(s)) if s.parse::<i64>().is_ok() => s.parse().unwrap_or_default(),
-                _ => return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "priority: expected an integer"),
-            };
-            match number(request) {
-                Some(brid) => reply(&id, master.set_priority(brid, priority).await.map(|()| Value::Null)),
-                None => not_found(&id, "build request"),
+    let id = &call.id;
+    let action = match Action::decode(&path, &call.method, &call.params) {
+        Ok(action) => action,
+        Err(Refusal { status, code, message }) => return rpc_error(status, id, code, message),
+    };
+    match action {
+        Action::Force { scheduler, request } => force(&master, &scheduler, *request, id).await,
+        Action::StopBuild(buildid) => reply(id, master.stop_build_by_id(buildid).await.map(|()| Value::Null)),
+        Action::Rebuild(buildid) => reply(id, master.rebuild(buildid).await.map(submitted)),
+        Action::CancelRequest(brid) => reply(id, master.cancel_request(brid).await.map(|()| Value::Null)),
+        Action::SetPriority { brid, priority } => {
+            reply(id, master.set_priority(brid, priority).await.map(|()| Value::Null))
+        }
+        Action::EnableScheduler { schedulerid, enabled } => {
+            match master.store.set_scheduler_enabled(schedulerid, enabled).await {
+                Ok(Some(name)) => {
+                    tracing::info!(scheduler = %name, enabled, "scheduler enabled state changed");
+                    reply(id, Ok(Value::Null))
+                }
+                Ok(None) => not_found(id, "scheduler"),
+                Err(error) => reply(id, Err(ControlError::from(error))),
             }
         }
-        (["buildrequests", _], _) => undefined(),
-        (["schedulers", scheduler], "enable") => {
-            let Some(enabled) = params.get("enabled").and_then(Value::as_bool) else {
-                return rpc_error(StatusCode::BAD_REQUEST, &id, INVALID_PARAMS, "enabled: expected true or false");
-            };
-            match number(scheduler) {
-                Some(schedulerid) => match master.store.set_scheduler_enabled(schedulerid, enabled).await {
-                    Ok(Some(name)) => {
-                        tracing::info!(scheduler = %name, enabled, "scheduler enabled state changed");
-                        reply(&id, Ok(Value::Null))
-                    }
-                    Ok(None) => not_found(&id, "scheduler"),
-                    Err(error) => reply(&id, Err(ControlError::from(error))),
-                },
-                None => not_found(&id, "scheduler"),
-            }
-        }
-        (["schedulers", _], _) => undefined(),
-        (["workers", worker], action) => {
-            let Some(action) = WorkerAction::parse(action) else { return undefined() };
-            let name = match number(worker) {
-                Some(workerid) => match master.store.worker_name(workerid).await {
+        Action::Worker { worker, action, reason } => {
+            let name = match worker {
+                WorkerRef::Id(workerid) => match master.store.worker_name(workerid).await {
                     Ok(Some(name)) => name,
-                    Ok(None) => return not_found(&id, "worker"),
-                    Err(error) => return reply(&id, Err(ControlError::from(error))),
+                    Ok(None) => return not_found(id, "worker"),
+                    Err(error) => return reply(id, Err(ControlError::from(error))),
                 },
-                None => (*worker).to_owned(),
+                WorkerRef::Name(name) => name,
             };
-            reply(&id, master.worker_action(&name, action, &reason).await.map(|()| Value::Null))
+            reply(id, master.worker_action(&name, action, &reason).await.map(|()| Value::Null))
         }
-        _ => rpc_error(StatusCode::NOT_FOUND, &id, INVALID_REQUEST, format!("no control endpoint for /{path}")),
+    }
+}
+
+/// A control action, decoded from the path it was posted to, its method and its params; nothing
+/// has been looked up yet.
+#[derive(Debug)]
+pub enum Action {
+    Force { scheduler: String, request: Box<ForceRequest> },
+    StopBuild(i64),
+    Rebuild(i64),
+    CancelRequest(i64),
+    SetPriority { brid: i64, priority: i64 },
+    EnableScheduler { schedulerid: i64, enabled: bool },
+    Worker { worker: WorkerRef, action: WorkerAction, reason: String },
+}
+
+/// A worker named in a path, by id or by name.
+#[derive(Debug)]
+pub enum WorkerRef {
+    Id(i64),
+    Name(String),
+}
+
+/// Why a call names no action: the JSON-RPC error to answer.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: i64,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: i64, message: impl Into<String>) -> Refusal {
+        Refusal { status, code, message: message.into() }
+    }
+
+    fn not_found(what: &str) -> Refusal {
+        Refusal::new(StatusCode::NOT_FOUND, INVALID_REQUEST, format!("no such {what}"))
+    }
+
+    fn invalid(message: impl Into<String>) -> Refusal {
+        Refusal::new(StatusCode::BAD_REQUEST, INVALID_PARAMS, message)
+    }
+}
+
+impl Action {
+    /// Decodes a call as Buildbot's control endpoints read it.
+    pub fn decode(path: &str, method: &str, params: &Value) -> Result<Action, Refusal> {
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let undefined =
+            || Refusal::new(StatusCode::BAD_REQUEST, METHOD_NOT_FOUND, format!("action '{method}' is not defined"));
+        let number = |text: &str, what: &str| text.parse::<i64>().map_err(|_| Refusal::not_found(what));
+        Ok(match (segments.as_slice(), method) {
+            (["forceschedulers", name], "force") => Action::Force {
+                scheduler: (*name).to_owned(),
+                request: Box::new(decode_force(params).map_err(Refusal::invalid)?),
+            },
+            (["builds", build], "stop") => Action::StopBuild(number(build, "build")?),
+            (["builds", build], "rebuild") => Action::Rebuild(number(build, "build")?),
+            (["buildrequests", request], "cancel") => Action::CancelRequest(number(request, "build request")?),
+            (["buildrequests", request], "set_priority") => {
+                let priority = match params.get("priority") {
+                    Some(Value::Number(n)) if n.is_i64() => n.as_i64().unwrap_or_default(),
+                    Some(Value::String(s)) if s.parse::<i64>().is_ok() => s.parse().unwrap_or_default(),
+                    _ => return Err(Refusal::invalid("priority: expected an integer")),
+                };
+                Action::SetPriority { brid: number(request, "build request")?, priority }
+            }
+            (["schedulers", scheduler], "enable") => {
+                let Some(enabled) = params.get("enabled").and_then(Value::as_bool) else {
+                    return Err(Refusal::invalid("enabled: expected true or false"));
+                };
+                Action::EnableScheduler { schedulerid: number(scheduler, "scheduler")?, enabled }
+            }
+            (["workers", worker], method) => {
+                let action = WorkerAction::parse(method).ok_or_else(undefined)?;
+                let worker = match worker.parse::<i64>() {
+                    Ok(workerid) => WorkerRef::Id(workerid),
+                    Err(_) => WorkerRef::Name((*worker).to_owned()),
+                };
+                let reason = text_param(params, "reason").ok().flatten().unwrap_or_else(|| "no reason given".into());
+                Action::Worker { worker, action, reason }
+            }
+            (["forceschedulers" | "builds" | "buildrequests" | "schedulers", _], _) => return Err(undefined()),
+            _ => {
+                return Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    INVALID_REQUEST,
+                    format!("no control endpoint for /{path}"),
+                ));
+            }
+        })
     }
 }
 
@@ -129,14 +191,15 @@ fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Opti
 }
 
 /// A JSON-RPC call, decoded.
-struct Call {
-    id: Value,
-    method: String,
-    params: Value,
+#[derive(Debug)]
+pub struct Call {
+    pub id: Value,
+    pub method: String,
+    pub params: Value,
 }
 
 /// Decodes a JSON-RPC request body, or answers why it cannot be.
-fn call(headers: &HeaderMap, body: &[u8]) -> Result<Call, Box<Response>> {
+pub fn call(headers: &HeaderMap, body: &[u8]) -> Result<Call, Box<Response>> {
     let json_body = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -277,11 +340,7 @@ fn decode_force(params: &Value) -> Result<ForceRequest, String> {
     })
 }
 
-async fn force(master: &Master, scheduler: &str, params: &Value, id: &Value) -> Response {
-    let request = match decode_force(params) {
-        Ok(r) => r,
-        Err(reason) => return rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, reason),
-    };
+async fn force(master: &Master, scheduler: &str, request: ForceRequest, id: &Value) -> Response {
     match master.force(scheduler, request).await {
         Ok(buildset) => Json(json!({ "jsonrpc": "2.0", "id": id, "result": submitted(buildset) })).into_response(),
         Err(SubmitError::InvalidParameters(errors)) => {

@@ -298,6 +298,26 @@ const LOGS: Spec = Spec {
 };
 
 impl Resource {
+    /// Every collection, in the order of the API's root links.
+    pub const ALL: [Resource; 11] = [
+        Resource::Builders,
+        Resource::Builds,
+        Resource::BuildRequests,
+        Resource::Buildsets,
+        Resource::Changes,
+        Resource::SourceStamps,
+        Resource::Workers,
+        Resource::Masters,
+        Resource::Steps,
+        Resource::Logs,
+        Resource::Schedulers,
+    ];
+
+    /// The collection a plural name (`builds`) names.
+    pub fn from_plural(name: &str) -> Option<Resource> {
+        Resource::ALL.into_iter().find(|r| r.plural() == name)
+    }
+
     fn spec(self) -> &'static Spec {
         match self {
             Resource::Builders => &BUILDERS,
@@ -351,6 +371,7 @@ impl Resource {
 }
 
 /// A bound value of a generated statement.
+#[derive(Debug)]
 enum Bind {
     Int(i64),
     Text(String),
@@ -364,7 +385,14 @@ fn parse_value(field: &Field, value: &str) -> Result<Bind, DataError> {
     let bad = |reason| DataError::BadValue { field: field.name.to_owned(), value: value.to_owned(), reason };
     Ok(match field.kind {
         Kind::Int => Bind::Int(value.parse().map_err(|_| bad("expected an integer"))?),
-        Kind::Time => Bind::Int(value.parse::<i64>().map_err(|_| bad("expected epoch seconds"))?),
+        // Stored in milliseconds, and a second covers the thousand after it.
+        Kind::Time => Bind::Int(
+            value
+                .parse::<i64>()
+                .ok()
+                .filter(|s| s.checked_mul(1000).and_then(|ms| ms.checked_add(1000)).is_some())
+                .ok_or_else(|| bad("expected epoch seconds"))?,
+        ),
         Kind::Bool => Bind::Int(match value {
             "true" | "1" | "yes" | "on" => 1,
             "false" | "0" | "no" | "off" => 0,
@@ -492,48 +520,75 @@ fn row_to_json(spec: &Spec, row: &AnyRow) -> Result<Map<String, Value>, DataErro
     Ok(object)
 }
 
+/// The SQL of one list query, built before any of it reaches the database: the statement, the
+/// statement counting all matches when a page is asked for, and the values bound to both.
+#[derive(Debug)]
+pub struct Select {
+    pub sql: String,
+    pub count_sql: Option<String>,
+    binds: Vec<Bind>,
+}
+
+impl Select {
+    /// Translates a query of the data API into SQL; a field, operator or value the resource does
+    /// not have is the client's mistake.
+    pub fn new(resource: Resource, query: &ListQuery) -> Result<Select, DataError> {
+        let spec = resource.spec();
+        let mut clauses = Vec::new();
+        let mut binds = Vec::new();
+        for filter in &query.filters {
+            filter_sql(spec, filter, &mut clauses, &mut binds)?;
+        }
+        let where_sql = if clauses.is_empty() { String::new() } else { format!(" WHERE {}", clauses.join(" AND ")) };
+        let mut order = Vec::new();
+        for item in &query.order {
+            let (name, direction) = match item.strip_prefix('-') {
+                Some(name) => (name, "DESC"),
+                None => (item.as_str(), "ASC"),
+            };
+            let sql = field(spec, name)?.sql;
+            // A field Kiln reports as a constant (such as `locks_duration_s`) orders nothing; a
+            // number in ORDER BY would name a column position instead.
+            if sql.parse::<i64>().is_ok() {
+                continue;
+            }
+            order.push(format!("{sql} {direction}"));
+        }
+        order.push(format!("{} ASC", spec.key));
+        let columns: Vec<&str> = spec.fields.iter().map(|f| f.sql).collect();
+        let mut sql =
+            format!("SELECT {} FROM {}{where_sql} ORDER BY {}", columns.join(", "), spec.from, order.join(", "));
+        // LIMIT and OFFSET are validated integers, so they are written inline.
+        match query.limit {
+            Some(limit) => sql.push_str(&format!(" LIMIT {} OFFSET {}", limit.max(0), query.offset.max(0))),
+            None if query.offset > 0 => sql.push_str(&format!(" LIMIT {} OFFSET {}", i64::MAX, query.offset)),
+            None => {}
+        }
+        let count_sql = (query.limit.is_some() || query.offset != 0)
+            .then(|| format!("SELECT COUNT(*) AS n FROM {}{where_sql}", spec.from));
+        Ok(Select { sql, count_sql, binds })
+    }
+
+    /// How many values the statements bind (`$1` … `$n`).
+    pub fn bind_count(&self) -> usize {
+        self.binds.len()
+    }
+}
+
 pub(super) async fn list(
     pool: &AnyPool,
     resource: Resource,
     query: &ListQuery,
 ) -> Result<(Vec<Value>, i64), DataError> {
     let spec = resource.spec();
-    let mut clauses = Vec::new();
-    let mut binds = Vec::new();
-    for filter in &query.filters {
-        filter_sql(spec, filter, &mut clauses, &mut binds)?;
-    }
-    let where_sql = if clauses.is_empty() { String::new() } else { format!(" WHERE {}", clauses.join(" AND ")) };
-    let mut order = Vec::new();
-    for item in &query.order {
-        let (name, direction) = match item.strip_prefix('-') {
-            Some(name) => (name, "DESC"),
-            None => (item.as_str(), "ASC"),
-        };
-        let sql = field(spec, name)?.sql;
-        // A field Kiln reports as a constant (such as `locks_duration_s`) orders nothing; a
-        // number in ORDER BY would name a column position instead.
-        if sql.parse::<i64>().is_ok() {
-            continue;
+    let select = Select::new(resource, query)?;
+    let rows = bind_all(sqlx::query(AssertSqlSafe(select.sql)), &select.binds).fetch_all(pool).await?;
+    let total = match select.count_sql {
+        None => rows.len() as i64,
+        Some(count_sql) => {
+            let row = bind_all(sqlx::query(AssertSqlSafe(count_sql)), &select.binds).fetch_one(pool).await?;
+            row.try_get::<i64, _>("n")?
         }
-        order.push(format!("{sql} {direction}"));
-    }
-    order.push(format!("{} ASC", spec.key));
-    let columns: Vec<&str> = spec.fields.iter().map(|f| f.sql).collect();
-    let mut sql = format!("SELECT {} FROM {}{where_sql} ORDER BY {}", columns.join(", "), spec.from, order.join(", "));
-    // LIMIT and OFFSET are validated integers, so they are written inline.
-    match query.limit {
-        Some(limit) => sql.push_str(&format!(" LIMIT {} OFFSET {}", limit.max(0), query.offset.max(0))),
-        None if query.offset > 0 => sql.push_str(&format!(" LIMIT {} OFFSET {}", i64::MAX, query.offset)),
-        None => {}
-    }
-    let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), &binds).fetch_all(pool).await?;
-    let total = if query.limit.is_none() && query.offset == 0 {
-        rows.len() as i64
-    } else {
-        let count_sql = format!("SELECT COUNT(*) AS n FROM {}{where_sql}", spec.from);
-        let row = bind_all(sqlx::query(AssertSqlSafe(count_sql)), &binds).fetch_one(pool).await?;
-        row.try_get::<i64, _>("n")?
     };
     let mut objects = Vec::with_capacity(rows.len());
     for row in &rows {

@@ -27,7 +27,7 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use crate::clock::Clock;
 
 pub use builds::NewBuild;
-pub use data::{DataError, Filter, ListQuery, Op, Resource};
+pub use data::{DataError, Filter, ListQuery, Op, Resource, Select};
 pub use locks::{SessionLock, lock_key};
 pub use logs::{LogChunk, LogTail, decode_chunk, encode_chunk};
 pub use notify::{Notification, QueueListener};
