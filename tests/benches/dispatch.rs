@@ -139,6 +139,7 @@ async fn main() {
     let last_single = singles.len() as i64;
 
     // The burst: N requests submitted as fast as `clients` connections allow.
+    let cpu_before = master.cpu_seconds();
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut submitters = Vec::new();
@@ -167,6 +168,7 @@ async fn main() {
     let last_complete = burst.iter().map(|t| t.2).max().unwrap();
     let mut burst_latency: Vec<f64> = burst.iter().map(|(s, b, _)| (b - s) as f64).collect();
     let rss = master.peak_rss_mib();
+    let cpu_per_build = (master.cpu_seconds() - cpu_before) / args.builds as f64;
 
     println!(
         "burst submitted in                       {:.2} s ({:.0} requests/s)",
@@ -180,6 +182,7 @@ async fn main() {
     );
     stats("dispatch latency, burst", &mut burst_latency);
     stats("dispatch latency, single, idle workers", &mut single_latency);
+    println!("master CPU per build, burst              {:.2} ms", cpu_per_build * 1000.0);
     println!("master peak RSS                          {rss:.1} MiB");
     master.stop().await;
 }

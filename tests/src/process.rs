@@ -76,6 +76,17 @@ impl MasterProcess {
             .map_or(f64::NAN, |kb| kb / 1024.0)
     }
 
+    /// CPU time the master has used so far (user and system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        // SAFETY: sysconf only reads a constant of the system.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / per_second
+    }
+
     /// Kills the master with SIGKILL, as a crash or a lost node would.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

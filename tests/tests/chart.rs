@@ -282,3 +282,133 @@ async fn the_binaries_run_with_what_the_chart_gives_them() {
     assert_eq!(workers["workers"][0]["name"], "kiln-worker-default-7c9f-x2x4z");
     assert_eq!(workers["workers"][0]["workerinfo"]["pool"], "default");
 }
+
+/// Whether `account` (namespace, name) may `verb` the `resource` of `group` named `name` in
+/// `namespace`, by the rendered Roles and bindings, as Kubernetes' RBAC decides it: a
+/// RoleBinding grants its Role's rules in the binding's own namespace, a ClusterRoleBinding its
+/// ClusterRole's everywhere; a rule applies when its apiGroups, resources (a subresource such as
+/// `deployments/scale` is a resource of its own), verbs and, when it lists any, resourceNames
+/// all match, `*` matching anything. Objects without a namespace are in `release`'s.
+fn allowed(docs: &[Value], release: &str, account: (&str, &str), request: (&str, &str, &str, &str, &str)) -> bool {
+    let (verb, group, resource, namespace, name) = request;
+    let list = |v: &Value| -> Vec<String> {
+        v.as_sequence().map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    };
+    let matches = |values: Vec<String>, wanted: &str| values.iter().any(|v| v == "*" || v == wanted);
+    let namespace_of = |d: &Value| d["metadata"]["namespace"].as_str().unwrap_or(release).to_owned();
+    docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding").any(|binding| {
+        let cluster_wide = binding["kind"] == "ClusterRoleBinding";
+        if !cluster_wide && namespace_of(binding) != namespace {
+            return false;
+        }
+        let bound = binding["subjects"].as_sequence().into_iter().flatten().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == account.1 && s["namespace"].as_str() == Some(account.0)
+        });
+        if !bound {
+            return false;
+        }
+        let role_kind = binding["roleRef"]["kind"].as_str().unwrap_or_default();
+        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+        let role = docs.iter().find(|d| {
+            d["kind"] == role_kind
+                && d["metadata"]["name"] == role_name
+                && (role_kind == "ClusterRole" || namespace_of(d) == namespace_of(binding))
+        });
+        role.and_then(|r| r["rules"].as_sequence()).into_iter().flatten().any(|rule| {
+            let names = list(&rule["resourceNames"]);
+            matches(list(&rule["apiGroups"]), group)
+                && matches(list(&rule["resources"]), resource)
+                && matches(list(&rule["verbs"]), verb)
+                && (names.is_empty() || (!name.is_empty() && names.iter().any(|n| n == name)))
+        })
+    })
+}
+
+/// What the master's ServiceAccount can and cannot do, request by request: scale the worker
+/// Deployments and list, watch and annotate their pods; not scale or change anything else, read
+/// Secrets, exec into or delete pods. With the workers in a namespace of their own, its pod rights
+/// no longer reach its own pod or the database's.
+#[test]
+fn the_masters_account_reaches_the_worker_deployments_and_pods_and_nothing_else() {
+    let account = ("ci", "kiln-master");
+    for (variant, workers) in [(None, "ci"), (Some(chart().join("ci/worker-namespace.yaml")), "kiln-workers")] {
+        let out = template(variant.as_deref(), &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let docs = documents(&String::from_utf8(out.stdout).unwrap());
+        let worker = find(&docs, "Deployment", "-worker-default");
+        assert_eq!(worker["metadata"]["namespace"], workers);
+        let can = |request| allowed(&docs, "ci", account, request);
+        for request in [
+            ("get", "apps", "deployments/scale", workers, "kiln-worker-default"),
+            ("patch", "apps", "deployments/scale", workers, "kiln-worker-default"),
+            ("list", "", "pods", workers, ""),
+            ("watch", "", "pods", workers, ""),
+            ("patch", "", "pods", workers, "kiln-worker-default-7d9f-abcde"),
+        ] {
+            assert!(can(request), "{variant:?}: the autoscaler needs {request:?}");
+        }
+        for request in [
+            ("patch", "apps", "deployments/scale", "ci", "kiln-master"),
+            ("patch", "apps", "deployments/scale", workers, "kiln-master"),
+            ("patch", "apps", "deployments/scale", "elsewhere", "kiln-worker-default"),
+            ("update", "apps", "deployments/scale", workers, "kiln-worker-default"),
+            ("patch", "apps", "deployments", workers, "kiln-worker-default"),
+            ("patch", "apps", "statefulsets", "ci", "kiln-postgresql"),
+            ("create", "", "pods", workers, ""),
+            ("delete", "", "pods", workers, "kiln-worker-default-7d9f-abcde"),
+            ("create", "", "pods/exec", workers, "kiln-worker-default-7d9f-abcde"),
+            ("get", "", "secrets", "ci", "kiln-secrets"),
+            ("get", "", "secrets", workers, "kiln-worker-token"),
+            ("list", "", "secrets", workers, ""),
+            ("patch", "", "pods", "elsewhere", "a-pod"),
+        ] {
+            assert!(!can(request), "{variant:?}: the master must not {request:?}");
+        }
+        let own_pods = can(("patch", "", "pods", "ci", "kiln-postgresql-0"));
+        assert_eq!(own_pods, variant.is_none(), "{variant:?}: patching the database's pod");
+    }
+}
+
+/// With the workers in a namespace of their own and cert-manager issuing both certificates, each
+/// piece points at the others: the pools' namespace, the master's qualified name, the token copy,
+/// the Certificates' names, HTTPS probes and scrapes.
+#[test]
+fn workers_in_their_own_namespace_and_cert_manager_tls_fit_together() {
+    let out = template(Some(&chart().join("ci/worker-namespace.yaml")), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs = documents(&String::from_utf8(out.stdout).unwrap());
+    let config: Value =
+        serde_yaml_ng::from_str(find(&docs, "ConfigMap", "-config")["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(config["pools"][0]["kubernetes"]["namespace"], "kiln-workers");
+    assert_eq!(config["workers"]["tls"]["cert"], "/etc/kiln-tls/tls.crt");
+    assert_eq!(config["http"]["tls"]["cert"], "/etc/kiln-api-tls/tls.crt");
+    let worker = &find(&docs, "Deployment", "-worker-default")["spec"]["template"]["spec"];
+    let env = worker["containers"][0]["env"].as_sequence().unwrap();
+    let entry = |name: &str| env.iter().find(|e| e["name"] == name).unwrap().clone();
+    assert_eq!(entry("KILN_MASTER")["value"], "https://kiln-master.ci.svc:9989");
+    let token_secret = entry("KILN_WORKER_TOKEN")["valueFrom"]["secretKeyRef"]["name"].as_str().unwrap().to_owned();
+    let copy = find(&docs, "Secret", &token_secret);
+    assert_eq!(copy["metadata"]["namespace"], "kiln-workers");
+    assert_eq!(copy["data"]["worker-token"], find(&docs, "Secret", "-secrets")["data"]["worker-token"]);
+    assert_eq!(copy["data"].as_mapping().unwrap().len(), 1, "only the worker token crosses over");
+    for (suffix, mount) in [("-worker-tls", "tls"), ("-api-tls", "api-tls")] {
+        let certificate = find(&docs, "Certificate", suffix);
+        let names: Vec<&str> =
+            certificate["spec"]["dnsNames"].as_sequence().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        assert!(names.contains(&"kiln-master") && names.contains(&"kiln-master.ci.svc"), "{names:?}");
+        let secret = certificate["spec"]["secretName"].as_str().unwrap();
+        let master = &find(&docs, "Deployment", "-master")["spec"]["template"]["spec"];
+        let volume = master["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount).unwrap();
+        assert_eq!(volume["secret"]["secretName"], secret);
+    }
+    let master = &find(&docs, "Deployment", "-master")["spec"]["template"]["spec"]["containers"][0];
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(master[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
+    assert_eq!(find(&docs, "ServiceMonitor", "-master")["spec"]["endpoints"][0]["scheme"], "https");
+    let policy = find(&docs, "NetworkPolicy", "-master");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "kiln-workers"
+    );
+}

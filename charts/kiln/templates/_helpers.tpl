@@ -46,3 +46,46 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kiln.workerDeployment" -}}
 {{ include "kiln.fullname" .root }}-worker-{{ .pool.name }}
 {{- end -}}
+
+{{/* The Secret a listener's TLS comes from: the one named, else the one the chart's cert-manager
+Certificate fills, else none. Called with (dict "root" $ "tls" .Values.workerTLS "suffix" "worker-tls"). */}}
+{{- define "kiln.tlsSecret" -}}
+{{- if .tls.secretName -}}
+{{- .tls.secretName -}}
+{{- else if .tls.certManager.issuerRef -}}
+{{- include "kiln.fullname" .root }}-{{ .suffix -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kiln.workerTLSSecret" -}}
+{{- include "kiln.tlsSecret" (dict "root" . "tls" .Values.workerTLS "suffix" "worker-tls") -}}
+{{- end -}}
+
+{{- define "kiln.apiTLSSecret" -}}
+{{- include "kiln.tlsSecret" (dict "root" . "tls" .Values.apiTLS "suffix" "api-tls") -}}
+{{- end -}}
+
+{{/* Where the worker Deployments, their Secret and the master's Role over them live. */}}
+{{- define "kiln.workerNamespace" -}}
+{{- .Values.workerNamespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{/* The master's Service as a worker dials it: the short name in the master's namespace, the
+namespace-qualified one from a namespace of their own. */}}
+{{- define "kiln.masterHost" -}}
+{{- if .Values.workerNamespace -}}
+{{ include "kiln.fullname" . }}-master.{{ .Release.Namespace }}.svc
+{{- else -}}
+{{ include "kiln.fullname" . }}-master
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret worker pods read their token from: the chart's own, or its copy in the workers'
+namespace. */}}
+{{- define "kiln.workerSecretName" -}}
+{{- if .Values.workerNamespace -}}
+{{ include "kiln.fullname" . }}-worker-token
+{{- else -}}
+{{ include "kiln.secretName" . }}
+{{- end -}}
+{{- end -}}
