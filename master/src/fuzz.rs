@@ -5,8 +5,9 @@
 //! Inputs that need more than a body carry it in leading lines (an event name, a query string, a
 //! content type), so a seed file reads as the request it stands for.
 
+use std::sync::OnceLock;
+
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
-use prost::Message;
 use serde_json::json;
 
 use crate::changes::github::{GithubHook, default_skips, verify_signature};
@@ -68,10 +69,16 @@ fn inspect(changes: Vec<NewChange>) {
 pub fn github_hook(data: &[u8]) {
     let ([event, kind, signature], body) = lines::<3>(data);
     let _ = verify_signature(Some("fuzz"), body, Some(signature), None);
-    let hook =
-        GithubHook { secret: None, skips: default_skips(), codebase: String::new(), pullrequest_ref: "merge".into() };
+    // Built once: compiling its skip patterns would otherwise be most of each run.
+    static HOOK: OnceLock<GithubHook> = OnceLock::new();
+    let hook = HOOK.get_or_init(|| GithubHook {
+        secret: None,
+        skips: default_skips(),
+        codebase: String::new(),
+        pullrequest_ref: "merge".into(),
+    });
     let headers = headers(&[("x-github-event", event), (header::CONTENT_TYPE.as_str(), kind)]);
-    if let Ok(changes) = hooks::github_changes(&hook, &headers, body) {
+    if let Ok(changes) = hooks::github_changes(hook, &headers, body) {
         inspect(changes);
     }
 }
@@ -153,9 +160,5 @@ pub fn interpolate_template(data: &[u8]) {
 
 /// The whole input is one encoded message from a worker.
 pub fn worker_message(data: &[u8]) {
-    let Ok(message) = kiln_proto::WorkerMessage::decode(data) else { return };
-    if let Some(kiln_proto::worker_message::Body::Register(register)) = message.body.clone() {
-        let _ = crate::grpc::worker_info(register);
-    }
-    let _ = crate::grpc::decode(message);
+    let _ = crate::grpc::read_message(data);
 }

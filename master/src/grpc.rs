@@ -183,7 +183,7 @@ async fn read_worker(master: &Arc<Master>, session: &Arc<WorkerSession>, mut inb
 }
 
 /// What a worker says of itself when it registers.
-pub(crate) fn worker_info(register: pb::Register) -> WorkerInfo {
+fn worker_info(register: pb::Register) -> WorkerInfo {
     WorkerInfo {
         name: register.name,
         version: register.version,
@@ -196,7 +196,19 @@ pub(crate) fn worker_info(register: pb::Register) -> WorkerInfo {
     }
 }
 
-pub(crate) fn decode(message: pb::WorkerMessage) -> Option<FromWorker> {
+/// What the master makes of one encoded message from a worker: the worker it describes, if it
+/// registers, and what it says. For the fuzz target: sessions read messages off the stream.
+pub(crate) fn read_message(bytes: &[u8]) -> Option<(Option<WorkerInfo>, Option<FromWorker>)> {
+    use prost::Message;
+    let message = pb::WorkerMessage::decode(bytes).ok()?;
+    let info = match message.body.clone() {
+        Some(In::Register(register)) => Some(worker_info(register)),
+        _ => None,
+    };
+    Some((info, decode(message)))
+}
+
+fn decode(message: pb::WorkerMessage) -> Option<FromWorker> {
     Some(match message.body? {
         In::Register(_) => return None,
         In::Heartbeat(_) => FromWorker::Heartbeat,

@@ -117,6 +117,46 @@ mod tests {
         assert_eq!(plan.timed_schedulers[0].spec(), "every 60000 ms");
     }
 
+    use crate::config::tests::MINIMAL;
+
+    /// Every setting in seconds drives a timer: one too large for it is refused here, not met as
+    /// a panic when the master starts.
+    #[test]
+    fn spans_of_seconds_beyond_a_year_are_refused() {
+        let poller = "change_sources: [{type: git_poller, repourl: /srv/r.git, pollInterval: %}]";
+        let pool = "pools: [{name: p, backend: static, max: 1, scale_down_delay: %}]";
+        let scheduler = MINIMAL.replace("branch: main, builderNames", "branch: main, treeStableTimer: %, builderNames");
+        let table = [
+            (
+                format!(
+                    "workers: {{heartbeat_interval: %, tokens: [{{name: t, value: s}}]}}\n{}",
+                    MINIMAL.replace("workers:\n  tokens: [{name: t, value: secret}]\n", "")
+                ),
+                "workers.heartbeat_interval",
+            ),
+            (format!("{poller}\n{MINIMAL}"), "change_sources[0].pollInterval"),
+            (format!("{pool}\n{MINIMAL}"), "pools[0].scale_down_delay"),
+            (scheduler, "schedulers[1]"),
+            (format!("logHorizon: %\n{MINIMAL}"), "logHorizon"),
+            (
+                format!("{MINIMAL}  - {{type: periodic, name: p, builderNames: [b], periodicBuildTimer: %}}\n"),
+                "schedulers[2]",
+            ),
+        ];
+        // As the master reads a configuration: parsed, validated, then compiled into its plan.
+        let refused_key = |text: &str| match Config::parse("mem.yaml", text) {
+            Ok(config) => Plan::compile(&config).err().map(|(key, _)| key),
+            Err(error) => Some(error.key),
+        };
+        for (template, key) in table {
+            assert_eq!(refused_key(&template.replace('%', "2")), None, "{key} = 2 is fine");
+            for huge in ["4611686018427387648", "1.0e300", ".inf", ".nan", "-1"] {
+                let refused = refused_key(&template.replace('%', huge)).unwrap_or_default();
+                assert!(refused.starts_with(key), "{key} = {huge}: refused at {refused:?}");
+            }
+        }
+    }
+
     #[test]
     fn a_bad_filter_is_named_by_its_key() {
         let error = Plan::compile(&config(

@@ -186,6 +186,44 @@ schedulers:
     master.stop().await;
 }
 
+/// As in Buildbot, a step that ends EXCEPTION ends the build even without `haltOnFailure`: a
+/// command that cannot be rendered is followed only by `alwaysRun` steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exception_in_a_step_skips_later_steps_unless_always_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = TestMaster::start(
+        &sqlite_url(dir.path()),
+        dir.path(),
+        r#"
+builders:
+  - name: b
+    steps:
+      - shell: {name: unrenderable, command: "echo %(prop:branch"}
+      - shell: {name: later, command: "echo should not run"}
+      - shell: {name: cleanup, command: "echo cleaning up", alwaysRun: true}
+schedulers:
+  - {type: force, name: force, builderNames: [b]}
+"#,
+    )
+    .await;
+    let _worker = master.spawn_worker("w1");
+    let brid = master.force_request("force", json!({ "builderNames": ["b"] })).await;
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    assert_eq!(build["results"], 4, "EXCEPTION: {build}");
+    let buildid = build["buildid"].as_i64().unwrap();
+    let steps = master.get(&format!("/api/v2/builds/{buildid}/steps")).await;
+    let results: HashMap<&str, i64> = steps["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["results"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(results["unrenderable"], 4, "EXCEPTION");
+    assert_eq!(results["later"], 3, "SKIPPED");
+    assert_eq!(results["cleanup"], 0);
+    master.stop().await;
+}
+
 /// A master on SQLite with one builder `b` whose one step `work` runs `command`, and a force
 /// scheduler `force` for it.
 async fn one_step_master(dir: &std::path::Path, command: &str) -> TestMaster {

@@ -163,7 +163,10 @@ impl GithubHook {
         Ok(vec![NewChange {
             author: login.to_owned(),
             committer: None,
-            comments: format!("GitHub Pull Request #{number} ({commits} commits)\n{title}\n{body}"),
+            comments: format!(
+                "GitHub Pull Request #{number} ({commits} commit{})\n{title}\n{body}",
+                if commits == 1 { "" } else { "s" }
+            ),
             branch: Some(format!("refs/pull/{number}/{}", self.pullrequest_ref)),
             revision: Some(required(pr, &["head", "sha"])?.to_owned()),
             revlink: text(pr, &["html_url"]).map(str::to_owned),
@@ -251,6 +254,10 @@ mod tests {
         assert_eq!(changes[0].revision.as_deref(), Some("abc"));
         assert_eq!(changes[0].category.as_deref(), Some("pull"));
         assert!(changes[0].comments.starts_with("GitHub Pull Request #7 (2 commits)\nFix"));
+        let mut one = payload.clone();
+        one["pull_request"]["commits"] = json!(1);
+        let changes = hook().changes("pull_request", &one).unwrap();
+        assert!(changes[0].comments.starts_with("GitHub Pull Request #7 (1 commit)\nFix"), "{}", changes[0].comments);
         let closed = json!({ "action": "closed", "pull_request": {} });
         assert!(hook().changes("pull_request", &closed).unwrap().is_empty());
     }

@@ -7,9 +7,13 @@ pub mod gitlab;
 
 use serde_json::Value;
 
-/// Why a delivery was refused.
+/// Why a delivery was refused, or left alone.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HookError {
+    /// A well-formed delivery of an event Kiln does not act on (200, so that the sender does not
+    /// count it as a failed delivery).
+    #[error("{0}")]
+    Ignored(String),
     /// The body or a field could not be read (400).
     #[error("{0}")]
     BadPayload(String),

@@ -155,7 +155,9 @@ pub async fn run_build(
                 failed_step = Some(name.clone());
             }
             results = results.worst(counted);
-            if matches!(outcome.results, Results::Failure | Results::Exception) && halt_on_failure {
+            // As in Buildbot: an exception always ends the build (only `alwaysRun` steps follow),
+            // a failure only with `haltOnFailure`.
+            if outcome.results == Results::Exception || (outcome.results == Results::Failure && halt_on_failure) {
                 halted = true;
             }
         }

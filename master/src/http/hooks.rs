@@ -91,10 +91,14 @@ async fn handle(
     };
     let changes = match parsed {
         Ok(changes) => changes,
+        Err(HookError::Ignored(reason)) => {
+            tracing::info!(dialect, %reason, "change hook delivery ignored");
+            return (StatusCode::OK, reason).into_response();
+        }
         Err(error) => {
             tracing::warn!(dialect, %error, "change hook delivery refused");
             let refusal = match error {
-                HookError::BadPayload(_) => ApiError::BadRequest(error.to_string()),
+                HookError::BadPayload(_) | HookError::Ignored(_) => ApiError::BadRequest(error.to_string()),
                 HookError::Unauthenticated(_) => ApiError::Unauthorized(error.to_string()),
                 HookError::Forbidden(_) => ApiError::Forbidden(error.to_string()),
             };
