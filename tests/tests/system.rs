@@ -168,13 +168,7 @@ schedulers:
     assert_eq!(build["results"], 2, "FAILURE: {build}");
     assert_eq!(build["state_string"], "failed broken");
     let buildid = build["buildid"].as_i64().unwrap();
-    let steps = master.get(&format!("/api/v2/builds/{buildid}/steps")).await;
-    let results: HashMap<&str, i64> = steps["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["name"].as_str().unwrap(), s["results"].as_i64().unwrap()))
-        .collect();
+    let results = step_results(&master, buildid).await;
     assert_eq!(results["ok"], 0);
     assert_eq!(results["broken"], 2);
     assert_eq!(results["later"], 3, "SKIPPED");
@@ -211,17 +205,22 @@ schedulers:
     let build = master.wait_build_of_request(brid, MINUTE).await;
     assert_eq!(build["results"], 4, "EXCEPTION: {build}");
     let buildid = build["buildid"].as_i64().unwrap();
-    let steps = master.get(&format!("/api/v2/builds/{buildid}/steps")).await;
-    let results: HashMap<&str, i64> = steps["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["name"].as_str().unwrap(), s["results"].as_i64().unwrap()))
-        .collect();
+    let results = step_results(&master, buildid).await;
     assert_eq!(results["unrenderable"], 4, "EXCEPTION");
     assert_eq!(results["later"], 3, "SKIPPED");
     assert_eq!(results["cleanup"], 0);
     master.stop().await;
+}
+
+/// The result of each step of a build, by step name.
+async fn step_results(master: &TestMaster, buildid: i64) -> HashMap<String, i64> {
+    let steps = master.get(&format!("/api/v2/builds/{buildid}/steps")).await;
+    steps["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap().to_owned(), s["results"].as_i64().unwrap()))
+        .collect()
 }
 
 /// A master on SQLite with one builder `b` whose one step `work` runs `command`, and a force

@@ -43,6 +43,17 @@ async fn presented(
     Ok((cert, stream))
 }
 
+/// The names of the workers that registered with `master`.
+async fn worker_names(master: &TestMaster) -> Vec<String> {
+    let (workers, _) = master
+        .master
+        .store
+        .list(kiln_master::store::Resource::Workers, &kiln_master::store::ListQuery::default())
+        .await
+        .unwrap();
+    workers.iter().filter_map(|w| w["name"].as_str().map(str::to_owned)).collect()
+}
+
 fn der(pem: &str) -> Vec<u8> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
 }
@@ -94,13 +105,7 @@ async fn workers_and_the_api_speak_tls_with_a_certificate_read_again_when_it_cha
     })
     .await;
     assert_eq!(build["results"], 0, "{build}");
-    let (workers, _) = master
-        .master
-        .store
-        .list(kiln_master::store::Resource::Workers, &kiln_master::store::ListQuery::default())
-        .await
-        .unwrap();
-    let names: Vec<&str> = workers.iter().filter_map(|w| w["name"].as_str()).collect();
+    let names = worker_names(&master).await;
     assert_eq!(names, ["trusting"], "only the worker that trusts the CA registered");
     let log = dir.path().join("distrusting.log");
     eventually("the distrusting worker to say why it cannot connect", MINUTE, || async {
@@ -182,13 +187,7 @@ async fn a_client_certificate_admits_a_worker_under_its_own_name_instead_of_a_to
     let brid = master.force_request("force", json!({})).await;
     let build = master.wait_build_of_request(brid, MINUTE).await;
     assert_eq!(build["results"], 0, "{build}");
-    let (workers, _) = master
-        .master
-        .store
-        .list(kiln_master::store::Resource::Workers, &kiln_master::store::ListQuery::default())
-        .await
-        .unwrap();
-    let names: Vec<&str> = workers.iter().filter_map(|w| w["name"].as_str()).collect();
+    let names = worker_names(&master).await;
     assert_eq!(names, ["certified"], "only the worker whose certificate names it registered");
     let log = dir.path().join("impostor.log");
     eventually("the impostor to be told its certificate does not name it", MINUTE, || async {
