@@ -333,15 +333,16 @@ fn visit(value: &mut Value, left: &mut usize, with: &mut Option<Option<Value>>) 
 }
 
 /// A seed whose body was decoded, changed at a few nodes and written again.
-fn structural(target: &Target, seed: &[u8], changes: &[(usize, Option<Value>)]) -> Vec<u8> {
+fn structural(framing: (usize, Codec), seed: &[u8], changes: &[(usize, Option<Value>)]) -> Vec<u8> {
+    let (lines, codec) = framing;
     let mut heads = Vec::new();
     let mut body = seed;
-    for _ in 0..target.heads {
+    for _ in 0..lines {
         let end = body.iter().position(|b| *b == b'\n').map_or(body.len(), |i| i + 1);
         heads.extend_from_slice(&body[..end]);
         body = &body[end..];
     }
-    let decoded: Option<Value> = match target.codec {
+    let decoded: Option<Value> = match codec {
         Codec::Json => serde_json::from_slice(body).ok(),
         Codec::Yaml => std::str::from_utf8(body).ok().and_then(|text| serde_yaml_ng::from_str(text).ok()),
         Codec::Bytes => None,
@@ -350,7 +351,7 @@ fn structural(target: &Target, seed: &[u8], changes: &[(usize, Option<Value>)]) 
     for (at, with) in changes {
         replace_node(&mut value, *at, with.clone());
     }
-    let written = match target.codec {
+    let written = match codec {
         Codec::Yaml => serde_yaml_ng::to_string(&value).unwrap_or_default().into_bytes(),
         _ => serde_json::to_vec(&value).unwrap_or_default(),
     };
@@ -365,11 +366,10 @@ fn inputs(target: &Target) -> BoxedStrategy<Vec<u8>> {
     match target.codec {
         Codec::Bytes => prop_oneof![1 => select(seeds), 6 => edited, 2 => noise].boxed(),
         Codec::Json | Codec::Yaml => {
-            let frame =
-                Target { name: target.name, run: target.run, heads: target.heads, codec: target.codec, seeds: vec![] };
+            let framing = (target.heads, target.codec);
             let changed =
                 (select(seeds.clone()), vec((any::<usize>(), proptest::option::weighted(0.8, json_value())), 1..4))
-                    .prop_map(move |(seed, changes)| structural(&frame, &seed, &changes));
+                    .prop_map(move |(seed, changes)| structural(framing, &seed, &changes));
             prop_oneof![1 => select(seeds), 4 => edited, 4 => changed, 1 => noise].boxed()
         }
     }

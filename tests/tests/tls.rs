@@ -141,6 +141,22 @@ fn missing_certificate_files_are_a_configuration_error_naming_the_key() {
     assert_eq!(error.key, "workers.tls.cert", "{error}");
 }
 
+/// The test configuration with the worker endpoint serving a certificate of `ca` and admitting
+/// clients of `ca` (written as `ca.pem` in `dir`); the workers' token is still in it.
+fn client_ca_config(dir: &std::path::Path, ca: &Ca) -> String {
+    let (cert, key, _) = ca.issue(dir, "master");
+    let trusted = ca.write(dir, "ca.pem");
+    let database = format!("sqlite://{}", dir.join("kiln.sqlite").display());
+    let tls = format!(
+        "  tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\"}}\n",
+        cert.display(),
+        key.display(),
+        trusted.display()
+    );
+    config_text(&database, dir, SETUP)
+        .replace("workers:\n  listen: 127.0.0.1:0\n", &format!("workers:\n  listen: 127.0.0.1:0\n{tls}"))
+}
+
 /// With `workers.tls.client_ca`, a certificate from that CA admits a worker without a token, but
 /// only under a name the certificate carries; no certificate, or one of another CA, is refused
 /// at the handshake.
@@ -148,18 +164,9 @@ fn missing_certificate_files_are_a_configuration_error_naming_the_key() {
 async fn a_client_certificate_admits_a_worker_under_its_own_name_instead_of_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, stranger) = (Ca::new("kiln test CA"), Ca::new("someone else's CA"));
-    let (cert, key, _) = ca.issue(dir.path(), "master");
-    let trusted = ca.write(dir.path(), "ca.pem");
-    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
-    let tls = format!(
-        "  tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\"}}\n",
-        cert.display(),
-        key.display(),
-        trusted.display()
-    );
-    let text = config_text(&database, dir.path(), SETUP)
-        .replace(&format!("  tokens:\n    - name: test\n      value: {TOKEN}\n"), "")
-        .replace("workers:\n  listen: 127.0.0.1:0\n", &format!("workers:\n  listen: 127.0.0.1:0\n{tls}"));
+    let trusted = dir.path().join("ca.pem");
+    let text =
+        client_ca_config(dir.path(), &ca).replace(&format!("  tokens:\n    - name: test\n      value: {TOKEN}\n"), "");
     assert!(!text.contains("tokens"), "the workers have no token: {text}");
     let master = TestMaster::start_with(Config::parse("mtls.yaml", &text).unwrap(), dir.path()).await;
     let url = format!("https://localhost:{}", master.grpc.port());
@@ -205,17 +212,7 @@ async fn a_client_certificate_admits_a_worker_under_its_own_name_instead_of_a_to
 fn certificates_or_tokens_admit_workers_not_both() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("kiln test CA");
-    let (cert, key, _) = ca.issue(dir.path(), "master");
-    let trusted = ca.write(dir.path(), "ca.pem");
-    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
-    let tls = format!(
-        "  tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\"}}\n",
-        cert.display(),
-        key.display(),
-        trusted.display()
-    );
-    let text = config_text(&database, dir.path(), SETUP)
-        .replace("workers:\n  listen: 127.0.0.1:0\n", &format!("workers:\n  listen: 127.0.0.1:0\n{tls}"));
+    let text = client_ca_config(dir.path(), &ca);
     let error = Config::parse("mtls.yaml", &text).unwrap_err();
     assert_eq!(error.key, "workers.tokens", "{error}");
 }

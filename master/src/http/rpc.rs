@@ -31,7 +31,7 @@ pub async fn post(
     let id = &call.id;
     let action = match Action::decode(&path, &call.method, &call.params) {
         Ok(action) => action,
-        Err(Refusal { status, code, message }) => return rpc_error(status, id, code, message),
+        Err(refusal) => return refusal.answer(id),
     };
     match action {
         Action::Force { scheduler, request } => force(&master, &scheduler, *request, id).await,
@@ -47,7 +47,7 @@ pub async fn post(
                     tracing::info!(scheduler = %name, enabled, "scheduler enabled state changed");
                     reply(id, Ok(Value::Null))
                 }
-                Ok(None) => not_found(id, "scheduler"),
+                Ok(None) => Refusal::not_found("scheduler").answer(id),
                 Err(error) => reply(id, Err(ControlError::from(error))),
             }
         }
@@ -55,7 +55,7 @@ pub async fn post(
             let name = match worker {
                 WorkerRef::Id(workerid) => match master.store.worker_name(workerid).await {
                     Ok(Some(name)) => name,
-                    Ok(None) => return not_found(id, "worker"),
+                    Ok(None) => return Refusal::not_found("worker").answer(id),
                     Err(error) => return reply(id, Err(ControlError::from(error))),
                 },
                 WorkerRef::Name(name) => name,
@@ -104,6 +104,11 @@ impl Refusal {
 
     fn invalid(message: impl Into<String>) -> Refusal {
         Refusal::new(StatusCode::BAD_REQUEST, INVALID_PARAMS, message)
+    }
+
+    /// The JSON-RPC error answering call `id`.
+    fn answer(self, id: &Value) -> Response {
+        rpc_error(self.status, id, self.code, self.message)
     }
 }
 
@@ -242,10 +247,6 @@ pub fn call(headers: &HeaderMap, body: &[u8]) -> Result<Call, Box<Response>> {
     Ok(Call { id, method, params })
 }
 
-fn not_found(id: &Value, what: &str) -> Response {
-    rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
-}
-
 fn submitted(submitted: Submitted) -> Value {
     let map: serde_json::Map<String, Value> =
         submitted.requests.into_iter().map(|r| (r.builderid.to_string(), Value::from(r.brid))).collect();
@@ -255,9 +256,7 @@ fn submitted(submitted: Submitted) -> Value {
 fn reply(id: &Value, outcome: Result<Value, ControlError>) -> Response {
     match outcome {
         Ok(result) => Json(json!({ "jsonrpc": "2.0", "id": id, "result": result })).into_response(),
-        Err(ControlError::NotFound(what)) => {
-            rpc_error(StatusCode::NOT_FOUND, id, INVALID_REQUEST, format!("no such {what}"))
-        }
+        Err(ControlError::NotFound(what)) => Refusal::not_found(&what).answer(id),
         Err(ControlError::Finished(why)) => rpc_error(StatusCode::BAD_REQUEST, id, INVALID_PARAMS, why),
         Err(ControlError::Store(error)) => ApiError::from_store(&error, "a control action").rpc(id),
     }
