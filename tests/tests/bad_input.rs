@@ -120,7 +120,7 @@ fn cases() -> Vec<Case> {
             what: "change hook comments",
             method: "POST",
             path: "/change_hook/base",
-            body: Some(Body::Form("comments=x%00&branch=main")),
+            body: Some(Body::Form("author=a&comments=x%00&branch=main")),
             status: 400,
             names: "comments",
         },

@@ -298,14 +298,14 @@ async fn a_disabled_scheduler_ignores_changes_and_forces_until_enabled() {
         let (status, reply) = rpc(&master, &format!("schedulers/{id}"), "enable", json!({ "enabled": false })).await;
         assert_eq!(status, 200, "{reply}");
     }
-    assert_eq!(master.post_change(&[("branch", "main"), ("revision", "r1")]).await.0, 200);
+    assert_eq!(master.post_change(&[("author", "a"), ("branch", "main"), ("revision", "r1")]).await.0, 200);
     let (status, reply) = master.force("force", json!({})).await;
     assert_eq!(status, 400, "{reply}");
     assert!(reply["error"]["message"].as_str().unwrap().contains("disabled"));
     assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 0);
 
     rpc(&master, &format!("schedulers/{main}"), "enable", json!({ "enabled": true })).await;
-    assert_eq!(master.post_change(&[("branch", "main"), ("revision", "r2")]).await.0, 200);
+    assert_eq!(master.post_change(&[("author", "a"), ("branch", "main"), ("revision", "r2")]).await.0, 200);
     assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 1);
     let (status, _) = rpc(&master, "schedulers/999", "enable", json!({ "enabled": true })).await;
     assert_eq!(status, 404);

@@ -219,14 +219,31 @@ async fn gitlab_deliveries_need_the_token_and_map_like_buildbot() {
     assert_eq!(w.gitlab(push, Some("gitlab-token")).await, (200, "1 change found".to_owned()));
     assert_eq!(w.gitlab(w.fixture("gitlab/tag_push.json"), Some("gitlab-token")).await.0, 200);
     assert_eq!(w.gitlab(w.fixture("gitlab/merge_request.json"), Some("gitlab-token")).await.0, 200);
+    // A comment on the merge request is a change for it, as in Buildbot.
+    assert_eq!(w.gitlab(w.fixture("gitlab/note.json"), Some("gitlab-token")).await.0, 200);
     let changes = w.changes().await;
-    assert_eq!(changes.len(), 3);
-    assert_eq!(changes[0]["project"], "group/hello");
+    assert_eq!(changes.len(), 4);
+    // Buildbot's mapping, so that a change_filter copied from a Buildbot config matches: a push's
+    // repository is the project's SSH URL and its project the display name; a merge request's
+    // are the target's HTTP URL and name.
+    assert_eq!(changes[0]["repository"], "git@gitlab.example.org:group/hello.git");
+    assert_eq!(changes[0]["project"], "Hello");
     assert_eq!(changes[0]["category"], "push");
     assert_eq!(changes[0]["revision"], w.head.as_str());
     assert_eq!((changes[1]["branch"].as_str(), changes[1]["category"].as_str()), (Some("v1.0"), Some("tag_push")));
     assert_eq!((changes[2]["branch"].as_str(), changes[2]["category"].as_str()), (Some("main"), Some("merge_request")));
     assert_eq!(changes[2]["properties"]["source_branch"][0], "french");
+    assert_eq!(changes[2]["properties"]["target_git_ssh_url"][0], "git@gitlab.example.org:group/hello.git");
+    assert_eq!(changes[2]["properties"]["source_git_ssh_url"][0], "git@gitlab.example.org:ada/hello.git");
+    assert_eq!(
+        (changes[2]["repository"].as_str(), changes[2]["project"].as_str()),
+        (Some(w.repo.path.to_str().unwrap()), Some("Hello"))
+    );
+    assert_eq!(
+        (changes[3]["category"].as_str(), changes[3]["revision"].as_str()),
+        (Some("note"), Some(w.head.as_str()))
+    );
+    assert_eq!(changes[3]["properties"]["comments"][0], "The bonjour looks right; rebuild please.");
     assert_eq!(w.gitlab(b"not json".to_vec(), Some("gitlab-token")).await.0, 400);
     // Events Kiln does not act on are answered 200, or GitLab would disable the webhook after
     // four of them in a row; they store nothing.
@@ -236,7 +253,7 @@ async fn gitlab_deliveries_need_the_token_and_map_like_buildbot() {
         assert_eq!(status, 200, "{kind}: {reason}");
         assert!(reason.starts_with("ignored: "), "{kind}: {reason}");
     }
-    assert_eq!(w.changes().await.len(), 3);
+    assert_eq!(w.changes().await.len(), 4);
     w.master.stop().await;
 }
 
@@ -318,4 +335,33 @@ async fn a_dialect_not_configured_is_refused() {
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("wasn't whitelisted"));
     master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_of_a_few_megabytes_is_taken_while_the_api_keeps_a_small_limit() {
+    let w = world().await;
+    // A push touching many files, as a vendored dependency or a generated tree does: ~1.2 MB.
+    let mut push: Value = serde_json::from_slice(&w.fixture("github/push.json")).unwrap();
+    let files: Vec<String> =
+        (0..24_000).map(|i| format!("third_party/generated/module_{i:05}/source_file.c")).collect();
+    push["commits"][1]["added"] = serde_json::json!(files);
+    let body = serde_json::to_vec(&push).unwrap();
+    assert!(body.len() > 1 << 20, "{} bytes", body.len());
+    let (status, reply) = w.github("push", body).await;
+    assert_eq!((status, reply.as_str()), (200, "2 change found"));
+    assert_eq!(w.changes().await[1]["files"].as_array().unwrap().len(), 24_001);
+
+    // Beyond GitHub's own cap of 25 MB a delivery is refused, and so is a large API request.
+    let huge = vec![b' '; (25 << 20) + 1];
+    let (status, _) = w.github("push", huge).await;
+    assert_eq!(status, 413);
+    let force = format!(
+        "{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{\"x\":\"{}\"}}}}",
+        "y".repeat(2 << 20)
+    );
+    let response =
+        reqwest::Client::new().post(w.master.url("/api/v2/forceschedulers/force")).body(force).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(w.changes().await.len(), 2, "nothing stored from refused requests");
+    w.master.stop().await;
 }

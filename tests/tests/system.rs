@@ -398,7 +398,10 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
     assert_eq!(response.status(), 400);
     let response = master.client.post(master.url("/change_hook/gitea")).body("x").send().await.unwrap();
     assert_eq!(response.status(), 400);
-    let big = "x".repeat(2 << 20);
+    let (status, body) = master.post_change(&[("branch", "main"), ("comments", "no author")]).await;
+    assert_eq!(status, 400, "Buildbot stores no change without an author");
+    assert!(body.contains("author"), "{body}");
+    let big = "x".repeat(26 << 20);
     // The server drops a connection whose body it refused to read; use one of its own.
     let response = reqwest::Client::new().post(master.url("/change_hook/base")).body(big).send().await.unwrap();
     assert_eq!(response.status(), 413, "bodies above the limit are refused");

@@ -37,8 +37,13 @@ pub fn change(fields: &HashMap<String, String>) -> Result<NewChange, String> {
             Some((seconds * 1000.0) as i64)
         }
     };
+    // Buildbot's database holds no change without an author: its hook fails on one, storing
+    // nothing. Say so instead of storing an empty change.
+    let Some(author) = get("author").or_else(|| get("who")) else {
+        return Err("author: a change needs an author (the field author, or who)".into());
+    };
     Ok(NewChange {
-        author: get("author").or_else(|| get("who")).unwrap_or_default(),
+        author,
         committer: get("committer"),
         comments: get("comments").unwrap_or_default(),
         branch: get("branch"),
@@ -81,8 +86,16 @@ mod tests {
 
     #[test]
     fn malformed_fields_give_a_reason() {
-        assert!(change(&fields(&[("files", "a.c")])).unwrap_err().starts_with("files:"));
-        assert!(change(&fields(&[("properties", "[1]")])).unwrap_err().starts_with("properties:"));
-        assert!(change(&fields(&[("when_timestamp", "soon")])).unwrap_err().starts_with("when_timestamp:"));
+        let with_author = |pairs: &[(&str, &str)]| fields(&[pairs, &[("author", "a")]].concat());
+        assert!(change(&with_author(&[("files", "a.c")])).unwrap_err().starts_with("files:"));
+        assert!(change(&with_author(&[("properties", "[1]")])).unwrap_err().starts_with("properties:"));
+        assert!(change(&with_author(&[("when_timestamp", "soon")])).unwrap_err().starts_with("when_timestamp:"));
+    }
+
+    #[test]
+    fn a_change_without_an_author_is_refused() {
+        assert!(change(&fields(&[])).unwrap_err().starts_with("author:"));
+        assert!(change(&fields(&[("branch", "main"), ("author", "")])).unwrap_err().starts_with("author:"));
+        assert_eq!(change(&fields(&[("who", "w")])).unwrap().author, "w");
     }
 }

@@ -29,13 +29,32 @@ fn text<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
 pub fn changes(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, HookError> {
     match event {
         "push" | "tag_push" | "Push Hook" | "Tag Push Hook" => push(event, payload, codebase),
-        "merge_request" | "Merge Request Hook" => merge_request(payload, codebase),
+        "merge_request" | "Merge Request Hook" => {
+            let attrs = payload
+                .get("object_attributes")
+                .ok_or_else(|| HookError::BadPayload("missing object_attributes".into()))?;
+            if !merge_request_adds_code(attrs) {
+                return Ok(Vec::new());
+            }
+            merge_request_change(attrs, "merge_request", None, codebase).map(|change| vec![change])
+        }
+        // A comment on a merge request is a change for the merge request, so a comment can ask
+        // for a rebuild; comments on commits, issues and snippets are not.
+        "note" | "Note Hook" => match payload.get("merge_request") {
+            Some(merge_request) => {
+                let note = text(payload, &["object_attributes", "note"]).unwrap_or_default();
+                merge_request_change(merge_request, "note", Some(note), codebase).map(|change| vec![change])
+            }
+            None => Err(HookError::Ignored("ignored: a comment outside a merge request".into())),
+        },
         // GitLab disables a webhook after four failed deliveries in a row: an extra event ticked
         // in its settings (Pipeline Hook, Job Hook, …) must not count as one.
         other => Err(HookError::Ignored(format!("ignored: Kiln does not act on {other:?} events"))),
     }
 }
 
+/// A push or tag push: one change per distinct commit. As in Buildbot, the repository is the
+/// project's `repository.url` (its SSH URL) and the project is its display name.
 fn push(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, HookError> {
     let category = if event.starts_with("tag") || event.starts_with("Tag") { "tag_push" } else { "push" };
     let reference = text(payload, &["ref"]).ok_or_else(|| HookError::BadPayload("missing ref".into()))?;
@@ -44,12 +63,12 @@ fn push(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, 
     if text(payload, &["after"]) == Some(NO_REVISION) {
         return Ok(Vec::new());
     }
-    let repository = text(payload, &["repository", "git_http_url"])
-        .or_else(|| text(payload, &["repository", "url"]))
+    let repository = text(payload, &["repository", "url"])
+        .or_else(|| text(payload, &["repository", "git_ssh_url"]))
         .ok_or_else(|| HookError::BadPayload("missing repository.url".into()))?
         .to_owned();
-    let project = text(payload, &["project", "path_with_namespace"])
-        .or_else(|| text(payload, &["repository", "name"]))
+    let project = text(payload, &["repository", "name"])
+        .or_else(|| text(payload, &["project", "name"]))
         .unwrap_or_default()
         .to_owned();
     let commits = payload.get("commits").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -81,12 +100,13 @@ fn push(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, 
             properties,
         })
     };
-    for commit in &commits {
+    // A commit already pushed to another branch is not new (Buildbot skips it too).
+    for commit in commits.iter().filter(|c| c.get("distinct").and_then(Value::as_bool) != Some(false)) {
         let revision = text(commit, &["id"]).ok_or_else(|| HookError::BadPayload("missing commits[].id".into()))?;
         changes.push(make(revision, Some(commit))?);
     }
-    // A tag push names no commits; build what the tag points at.
-    if changes.is_empty()
+    // A tag push names no commits; build what the tag points at (Buildbot ignores it).
+    if commits.is_empty()
         && let Some(revision) = text(payload, &["checkout_sha"]).filter(|r| *r != NO_REVISION)
     {
         changes.push(make(revision, None)?);
@@ -94,60 +114,56 @@ fn push(event: &str, payload: &Value, codebase: &str) -> Result<Vec<NewChange>, 
     Ok(changes)
 }
 
-fn merge_request(payload: &Value, codebase: &str) -> Result<Vec<NewChange>, HookError> {
-    let attrs =
-        payload.get("object_attributes").ok_or_else(|| HookError::BadPayload("missing object_attributes".into()))?;
+/// Whether a merge request event brings code to build: opened, reopened, or updated with new
+/// commits (`oldrev`), and neither closed, merged nor merely approved.
+fn merge_request_adds_code(attrs: &Value) -> bool {
     let state = text(attrs, &["state"]).unwrap_or_default();
     let action = text(attrs, &["action"]).unwrap_or_default();
-    if matches!(state, "closed" | "merged") || !matches!(action, "open" | "reopen" | "update") {
-        return Ok(Vec::new());
-    }
-    // An update that adds no commits (a new label, a new title) builds nothing.
-    if action == "update" && attrs.get("oldrev").is_none_or(Value::is_null) {
-        return Ok(Vec::new());
-    }
-    let commit = attrs.get("last_commit").ok_or_else(|| HookError::BadPayload("missing last_commit".into()))?;
+    let new_commits = attrs.get("oldrev").is_some_and(|rev| !rev.is_null());
+    !matches!(state, "closed" | "merged" | "approved")
+        && (matches!(action, "open" | "reopen") || (action == "update" && new_commits))
+}
+
+/// The change for a merge request (`mr` holds its attributes: the event's `object_attributes`,
+/// or a comment's `merge_request`), mapped as Buildbot does: the target's HTTP URL and name as
+/// repository and project, both sides' branches, projects and URLs as properties, and for a
+/// comment its text as the `comments` property.
+fn merge_request_change(mr: &Value, event: &str, note: Option<&str>, codebase: &str) -> Result<NewChange, HookError> {
+    let commit = mr.get("last_commit").ok_or_else(|| HookError::BadPayload("missing last_commit".into()))?;
     let mut properties = Properties::new();
-    properties.set("event", Value::from("merge_request"), "Change");
+    properties.set("event", Value::from(event), "Change");
     for side in ["source", "target"] {
-        properties.set(
-            format!("{side}_branch"),
-            Value::from(text(attrs, &[&format!("{side}_branch")]).unwrap_or_default()),
-            "Change",
-        );
-        properties.set(
-            format!("{side}_repository"),
-            Value::from(text(attrs, &[side, "git_http_url"]).unwrap_or_default()),
-            "Change",
-        );
-        properties.set(
-            format!("{side}_project_id"),
-            attrs.get(format!("{side}_project_id")).cloned().unwrap_or(Value::Null),
-            "Change",
-        );
+        let mut set = |name: String, value: Value| properties.set(name, value, "Change");
+        set(format!("{side}_branch"), Value::from(text(mr, &[&format!("{side}_branch")]).unwrap_or_default()));
+        set(format!("{side}_repository"), Value::from(text(mr, &[side, "git_http_url"]).unwrap_or_default()));
+        set(format!("{side}_git_ssh_url"), Value::from(text(mr, &[side, "git_ssh_url"]).unwrap_or_default()));
+        set(format!("{side}_project_id"), mr.get(format!("{side}_project_id")).cloned().unwrap_or(Value::Null));
     }
-    let iid = attrs.get("iid").and_then(Value::as_i64).unwrap_or_default();
-    Ok(vec![NewChange {
+    if let Some(note) = note {
+        properties.set("comments", Value::from(note), "Change");
+    }
+    let iid = mr.get("iid").and_then(Value::as_i64).unwrap_or_default();
+    Ok(NewChange {
         author: person(commit.get("author")),
         committer: None,
         comments: format!(
             "MR#{iid}: {}\n\n{}",
-            text(attrs, &["title"]).unwrap_or_default(),
-            text(attrs, &["description"]).unwrap_or_default()
+            text(mr, &["title"]).unwrap_or_default(),
+            text(mr, &["description"]).unwrap_or_default()
         ),
-        branch: text(attrs, &["target_branch"]).map(str::to_owned),
+        branch: text(mr, &["target_branch"]).map(str::to_owned),
         revision: Some(
             text(commit, &["id"]).ok_or_else(|| HookError::BadPayload("missing last_commit.id".into()))?.to_owned(),
         ),
-        revlink: text(attrs, &["url"]).map(str::to_owned),
+        revlink: text(mr, &["url"]).map(str::to_owned),
         when_ms: text(commit, &["timestamp"]).map(iso_time_ms).transpose()?,
-        category: Some("merge_request".into()),
-        repository: text(attrs, &["target", "git_http_url"]).unwrap_or_default().to_owned(),
+        category: Some(event.into()),
+        repository: text(mr, &["target", "git_http_url"]).unwrap_or_default().to_owned(),
         codebase: codebase.to_owned(),
-        project: text(attrs, &["target", "path_with_namespace"]).unwrap_or_default().to_owned(),
+        project: text(mr, &["target", "name"]).unwrap_or_default().to_owned(),
         files: Vec::new(),
         properties,
-    }])
+    })
 }
 
 #[cfg(test)]
@@ -168,8 +184,8 @@ mod tests {
         let changes = changes("push", &payload, "").unwrap();
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].author, "Ada <ada@example.org>");
-        assert_eq!(changes[0].repository, "https://gitlab.example.org/g/p.git");
-        assert_eq!(changes[0].project, "g/p");
+        assert_eq!(changes[0].repository, "git@gitlab.example.org:g/p.git", "the SSH URL, as in Buildbot");
+        assert_eq!(changes[0].project, "p", "the display name, as in Buildbot");
         assert_eq!(changes[0].category.as_deref(), Some("push"));
         let mut deleted = payload.clone();
         deleted["after"] = json!(NO_REVISION);
@@ -194,17 +210,60 @@ mod tests {
             json!({ "object_kind": "merge_request", "object_attributes": {
                 "iid": 3, "title": "T", "description": "D", "state": "opened", "action": action, "oldrev": oldrev,
                 "source_branch": "fix", "target_branch": "main", "url": "https://gitlab.example.org/g/p/-/merge_requests/3",
-                "source": { "git_http_url": "https://gitlab.example.org/f/p.git" },
-                "target": { "git_http_url": "https://gitlab.example.org/g/p.git", "path_with_namespace": "g/p" },
+                "source": { "git_http_url": "https://gitlab.example.org/f/p.git", "git_ssh_url": "git@gitlab.example.org:f/p.git" },
+                "target": { "name": "P", "git_http_url": "https://gitlab.example.org/g/p.git", "git_ssh_url": "git@gitlab.example.org:g/p.git" },
                 "last_commit": { "id": "d", "timestamp": "2026-01-02T03:04:05Z", "author": { "name": "Ada", "email": "a@e" } } } })
         };
         let opened = changes("merge_request", &payload("open", Value::Null), "").unwrap();
         assert_eq!(opened[0].revision.as_deref(), Some("d"));
         assert_eq!(opened[0].branch.as_deref(), Some("main"));
         assert_eq!(opened[0].properties.get("source_branch"), Some(&json!("fix")));
+        assert_eq!(opened[0].properties.get("source_git_ssh_url"), Some(&json!("git@gitlab.example.org:f/p.git")));
+        assert_eq!(opened[0].properties.get("target_git_ssh_url"), Some(&json!("git@gitlab.example.org:g/p.git")));
+        assert_eq!(
+            (opened[0].repository.as_str(), opened[0].project.as_str()),
+            ("https://gitlab.example.org/g/p.git", "P")
+        );
         assert!(changes("merge_request", &payload("update", Value::Null), "").unwrap().is_empty());
         assert_eq!(changes("merge_request", &payload("update", json!("c")), "").unwrap().len(), 1);
         assert!(changes("merge_request", &payload("close", Value::Null), "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_comment_on_a_merge_request_is_a_change_for_it_and_other_comments_are_ignored() {
+        let merge_request = json!({
+            "iid": 3, "title": "T", "description": "D", "source_branch": "fix", "target_branch": "main",
+            "source_project_id": 5, "target_project_id": 4, "url": "https://gitlab.example.org/g/p/-/merge_requests/3",
+            "source": { "git_http_url": "https://gitlab.example.org/f/p.git", "git_ssh_url": "git@gitlab.example.org:f/p.git" },
+            "target": { "name": "P", "git_http_url": "https://gitlab.example.org/g/p.git", "git_ssh_url": "git@gitlab.example.org:g/p.git" },
+            "last_commit": { "id": "d", "timestamp": "2026-01-02T03:04:05Z", "author": { "name": "Ada", "email": "a@e" } } });
+        let note = json!({ "object_kind": "note", "object_attributes": { "id": 9, "note": "please rebuild" },
+                           "merge_request": merge_request });
+        let change = changes("note", &note, "").unwrap().remove(0);
+        assert_eq!((change.revision.as_deref(), change.branch.as_deref()), (Some("d"), Some("main")));
+        assert_eq!(change.category.as_deref(), Some("note"));
+        assert_eq!(change.properties.get("comments"), Some(&json!("please rebuild")));
+        assert_eq!(change.properties.get("event"), Some(&json!("note")));
+        assert_eq!(change.comments, "MR#3: T\n\nD");
+        let on_a_commit =
+            json!({ "object_kind": "note", "object_attributes": { "id": 9, "note": "nice" }, "commit": {} });
+        assert!(matches!(changes("note", &on_a_commit, ""), Err(HookError::Ignored(_))));
+    }
+
+    #[test]
+    fn pushed_commits_already_on_another_branch_and_approvals_build_nothing() {
+        let commit = |id: &str, distinct: bool| {
+            json!({ "id": id, "distinct": distinct, "message": "m",
+            "timestamp": "2026-01-02T03:04:05Z", "author": { "name": "Ada", "email": "a@e" } })
+        };
+        let payload = json!({ "object_kind": "push", "ref": "refs/heads/release", "after": "b",
+            "repository": { "name": "p", "url": "git@gitlab.example.org:g/p.git" },
+            "commits": [commit("a", false), commit("b", true)] });
+        let revisions: Vec<_> = changes("push", &payload, "").unwrap().into_iter().map(|c| c.revision).collect();
+        assert_eq!(revisions, [Some("b".to_owned())]);
+        let approved = json!({ "object_kind": "merge_request", "object_attributes": {
+            "state": "approved", "action": "open", "last_commit": { "id": "d" } } });
+        assert!(changes("merge_request", &approved, "").unwrap().is_empty());
     }
 
     #[test]

@@ -70,12 +70,21 @@ pub struct ChangeHooksConfig {
     /// Enables `/change_hook/poller`, which makes named git pollers poll at once.
     #[serde(default = "yes")]
     pub poller: bool,
+    /// Largest webhook body accepted on the change-hook routes, in bytes. The default is
+    /// GitHub's own cap on a delivery (25 MB), so no push GitHub sends is refused; the rest of
+    /// the API keeps `http.max_body_bytes`.
+    #[serde(default = "default_hook_body_limit")]
+    pub max_body_bytes: usize,
 }
 
 impl Default for ChangeHooksConfig {
     fn default() -> Self {
-        Self { base: true, github: None, gitlab: None, poller: true }
+        Self { base: true, github: None, gitlab: None, poller: true, max_body_bytes: default_hook_body_limit() }
     }
+}
+
+pub(super) fn default_hook_body_limit() -> usize {
+    25 << 20
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -22,14 +22,16 @@ pub use errors::ApiError;
 /// The router of the master's HTTP port.
 pub fn router(master: Arc<Master>) -> Router {
     let limit = master.config.http.max_body_bytes;
+    // Forges send big pushes (GitHub caps a delivery at 25 MB); the hooks get their own limit.
+    let hook_limit = DefaultBodyLimit::max(master.config.change_hooks.max_body_bytes);
     crate::telemetry::handle();
     Router::new()
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
         .route("/api/v2/pools", get(pools))
         .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
-        .route("/change_hook", any(hooks::base_dialect))
-        .route("/change_hook/{dialect}", any(hooks::dialect))
+        .route("/change_hook", any(hooks::base_dialect).layer(hook_limit))
+        .route("/change_hook/{dialect}", any(hooks::dialect).layer(hook_limit))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -59,7 +61,6 @@ fn nul_in_uri(uri: &axum::http::Uri) -> Option<String> {
     })
 }
 
-/// Prometheus's scrape: gauges read now, counters and histograms as recorded.
 /// Kiln's worker pools as this master sees them (an extension of the data API, in its envelope):
 /// desired and actual workers, whether this master leads the pool's scaler, the last error.
 async fn pools(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
@@ -68,6 +69,7 @@ async fn pools(axum::extract::State(master): axum::extract::State<Arc<Master>>) 
     axum::Json(serde_json::json!({ "pools": pools, "meta": { "total": total } })).into_response()
 }
 
+/// Prometheus's scrape: gauges read now, counters and histograms as recorded.
 async fn metrics(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
     if let Err(error) = master.record_metrics().await {
         tracing::warn!(%error, "metrics without the queue: the database did not answer");
