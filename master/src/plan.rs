@@ -83,7 +83,9 @@ impl Plan {
                         SchedulerConfig::Periodic(_) => {
                             When::Every((t.periodic_build_timer.unwrap_or(600.0) * 1000.0) as i64)
                         }
-                        _ => When::Cron(t.cron().map_err(|reason| (format!("schedulers[{i}]"), reason))?),
+                        _ => When::Cron(
+                            t.cron().map_err(|(field, reason)| (format!("schedulers[{i}].{field}"), reason))?,
+                        ),
                     };
                     let rules = ChangeScheduler::compile(&t.change_rules(), false).map_err(at)?;
                     plan.timed_schedulers.push(TimedSchedulerPlan { config: t.clone(), when, rules });

@@ -226,7 +226,8 @@ schedulers:
     onlyIfChanged: true
     branch: release
     fileIsImportant: ["src/*"]
-  - {type: nightly, name: monday-three, builderNames: [b], hour: 3, minute: 0, dayOfWeek: 0}
+  - {type: nightly, name: monday-three, builderNames: [b], hour: 3, minute: 0, dayOfWeek: 0, timezone: UTC}
+  - {type: nightly, name: berlin-three, builderNames: [b], hour: 3, minute: 0, dayOfWeek: 0, timezone: Europe/Berlin}
 "#;
 
 #[test]
@@ -296,9 +297,15 @@ fn a_nightly_scheduler_fires_on_its_day_and_minute_and_once_after_an_outage() {
         let database = sqlite(dir.path());
         let clock = tokio_clock();
         let master = start(&database, dir.path(), TIMED, clock).await;
-        // Sunday 02:59 → Monday (dayOfWeek 0) 03:00 is a day and a minute away.
+        // Sunday 02:59 UTC → Monday (dayOfWeek 0) 03:00 UTC is a day and a minute away; 03:00 in
+        // Berlin (CET in November) comes an hour sooner.
         let monday_three = DAY + 60 * SECOND;
-        advance(monday_three - 1).await;
+        let berlin_three = monday_three - 3600 * SECOND;
+        advance(berlin_three - 1).await;
+        still(&master, "berlin-three", 0, "not before 03:00 in Berlin").await;
+        advance(1).await;
+        assert_eq!(submitted(&wait_for(&master, "berlin-three", 1).await[0]), berlin_three);
+        advance(monday_three - berlin_three - 1).await;
         still(&master, "monday-three", 0, "not on Sunday, not before 03:00").await;
         advance(1).await;
         let sets = wait_for(&master, "monday-three", 1).await;

@@ -590,6 +590,20 @@ schedulers:
     }
 
     #[test]
+    fn a_nightly_time_zone_is_checked_and_only_nightly_schedules_take_one() {
+        let with = |scheduler: &str| Config::parse("mem.yaml", &format!("{MINIMAL}  - {scheduler}\n"));
+        let nightly = "{type: nightly, name: n, builderNames: [b], hour: 3, timezone: Europe/Berlin}";
+        assert!(with(nightly).is_ok());
+        let error = with(&nightly.replace("Europe/Berlin", "Europe/Atlantis")).unwrap_err();
+        assert_eq!(error.key, "schedulers[2].timezone");
+        assert!(error.reason.contains("Europe/Atlantis"), "{error}");
+        let error = with("{type: nightly, name: n, builderNames: [b], hour: 24}").unwrap_err();
+        assert_eq!(error.key, "schedulers[2].hour");
+        let periodic = "{type: periodic, name: p, builderNames: [b], periodicBuildTimer: 60, timezone: UTC}";
+        assert_eq!(with(periodic).unwrap_err().key, "schedulers[2].timezone");
+    }
+
+    #[test]
     fn an_unsupported_database_is_refused() {
         let text = MINIMAL.replace("sqlite://kiln.sqlite", "mysql://x");
         let error = Config::parse("mem.yaml", &text).unwrap_err();

@@ -75,6 +75,11 @@ pub struct TimedSchedulerConfig {
     pub month: Option<crate::timed::CronField>,
     #[serde(default, rename = "dayOfWeek")]
     pub day_of_week: Option<crate::timed::CronField>,
+    /// Nightly: the time zone whose wall clock the cron fields follow, as an IANA name
+    /// (`Europe/Berlin`, `UTC`). Default: the master's local time zone (`TZ`, else
+    /// `/etc/localtime`), as in Buildbot.
+    #[serde(default)]
+    pub timezone: Option<String>,
     /// What to build when no change is pending: the tip of this branch of this repository.
     #[serde(default)]
     pub branch: Option<String>,
@@ -116,16 +121,18 @@ impl TimedSchedulerConfig {
         }
     }
 
-    /// The Nightly schedule.
-    pub fn cron(&self) -> Result<crate::timed::Cron, String> {
+    /// The Nightly schedule; an error names the field (`minute`, `timezone`, …) and why.
+    pub fn cron(&self) -> Result<crate::timed::Cron, (&'static str, String)> {
         use crate::timed::CronField;
         let star = CronField::Text("*".into());
+        let zone = crate::timed::zone(self.timezone.as_deref()).map_err(|reason| ("timezone", reason))?;
         crate::timed::Cron::new(
             self.minute.as_ref().unwrap_or(&CronField::Number(0)),
             self.hour.as_ref().unwrap_or(&star),
             self.day_of_month.as_ref().unwrap_or(&star),
             self.month.as_ref().unwrap_or(&star),
             self.day_of_week.as_ref().unwrap_or(&star),
+            zone,
         )
     }
 }
@@ -280,9 +287,15 @@ pub(super) fn validate(schedulers: &[SchedulerConfig], builder_names: &BTreeSet<
                 let seconds =
                     t.periodic_build_timer.ok_or_else(|| (key.clone(), "give the seconds between builds".into()))?;
                 super::seconds(&key, seconds, 1.0)?;
+                if t.timezone.is_some() {
+                    return Err((
+                        format!("schedulers[{i}].timezone"),
+                        "a periodic scheduler counts seconds; only nightly schedules follow a time zone".into(),
+                    ));
+                }
             }
             SchedulerConfig::Nightly(t) => {
-                let cron = t.cron().map_err(|reason| (format!("schedulers[{i}]"), reason))?;
+                let cron = t.cron().map_err(|(field, reason)| (format!("schedulers[{i}].{field}"), reason))?;
                 if cron.next_after(0).is_none() && cron.next_after(crate::clock::system_now_ms()).is_none() {
                     return Err((format!("schedulers[{i}]"), "this schedule never fires".into()));
                 }

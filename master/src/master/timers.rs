@@ -30,6 +30,9 @@ impl Master {
         let name = &entry.config.name;
         let mut shutdown = self.signals.shutdown();
         let sweep = Duration::from_secs(30);
+        if let When::Cron(cron) = &entry.when {
+            info!(scheduler = %name, zone = cron.zone_name(), "nightly schedule follows the wall clock of its zone");
+        }
         loop {
             // Sleeps end at an instant read with `now`, so they end when the clock reads `due`
             // however long the database takes to answer.
