@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kiln_master::config::{Config, ConfigError, ControlAccess};
+use kiln_master::config::{Config, ControlAccess};
 use kiln_master::plan::Plan;
 use kiln_master::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
@@ -14,9 +14,9 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The YAML configuration file.
-    #[arg(long, short, env = "KILN_CONFIG", default_value = "config/quickstart.yaml")]
-    config: PathBuf,
+    /// The YAML configuration file [default: config/quickstart.yaml, from the current directory].
+    #[arg(long, short, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
     /// Overrides the configuration's database URL, e.g. `postgres://kiln@db/kiln`.
     #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
@@ -26,6 +26,14 @@ struct Args {
     /// Log format: `text` for people, `json` for log collectors.
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+}
+
+/// The configuration used without `--config`: the quickstart's, from a clone of Kiln.
+const DEFAULT_CONFIG: &str = "config/quickstart.yaml";
+
+fn default_config() -> Option<PathBuf> {
+    let path = PathBuf::from(DEFAULT_CONFIG);
+    path.exists().then_some(path)
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -39,18 +47,31 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init(),
+        // Colour only for a person at a terminal: not in files, pipes or log collectors.
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter(filter).init(),
     }
-    let file = args.config.display().to_string();
-    let config = Config::load(&args.config).and_then(|c| match args.database.clone() {
+    let Some(config_path) = args.config.clone().or_else(default_config) else {
+        let here = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| ".".into());
+        eprintln!(
+            "kiln-master: no configuration: looked for {DEFAULT_CONFIG} in {here}; pass --config FILE or set \
+             KILN_CONFIG (run from a clone of Kiln to use its quickstart)"
+        );
+        return ExitCode::from(2);
+    };
+    let file = config_path.display().to_string();
+    let config = Config::load(&config_path).and_then(|c| match args.database.clone() {
         Some(url) => c.with_database(&format!("{file} (--database)"), url),
         None => Ok(c),
     });
     // Compiled here too, so that `--check` accepts only what starts.
     let config = config.and_then(|c| match Plan::compile(&c) {
         Ok(_) => Ok(c),
-        Err((key, reason)) => Err(ConfigError { file: file.clone(), key, reason }),
+        Err((key, reason)) => Err(c.error_at(&file, key, reason)),
     });
     let config = match config {
         Ok(config) => config,
@@ -60,13 +81,13 @@ async fn main() -> ExitCode {
         }
     };
     if args.check {
-        println!("{}: configuration is valid", args.config.display());
+        println!("{}: configuration is valid", config_path.display());
         return ExitCode::SUCCESS;
     }
     let listeners = match Listeners::bind(&config).await {
         Ok(listeners) => listeners,
         Err(error) => {
-            eprintln!("kiln-master: {}: {error}", args.config.display());
+            eprintln!("kiln-master: {}: {error}", config_path.display());
             return ExitCode::from(2);
         }
     };

@@ -131,6 +131,12 @@ pub fn interpolate(template: &str, props: &Properties, sources: &[SourceView]) -
     Ok(out)
 }
 
+/// Checks that a template can render at all — every `%(...)s` closed, every selector and source
+/// attribute known — whatever properties a build has.
+pub fn check_template(template: &str) -> Result<(), InterpolateError> {
+    interpolate(template, &Properties::new(), &[]).map(drop)
+}
+
 /// Finds the `)` that closes a selector, allowing nested `%(...)s` in defaults.
 fn find_close(body: &str) -> Option<usize> {
     let mut depth = 0usize;

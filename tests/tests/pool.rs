@@ -77,6 +77,27 @@ async fn a_burst_grows_the_pool_to_max_and_it_shrinks_back_without_interrupting_
     // After the delay the pool returns to its minimum.
     eventually("the pool back at min", MINUTE, || async { (master.master.workers.list().len() == 1).then_some(()) })
         .await;
+    // Grown again, it takes the names its retired workers left, so the worker list stays as
+    // long as the pool is wide.
+    for _ in 0..12 {
+        force(&master, "b").await;
+    }
+    eventually("the second burst to grow the pool", MINUTE, || async {
+        (master.master.workers.list().len() > 2).then_some(())
+    })
+    .await;
+    eventually("the second burst to finish", Duration::from_secs(120), || async {
+        let pending = master.get("/api/v2/buildrequests?complete=false&limit=1").await;
+        (pending["meta"]["total"] == 0).then_some(())
+    })
+    .await;
+    let workers = master.get("/api/v2/workers").await;
+    let names: Vec<&str> = workers["workers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    let allowed: Vec<String> = (1..=6).map(|i| format!("burst-{i}")).collect();
+    assert!(names.iter().all(|n| allowed.iter().any(|a| a == n)), "names beyond the pool's width: {names:?}");
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "the list is ordered");
     master.stop().await;
 }
 

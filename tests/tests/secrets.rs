@@ -137,6 +137,8 @@ async fn no_configured_secret_appears_in_logs_answers_or_metrics() {
 
     let logs = std::fs::read_to_string(&master_log).unwrap() + &std::fs::read_to_string(&worker_log).unwrap();
     assert!(logs.contains("build finished") && logs.contains("is running"), "the run happened:\n{logs}");
+    // Written to files, the logs are plain text: no terminal colour codes for a log reader to trip on.
+    assert!(!logs.contains('\u{1b}'), "an escape code in a redirected log:\n{logs}");
     for secret in [WORKER_TOKEN, API_TOKEN, PASSWORD, GITHUB, GITLAB, DATABASE_PASSWORD] {
         for line in logs.lines() {
             assert!(!line.contains(secret), "a log line holds {secret}: {line}");

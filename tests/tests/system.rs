@@ -181,7 +181,8 @@ schedulers:
 }
 
 /// As in Buildbot, a step that ends EXCEPTION ends the build even without `haltOnFailure`: a
-/// command that cannot be rendered is followed only by `alwaysRun` steps.
+/// command that cannot be made (a checkout of a forced build that names no repository) is
+/// followed only by `alwaysRun` steps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exception_in_a_step_skips_later_steps_unless_always_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -192,7 +193,7 @@ async fn an_exception_in_a_step_skips_later_steps_unless_always_run() {
 builders:
   - name: b
     steps:
-      - shell: {name: unrenderable, command: "echo %(prop:branch"}
+      - git: {name: unrenderable, haltOnFailure: false}
       - shell: {name: later, command: "echo should not run"}
       - shell: {name: cleanup, command: "echo cleaning up", alwaysRun: true}
 schedulers:
@@ -451,6 +452,67 @@ fn an_invalid_config_stops_start_up_naming_the_file_and_key() {
     assert!(stderr.contains("schedulers[0].builderNames[0]"), "{stderr}");
     assert!(stderr.contains("goodbye"), "{stderr}");
     assert!(!dir.path().join("kiln.sqlite").exists(), "nothing was created");
+}
+
+/// `kiln-master --check` refuses what start-up would, naming the file, the key's line and the key.
+#[test]
+fn check_names_the_line_and_key_of_every_mistake_start_up_would_find() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "database: sqlite://kiln.sqlite\nworkers: {}\npools:\n  - {name: local, backend: local, max: 2}\nbuilders:\n  - name: b\n";
+    let cases = [
+        (
+            "steps:\n      - shell: {command: [echo, \"%(prp:branch)s\"]}",
+            8,
+            "builders[0].steps[0].shell.command[1]",
+            "unknown selector",
+        ),
+        (
+            "steps:\n      - shell:\n          command: \"echo %(prop:branch\"",
+            9,
+            "builders[0].steps[0].shell.command",
+            "unterminated",
+        ),
+        (
+            "workernames: [mac-mini]\n    steps:\n      - shell: {command: \"true\"}",
+            7,
+            "builders[0].workernames[0]",
+            "can ever join",
+        ),
+        (
+            "steps:\n      - shell:\n          command: \"true\"\n          haltOnFailur: true",
+            10,
+            "builders[0].steps[0].shell.haltOnFailur",
+            "did you mean `haltOnFailure`",
+        ),
+    ];
+    for (i, (builder, line, key, reason)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.yaml"));
+        std::fs::write(&path, format!("{head}    {builder}\n")).unwrap();
+        let output = std::process::Command::new(binary("kiln-master"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "case {i}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let expected = format!("kiln-master: invalid configuration: {}:{line}: {key}: ", path.display());
+        assert!(
+            stderr.starts_with(&expected) && stderr.contains(reason),
+            "case {i}: expected {expected}…{reason}, got {stderr}"
+        );
+    }
+    // Run where no configuration is, without --config: it says where it looked and what to do.
+    let output = std::process::Command::new(binary("kiln-master"))
+        .arg("--check")
+        .env_remove("KILN_CONFIG")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("config/quickstart.yaml") && stderr.contains("--config"), "{stderr}");
+    assert!(stderr.contains(&dir.path().display().to_string()), "{stderr}");
 }
 
 const JANITOR: &str = r#"

@@ -79,16 +79,50 @@ impl<'de> Deserialize<'de> for StepConfig {
 }
 
 /// Flags every step takes, with Buildbot's names and defaults.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepFlags {
-    #[serde(default, rename = "haltOnFailure")]
     pub halt_on_failure: Option<bool>,
-    #[serde(default, rename = "flunkOnFailure")]
     pub flunk_on_failure: Option<bool>,
-    #[serde(default, rename = "warnOnFailure")]
     pub warn_on_failure: Option<bool>,
-    #[serde(default, rename = "alwaysRun")]
     pub always_run: Option<bool>,
+}
+
+/// Declares the configuration of a kind of step with the flags every step takes as fields of its
+/// own (not a flattened struct), so that a mistake in any key names that key's line and the keys
+/// the step allows.
+macro_rules! step_config {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident: $type:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$field_meta])* pub $field: $type,)*
+            /// Stop the build when this step fails (Buildbot's default: source steps only).
+            #[serde(default, rename = "haltOnFailure")]
+            pub halt_on_failure: Option<bool>,
+            /// A failure of this step fails the build (default: yes).
+            #[serde(default, rename = "flunkOnFailure")]
+            pub flunk_on_failure: Option<bool>,
+            /// A failure of this step only warns (default: no).
+            #[serde(default, rename = "warnOnFailure")]
+            pub warn_on_failure: Option<bool>,
+            /// Run this step even after an earlier one halted the build (default: no).
+            #[serde(default, rename = "alwaysRun")]
+            pub always_run: Option<bool>,
+        }
+
+        impl $name {
+            /// The step's flags as configured.
+            pub fn flags(&self) -> StepFlags {
+                StepFlags {
+                    halt_on_failure: self.halt_on_failure,
+                    flunk_on_failure: self.flunk_on_failure,
+                    warn_on_failure: self.warn_on_failure,
+                    always_run: self.always_run,
+                }
+            }
+        }
+    };
 }
 
 /// A command line as Buildbot takes it: a list of arguments, or one string for the shell.
@@ -99,8 +133,7 @@ pub enum CommandLine {
     Script(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+step_config! {
 pub struct ShellStepConfig {
     #[serde(default)]
     pub name: Option<String>,
@@ -116,12 +149,10 @@ pub struct ShellStepConfig {
     pub max_time: Option<u32>,
     #[serde(default, rename = "logEnviron")]
     pub log_environ: Option<bool>,
-    #[serde(flatten)]
-    pub flags: StepFlags,
+}
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+step_config! {
 pub struct GitStepConfig {
     #[serde(default)]
     pub name: Option<String>,
@@ -138,13 +169,11 @@ pub struct GitStepConfig {
     pub workdir: Option<String>,
     #[serde(default)]
     pub timeout: Option<u32>,
-    #[serde(flatten)]
-    pub flags: StepFlags,
+}
 }
 
+step_config! {
 /// Buildbot's Trigger step: submits buildsets to triggerable schedulers.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TriggerStepConfig {
     #[serde(default)]
     pub name: Option<String>,
@@ -165,12 +194,10 @@ pub struct TriggerStepConfig {
     /// This build's properties to pass on.
     #[serde(default)]
     pub copy_properties: Vec<String>,
-    #[serde(flatten)]
-    pub flags: StepFlags,
+}
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+step_config! {
 pub struct SetPropertyStepConfig {
     #[serde(default)]
     pub name: Option<String>,
@@ -181,8 +208,7 @@ pub struct SetPropertyStepConfig {
     /// Strip surrounding white space from the output (Buildbot's default: yes).
     #[serde(default = "yes")]
     pub strip: bool,
-    #[serde(flatten)]
-    pub flags: StepFlags,
+}
 }
 
 /// The name a step shows: its configured name, or Buildbot's default for its kind.
@@ -194,6 +220,58 @@ pub fn step_name(step: &StepConfig, index: usize) -> String {
         StepConfig::Trigger(s) => (&s.name, "trigger".to_owned()),
     };
     configured.clone().unwrap_or(default)
+}
+
+/// The key a step's kind is written under.
+fn step_kind(step: &StepConfig) -> &'static str {
+    match step {
+        StepConfig::Git(_) => "git",
+        StepConfig::Shell(_) => "shell",
+        StepConfig::SetPropertyFromCommand(_) => "set_property_from_command",
+        StepConfig::Trigger(_) => "trigger",
+    }
+}
+
+/// Every text of a step rendered as an `Interpolate` template, with its key below the step.
+fn templates(step: &StepConfig) -> Vec<(String, &str)> {
+    let kind = step_kind(step);
+    match step {
+        StepConfig::Shell(s) => {
+            let env = s.env.iter().map(|(k, v)| (format!("{kind}.env.{k}"), v.as_str()));
+            command_templates(kind, &s.command)
+                .into_iter()
+                .chain(env)
+                .chain(workdir_template(kind, &s.workdir))
+                .collect()
+        }
+        StepConfig::SetPropertyFromCommand(s) => {
+            command_templates(kind, &s.command).into_iter().chain(workdir_template(kind, &s.workdir)).collect()
+        }
+        StepConfig::Git(g) => g
+            .repourl
+            .iter()
+            .map(|r| (format!("{kind}.repourl"), r.as_str()))
+            .chain(workdir_template(kind, &g.workdir))
+            .collect(),
+        StepConfig::Trigger(t) => t
+            .set_properties
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|text| (format!("{kind}.set_properties.{k}"), text)))
+            .collect(),
+    }
+}
+
+fn command_templates<'a>(kind: &str, line: &'a CommandLine) -> Vec<(String, &'a str)> {
+    match line {
+        CommandLine::Argv(argv) => {
+            argv.iter().enumerate().map(|(i, a)| (format!("{kind}.command[{i}]"), a.as_str())).collect()
+        }
+        CommandLine::Script(script) => vec![(format!("{kind}.command"), script.as_str())],
+    }
+}
+
+fn workdir_template<'a>(kind: &str, workdir: &'a Option<String>) -> Option<(String, &'a str)> {
+    workdir.as_deref().map(|w| (format!("{kind}.workdir"), w))
 }
 
 /// Each builder and its steps; returns the builders' names.
@@ -230,6 +308,12 @@ pub(super) fn validate<'a>(
 
 /// One step at `key`: a command to run, schedulers to trigger that are Triggerable, a known git mode.
 fn validate_step(key: &str, step: &StepConfig, schedulers: &[SchedulerConfig]) -> Result<(), (String, String)> {
+    // A template that cannot render would fail every build at that step: say so now.
+    for (place, template) in templates(step) {
+        if let Err(error) = crate::properties::check_template(template) {
+            return Err((format!("{key}.{place}"), error.to_string()));
+        }
+    }
     match step {
         StepConfig::Shell(ShellStepConfig { command, .. })
         | StepConfig::SetPropertyFromCommand(SetPropertyStepConfig { command, .. }) => {
@@ -238,7 +322,7 @@ fn validate_step(key: &str, step: &StepConfig, schedulers: &[SchedulerConfig]) -
                 CommandLine::Script(script) => script.trim().is_empty(),
             };
             if empty {
-                return Err((format!("{key}.command"), "must not be empty".into()));
+                return Err((format!("{key}.{}.command", step_kind(step)), "must not be empty".into()));
             }
         }
         StepConfig::Trigger(trigger) => {

@@ -2,6 +2,7 @@
 //! the file, the key and the reason.
 
 mod builders;
+mod lines;
 mod pools;
 mod schedulers;
 mod sources;
@@ -27,12 +28,22 @@ use serde::Deserialize;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {reason}")]
 pub struct ConfigError {
     pub file: String,
     /// Dotted path of the offending key, e.g. `builders[0].steps[1].shell.command`.
     pub key: String,
+    /// The key's line in the file (1-based), when it is in the file.
+    pub line: Option<usize>,
     pub reason: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}: {}", self.file, self.key, self.reason),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.reason),
+        }
+    }
 }
 
 /// The whole configuration of a master.
@@ -77,6 +88,9 @@ pub struct Config {
     pub log_max_size: Option<usize>,
     #[serde(default, rename = "logMaxTailSize")]
     pub log_max_tail_size: Option<usize>,
+    /// The line of each key in the file, to point errors found after parsing at their line.
+    #[serde(skip)]
+    lines: std::sync::Arc<std::collections::HashMap<String, usize>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,6 +323,74 @@ pub fn sanitize_dir(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
+/// A YAML or type error as a [`ConfigError`]: the key once (the parser's message repeats it), the
+/// key's own line (an unknown key's, not its mapping's), and a hint when the file is Python.
+fn parse_error(file: &str, text: &str, path: &str, error: &serde_yaml_ng::Error) -> ConfigError {
+    let mut key = if path == "." { "(document)".to_owned() } else { path.to_owned() };
+    if looks_like_python(text) {
+        let reason = "this is a Buildbot master.cfg (Python), and Kiln reads YAML: \"Coming from Buildbot\" in \
+                      the README shows how each part of a master.cfg is written"
+            .to_owned();
+        return ConfigError { file: file.to_owned(), key, line: None, reason };
+    }
+    let mut reason = error.to_string();
+    if let Some(at) = reason.rfind(" at line ") {
+        reason.truncate(at);
+    }
+    // The parser prefixes the path it knows, which may stop short of the key.
+    if let Some((prefix, rest)) = reason.split_once(": ")
+        && !prefix.contains(' ')
+        && path.starts_with(prefix)
+    {
+        reason = rest.to_owned();
+    }
+    if let Some(unknown) = reason.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        if !key.ends_with(unknown) {
+            key = if key == "(document)" { unknown.to_owned() } else { format!("{key}.{unknown}") };
+        }
+        if let Some(near) = nearest_allowed(unknown, &reason) {
+            reason = format!("{reason} (did you mean `{near}`?)");
+        }
+    }
+    let lines = lines::key_lines(text);
+    let line = lines::line_of(&lines, &key).or_else(|| error.location().map(|l| l.line()));
+    ConfigError { file: file.to_owned(), key, line, reason }
+}
+
+/// The allowed key (from serde's "expected one of `a`, `b`" list) a mistyped one most likely
+/// meant: at most a third of its letters different.
+fn nearest_allowed(unknown: &str, reason: &str) -> Option<String> {
+    let (_, allowed) = reason.split_once("expected one of ")?;
+    let candidates = allowed.split(", ").map(|k| k.trim_matches('`'));
+    let (distance, best) = candidates.map(|k| (edit_distance(unknown, k), k)).min()?;
+    (distance > 0 && distance * 3 <= unknown.len().max(3)).then(|| best.to_owned())
+}
+
+/// Levenshtein distance, case-insensitive.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.to_lowercase().chars().collect(), b.to_lowercase().chars().collect());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// Whether the text is Python rather than YAML, as a Buildbot `master.cfg` is.
+fn looks_like_python(text: &str) -> bool {
+    text.lines().map(str::trim_start).any(|line| {
+        line.starts_with("from buildbot")
+            || line.starts_with("import buildbot")
+            || line.starts_with("c = BuildmasterConfig")
+            || line.starts_with("BuildmasterConfig")
+    })
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file. Relative paths in it are taken relative
     /// to the current directory, like Buildbot's basedir.
@@ -317,6 +399,7 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
             file: file.clone(),
             key: "(file)".to_owned(),
+            line: None,
             reason: error.to_string(),
         })?;
         Self::parse(&file, &text)
@@ -325,21 +408,25 @@ impl Config {
     /// Replaces the database URL (from `--database` or `KILN_DATABASE_URL`) and validates again.
     pub fn with_database(mut self, file: &str, url: String) -> Result<Config, ConfigError> {
         self.database = url;
-        self.validate().map_err(|(key, reason)| ConfigError { file: file.to_owned(), key, reason })?;
+        self.validate().map_err(|(key, reason)| ConfigError { file: file.to_owned(), key, line: None, reason })?;
         Ok(self)
+    }
+
+    /// An error about `key` of this configuration, read from `file`, with the key's line.
+    pub fn error_at(&self, file: &str, key: String, reason: String) -> ConfigError {
+        ConfigError { file: file.to_owned(), line: lines::line_of(&self.lines, &key), key, reason }
     }
 
     /// Parses and validates configuration text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-        let error = |key: String, reason: String| ConfigError { file: file.to_owned(), key, reason };
         let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." { "(document)".to_owned() } else { key };
-            // serde_yaml's message carries a position; keep it, it helps find the line.
-            error(key, e.into_inner().to_string())
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let error = e.into_inner();
+            parse_error(file, text, &path, &error)
         })?;
-        config.validate().map_err(|(key, reason)| error(key, reason))?;
+        config.lines = std::sync::Arc::new(lines::key_lines(text));
+        config.validate().map_err(|(key, reason)| config.error_at(file, key, reason))?;
         Ok(config)
     }
 
@@ -349,6 +436,7 @@ impl Config {
         self.validate_tls()?;
         sources::validate(&self.change_hooks, &self.change_sources)?;
         pools::validate(&self.pools, &self.builders)?;
+        self.validate_workernames()?;
         let builder_names = builders::validate(&self.builders, &self.schedulers)?;
         schedulers::validate(&self.schedulers, &builder_names)
     }
@@ -423,6 +511,43 @@ impl Config {
                     && let Err(error) = std::fs::metadata(path)
                 {
                     return Err((format!("{key}.{name}"), format!("{}: {error}", path.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A builder's `workernames` can be met: with a worker token or a client CA, a worker of any
+    /// name may join; without, only the local pools' workers, `<prefix>-1` … `<prefix>-max`, can.
+    fn validate_workernames(&self) -> Result<(), (String, String)> {
+        let outsiders_may_join =
+            !self.workers.tokens.is_empty() || self.workers.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if outsiders_may_join {
+            return Ok(());
+        }
+        for (i, builder) in self.builders.iter().enumerate() {
+            let local: Vec<String> = self
+                .pools
+                .iter()
+                .filter(|p| p.backend == BackendKind::Local && p.serves(builder))
+                .flat_map(|p| (1..=p.policy().max).map(move |n| format!("{}-{n}", p.name_prefix())))
+                .collect();
+            for (j, name) in builder.workernames.iter().enumerate() {
+                if !local.contains(name) {
+                    let offered = match local.as_slice() {
+                        [] => "no local pool serves this builder".to_owned(),
+                        [only] => format!("the local pools serving this builder have only {only}"),
+                        [first, .., last] => {
+                            format!("the local pools serving this builder name theirs {first} … {last}")
+                        }
+                    };
+                    return Err((
+                        format!("builders[{i}].workernames[{j}]"),
+                        format!(
+                            "no worker named {name:?} can ever join: without workers.tokens or workers.tls.client_ca \
+                             no worker from elsewhere is admitted, and {offered}"
+                        ),
+                    ));
                 }
             }
         }
@@ -546,17 +671,66 @@ schedulers:
         assert_eq!(config.workers.listen.port(), 9989);
         assert!(config.collapse_requests);
         let StepConfig::Shell(shell) = &config.builders[0].steps[0] else { panic!("not a shell step") };
-        assert_eq!(shell.flags.halt_on_failure, Some(true));
+        assert_eq!(shell.flags().halt_on_failure, Some(true));
         assert_eq!(config.worker_tokens(), vec!["secret".to_owned()]);
     }
 
+    /// The line of `needle` in `text`, 1-based.
+    fn line_with(text: &str, needle: &str) -> usize {
+        text.lines().position(|line| line.contains(needle)).unwrap() + 1
+    }
+
     #[test]
-    fn an_unknown_key_is_named_with_its_path() {
-        let text = MINIMAL.replace("haltOnFailure", "haltOnFailur");
+    fn an_unknown_key_is_named_with_its_own_line_the_keys_allowed_and_a_guess() {
+        let text = MINIMAL.replace(
+            "- shell: {command: [echo, hi], haltOnFailure: true}",
+            "- shell:\n          command: [echo, hi]\n          haltOnFailur: true",
+        );
         let error = Config::parse("mem.yaml", &text).unwrap_err();
         assert_eq!(error.file, "mem.yaml");
-        assert!(error.key.starts_with("builders[0].steps[0]"), "{error}");
-        assert!(error.reason.contains("haltOnFailur"), "{error}");
+        assert_eq!(error.key, "builders[0].steps[0].shell.haltOnFailur");
+        assert_eq!(error.line, Some(line_with(&text, "haltOnFailur:")), "the key's line, not the step's");
+        assert!(error.reason.starts_with("unknown field `haltOnFailur`, expected one of `name`, `command`"), "{error}");
+        assert!(error.reason.contains("`alwaysRun`") && error.reason.ends_with("(did you mean `haltOnFailure`?)"));
+        let shown = error.to_string();
+        assert!(shown.starts_with(&format!(
+            "mem.yaml:{}: builders[0].steps[0].shell.haltOnFailur: unknown",
+            error.line.unwrap()
+        )));
+        assert_eq!(shown.matches("builders[0]").count(), 1, "the path once: {shown}");
+        assert!(!shown.contains(" at line "), "{shown}");
+    }
+
+    #[test]
+    fn a_wrong_type_inside_a_step_or_pool_names_the_key_and_its_line_once() {
+        let text = MINIMAL.replace("haltOnFailure: true", "haltOnFailure: 3");
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!(error.key, "builders[0].steps[0].shell.haltOnFailure");
+        assert_eq!(error.line, Some(line_with(&text, "haltOnFailure: 3")));
+        assert_eq!(error.reason, "invalid type: integer `3`, expected a boolean");
+        let text = format!("{MINIMAL}pools:\n  - name: p\n    backend: local\n    max: lots\n");
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!((error.key.as_str(), error.line), ("pools[0].max", Some(line_with(&text, "max: lots"))));
+        assert_eq!(error.to_string().matches("pools[0].max").count(), 1, "{error}");
+    }
+
+    #[test]
+    fn a_mistake_found_after_parsing_points_at_its_line() {
+        let text = MINIMAL.replace("builderNames: [b]}\n  - {type: single", "builderNames: [nope]}\n  - {type: single");
+        let error = Config::parse("mem.yaml", &text).unwrap_err();
+        assert_eq!(error.key, "schedulers[0].builderNames[0]");
+        assert_eq!(error.line, Some(line_with(&text, "[nope]")));
+        let error = Config::parse("mem.yaml", &format!("databse: x\n{MINIMAL}")).unwrap_err();
+        assert_eq!((error.key.as_str(), error.line), ("databse", Some(1)));
+        assert!(error.reason.ends_with("(did you mean `database`?)"), "{error}");
+    }
+
+    #[test]
+    fn a_buildbot_master_cfg_is_recognised() {
+        let python = "# -*- python -*-\nfrom buildbot.plugins import *\nc = BuildmasterConfig = {}\n";
+        let error = Config::parse("master.cfg", python).unwrap_err();
+        assert!(error.reason.contains("Buildbot master.cfg (Python)"), "{error}");
+        assert!(error.reason.contains("Coming from Buildbot"), "{error}");
     }
 
     #[test]
@@ -601,6 +775,38 @@ schedulers:
         assert_eq!(error.key, "schedulers[2].hour");
         let periodic = "{type: periodic, name: p, builderNames: [b], periodicBuildTimer: 60, timezone: UTC}";
         assert_eq!(with(periodic).unwrap_err().key, "schedulers[2].timezone");
+    }
+
+    #[test]
+    fn workernames_that_no_worker_can_ever_have_are_refused() {
+        let text = |workernames: &str, tokens: bool| {
+            let base = MINIMAL.replace("  - name: b\n", &format!("  - name: b\n    workernames: {workernames}\n"));
+            let base = if tokens { base } else { base.replace("  tokens: [{name: t, value: secret}]\n", "") };
+            format!("{base}pools:\n  - {{name: local, backend: local, max: 3}}\n")
+        };
+        assert!(Config::parse("c.yaml", &text("[w1]", true)).is_ok(), "a token admits a worker named w1");
+        assert!(Config::parse("c.yaml", &text("[local-1, local-3]", false)).is_ok());
+        let error = Config::parse("c.yaml", &text("[local-1, w1]", false)).unwrap_err();
+        assert_eq!(error.key, "builders[0].workernames[1]");
+        assert!(error.reason.contains("\"w1\"") && error.reason.contains("local-1 … local-3"), "{error}");
+        assert_eq!(Config::parse("c.yaml", &text("[local-4]", false)).unwrap_err().key, "builders[0].workernames[0]");
+    }
+
+    #[test]
+    fn a_template_that_cannot_render_is_refused_naming_its_key_and_line() {
+        let with = |step: &str| {
+            let text = MINIMAL.replace("- shell: {command: [echo, hi], haltOnFailure: true}", step);
+            Config::parse("c.yaml", &text).map_err(|e| (e.key.clone(), e.line, e.reason.clone(), text))
+        };
+        let (key, line, reason, text) = with("- shell: {command: [echo, \"%(prp:x)s\"]}").unwrap_err();
+        assert_eq!((key.as_str(), line), ("builders[0].steps[0].shell.command[1]", Some(line_with(&text, "prp:x"))));
+        assert!(reason.contains("unknown selector \"prp\""), "{reason}");
+        let (key, _, reason, _) = with("- shell: {command: x, env: {V: \"%(prop:x\"}}").unwrap_err();
+        assert_eq!(key, "builders[0].steps[0].shell.env.V");
+        assert!(reason.starts_with("unterminated"), "{reason}");
+        let (key, ..) = with("- git: {repourl: \"%(src::colour)s\"}").unwrap_err();
+        assert_eq!(key, "builders[0].steps[0].git.repourl");
+        assert!(with("- shell: {command: \"echo %(prop:x:-none)s 100%%\", workdir: \"%(src::branch)s\"}").is_ok());
     }
 
     #[test]

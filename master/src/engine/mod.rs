@@ -70,11 +70,11 @@ pub struct BuildOutcome {
 /// The default flags of each kind of step, as in Buildbot: source steps halt the build on
 /// failure; shell steps flunk it but go on.
 pub(super) fn effective_flags(step: &StepConfig) -> (bool, bool, bool, bool) {
-    let (flags, halt_default): (&StepFlags, bool) = match step {
-        StepConfig::Git(s) => (&s.flags, true),
-        StepConfig::Shell(s) => (&s.flags, false),
-        StepConfig::SetPropertyFromCommand(s) => (&s.flags, false),
-        StepConfig::Trigger(s) => (&s.flags, false),
+    let (flags, halt_default): (StepFlags, bool) = match step {
+        StepConfig::Git(s) => (s.flags(), true),
+        StepConfig::Shell(s) => (s.flags(), false),
+        StepConfig::SetPropertyFromCommand(s) => (s.flags(), false),
+        StepConfig::Trigger(s) => (s.flags(), false),
     };
     (
         flags.halt_on_failure.unwrap_or(halt_default),

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,7 +41,6 @@ pub struct LocalPool {
     pub master_url: String,
     pub token: String,
     pub data_dir: PathBuf,
-    next_index: AtomicU32,
     processes: Mutex<HashMap<String, Process>>,
     /// Wakes the scaler when a process exits.
     exited: Notify,
@@ -56,7 +54,6 @@ impl LocalPool {
             master_url,
             token,
             data_dir,
-            next_index: AtomicU32::new(1),
             processes: Mutex::new(HashMap::new()),
             exited: Notify::new(),
         }
@@ -116,14 +113,38 @@ impl LocalPool {
         Ok(count)
     }
 
+    /// Takes the first free name of the pool, `<prefix>-1` … : a name is free once its process has
+    /// exited, so a pool that shrinks and grows reuses its names (and their build directories)
+    /// instead of adding new workers to the list for ever.
+    fn reserve_name(&self) -> String {
+        let mut processes = self.processes.lock().expect("processes poisoned");
+        let prefix = self.config.name_prefix();
+        let name = (1..)
+            .map(|index| format!("{prefix}-{index}"))
+            .find(|name| !processes.contains_key(name))
+            .expect("fewer processes than names");
+        // No pid yet: nothing is signalled until the process exists.
+        processes.insert(name.clone(), Process { pid: 0, leaving: false });
+        name
+    }
+
     /// Starts one more worker.
     fn spawn(self: &Arc<Self>) -> Result<String, LocalError> {
-        let name = format!("{}-{}", self.config.name_prefix(), self.next_index.fetch_add(1, Ordering::SeqCst));
+        let name = self.reserve_name();
+        let started = self.start(&name);
+        if started.is_err() {
+            self.processes.lock().expect("processes poisoned").remove(&name);
+        }
+        started.map(|()| name)
+    }
+
+    /// Starts the process of the worker `name`, reserved by [`Self::reserve_name`].
+    fn start(self: &Arc<Self>, name: &str) -> Result<(), LocalError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| LocalError::Io { path, source }
         };
-        let basedir = self.data_dir.join("workers").join(&name);
+        let basedir = self.data_dir.join("workers").join(name);
         let cache = self.data_dir.join("cache");
         let logs = self.data_dir.join("logs");
         for dir in [&basedir, &cache, &logs] {
@@ -136,7 +157,7 @@ impl LocalPool {
             .arg("--master")
             .arg(&self.master_url)
             .arg("--name")
-            .arg(&name)
+            .arg(name)
             .arg("--basedir")
             .arg(&basedir)
             .arg("--cache-dir")
@@ -153,9 +174,11 @@ impl LocalPool {
             .spawn()
             .map_err(io(&self.binary))?;
         let pid = child.id().unwrap_or_default();
-        self.processes.lock().expect("processes poisoned").insert(name.clone(), Process { pid, leaving: false });
+        if let Some(process) = self.processes.lock().expect("processes poisoned").get_mut(name) {
+            process.pid = pid;
+        }
         let pool = Arc::clone(self);
-        let watched = name.clone();
+        let watched = name.to_owned();
         tokio::spawn(async move {
             let status = child.wait().await;
             let leaving =
@@ -168,7 +191,7 @@ impl LocalPool {
             pool.exited.notify_one();
         });
         info!(worker = %name, pid, "started local worker");
-        Ok(name)
+        Ok(())
     }
 
     /// Marks a worker as leaving: it no longer counts as capacity.
@@ -179,8 +202,11 @@ impl LocalPool {
     }
 
     fn signal(&self, name: &str, signal: i32) {
-        if let Some(process) = self.processes.lock().expect("processes poisoned").get(name) {
-            // SAFETY: kill(2) on a child of ours that has not been reaped (it is still in the map).
+        if let Some(process) = self.processes.lock().expect("processes poisoned").get(name)
+            && process.pid > 0
+        {
+            // SAFETY: kill(2) on a child of ours that has not been reaped (it is still in the map);
+            // a pid of 0 (not started yet) would signal our own process group, and is skipped.
             unsafe { libc::kill(process.pid as i32, signal) };
         }
     }
