@@ -7,17 +7,21 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// One custom parameter of a force scheduler, after Buildbot's parameter classes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForceParameter {
     /// The property it sets, and its name in the form.
     pub name: String,
+    /// `string`, `text`, `int`, `bool` or `choice`.
     #[serde(rename = "type", default = "default_kind")]
     pub kind: ParameterKind,
+    /// Shown in the force form; default: the name.
     #[serde(default)]
     pub label: Option<String>,
+    /// The value when none is given.
     #[serde(default)]
     pub default: Option<Value>,
+    /// A force without it is refused.
     #[serde(default)]
     pub required: bool,
     /// For `choice`.
@@ -28,7 +32,7 @@ pub struct ForceParameter {
     pub regex: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ParameterKind {
     String,

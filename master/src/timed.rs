@@ -8,7 +8,7 @@ use jiff::{Timestamp, ToSpan};
 use serde::Deserialize;
 /// One cron field: `*`, a number, a list of numbers, or a string such as `"1-5"`, `"*/15"` or
 /// `"1,3,5"`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum CronField {
     Number(u32),

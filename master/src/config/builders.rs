@@ -6,12 +6,15 @@ use serde::Deserialize;
 
 use super::{SchedulerConfig, sanitize_dir, yes};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuilderConfig {
+    /// Unique name, shown in the UI and used by schedulers' `builderNames`.
     pub name: String,
+    /// Shown in the UI.
     #[serde(default)]
     pub description: Option<String>,
+    /// Labels for the UI and for pools' `labels`.
     #[serde(default)]
     pub tags: Vec<String>,
     /// Workers that may run this builder; empty means any.
@@ -20,11 +23,13 @@ pub struct BuilderConfig {
     /// Directory of the builder on the worker, relative to its base directory.
     #[serde(default)]
     pub builddir: Option<String>,
+    /// Properties every build of this builder starts with.
     #[serde(default)]
     pub properties: BTreeMap<String, serde_json::Value>,
     /// Overrides the global `collapseRequests`.
     #[serde(default, rename = "collapseRequests")]
     pub collapse_requests: Option<bool>,
+    /// The steps, run in order.
     pub steps: Vec<StepConfig>,
 }
 
@@ -78,12 +83,52 @@ impl<'de> Deserialize<'de> for StepConfig {
     }
 }
 
+/// A step is a mapping with one key, its kind.
+impl schemars::JsonSchema for StepConfig {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "StepConfig".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let kind = |name: &str, description: &str, schema: schemars::Schema| {
+            schemars::json_schema!({
+                "type": "object",
+                "properties": { name: { "description": description, "allOf": [schema] } },
+                "required": [name],
+                "additionalProperties": false,
+            })
+        };
+        let variants = vec![
+            kind(
+                "git",
+                "Buildbot's Git step: check out the build's revision.",
+                generator.subschema_for::<GitStepConfig>(),
+            ),
+            kind("shell", "Buildbot's ShellCommand: run a command.", generator.subschema_for::<ShellStepConfig>()),
+            kind(
+                "set_property_from_command",
+                "Buildbot's SetPropertyFromCommand: run a command and set a property from its output.",
+                generator.subschema_for::<SetPropertyStepConfig>(),
+            ),
+            kind("trigger", "Buildbot's Trigger step.", generator.subschema_for::<TriggerStepConfig>()),
+        ];
+        schemars::json_schema!({
+            "description": "One step, written as a mapping with one key, its kind: git, shell, set_property_from_command or trigger.",
+            "oneOf": variants,
+        })
+    }
+}
+
 /// Flags every step takes, with Buildbot's names and defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepFlags {
+    /// `haltOnFailure`.
     pub halt_on_failure: Option<bool>,
+    /// `flunkOnFailure`.
     pub flunk_on_failure: Option<bool>,
+    /// `warnOnFailure`.
     pub warn_on_failure: Option<bool>,
+    /// `alwaysRun`.
     pub always_run: Option<bool>,
 }
 
@@ -93,7 +138,7 @@ pub struct StepFlags {
 macro_rules! step_config {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident: $type:ty,)* }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Deserialize)]
+        #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
         #[serde(deny_unknown_fields)]
         pub struct $name {
             $($(#[$field_meta])* pub $field: $type,)*
@@ -126,7 +171,7 @@ macro_rules! step_config {
 }
 
 /// A command line as Buildbot takes it: a list of arguments, or one string for the shell.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum CommandLine {
     Argv(Vec<String>),
@@ -135,18 +180,24 @@ pub enum CommandLine {
 
 step_config! {
 pub struct ShellStepConfig {
+    /// The step's name; default `shell_<index>`.
     #[serde(default)]
     pub name: Option<String>,
+    /// What to run: a list of arguments, or one string for `/bin/sh -c`; Interpolate-able.
     pub command: CommandLine,
+    /// Environment variables for the command; values Interpolate-able.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Directory to run in, relative to the builder's directory (default `build`).
     #[serde(default)]
     pub workdir: Option<String>,
     /// Seconds without output before the command is killed (Buildbot's default 1200).
     #[serde(default)]
     pub timeout: Option<u32>,
+    /// Seconds the command may run in all before it is killed.
     #[serde(default, rename = "maxTime")]
     pub max_time: Option<u32>,
+    /// Write the command's environment at the head of its log (default: yes).
     #[serde(default, rename = "logEnviron")]
     pub log_environ: Option<bool>,
 }
@@ -154,6 +205,7 @@ pub struct ShellStepConfig {
 
 step_config! {
 pub struct GitStepConfig {
+    /// The step's name; default `git`.
     #[serde(default)]
     pub name: Option<String>,
     /// Repository URL; defaults to the source stamp's repository.
@@ -165,8 +217,10 @@ pub struct GitStepConfig {
     /// `incremental` (default) or `full`.
     #[serde(default)]
     pub mode: Option<String>,
+    /// Directory of the checkout, relative to the builder's directory (default `build`).
     #[serde(default)]
     pub workdir: Option<String>,
+    /// Seconds without progress before the checkout is abandoned.
     #[serde(default)]
     pub timeout: Option<u32>,
 }
@@ -175,8 +229,10 @@ pub struct GitStepConfig {
 step_config! {
 /// Buildbot's Trigger step: submits buildsets to triggerable schedulers.
 pub struct TriggerStepConfig {
+    /// The step's name; default `trigger`.
     #[serde(default)]
     pub name: Option<String>,
+    /// The triggerable schedulers to submit to.
     #[serde(rename = "schedulerNames")]
     pub scheduler_names: Vec<String>,
     /// Wait for the triggered builds; the step then takes their worst result.
@@ -199,10 +255,14 @@ pub struct TriggerStepConfig {
 
 step_config! {
 pub struct SetPropertyStepConfig {
+    /// The step's name; default `set_property_<property>`.
     #[serde(default)]
     pub name: Option<String>,
+    /// The property set from the command's output.
     pub property: String,
+    /// What to run: a list of arguments, or one string for `/bin/sh -c`; Interpolate-able.
     pub command: CommandLine,
+    /// Directory to run in, relative to the builder's directory (default `build`).
     #[serde(default)]
     pub workdir: Option<String>,
     /// Strip surrounding white space from the output (Buildbot's default: yes).

@@ -4,6 +4,7 @@
 mod builders;
 mod lines;
 mod pools;
+pub mod reference;
 mod schedulers;
 mod sources;
 
@@ -47,7 +48,7 @@ impl std::fmt::Display for ConfigError {
 }
 
 /// The whole configuration of a master.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Shown in the UI and logs.
@@ -61,12 +62,17 @@ pub struct Config {
     /// A unique name for this master when several share one database. Defaults to host:data_dir.
     #[serde(default)]
     pub master_name: Option<String>,
+    /// The HTTP port: REST API, control actions, change hooks, metrics and probes.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The gRPC endpoint workers connect to, and who may connect.
     pub workers: WorkersConfig,
+    /// What to build and how: Buildbot's builders, each a list of steps.
     pub builders: Vec<BuilderConfig>,
+    /// What starts builds: Buildbot's schedulers, told apart by `type`.
     #[serde(default)]
     pub schedulers: Vec<SchedulerConfig>,
+    /// The webhook routes (`/change_hook/…`) and their secrets.
     #[serde(default)]
     pub change_hooks: ChangeHooksConfig,
     /// Change sources the master runs itself, such as git pollers.
@@ -86,6 +92,7 @@ pub struct Config {
     /// is dropped but for the last `logMaxTailSize` bytes. Unset keeps everything.
     #[serde(default, rename = "logMaxSize")]
     pub log_max_size: Option<usize>,
+    /// Bytes kept from the end of a log cut by `logMaxSize` (Buildbot's `logMaxTailSize`).
     #[serde(default, rename = "logMaxTailSize")]
     pub log_max_tail_size: Option<usize>,
     /// The line of each key in the file, to point errors found after parsing at their line.
@@ -93,7 +100,7 @@ pub struct Config {
     lines: std::sync::Arc<std::collections::HashMap<String, usize>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of the REST API, change hooks and metrics.
@@ -114,10 +121,12 @@ pub struct HttpConfig {
 }
 
 /// A listener's TLS: a certificate chain and its key in PEM files, read again when they change.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// The certificate chain, PEM.
     pub cert: PathBuf,
+    /// The private key, PEM.
     pub key: PathBuf,
     /// When set, clients must present a certificate signed by one of these CAs (PEM). On the
     /// worker endpoint the certificate replaces the token: a worker may register only under a
@@ -157,6 +166,21 @@ impl<'de> Deserialize<'de> for AuthSetting {
     }
 }
 
+impl schemars::JsonSchema for AuthSetting {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AuthSetting".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "oneOf": [
+                { "type": "string", "enum": ["open"], "description": "Anyone who reaches the port may use control actions." },
+                generator.subschema_for::<AuthConfig>(),
+            ]
+        })
+    }
+}
+
 /// Who may use control actions, as the configuration says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlAccess {
@@ -174,7 +198,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Bearer tokens, for scripts.
@@ -185,10 +209,12 @@ pub struct AuthConfig {
     pub users: Vec<UserConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
+    /// The user name of HTTP basic authentication.
     pub username: String,
+    /// The password…
     #[serde(default)]
     pub password: Option<String>,
     /// The environment variable that holds the password.
@@ -196,7 +222,7 @@ pub struct UserConfig {
     pub password_env: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
     /// Address of the gRPC endpoint workers connect to.
@@ -217,7 +243,7 @@ pub struct WorkersConfig {
     pub tls: Option<TlsConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// A label for the token, for logs.

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::{BuilderConfig, one};
 
 /// A set of identical workers serving some builders, sized from the queue.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Unique among pools; workers name their pool when they register (`--pool`).
@@ -48,7 +48,7 @@ pub struct PoolConfig {
 }
 
 /// Who starts and stops a pool's workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// `kiln-worker` processes the master starts on its own machine.
@@ -60,7 +60,7 @@ pub enum BackendKind {
 }
 
 /// `kiln-worker` processes on the master's machine.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocalBackendConfig {
     /// The `kiln-worker` binary; by default the one beside `kiln-master`.
@@ -72,7 +72,7 @@ pub struct LocalBackendConfig {
 }
 
 /// A Deployment of workers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesBackendConfig {
     /// The Deployment's namespace; by default the master's own (or the kubeconfig's).

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SchedulerConfig {
     /// Buildbot's SingleBranchScheduler: matching changes become build requests, with one
@@ -21,43 +21,54 @@ pub enum SchedulerConfig {
     Triggerable(TriggerableSchedulerConfig),
     /// Buildbot's Periodic scheduler: builds every `periodicBuildTimer` seconds.
     Periodic(TimedSchedulerConfig),
-    /// Buildbot's Nightly scheduler: builds at the times its cron fields name (UTC).
+    /// Buildbot's Nightly scheduler: builds at the times its cron fields name, on the wall clock of
+    /// its `timezone` (default: the master's).
     Nightly(TimedSchedulerConfig),
 }
 
 /// A scheduler that follows another's successful buildsets.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DependentSchedulerConfig {
+    /// Unique name of the scheduler.
     pub name: String,
     /// The scheduler whose buildsets this one follows.
     pub upstream: String,
+    /// The builders it submits to (`builderNames`).
     #[serde(rename = "builderNames")]
     pub builder_names: Vec<String>,
+    /// Priority of its build requests; higher builds first (default 0).
     #[serde(default)]
     pub priority: i64,
+    /// Properties of the builds it starts.
     #[serde(default)]
     pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 /// A scheduler that `trigger` steps submit to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerableSchedulerConfig {
+    /// Unique name of the scheduler.
     pub name: String,
+    /// The builders it submits to (`builderNames`).
     #[serde(rename = "builderNames")]
     pub builder_names: Vec<String>,
+    /// Priority of its build requests; higher builds first (default 0).
     #[serde(default)]
     pub priority: i64,
+    /// Properties of the builds it starts.
     #[serde(default)]
     pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 /// A Periodic or Nightly scheduler.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimedSchedulerConfig {
+    /// Unique name of the scheduler.
     pub name: String,
+    /// The builders it submits to (`builderNames`).
     #[serde(rename = "builderNames")]
     pub builder_names: Vec<String>,
     /// Periodic: seconds between builds.
@@ -67,12 +78,16 @@ pub struct TimedSchedulerConfig {
     /// Monday).
     #[serde(default)]
     pub minute: Option<crate::timed::CronField>,
+    /// Nightly: hours (0–23), Buildbot's cron field; default `*`.
     #[serde(default)]
     pub hour: Option<crate::timed::CronField>,
+    /// Nightly: days of the month (1–31); default `*`.
     #[serde(default, rename = "dayOfMonth")]
     pub day_of_month: Option<crate::timed::CronField>,
+    /// Nightly: months (1–12); default `*`.
     #[serde(default)]
     pub month: Option<crate::timed::CronField>,
+    /// Nightly: days of the week, 0 = Monday as in Buildbot; default `*`.
     #[serde(default, rename = "dayOfWeek")]
     pub day_of_week: Option<crate::timed::CronField>,
     /// Nightly: the time zone whose wall clock the cron fields follow, as an IANA name
@@ -83,10 +98,13 @@ pub struct TimedSchedulerConfig {
     /// What to build when no change is pending: the tip of this branch of this repository.
     #[serde(default)]
     pub branch: Option<String>,
+    /// The repository of what is built when no change is pending.
     #[serde(default)]
     pub repository: String,
+    /// The project of what is built.
     #[serde(default)]
     pub project: String,
+    /// The codebase of what is built.
     #[serde(default)]
     pub codebase: String,
     /// Build only if an important change arrived since the last build.
@@ -95,10 +113,13 @@ pub struct TimedSchedulerConfig {
     /// Which changes count for `onlyIfChanged`.
     #[serde(default)]
     pub change_filter: ChangeFilterConfig,
+    /// Glob patterns of files that make a change important for `onlyIfChanged`; unset means every change is.
     #[serde(default, rename = "fileIsImportant")]
     pub file_is_important: Option<Vec<String>>,
+    /// Priority of its build requests; higher builds first (default 0).
     #[serde(default)]
     pub priority: i64,
+    /// Properties of the builds it starts.
     #[serde(default)]
     pub properties: BTreeMap<String, serde_json::Value>,
 }
@@ -138,15 +159,18 @@ impl TimedSchedulerConfig {
 }
 
 /// A scheduler that builds changes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeSchedulerConfig {
+    /// Unique name of the scheduler.
     pub name: String,
+    /// The builders it submits to (`builderNames`).
     #[serde(rename = "builderNames")]
     pub builder_names: Vec<String>,
     /// Only changes on this branch (shorthand for `change_filter: {branch: …}`).
     #[serde(default)]
     pub branch: Option<String>,
+    /// Which changes the scheduler takes (Buildbot's ChangeFilter).
     #[serde(default)]
     pub change_filter: ChangeFilterConfig,
     /// Seconds the tree must be quiet before building all changes seen so far; unset builds each
@@ -156,41 +180,63 @@ pub struct ChangeSchedulerConfig {
     /// Glob patterns of files that make a change important; unset means every change is.
     #[serde(default, rename = "fileIsImportant")]
     pub file_is_important: Option<Vec<String>>,
+    /// Priority of its build requests; higher builds first (default 0).
     #[serde(default)]
     pub priority: i64,
+    /// Properties of the builds it starts.
     #[serde(default)]
     pub properties: BTreeMap<String, serde_json::Value>,
 }
 
 /// Buildbot's ChangeFilter: for each of project, repository, branch, category and codebase, an
 /// equality (one value or a list), its negation, a regular expression and its negation.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeFilterConfig {
+    /// Take changes whose project equals one of these.
     pub project: Option<OneOrMany>,
+    /// Take changes whose project equals none of these.
     pub project_not_eq: Option<OneOrMany>,
+    /// Take changes whose project matches this regular expression.
     pub project_re: Option<String>,
+    /// Take changes whose project does not match this regular expression.
     pub project_not_re: Option<String>,
+    /// Take changes whose repository equals one of these.
     pub repository: Option<OneOrMany>,
+    /// Take changes whose repository equals none of these.
     pub repository_not_eq: Option<OneOrMany>,
+    /// Take changes whose repository matches this regular expression.
     pub repository_re: Option<String>,
+    /// Take changes whose repository does not match this regular expression.
     pub repository_not_re: Option<String>,
+    /// Take changes whose branch equals one of these.
     pub branch: Option<OneOrMany>,
+    /// Take changes whose branch equals none of these.
     pub branch_not_eq: Option<OneOrMany>,
+    /// Take changes whose branch matches this regular expression.
     pub branch_re: Option<String>,
+    /// Take changes whose branch does not match this regular expression.
     pub branch_not_re: Option<String>,
+    /// Take changes whose category equals one of these.
     pub category: Option<OneOrMany>,
+    /// Take changes whose category equals none of these.
     pub category_not_eq: Option<OneOrMany>,
+    /// Take changes whose category matches this regular expression.
     pub category_re: Option<String>,
+    /// Take changes whose category does not match this regular expression.
     pub category_not_re: Option<String>,
+    /// Take changes whose codebase equals one of these.
     pub codebase: Option<OneOrMany>,
+    /// Take changes whose codebase equals none of these.
     pub codebase_not_eq: Option<OneOrMany>,
+    /// Take changes whose codebase matches this regular expression.
     pub codebase_re: Option<String>,
+    /// Take changes whose codebase does not match this regular expression.
     pub codebase_not_re: Option<String>,
 }
 
 /// One value or a list of them.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -207,14 +253,18 @@ impl OneOrMany {
 }
 
 /// Buildbot's ForceScheduler.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForceSchedulerConfig {
+    /// Unique name of the scheduler.
     pub name: String,
+    /// The builders it submits to (`builderNames`).
     #[serde(rename = "builderNames")]
     pub builder_names: Vec<String>,
+    /// The force button's text in the UI.
     #[serde(default, rename = "buttonName")]
     pub button_name: Option<String>,
+    /// The force form's title in the UI.
     #[serde(default)]
     pub label: Option<String>,
     /// Fixed properties of every forced build.

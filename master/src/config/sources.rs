@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{resolve_secret, yes};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChangeSourceConfig {
     /// Buildbot's GitPoller: fetches a repository every `pollInterval` seconds and reports new
@@ -14,7 +14,7 @@ pub enum ChangeSourceConfig {
     GitPoller(GitPollerConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitPollerConfig {
     /// Names the poller for `/change_hook/poller?poller=…`; defaults to the URL.
@@ -28,10 +28,13 @@ pub struct GitPollerConfig {
     /// Seconds between polls (Buildbot's default: 600).
     #[serde(default = "default_poll_interval", rename = "pollInterval")]
     pub poll_interval: f64,
+    /// The category of the changes it reports.
     #[serde(default)]
     pub category: Option<String>,
+    /// The project of the changes it reports.
     #[serde(default)]
     pub project: String,
+    /// The codebase of the changes it reports.
     #[serde(default)]
     pub codebase: String,
 }
@@ -43,7 +46,7 @@ impl GitPollerConfig {
 }
 
 /// Branches a poller follows.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum PolledBranches {
     /// The word `all`: every branch.
@@ -55,7 +58,7 @@ pub(super) fn default_poll_interval() -> f64 {
     600.0
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeHooksConfig {
     /// Enables `/change_hook/base`.
@@ -87,18 +90,20 @@ pub(super) fn default_hook_body_limit() -> usize {
     25 << 20
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GithubHookConfig {
     /// The webhook's secret. When set, every delivery must carry a valid signature.
     #[serde(default)]
     pub secret: Option<String>,
+    /// …or the environment variable that holds it.
     #[serde(default)]
     pub secret_env: Option<String>,
     /// Regular expressions; a push whose head commit message matches one is not built.
     /// Default: Buildbot's `[ci skip]` and `[skip ci]`.
     #[serde(default)]
     pub skips: Option<Vec<String>>,
+    /// The codebase of the changes it reports.
     #[serde(default)]
     pub codebase: String,
     /// `merge` (default) or `head`: the `refs/pull/<n>/…` ref a pull request builds.
@@ -106,12 +111,13 @@ pub struct GithubHookConfig {
     pub pullrequest_ref: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitlabHookConfig {
     /// Compared with `X-Gitlab-Token`. When set, every delivery must carry it.
     #[serde(default)]
     pub secret: Option<String>,
+    /// …or the environment variable that holds it.
     #[serde(default)]
     pub secret_env: Option<String>,
 }
