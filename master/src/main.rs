@@ -28,6 +28,29 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// The force scheduler and builder the banner shows: a builder that builds without a change
+/// (no checkout of the change's repository), so the first build a newcomer forces can pass.
+fn banner_force(config: &Config) -> Option<(String, String)> {
+    use kiln_master::config::{SchedulerConfig, StepConfig};
+    let needs_a_change = |name: &str| {
+        config
+            .builder(name)
+            .is_none_or(|b| b.steps.iter().any(|s| matches!(s, StepConfig::Git(g) if g.repourl.is_none())))
+    };
+    let forces: Vec<_> = config
+        .schedulers
+        .iter()
+        .filter_map(|s| match s {
+            SchedulerConfig::Force(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    let standalone = forces.iter().find_map(|f| f.builder_names.iter().find(|b| !needs_a_change(b)).map(|b| (*f, b)));
+    let (force, builder) =
+        standalone.or_else(|| forces.first().and_then(|f| f.builder_names.first().map(|b| (*f, b))))?;
+    Some((force.name.clone(), builder.clone()))
+}
+
 /// The configuration used without `--config`: the quickstart's, from a clone of Kiln.
 const DEFAULT_CONFIG: &str = "config/quickstart.yaml";
 
@@ -93,10 +116,7 @@ async fn main() -> ExitCode {
     };
     let http = config.http.listen;
     let grpc = config.workers.listen;
-    let force = config.schedulers.iter().find_map(|s| match s {
-        kiln_master::config::SchedulerConfig::Force(f) => Some(f.name.clone()),
-        _ => None,
-    });
+    let force = banner_force(&config);
     let scheme = if config.http.tls.is_some() { "https" } else { "http" };
     let credentials = match config.control_access() {
         ControlAccess::Open => Some(""),
@@ -111,9 +131,12 @@ async fn main() -> ExitCode {
             "  change hook:   (in a git repository) curl -d author=me -d branch=main -d repository=$PWD -d revision=$(git rev-parse HEAD) {scheme}://{http}/change_hook/base"
         );
         match (force, credentials) {
-            (Some(force), Some(auth)) => println!(
-                "  force a build: curl{auth} -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{}}}}' {scheme}://{http}/api/v2/forceschedulers/{force}"
-            ),
+            (Some((force, builder)), Some(auth)) => {
+                println!("  force a build: target/debug/kiln --url {scheme}://{http} force {builder} --follow");
+                println!(
+                    "            or: curl{auth} -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"method\":\"force\",\"id\":1,\"params\":{{\"builderNames\":[\"{builder}\"]}}}}' {scheme}://{http}/api/v2/forceschedulers/{force}"
+                )
+            }
             (_, None) => println!("  control actions are closed: http.auth gives no credentials"),
             (None, Some(_)) => {}
         }

@@ -1,5 +1,6 @@
 //! The `kiln` command line against a running master: builders, force with a followed log,
-//! queue, workers and pools, and a clear error for a builder nobody can force.
+//! queue, workers and pools, and a clear error for a builder nobody can force; exit statuses a
+//! script can gate on, JSON listings, and what it says when no master answers.
 
 use std::process::Output;
 
@@ -47,7 +48,7 @@ async fn the_command_line_lists_forces_and_follows_a_build() {
     let logs = stdout(&run(&["logs", "1"]).await);
     assert!(logs.contains("[count] line 3"), "{logs}");
     let workers = stdout(&run(&["workers"]).await);
-    assert!(workers.contains("cli-worker") && workers.contains("ci") && workers.contains("connected"), "{workers}");
+    assert!(workers.contains("cli-worker") && workers.contains("ci") && workers.contains("idle"), "{workers}");
     let pools = stdout(&run(&["pools"]).await);
     assert!(pools.contains("ci") && pools.contains("static"), "{pools}");
     let queue = stdout(&run(&["queue"]).await);
@@ -57,4 +58,68 @@ async fn the_command_line_lists_forces_and_follows_a_build() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no force scheduler offers builder \"hidden\""));
     master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_statuses_follow_the_build_and_listings_are_fit_for_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let body = "collapseRequests: false\nbuilders:\n  - {name: green, steps: [{shell: {command: \"true\"}}]}\n  - {name: red, steps: [{shell: {command: \"exit 3\"}}]}\n  - {name: amber, steps: [{shell: {command: \"exit 1\", warnOnFailure: true, flunkOnFailure: false}}]}\n  - {name: waiting, workernames: [nobody], steps: [{shell: {command: \"true\"}}]}\nschedulers:\n  - {type: force, name: force, builderNames: [green, red, amber, waiting]}\n";
+    let config = kiln_master::config::Config::parse("cli.yaml", &config_text(&db, dir.path(), body)).unwrap();
+    let master = TestMaster::start_with(config, dir.path()).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let run = |args: Vec<&'static str>| {
+        let master = &master;
+        async move { tokio::task::block_in_place(|| kiln(master, &args)) }
+    };
+    let code = |output: &Output| output.status.code();
+
+    assert_eq!(code(&run(vec!["force", "green", "--follow"]).await), Some(0));
+    let red = run(vec!["force", "red", "--follow"]).await;
+    assert_eq!(code(&red), Some(1), "a failed build fails the script: {}", String::from_utf8_lossy(&red.stdout));
+    let red_build = String::from_utf8_lossy(&red.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("build ").and_then(|r| r.strip_suffix(" started")).map(str::to_owned))
+        .expect("the build's id");
+    let red_build: &'static str = Box::leak(red_build.into_boxed_str());
+    assert_eq!(code(&run(vec!["logs", "-f", red_build]).await), Some(1));
+    assert_eq!(code(&run(vec!["logs", red_build]).await), Some(0), "printing logs is not a verdict");
+    assert_eq!(code(&run(vec!["force", "amber", "--follow"]).await), Some(0), "WARNINGS passes by default");
+    assert_eq!(code(&run(vec!["force", "amber", "--follow", "--warnings-fail"]).await), Some(1));
+
+    // A request no worker can take stays in the queue, with a time a person can read.
+    assert_eq!(code(&run(vec!["force", "waiting"]).await), Some(0));
+    let queue = stdout(&run(vec!["queue"]).await);
+    let row = queue.lines().find(|l| l.contains("waiting")).expect(&queue);
+    let stamp = row.split_whitespace().rev().take(2).collect::<Vec<_>>();
+    assert!(stamp[1].len() == 10 && stamp[1].as_bytes()[4] == b'-' && stamp[0].len() == 8, "{row}");
+
+    let workers = stdout(&run(vec!["workers"]).await);
+    assert!(workers.lines().any(|l| l.starts_with("w1") && l.contains("idle")), "{workers}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&run(vec!["--json", "workers"]).await)).unwrap();
+    assert_eq!(listed[0]["name"], "w1");
+    let queued: serde_json::Value = serde_json::from_str(&stdout(&run(vec!["queue", "--json"]).await)).unwrap();
+    assert_eq!(queued.as_array().unwrap().len(), 1);
+
+    let version = stdout(&run(vec!["--version"]).await);
+    assert!(version.starts_with("kiln "), "{version}");
+    let help = stdout(&run(vec!["force", "--help"]).await);
+    assert!(!help.contains("KILN_URL="), "an unset variable does not look like a value: {help}");
+    assert!(help.contains("--repository") && help.contains("The builder to build"), "{help}");
+    master.stop().await;
+
+    // No master: say so, with the address, and exit 2.
+    let port = kiln_tests::free_port();
+    let output = std::process::Command::new(binary("kiln"))
+        .arg("builders")
+        .env("KILN_URL", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(&format!("kiln: cannot connect to http://127.0.0.1:{port}: is kiln-master running?")),
+        "{stderr}"
+    );
 }

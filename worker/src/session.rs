@@ -298,9 +298,11 @@ async fn session(
     // Whatever ended the session, no command of it may outlive it: the master is re-running (or
     // has finished) its builds elsewhere.
     crate::probes::connected(false);
+    // Cut off first: dropping the lifeline makes the supervisors kill the commands, and a killed
+    // command's exit status must not reach the master as a result (a FAILURE instead of RETRY).
+    cut_off.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(lifeline);
     drop(supervision);
-    cut_off.store(true, std::sync::atomic::Ordering::SeqCst);
     for command in running.values() {
         command.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = command.interrupt.send(true);
