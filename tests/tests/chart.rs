@@ -374,7 +374,7 @@ fn the_masters_account_reaches_the_worker_deployments_and_pods_and_nothing_else(
 /// the Certificates' names, HTTPS probes and scrapes.
 #[test]
 fn workers_in_their_own_namespace_and_cert_manager_tls_fit_together() {
-    let out = template(Some(&chart().join("ci/worker-namespace.yaml")), &[]);
+    let out = template(Some(&chart().join("ci/worker-namespace.yaml")), &["--api-versions", SERVICE_MONITOR]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let docs = documents(&String::from_utf8(out.stdout).unwrap());
     let config: Value =
@@ -411,4 +411,42 @@ fn workers_in_their_own_namespace_and_cert_manager_tls_fit_together() {
         policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
         "kiln-workers"
     );
+}
+
+/// The Prometheus Operator's API, as `helm template --api-versions` names it.
+const SERVICE_MONITOR: &str = "monitoring.coreos.com/v1/ServiceMonitor";
+
+#[test]
+fn an_operator_meets_no_surprise_on_reinstall_without_the_operator_or_on_a_root_owned_volume() {
+    let monitoring = chart().join("ci/monitoring.yaml");
+    // The Secret outlives `helm uninstall`, as the database volume does, so a re-install keeps
+    // the password the database knows.
+    let docs = documents(&String::from_utf8(template(Some(&monitoring), &[]).stdout).unwrap());
+    let secret = find(&docs, "Secret", "-secrets");
+    assert_eq!(secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    // A ServiceMonitor only where the cluster has the API; without, the install goes ahead.
+    assert!(!docs.iter().any(|d| d["kind"] == "ServiceMonitor"), "rendered without the CRD");
+    let with_api = documents(
+        &String::from_utf8(template(Some(&monitoring), &["--api-versions", SERVICE_MONITOR]).stdout).unwrap(),
+    );
+    assert_eq!(find(&with_api, "ServiceMonitor", "-master")["kind"], "ServiceMonitor");
+    // The opt-in ownership fix: an init container, root with CHOWN alone, on the shared volume.
+    let worker = |extra: &[&str]| {
+        let docs = documents(&String::from_utf8(template(None, extra).stdout).unwrap());
+        find(&docs, "Deployment", "-worker-default")["spec"]["template"]["spec"].clone()
+    };
+    assert!(worker(&[])["initContainers"].is_null(), "off by default");
+    // Without a live Deployment to read (a new install), a pool starts at its min, not at
+    // Kubernetes' default of one pod.
+    assert_eq!(worker(&[])["replicas"], Value::Null, "replicas is on the Deployment's spec, not the pod's");
+    let docs = documents(&String::from_utf8(template(None, &[]).stdout).unwrap());
+    assert_eq!(find(&docs, "Deployment", "-worker-default")["spec"]["replicas"], 0, "the default pool's min");
+    let fixed = worker(&["--set", "sharedVolume.fixOwnership=true"]);
+    let init = &fixed["initContainers"][0];
+    assert_eq!(init["securityContext"]["runAsUser"], 0);
+    assert_eq!(init["securityContext"]["capabilities"]["add"][0], "CHOWN");
+    assert_eq!(init["securityContext"]["capabilities"]["drop"][0], "ALL");
+    let command = init["command"][2].as_str().unwrap();
+    assert!(command.contains("chown 1000:1000 /shared /shared/cache"), "{command}");
+    assert_eq!(init["volumeMounts"][0]["mountPath"], "/shared");
 }

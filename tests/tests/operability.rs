@@ -146,3 +146,48 @@ async fn json_logs_name_the_build_and_builder_on_every_build_line() {
     }
     assert!(build_lines > 0, "some lines are about the build:\n{lines}");
 }
+
+/// A worker that cannot write its cache (here a file stands where the directory should be, as a
+/// root-owned shared volume stands in the way on a cluster) stays not ready and unregistered,
+/// with a reason naming the path, its uid and the fix, and goes to work once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_write_its_cache_says_so_and_takes_no_work_until_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let master = MasterProcess::start(&database, dir.path(), &body(), 0).await;
+    let client = reqwest::Client::new();
+    let cache = dir.path().join("cache");
+    std::fs::write(&cache, b"in the way").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _worker = spawn_worker_env(
+        &format!("http://127.0.0.1:{}", master.grpc_port),
+        "blocked",
+        TOKEN,
+        dir.path(),
+        &[("KILN_WORKER_HTTP_LISTEN", listen.as_str())],
+    );
+    let readyz = format!("http://{listen}/readyz");
+    let reason = eventually("the probe to give the reason", MINUTE, || async {
+        let response = client.get(&readyz).send().await.ok()?;
+        (response.status() == 503).then_some(())?;
+        let reason = response.text().await.ok()?;
+        reason.contains("not writable").then_some(reason)
+    })
+    .await;
+    assert!(reason.contains(&cache.display().to_string()) && reason.contains("uid "), "{reason}");
+    assert!(reason.contains("fsGroupPolicy: File"), "{reason}");
+    let workers = text(&client, &format!("{}/api/v2/workers", master.base)).await;
+    assert!(!workers.contains("blocked"), "it did not register: {workers}");
+    let log = std::fs::read_to_string(dir.path().join("blocked.log")).unwrap();
+    assert!(log.contains("not writable by this worker"), "{log}");
+
+    std::fs::remove_file(&cache).unwrap();
+    eventually("the worker to be ready once it can write", MINUTE, || async {
+        (status(&client, &readyz).await == Some(200)).then_some(())
+    })
+    .await;
+    let brid = force(&client, &master.base).await;
+    let build = wait_request(&client, &master.base, brid).await;
+    assert_eq!(build["results"], 0, "{build}");
+    master.stop().await;
+}

@@ -97,3 +97,25 @@ async fn the_query_language_on_sqlite() {
 async fn the_query_language_on_postgres() {
     query_language(pg::fresh_database().await).await;
 }
+
+/// The root lists every collection there is, and each one it lists answers in its envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_lists_every_collection_and_each_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let master = TestMaster::start(&database, dir.path(), SETUP).await;
+    let root = master.get("/api/v2").await;
+    let names: Vec<&str> = root["rootlinks"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    for expected in ["builders", "builds", "buildrequests", "workers", "schedulers", "forceschedulers", "pools"] {
+        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    }
+    // Steps and logs are roots of single objects (`/steps/N`, `/logs/N`), as in Buildbot; their
+    // collections hang below builds and steps.
+    for name in names.iter().filter(|n| !["steps", "logs"].contains(n)) {
+        let (status, body) = master.get_text(&format!("/api/v2/{name}")).await;
+        assert_eq!(status, 200, "{name}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert!(body[name].is_array() && body["meta"]["total"].is_number(), "{name}: {body}");
+    }
+    master.stop().await;
+}

@@ -2,6 +2,7 @@
 //! processes, git checkouts through a shared mirror cache, and file operations.
 
 pub mod commands;
+pub mod dirs;
 pub mod git;
 pub mod probes;
 pub mod session;

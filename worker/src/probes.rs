@@ -3,8 +3,8 @@
 //! running, output streamed, connection state).
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -17,6 +17,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 static CONNECTED: AtomicBool = AtomicBool::new(false);
 static DRAINING: AtomicBool = AtomicBool::new(false);
 static RUNNING: AtomicU64 = AtomicU64::new(0);
+/// Why the worker cannot take work before it has even connected: a directory it cannot write.
+static UNUSABLE: Mutex<Option<String>> = Mutex::new(None);
 /// When the last session ended, in milliseconds since the process started (0: never).
 static DISCONNECTED_AT_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -108,7 +110,15 @@ pub fn serve(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn ready() -> impl IntoResponse {
+/// Marks the worker unable to work (not ready, with the reason) or able again.
+pub fn unusable(reason: Option<String>) {
+    *UNUSABLE.lock().expect("probe state poisoned") = reason;
+}
+
+async fn ready() -> axum::response::Response {
+    if let Some(reason) = UNUSABLE.lock().expect("probe state poisoned").clone() {
+        return (StatusCode::SERVICE_UNAVAILABLE, reason).into_response();
+    }
     let disconnected_at = DISCONNECTED_AT_MS.load(Ordering::SeqCst);
     let reconnecting = disconnected_at > 0
         && uptime_ms().saturating_sub(disconnected_at) < READY_WHILE_RECONNECTING.as_millis() as u64;
@@ -118,6 +128,7 @@ async fn ready() -> impl IntoResponse {
         RUNNING.load(Ordering::SeqCst) > 0,
         reconnecting,
     )
+    .into_response()
 }
 
 /// Whether the pod reads as ready. A worker running a command stays ready whatever else holds,

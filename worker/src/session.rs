@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::commands::{self, Reporter, ShellArgs, Stream, Update};
 use crate::git::{self, GitArgs};
@@ -57,6 +57,9 @@ pub enum WorkerError {
 pub const COMMANDS: &[&str] =
     &["shell", "git", "mkdir", "rmdir", "stat", "glob", "listdir", "upload_file", "download_file"];
 
+/// How often a worker that cannot write its directories looks again.
+const UNWRITABLE_RECHECK: Duration = Duration::from_secs(2);
+
 /// How a session ended.
 enum SessionEnd {
     /// The master asked the worker to exit.
@@ -74,8 +77,19 @@ pub async fn run(
     mut terminate: watch::Receiver<bool>,
     kill: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
-    std::fs::create_dir_all(&config.basedir).ok();
-    std::fs::create_dir_all(&config.cache_dir).ok();
+    // A worker that cannot write its directories would fail every build: it stays not ready,
+    // and unregistered, until it can.
+    loop {
+        let unwritable =
+            [&config.basedir, &config.cache_dir].into_iter().find_map(|dir| crate::dirs::check_writable(dir).err());
+        crate::probes::unusable(unwritable.clone());
+        let Some(reason) = unwritable else { break };
+        error!(%reason, "cannot work; looking again in {:?}", UNWRITABLE_RECHECK);
+        tokio::select! {
+            _ = tokio::time::sleep(UNWRITABLE_RECHECK) => {}
+            _ = terminate.changed() => return Ok(()),
+        }
+    }
     let mut backoff = Duration::from_millis(100);
     loop {
         if *terminate.borrow() {

@@ -16,19 +16,9 @@ use crate::master::Master;
 use crate::store::{Filter, ListQuery, Op, Resource};
 
 pub async fn root() -> Json<Value> {
-    let names = [
-        "builders",
-        "builds",
-        "buildrequests",
-        "buildsets",
-        "changes",
-        "sourcestamps",
-        "workers",
-        "masters",
-        "steps",
-        "logs",
-        "forceschedulers",
-    ];
+    // Every collection the data API serves: the stored ones, the force schedulers of the
+    // configuration, and Kiln's pools.
+    let names: Vec<&str> = Resource::ALL.iter().map(|r| r.plural()).chain(["forceschedulers", "pools"]).collect();
     let links: Vec<Value> = names.iter().map(|n| json!({ "name": n })).collect();
     Json(json!({ "rootlinks": links, "meta": { "total": names.len() } }))
 }
