@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::master::Master;
 use crate::remote::{
@@ -165,9 +165,11 @@ async fn read_worker(master: &Arc<Master>, session: &Arc<WorkerSession>, mut inb
                 info!(worker = session.name(), "worker closed its session");
                 return;
             }
-            // A draining worker that exits may drop the connection rather than close the stream.
+            // A draining worker that exits may drop the connection rather than close the stream:
+            // that is how it leaves, not a protocol error worth a reader's attention.
             Ok(Err(status)) if session.is_draining() && session.running_builds() == 0 => {
-                info!(worker = session.name(), %status, "drained worker left");
+                info!(worker = session.name(), "drained worker left");
+                debug!(worker = session.name(), %status, "how the drained worker's connection ended");
                 return;
             }
             Ok(Err(status)) => {

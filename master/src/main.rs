@@ -68,7 +68,10 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Kiln logs every Kubernetes error it meets, once, with what it does next; the client's own
+    // logs of the same errors show with KILN_LOG=debug.
+    let filter =
+        EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info,kube_client=off,kube_runtime=off"));
     match args.log_format {
         // Colour only for a person at a terminal: not in files, pipes or log collectors.
         LogFormat::Text => tracing_subscriber::fmt()

@@ -118,10 +118,14 @@ pub async fn run_with(
     if let Some(pool) = config.pools.iter().find(|p| p.backend == BackendKind::Kubernetes)
         && kube_client.is_none()
     {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| RunError::Kubernetes { pool: pool.name.clone(), reason: e.to_string() })?;
-        kube_client = Some(client);
+        let error = |reason: String| RunError::Kubernetes { pool: pool.name.clone(), reason };
+        let mut kube_config = kube::Config::infer().await.map_err(|e| error(e.to_string()))?;
+        kube_config.headers.push((
+            axum::http::header::USER_AGENT,
+            axum::http::HeaderValue::from_static(crate::pool::kubernetes::USER_AGENT),
+        ));
+        kube_client =
+            Some(kube::Client::try_from(kube_config).map_err(|e| error(crate::pool::kubernetes::describe(&e)))?);
     }
     let mut shutdown = std::pin::pin!(shutdown);
     let Some(store) = connect(&config, options.clock, &mut shutdown).await? else {

@@ -244,3 +244,79 @@ async fn a_victim_whose_worker_connects_late_gets_no_work() {
     assert_eq!(workers["workers"][0]["paused"], true, "{workers}");
     master.stop().await;
 }
+
+/// The real process against an API server that refuses it, reached through a kubeconfig as on a
+/// cluster: every call carries Kiln's User-Agent, and the refusal is logged as the API server's
+/// message, once, by Kiln — not as the client's debug dump, nor again by the client itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_calls_carry_kilns_user_agent_and_refusals_read_as_their_message() {
+    use std::sync::{Arc, Mutex};
+    let agents: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&agents);
+    let refuse = move |request: axum::extract::Request| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let agent = request.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("(none)");
+            seen.lock().unwrap().push(agent.to_owned());
+            let status = json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden", "code": 403,
+                "message": "deployments.apps \"workers\" is forbidden: User \"system:serviceaccount:ci:kiln\" cannot get resource \"deployments/scale\"",
+            });
+            (axum::http::StatusCode::FORBIDDEN, axum::Json(status))
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, axum::Router::new().fallback(refuse)).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\nusers: [{{name: kiln, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: kiln, namespace: ci}}}}]\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("kiln.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "database: \"sqlite://{}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{}\"}}\nworkers:\n  listen: \"127.0.0.1:{}\"\n  tokens: [{{name: t, value: {TOKEN}}}]\npools:\n  - {{name: linux, backend: kubernetes, min: 0, max: 2, kubernetes: {{deployment: workers}}}}\nbuilders:\n  - {{name: b, steps: [{{shell: {{command: \"true\"}}}}]}}\n",
+            dir.path().join("kiln.sqlite").display(),
+            dir.path().display(),
+            kiln_tests::free_port(),
+            kiln_tests::free_port(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("master.log");
+    let mut master = tokio::process::Command::new(kiln_tests::binary("kiln-master"))
+        .arg("--config")
+        .arg(&config)
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KILN_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("master.out")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let logged = eventually("the refusal to be logged", MINUTE, || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("cannot read the deployment's scale").then_some(text)
+    })
+    .await;
+    let _ = master.kill().await;
+    let agents = agents.lock().unwrap().clone();
+    assert!(!agents.is_empty() && agents.iter().all(|a| a.starts_with("kiln-master/")), "{agents:?}");
+    let line = logged.lines().find(|l| l.contains("cannot read the deployment's scale")).unwrap();
+    assert!(
+        line.contains("deployments.apps \\\"workers\\\" is forbidden")
+            || line.contains("deployments.apps \"workers\" is forbidden"),
+        "{line}"
+    );
+    assert!(line.contains("(403 Forbidden)"), "{line}");
+    assert!(!logged.contains("Status {") && !logged.contains("ApiError"), "a debug dump:\n{logged}");
+    assert!(!logged.contains("kube_client"), "the client logged it too:\n{logged}");
+}

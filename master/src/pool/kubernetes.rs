@@ -18,6 +18,39 @@ use tracing::{info, warn};
 use super::MasterPort;
 use crate::scaling::Member;
 
+/// The User-Agent of every call the master makes to the Kubernetes API, so that audit logs and
+/// API priority rules can tell the master apart.
+pub const USER_AGENT: &str = concat!("kiln-master/", env!("CARGO_PKG_VERSION"));
+
+/// A Kubernetes API error as a person reads it: the API server's message, code and reason, not the
+/// client's debug dump of them.
+pub fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => describe_status(status),
+        other => other.to_string(),
+    }
+}
+
+/// A watch's error, as [`describe`] does.
+pub fn describe_watch(error: &watcher::Error) -> String {
+    match error {
+        watcher::Error::InitialListFailed(e) => format!("listing pods: {}", describe(e)),
+        watcher::Error::WatchStartFailed(e) => format!("starting the watch: {}", describe(e)),
+        watcher::Error::WatchFailed(e) => format!("the watch failed: {}", describe(e)),
+        watcher::Error::WatchError(status) => format!("the watch failed: {}", describe_status(status)),
+        other => other.to_string(),
+    }
+}
+
+fn describe_status(status: &kube::core::Status) -> String {
+    match (status.code, status.reason.as_str()) {
+        (0, "") => status.message.clone(),
+        (0, reason) => format!("{} ({reason})", status.message),
+        (code, "") => format!("{} ({code})", status.message),
+        (code, reason) => format!("{} ({code} {reason})", status.message),
+    }
+}
+
 /// The annotation the ReplicaSet controller reads to choose which pods to remove first.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
@@ -249,6 +282,7 @@ impl KubernetesPool {
                 }
                 Err(error) => {
                     crate::telemetry::pool_api_error(&self.pool);
+                    let error = describe(&error);
                     warn!(pool = %self.pool, deployment = %self.deployment, %error, "cannot read the deployment's scale");
                 }
             }
@@ -271,6 +305,7 @@ impl KubernetesPool {
                 None => return,
                 Some(Err(error)) => {
                     crate::telemetry::pool_api_error(&self.pool);
+                    let error = describe_watch(&error);
                     warn!(pool = %self.pool, %error, "watching pods failed; retrying");
                     continue;
                 }

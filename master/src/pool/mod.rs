@@ -38,7 +38,7 @@ pub struct MasterPort {
 pub enum PoolError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("kubernetes API: {0}")]
+    #[error("kubernetes API: {}", kubernetes::describe(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Local(#[from] LocalError),
