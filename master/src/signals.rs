@@ -11,8 +11,8 @@ use tokio::sync::{Notify, watch};
 pub struct Signals {
     /// Wakes the dispatcher: a request entered the queue, a worker freed a slot or joined.
     dispatch: Notify,
-    /// Wakes the pool scalers on the same events.
-    scale: Notify,
+    /// Wakes every pool scaler on the same events (a count each follows, so none is missed).
+    scale: watch::Sender<u64>,
     /// When the oldest wake-up not yet seen by a scaler happened, to measure reaction time.
     scale_woken_at: Mutex<Option<Instant>>,
     /// Counts the same events for whoever waits on the queue's progress (`trigger` steps
@@ -25,7 +25,7 @@ impl Default for Signals {
     fn default() -> Self {
         Signals {
             dispatch: Notify::new(),
-            scale: Notify::new(),
+            scale: watch::channel(0).0,
             scale_woken_at: Mutex::new(None),
             queue_events: watch::channel(0).0,
             shutting_down: watch::channel(false).0,
@@ -39,13 +39,13 @@ impl Signals {
     pub fn wake(&self) {
         self.dispatch.notify_one();
         self.queue_events.send_modify(|n| *n = n.wrapping_add(1));
-        self.scale.notify_one();
+        self.scale.send_modify(|n| *n = n.wrapping_add(1));
         self.scale_woken_at.lock().expect("scale_woken_at poisoned").get_or_insert_with(Instant::now);
     }
 
     /// Wakes only the scalers (a worker's count of busy slots changed, nothing else did).
     pub fn wake_scalers(&self) {
-        self.scale.notify_one();
+        self.scale.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Waits for the next wake-up of the dispatcher.
@@ -53,9 +53,10 @@ impl Signals {
         self.dispatch.notified().await;
     }
 
-    /// Waits until something happened that may change how many workers a pool needs.
-    pub async fn scaling_wanted(&self) {
-        self.scale.notified().await;
+    /// Follows what may change how many workers a pool needs: each scaler holds its own
+    /// receiver, which sees every wake-up since it last looked.
+    pub fn scale_events(&self) -> watch::Receiver<u64> {
+        self.scale.subscribe()
     }
 
     /// When the earliest wake-up since the last call happened, if any (for the reaction-time

@@ -137,3 +137,33 @@ async fn a_worker_killed_while_the_pool_shrinks_has_its_build_retried() {
         .await;
     master.stop().await;
 }
+
+/// `/api/v2/pools` says what is so: pending is the queue as it is when asked, and a build that
+/// starts on any pool's worker wakes that pool's scaler too, not just one scaler of several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pools_status_follows_its_queue_and_its_busy_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let body = "collapseRequests: false\npools:\n  - {name: first, backend: static, min: 0, max: 2, builders: [a]}\n  - {name: second, backend: static, min: 0, max: 2, builders: [b]}\nbuilders:\n  - {name: a, steps: [{shell: {command: \"sleep 3\"}}]}\n  - {name: b, steps: [{shell: {command: \"sleep 3\"}}]}\nschedulers:\n  - {type: force, name: force, builderNames: [a, b]}\n";
+    let config = Config::parse("pools.yaml", &kiln_tests::system::config_text(&db, dir.path(), body)).unwrap();
+    let master = TestMaster::start_with(config, dir.path()).await;
+    let pool = |status: &serde_json::Value, name: &str| {
+        status["pools"].as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap()
+    };
+    let brid = force(&master, "b").await;
+    // No worker yet: the request waits, and the status says so the moment it is asked.
+    let status = master.get("/api/v2/pools").await;
+    assert_eq!(
+        (pool(&status, "second")["pending"].as_i64(), pool(&status, "first")["pending"].as_i64()),
+        (Some(1), Some(0))
+    );
+    let _worker = master.spawn_pool_worker("second-1", "second");
+    // Well inside the scalers' 30 s sweep, which a missed wake-up would wait for.
+    eventually("the second pool to show its busy worker", Duration::from_secs(10), || async {
+        let second = pool(&master.get("/api/v2/pools").await, "second");
+        (second["busy"] == 1 && second["pending"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(master.wait_build_of_request(brid, MINUTE).await["results"], 0);
+    master.stop().await;
+}

@@ -64,7 +64,18 @@ fn nul_in_uri(uri: &axum::http::Uri) -> Option<String> {
 /// Kiln's worker pools as this master sees them (an extension of the data API, in its envelope):
 /// desired and actual workers, whether this master leads the pool's scaler, the last error.
 async fn pools(axum::extract::State(master): axum::extract::State<Arc<Master>>) -> Response {
-    let pools: Vec<_> = master.pools().iter().map(|p| p.status()).collect();
+    let mut pools = Vec::new();
+    for pool in master.pools() {
+        let mut status = pool.status();
+        // The queue as it is now, not as the scaler last looked at it; without the database,
+        // what the scaler saw.
+        if let Some(ids) = master.pool_builder_ids(&pool.config.name)
+            && let Ok((pending, _)) = master.store.queue_counts(Some(ids)).await
+        {
+            status.pending = u32::try_from(pending).unwrap_or(u32::MAX);
+        }
+        pools.push(status);
+    }
     let total = pools.len();
     axum::Json(serde_json::json!({ "pools": pools, "meta": { "total": total } })).into_response()
 }

@@ -119,6 +119,9 @@ impl Master {
             if !progressed {
                 return Ok(());
             }
+            // Builds started: the pools' busy workers changed, so their scalers look again
+            // (and report what is so).
+            self.signals.wake_scalers();
         }
     }
 

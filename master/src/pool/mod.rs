@@ -130,6 +130,7 @@ impl Pool {
             _ => Some(Leadership::new(&master.store, &self.config.name)),
         };
         let sweep = Duration::from_secs(30);
+        let mut wanted = master.signals.scale_events();
         let mut failures = 0u32;
         while !*shutdown.borrow() {
             let leading = match &mut leadership {
@@ -167,7 +168,7 @@ impl Pool {
                 }
             };
             tokio::select! {
-                _ = master.signals.scaling_wanted(), if leading && failures == 0 => {}
+                Ok(()) = wanted.changed(), if leading && failures == 0 => {}
                 _ = backend_changed, if leading && failures == 0 => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => break,
