@@ -69,9 +69,13 @@ async fn exit_statuses_follow_the_build_and_listings_are_fit_for_scripts() {
     let master = TestMaster::start_with(config, dir.path()).await;
     let _worker = master.spawn_worker("w1");
     master.wait_workers(1).await;
-    let run = |args: Vec<&'static str>| {
+    let run = |args: Vec<&str>| {
         let master = &master;
-        async move { tokio::task::block_in_place(|| kiln(master, &args)) }
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            tokio::task::block_in_place(|| kiln(master, &args))
+        }
     };
     let code = |output: &Output| output.status.code();
 
@@ -82,9 +86,8 @@ async fn exit_statuses_follow_the_build_and_listings_are_fit_for_scripts() {
         .lines()
         .find_map(|l| l.strip_prefix("build ").and_then(|r| r.strip_suffix(" started")).map(str::to_owned))
         .expect("the build's id");
-    let red_build: &'static str = Box::leak(red_build.into_boxed_str());
-    assert_eq!(code(&run(vec!["logs", "-f", red_build]).await), Some(1));
-    assert_eq!(code(&run(vec!["logs", red_build]).await), Some(0), "printing logs is not a verdict");
+    assert_eq!(code(&run(vec!["logs", "-f", &red_build]).await), Some(1));
+    assert_eq!(code(&run(vec!["logs", &red_build]).await), Some(0), "printing logs is not a verdict");
     assert_eq!(code(&run(vec!["force", "amber", "--follow"]).await), Some(0), "WARNINGS passes by default");
     assert_eq!(code(&run(vec!["force", "amber", "--follow", "--warnings-fail"]).await), Some(1));
 
