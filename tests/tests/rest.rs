@@ -119,3 +119,66 @@ async fn the_root_lists_every_collection_and_each_answers() {
     }
     master.stop().await;
 }
+
+/// Buildbot's UI at `/`: its files as installed, `index.html` with the frontend configuration in
+/// its placeholder, `/config`, and the plugins beside it. (The files here are stand-ins in the
+/// package's layout; the UI itself is GPL and installed from PyPI, never kept here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_is_served_with_its_configuration_or_a_page_says_how_to_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site-packages");
+    let www = site.join("buildbot_www/static");
+    std::fs::create_dir_all(www.join("assets")).unwrap();
+    std::fs::write(
+        www.join("index.html"),
+        "<html><head></head><body></body>\n  <!-- BUILDBOT_CONFIG_PLACEHOLDER -->\n</html>\n",
+    )
+    .unwrap();
+    std::fs::write(www.join("assets/index-abc.js"), "console.log('ui');\n").unwrap();
+    std::fs::create_dir_all(site.join("buildbot_waterfall_view/static")).unwrap();
+    std::fs::write(site.join("buildbot_waterfall_view/static/scripts.js"), "// waterfall\n").unwrap();
+
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = kiln_tests::system::config_text(&database, dir.path(), SETUP)
+        .replace("http:\n", &format!("http:\n  www: \"{}\"\n", site.join("buildbot_www").display()));
+    let config = kiln_master::config::Config::parse("ui.yaml", &text).unwrap();
+    let master = TestMaster::start_with(config, dir.path()).await;
+    let client = reqwest::Client::new();
+    let page = client.get(master.url("/")).send().await.unwrap();
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let page = page.text().await.unwrap();
+    let config = page
+        .split("window.buildbotFrontendConfig = ")
+        .nth(1)
+        .and_then(|r| r.split(";\n</script>").next())
+        .expect(&page);
+    let config: Value = serde_json::from_str(config).unwrap();
+    assert_eq!(config["buildbotURL"], format!("http://{}/", master.http));
+    assert_eq!(config["plugins"], serde_json::json!({ "waterfall_view": {} }));
+    assert_eq!(config["auth"]["name"], "NoAuth");
+    assert_eq!(master.get("/config").await["title"], config["title"]);
+    let script = client.get(master.url("/assets/index-abc.js")).send().await.unwrap();
+    assert_eq!(
+        (script.status().as_u16(), script.headers()["content-type"].to_str().unwrap()),
+        (200, "text/javascript")
+    );
+    let plugin = client.get(master.url("/plugins/waterfall_view/scripts.js")).send().await.unwrap();
+    assert_eq!(plugin.status(), 200);
+    assert_eq!(client.get(master.url("/assets/missing.js")).send().await.unwrap().status(), 404);
+    assert_eq!(master.get("/api/v2/builders").await["meta"]["total"], 2, "the API is unchanged below it");
+    master.stop().await;
+
+    // Without the UI (and none installed where Python puts it), `/` says how to install it.
+    let other = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", other.path().join("kiln.sqlite").display());
+    let master = TestMaster::start(&database, other.path(), SETUP).await;
+    let (status, page) = master.get_text("/").await;
+    if !page.contains("buildbotFrontendConfig") {
+        assert_eq!(status, 200);
+        assert!(
+            page.contains("pip install buildbot-www==4.3.0") && page.contains("api/v2") && page.contains("metrics"),
+            "{page}"
+        );
+    }
+    master.stop().await;
+}

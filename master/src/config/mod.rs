@@ -118,6 +118,10 @@ pub struct HttpConfig {
     /// Serve HTTPS with this certificate; plain HTTP without it.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Buildbot's web UI: the `static` directory of an installed `buildbot-www` package (or the
+    /// package's directory). Unset, the master looks for the package where Python installs it.
+    #[serde(default)]
+    pub www: Option<PathBuf>,
 }
 
 /// A listener's TLS: a certificate chain and its key in PEM files, read again when they change.
@@ -194,7 +198,7 @@ pub enum ControlAccess {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_http_listen(), max_body_bytes: default_body_limit(), auth: None, tls: None }
+        Self { listen: default_http_listen(), max_body_bytes: default_body_limit(), auth: None, tls: None, www: None }
     }
 }
 
@@ -527,6 +531,18 @@ impl Config {
                 "workers.tokens".into(),
                 "workers.tls.client_ca makes workers authenticate by certificate; give tokens or client_ca, not both"
                     .into(),
+            ));
+        }
+        if let Some(www) = &self.http.www
+            && !www.join("index.html").is_file()
+            && !www.join("static/index.html").is_file()
+        {
+            return Err((
+                "http.www".into(),
+                format!(
+                    "{}: no index.html there or in its static directory: name buildbot-www's static directory",
+                    www.display()
+                ),
             ));
         }
         for (key, tls) in [("workers.tls", &self.workers.tls), ("http.tls", &self.http.tls)] {

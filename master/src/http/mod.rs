@@ -6,6 +6,7 @@ mod errors;
 pub(crate) mod hooks;
 pub(crate) mod rest;
 pub(crate) mod rpc;
+pub mod www;
 
 use std::sync::Arc;
 
@@ -25,6 +26,17 @@ pub fn router(master: Arc<Master>) -> Router {
     // Forges send big pushes (GitHub caps a delivery at 25 MB); the hooks get their own limit.
     let hook_limit = DefaultBodyLimit::max(master.config.change_hooks.max_body_bytes);
     crate::telemetry::handle();
+    let ui = match &master.config.http.www {
+        Some(dir) => www::Ui::open(dir).map_err(|error| tracing::error!(%error, "http.www: the web UI is off")).ok(),
+        None => www::Ui::discover(),
+    };
+    match &ui {
+        Some(ui) => {
+            tracing::info!(dir = %ui.static_dir.display(), plugins = ui.plugins.len(), "serving Buildbot's web UI at /")
+        }
+        None => tracing::info!("no buildbot-www installed: / says how to install it"),
+    }
+    let ui = www::routes(ui, master.config.title.clone(), master.config.http.tls.is_some());
     Router::new()
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
@@ -35,6 +47,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .merge(ui)
         .layer(axum::Extension(Arc::new(hooks::Hooks::from_config(&master.config.change_hooks))))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(refuse_nul_in_uri))
