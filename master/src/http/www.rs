@@ -44,9 +44,10 @@ impl Ui {
     }
 
     /// Finds `buildbot-www` where pip installs it: the active virtualenv, the user's site, the
-    /// system's site- and dist-packages.
+    /// system's site- and dist-packages — after `/usr/share/kiln/www`, where the master image
+    /// puts it.
     pub fn discover() -> Option<Ui> {
-        let mut patterns = Vec::new();
+        let mut patterns = vec!["/usr/share/kiln/www/buildbot_www".to_owned()];
         if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
             patterns.push(format!("{}/lib/python3*/site-packages/buildbot_www", Path::new(&venv).display()));
         }
