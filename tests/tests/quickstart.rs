@@ -122,9 +122,12 @@ async fn the_quickstart_works_as_the_readme_and_the_banner_say() {
     }
 
     // Five smoke builds are waiting or running: the pool grows past one worker.
-    let workers = format!("http://{http}/api/v2/workers");
+    let api = |path: &str| {
+        let request = client.get(format!("http://{http}/api/v2/{path}")).send();
+        async move { request.await.ok()?.json::<serde_json::Value>().await.ok() }
+    };
     eventually("the local pool to grow", MINUTE, || async {
-        let listed: serde_json::Value = client.get(&workers).send().await.ok()?.json().await.ok()?;
+        let listed = api("workers").await?;
         let connected = listed["workers"]
             .as_array()?
             .iter()
@@ -134,19 +137,10 @@ async fn the_quickstart_works_as_the_readme_and_the_banner_say() {
     })
     .await;
     let builds = eventually("every build to finish", Duration::from_secs(120), || async {
-        let pending: serde_json::Value = client
-            .get(format!("http://{http}/api/v2/buildrequests?complete=false"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        if pending["meta"]["total"] != 0 {
+        if api("buildrequests?complete=false").await?["meta"]["total"] != 0 {
             return None;
         }
-        let builds: serde_json::Value =
-            client.get(format!("http://{http}/api/v2/builds")).send().await.ok()?.json().await.ok()?;
+        let builds = api("builds").await?;
         Some(builds["builds"].as_array()?.clone())
     })
     .await;
