@@ -147,6 +147,8 @@ pub struct BuildsetDetails {
     pub reason: String,
     pub properties: Properties,
     pub sourcestamps: Vec<SourceStamp>,
+    /// The authors of the buildset's changes, each once, in order (Buildbot's blamelist).
+    pub authors: Vec<String>,
 }
 
 /// Where a build came from.

@@ -7,6 +7,7 @@ pub mod collapse;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod events;
 pub mod force;
 pub mod fuzz;
 pub mod grpc;

@@ -135,9 +135,10 @@ impl WorkerInfo {
             "version": self.version,
             "basedir": self.basedir,
             "max_builds": self.max_builds,
-            "labels": self.labels,
+            // Buildbot's UI shows each value as text: no nested objects or lists.
+            "labels": self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
             "pool": self.pool,
-            "worker_commands": self.commands,
+            "worker_commands": self.commands.join(", "),
             "admin": null,
             "access_uri": null,
         })

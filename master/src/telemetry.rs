@@ -37,6 +37,8 @@ pub const METRICS: &[&str] = &[
     "kiln_store_errors_total",
     "kiln_log_bytes_total",
     "kiln_logs_deleted_total",
+    "kiln_websocket_clients",
+    "kiln_websocket_clients_dropped_total",
 ];
 
 /// The process's recorder (installed once; several masters in one process share it).
@@ -58,6 +60,7 @@ pub fn handle() -> &'static PrometheusHandle {
             "kiln_buildrequests_collapsed_total",
             "kiln_log_bytes_total",
             "kiln_logs_deleted_total",
+            "kiln_websocket_clients_dropped_total",
         ] {
             counter!(name).increment(0);
         }
@@ -112,6 +115,25 @@ fn describe() {
     describe_counter!("kiln_store_errors_total", "Database errors in the master's loops, per operation.");
     describe_counter!("kiln_log_bytes_total", Unit::Bytes, "Build log text written to the database.");
     describe_counter!("kiln_logs_deleted_total", "Logs of builds older than logHorizon whose text was deleted.");
+    describe_gauge!("kiln_websocket_clients", "Clients connected to the event stream at /ws.");
+    describe_counter!(
+        "kiln_websocket_clients_dropped_total",
+        "Event stream clients closed because they fell behind or stopped reading."
+    );
+}
+
+/// An event stream client connected (`true`) or left.
+pub fn websocket_client(connected: bool) {
+    if connected {
+        gauge!("kiln_websocket_clients").increment(1.0);
+    } else {
+        gauge!("kiln_websocket_clients").decrement(1.0);
+    }
+}
+
+/// An event stream client was closed for falling behind.
+pub fn websocket_client_dropped() {
+    counter!("kiln_websocket_clients_dropped_total").increment(1);
 }
 
 pub fn worker_connected() {

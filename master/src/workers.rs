@@ -29,6 +29,9 @@ pub enum AttachError {
 
 /// The workers connected to this master, by name, and what their sessions need of the master:
 /// the database, its id and name, the heartbeat it asks for, and its signals.
+/// Which builders a worker may run, by what it says of itself.
+pub type Configured = Box<dyn Fn(&WorkerInfo) -> Vec<i64> + Send + Sync>;
+
 pub struct WorkerRegistry {
     store: Store,
     masterid: i64,
@@ -36,6 +39,8 @@ pub struct WorkerRegistry {
     heartbeat: Duration,
     signals: Arc<Signals>,
     sessions: Mutex<HashMap<String, Arc<WorkerSession>>>,
+    /// The builders a worker may run here, recorded when it connects.
+    configured: Configured,
     /// Workers drained here for a scale-down (not by their own SIGTERM), which a failed
     /// scale-down may return to service.
     scale_drained: Mutex<HashSet<String>>,
@@ -48,13 +53,21 @@ impl std::fmt::Debug for WorkerRegistry {
 }
 
 impl WorkerRegistry {
-    pub fn new(store: Store, masterid: i64, master_name: String, heartbeat: Duration, signals: Arc<Signals>) -> Self {
+    pub fn new(
+        store: Store,
+        masterid: i64,
+        master_name: String,
+        heartbeat: Duration,
+        signals: Arc<Signals>,
+        configured: Configured,
+    ) -> Self {
         WorkerRegistry {
             store,
             masterid,
             master_name,
             heartbeat,
             signals,
+            configured,
             sessions: Mutex::new(HashMap::new()),
             scale_drained: Mutex::new(HashSet::new()),
         }
@@ -99,7 +112,9 @@ impl WorkerRegistry {
                 return Err(AttachError::NameTaken(info.name));
             }
         }
-        let workerid = self.store.worker_connected(&info.name, &info.to_json(), Some(self.masterid)).await?;
+        let builderids = (self.configured)(&info);
+        let workerid =
+            self.store.worker_connected(&info.name, &info.to_json(), Some(self.masterid), &builderids).await?;
         let session = WorkerSession::new(workerid, info, outbound);
         {
             let mut workers = self.sessions.lock().expect("workers poisoned");

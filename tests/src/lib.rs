@@ -8,6 +8,7 @@ pub mod process;
 pub mod repo;
 pub mod system;
 pub mod tls;
+pub mod ws;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

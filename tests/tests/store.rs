@@ -168,7 +168,7 @@ async fn a_stale_claim_token_changes_nothing(store: Store) {
 
 async fn a_released_request_returns_to_the_queue(store: Store) {
     let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
@@ -185,7 +185,7 @@ async fn a_released_request_returns_to_the_queue(store: Store) {
 
 async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
     let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, -1).await.unwrap().unwrap();
@@ -259,7 +259,7 @@ async fn a_session_lock_has_one_holder_at_a_time_on_postgres() {
 
 async fn builds_are_numbered_per_builder(store: Store) {
     let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
     let a = builder(&store, "a").await;
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![a, b], 0)).await.unwrap();
@@ -293,7 +293,7 @@ async fn a_buildset_completes_with_the_worst_result(store: Store) {
 
 async fn logs_round_trip_through_compressed_chunks(store: Store) {
     let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
@@ -403,7 +403,7 @@ async fn completed_buildsets_are_taken_from_the_outbox_once(store: Store) {
 
 async fn old_logs_are_deleted_in_batches_and_running_builds_keep_theirs(store: Store) {
     let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master)).await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
     let b = builder(&store, "b").await;
     let mut logs = Vec::new();
     for i in 0..3 {

@@ -201,6 +201,17 @@ fn initial_properties(
     props.set("buildername", Value::from(builder.name.clone()), "Builder");
     props.set("builderid", Value::from(ctx.builderid), "Builder");
     props.set("workername", Value::from(workername.to_owned()), "Worker");
+    // Buildbot's `owners`: whoever forced the build and the authors of its changes.
+    let mut owners = details.authors.clone();
+    if let Some(Value::String(owner)) = details.properties.get("owner")
+        && !owners.contains(owner)
+    {
+        owners.push(owner.clone());
+    }
+    if !owners.is_empty() {
+        owners.sort();
+        props.set("owners", Value::from(owners), "Build");
+    }
     let builddir = builder.builddir();
     props.set("builddir", Value::from(format!("{basedir}/{builddir}")), "Worker");
     if let Some(ss) = details.sourcestamps.first() {

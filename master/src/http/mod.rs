@@ -1,11 +1,12 @@
-//! The HTTP adapter: Buildbot's REST data API v2 and JSON-RPC control, the change hooks, and the
-//! health probes. Handlers decode, call the master or the store, and encode; errors become HTTP
-//! responses in exactly one place ([`errors`]).
+//! The HTTP adapter: Buildbot's REST data API v2 and JSON-RPC control, its WebSocket event
+//! stream, the change hooks, the web UI and the health probes. Handlers decode, call the master
+//! or the store, and encode; errors become HTTP responses in exactly one place ([`errors`]).
 
 mod errors;
 pub(crate) mod hooks;
 pub(crate) mod rest;
 pub(crate) mod rpc;
+pub mod ws;
 pub mod www;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub fn router(master: Arc<Master>) -> Router {
         None => tracing::info!("no buildbot-www installed: / says how to install it"),
     }
     let ui = www::routes(ui, master.config.title.clone(), master.config.http.tls.is_some());
+    let hub = ws::Hub::start(Arc::clone(&master));
     Router::new()
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
@@ -47,7 +49,9 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/ws", get(ws::upgrade))
         .merge(ui)
+        .layer(axum::Extension(hub))
         .layer(axum::Extension(Arc::new(hooks::Hooks::from_config(&master.config.change_hooks))))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(refuse_nul_in_uri))

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use super::ApiError;
 use crate::config::SchedulerConfig;
 use crate::master::Master;
-use crate::store::{Filter, ListQuery, Op, Resource};
+use crate::store::{Filter, ListQuery, Op, Related, Resource};
 
 pub async fn root() -> Json<Value> {
     // Every collection the data API serves: the stored ones, the force schedulers of the
@@ -28,8 +28,32 @@ enum Target {
     Collection(Resource, Vec<Filter>),
     Single(Resource, Vec<Filter>),
     LogContents(i64),
-    LogRaw { logid: i64, inline: bool },
-    ForceSchedulers { name: Option<String>, builder: Option<String> },
+    LogRaw {
+        logid: i64,
+        inline: bool,
+    },
+    ForceSchedulers {
+        name: Option<String>,
+        builder: Option<String>,
+    },
+    /// A properties endpoint: one object of `{name: [value, source]}`.
+    Properties(Value),
+    /// A collection known to be empty (Kiln keeps no projects or test results yet).
+    Empty(&'static str),
+    ChangeSources(Option<i64>),
+    /// `application.spec`: the endpoints Kiln serves, with their objects' fields.
+    Spec,
+}
+
+/// The objects of `resource` whose ids are `ids`.
+fn among(resource: Resource, field: &str, ids: Vec<i64>) -> Target {
+    if ids.is_empty() {
+        return Target::Empty(resource.plural());
+    }
+    Target::Collection(
+        resource,
+        vec![Filter { field: field.to_owned(), op: Op::In, values: ids.iter().map(i64::to_string).collect() }],
+    )
 }
 
 fn eq(field: &str, value: impl ToString) -> Filter {
@@ -79,6 +103,10 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
             builder_id(master, b).await?;
             Collection(Workers, vec![])
         }
+        ["builders", b, "masters"] => {
+            builder_id(master, b).await?;
+            Collection(Masters, vec![eq("active", 1)])
+        }
         ["builders", b, "forceschedulers"] => {
             let object = one(master, Builders, vec![id_or_name("builderid", b)]).await?;
             let name = object.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -99,8 +127,16 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
         ["buildrequests", id, "builds"] => Collection(Builds, vec![eq("buildrequestid", number(id)?)]),
         ["buildsets"] => Collection(Buildsets, vec![]),
         ["buildsets", id] => Single(Buildsets, vec![eq("bsid", number(id)?)]),
+        ["buildsets", id, "properties"] => match master.store.buildset_properties(number(id)?).await? {
+            Some(properties) => Target::Properties(properties),
+            None => return Err(ApiError::NotFound(format!("no buildset {id}"))),
+        },
         ["changes"] => Collection(Changes, vec![]),
         ["changes", id] => Single(Changes, vec![eq("changeid", number(id)?)]),
+        ["changes", id, "builds"] => {
+            let changeid = id_of(master, Changes, vec![eq("changeid", number(id)?)], "changeid").await?;
+            among(Builds, "buildid", master.store.related(Related::BuildsOfChange, changeid).await?)
+        }
         ["sourcestamps"] => Collection(SourceStamps, vec![]),
         ["sourcestamps", id] => Single(SourceStamps, vec![eq("ssid", number(id)?)]),
         ["sourcestamps", id, "changes"] => Collection(Changes, vec![eq("sourcestampid", number(id)?)]),
@@ -110,10 +146,50 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
             let workerid = id_of(master, Workers, vec![id_or_name("workerid", w)], "workerid").await?;
             Collection(Builds, vec![eq("workerid", workerid)])
         }
+        ["workers", w, "builders"] => {
+            let worker = one(master, Workers, vec![id_or_name("workerid", w)]).await?;
+            let mut ids: Vec<i64> = worker
+                .get("configured_on")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("builderid").and_then(Value::as_i64))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            among(Builders, "builderid", ids)
+        }
         ["schedulers"] => Collection(Schedulers, vec![]),
         ["schedulers", id] => Single(Schedulers, vec![eq("schedulerid", number(id)?)]),
         ["masters"] => Collection(Masters, vec![]),
         ["masters", id] => Single(Masters, vec![eq("masterid", number(id)?)]),
+        ["masters", id, "builders"] => {
+            // Every active master serves every builder.
+            let masterid = number(id)?;
+            let active = one(master, Masters, vec![eq("masterid", masterid)]).await?;
+            if active.get("active") == Some(&Value::Bool(true)) {
+                Collection(Builders, vec![])
+            } else {
+                Target::Empty("builders")
+            }
+        }
+        ["masters", id, "workers"] => {
+            let masterid = id_of(master, Masters, vec![eq("masterid", number(id)?)], "masterid").await?;
+            Collection(Workers, vec![eq("connected_masterid", masterid)])
+        }
+        ["masters", id, "schedulers"] => {
+            let masterid = id_of(master, Masters, vec![eq("masterid", number(id)?)], "masterid").await?;
+            // Schedulers are shown on the longest-serving active master (see the store).
+            let first = ListQuery { filters: vec![eq("active", 1)], limit: Some(1), ..Default::default() };
+            let (first, _) = master.store.list(Masters, &first).await?;
+            let shown_here = first.first().and_then(|m| m.get("masterid")).and_then(Value::as_i64) == Some(masterid);
+            if shown_here { Collection(Schedulers, vec![]) } else { Target::Empty("schedulers") }
+        }
+        ["changesources"] => Target::ChangeSources(None),
+        ["changesources", id] => Target::ChangeSources(Some(number(id)?)),
+        ["projects"] => Target::Empty("projects"),
+        ["test_result_sets"] => Target::Empty("test_result_sets"),
+        ["application.spec"] => Target::Spec,
         ["steps", id, rest @ ..] => return Box::pin(resolve_step(master, number(id)?, rest)).await,
         ["logs", id, rest @ ..] => return resolve_log(number(id)?, rest),
         ["forceschedulers"] => Target::ForceSchedulers { name: None, builder: None },
@@ -131,6 +207,22 @@ async fn builder_id(master: &Master, text: &str) -> Result<i64, ApiError> {
 async fn resolve_build(master: &Master, buildid: i64, rest: &[&str]) -> Result<Target, ApiError> {
     Ok(match rest {
         [] => Target::Single(Resource::Builds, vec![eq("buildid", buildid)]),
+        ["properties"] => {
+            let build = one(master, Resource::Builds, vec![eq("buildid", buildid)]).await?;
+            Target::Properties(build.get("properties").cloned().unwrap_or_else(|| json!({})))
+        }
+        ["changes"] => {
+            let buildid = id_of(master, Resource::Builds, vec![eq("buildid", buildid)], "buildid").await?;
+            among(Resource::Changes, "changeid", master.store.related(Related::ChangesOfBuild, buildid).await?)
+        }
+        ["triggered_builds"] => {
+            let buildid = id_of(master, Resource::Builds, vec![eq("buildid", buildid)], "buildid").await?;
+            among(Resource::Builds, "buildid", master.store.related(Related::TriggeredBuilds, buildid).await?)
+        }
+        ["test_result_sets"] => {
+            id_of(master, Resource::Builds, vec![eq("buildid", buildid)], "buildid").await?;
+            Target::Empty("test_result_sets")
+        }
         ["steps"] => Target::Collection(Resource::Steps, vec![eq("buildid", buildid)]),
         ["steps", step, rest @ ..] => {
             let by = match step.parse::<i64>() {
@@ -233,7 +325,7 @@ pub(crate) fn parse_params(
 }
 
 /// Applies `field=` and `property=` to one object.
-fn shape(resource: Resource, mut object: Map<String, Value>, params: &Params) -> Value {
+pub(crate) fn shape(resource: Resource, mut object: Map<String, Value>, params: &Params) -> Value {
     if resource == Resource::Builds || resource == Resource::BuildRequests {
         let all = object.remove("properties").unwrap_or(Value::Null);
         let selected = if params.properties.is_empty() {
@@ -332,6 +424,46 @@ pub async fn get(
             let total = items.len();
             Ok(envelope("forceschedulers", items, if name.is_some() { json!({}) } else { json!({ "total": total }) }))
         }
+        Target::Properties(properties) => {
+            parse_params(None, pairs, true)?;
+            Ok(envelope("properties", vec![properties], json!({ "total": 1 })))
+        }
+        Target::Empty(key) => {
+            parse_params(None, pairs, false)?;
+            Ok(envelope(key, Vec::new(), json!({ "total": 0 })))
+        }
+        Target::ChangeSources(id) => {
+            parse_params(None, pairs, id.is_some())?;
+            let first_master = ListQuery { filters: vec![eq("active", 1)], limit: Some(1), ..Default::default() };
+            let (masters, _) = master.store.list(Resource::Masters, &first_master).await?;
+            let shown_on = masters.into_iter().next().unwrap_or(Value::Null);
+            let items: Vec<Value> = master
+                .config
+                .change_sources
+                .iter()
+                .enumerate()
+                .map(|(i, source)| {
+                    let crate::config::ChangeSourceConfig::GitPoller(poller) = source;
+                    let name = poller.name.clone().unwrap_or_else(|| poller.repourl.clone());
+                    json!({ "changesourceid": i + 1, "name": format!("GitPoller:{name}"), "master": shown_on })
+                })
+                .filter(|source| id.is_none_or(|id| source["changesourceid"] == id))
+                .collect();
+            match id {
+                Some(_) if items.is_empty() => Err(ApiError::NotFound("no such change source".into())),
+                Some(_) => Ok(envelope("changesources", items, json!({}))),
+                None => {
+                    let total = items.len();
+                    Ok(envelope("changesources", items, json!({ "total": total })))
+                }
+            }
+        }
+        Target::Spec => {
+            parse_params(None, pairs, false)?;
+            let specs = application_spec();
+            let total = specs.len();
+            Ok(envelope("specs", specs, json!({ "total": total })))
+        }
     }
 }
 
@@ -422,28 +554,52 @@ async fn stream_collection(master: Arc<Master>, resource: Resource, params: Para
         .into_response())
 }
 
+/// A force scheduler as Buildbot describes its form: the name, reason and priority in one
+/// group, one group per codebase (its fields named `<codebase>_branch` …), then the scheduler's
+/// own parameters.
 fn force_scheduler_json(force: &crate::config::ForceSchedulerConfig) -> Value {
-    let field = |name: &str, label: &str, kind: &str, default: Value, required: bool| {
-        json!({ "name": name, "fullName": name, "label": label, "type": kind, "default": default,
-                "required": required, "hide": false, "multiple": false, "regex": null, "tablabel": label })
+    let field = |name: &str, full_name: &str, label: &str, kind: &str, default: Value, required: bool| {
+        json!({ "name": name, "fullName": full_name, "label": label, "tablabel": label, "type": kind,
+                "default": default, "required": required, "hide": false, "multiple": false, "regex": null,
+                "maxsize": null, "autopopulate": null, "tooltip": "", "size": 10 })
     };
-    let mut fields = vec![
-        field("username", "Your name:", "username", json!(""), false),
-        field("reason", "reason", "text", json!("force build"), false),
-        field("priority", "Priority:", "int", json!(0), false),
-    ];
+    let group = |name: &str, label: &str, fields: Vec<Value>| {
+        let mut group = field(name, name, label, "nested", json!(""), false);
+        group["fields"] = Value::Array(fields);
+        group["columns"] = json!(1);
+        group["layout"] = json!("vertical");
+        group
+    };
+    let mut fields = vec![group(
+        "",
+        "",
+        vec![
+            field("username", "username", "Your name:", "username", json!(""), false),
+            field("reason", "reason", "reason", "text", json!("force build"), false),
+            field("priority", "priority", "Priority:", "int", json!(0), false),
+        ],
+    )];
     for codebase in &force.codebases {
         let prefix = if codebase.is_empty() { String::new() } else { format!("{codebase}_") };
-        for (name, label) in
+        let label = if codebase.is_empty() { String::new() } else { format!("Codebase: {codebase}") };
+        let inner =
             [("branch", "Branch:"), ("revision", "Revision:"), ("repository", "Repository:"), ("project", "Project:")]
-        {
-            fields.push(field(&format!("{prefix}{name}"), label, "text", json!(""), false));
-        }
+                .into_iter()
+                .map(|(name, label)| field(name, &format!("{prefix}{name}"), label, "text", json!(""), false))
+                .collect();
+        fields.push(group(codebase, &label, inner));
     }
     for parameter in &force.parameters {
         let label = parameter.label.clone().unwrap_or_else(|| parameter.name.clone());
         let default = parameter.default.clone().unwrap_or(Value::Null);
-        let mut entry = field(&parameter.name, &label, parameter.kind.buildbot_type(), default, parameter.required);
+        let mut entry = field(
+            &parameter.name,
+            &parameter.name,
+            &label,
+            parameter.kind.buildbot_type(),
+            default,
+            parameter.required,
+        );
         if !parameter.choices.is_empty() {
             entry["choices"] = json!(parameter.choices);
         }
@@ -452,11 +608,12 @@ fn force_scheduler_json(force: &crate::config::ForceSchedulerConfig) -> Value {
         }
         fields.push(entry);
     }
+    let label = force.label.clone().unwrap_or_else(|| force.name.clone());
     json!({
         "name": force.name,
         "builder_names": force.builder_names,
-        "button_name": force.button_name.clone().unwrap_or_else(|| format!("Force {}", force.name)),
-        "label": force.label.clone().unwrap_or_else(|| force.name.clone()),
+        "button_name": force.button_name.clone().unwrap_or_else(|| label.clone()),
+        "label": label,
         "enabled": true,
         "all_fields": fields,
     })
@@ -490,7 +647,7 @@ async fn log_raw(master: &Master, logid: i64, inline: bool) -> Result<Response, 
     let header_lines =
         format!("Builder: {}\nBuild number: {number}\nWorker name: {worker_name}\n", text(&builder, "name"));
     let filename =
-        format!("{}_build_{number}_{}_{}.log", text(&builder, "name"), text(&step, "name"), text(&log, "slug"));
+        format!("{}_build_{number}_step_{}_log_{}", text(&builder, "name"), text(&step, "name"), text(&log, "slug"));
     let disposition =
         if inline { "inline".to_owned() } else { format!("attachment; filename=\"{}\"", filename.replace('"', "")) };
     Ok((
@@ -499,4 +656,92 @@ async fn log_raw(master: &Master, logid: i64, inline: bool) -> Result<Response, 
         format!("{header_lines}{body}"),
     )
         .into_response())
+}
+
+/// The endpoints Kiln serves, as `application.spec` lists them: Buildbot's path pattern (`n:`
+/// an integer, `i:` an identifier), the type and collection of what it answers.
+const ENDPOINTS: &[(&str, &str, &str)] = &[
+    ("builders", "builder", "builders"),
+    ("builders/i:buildername", "builder", "builders"),
+    ("builders/n:builderid", "builder", "builders"),
+    ("builders/n:builderid/builds", "build", "builds"),
+    ("builders/n:builderid/builds/n:build_number", "build", "builds"),
+    ("builders/n:builderid/builds/n:build_number/steps", "step", "steps"),
+    ("builders/n:builderid/builds/n:build_number/steps/i:step_name", "step", "steps"),
+    ("builders/n:builderid/builds/n:build_number/steps/n:step_number", "step", "steps"),
+    ("builders/n:builderid/buildrequests", "buildrequest", "buildrequests"),
+    ("builders/n:builderid/forceschedulers", "forcescheduler", "forceschedulers"),
+    ("builders/n:builderid/masters", "master", "masters"),
+    ("builders/n:builderid/workers", "worker", "workers"),
+    ("buildrequests", "buildrequest", "buildrequests"),
+    ("buildrequests/n:buildrequestid", "buildrequest", "buildrequests"),
+    ("buildrequests/n:buildrequestid/builds", "build", "builds"),
+    ("builds", "build", "builds"),
+    ("builds/n:buildid", "build", "builds"),
+    ("builds/n:buildid/changes", "change", "changes"),
+    ("builds/n:buildid/properties", "property", "properties"),
+    ("builds/n:buildid/steps", "step", "steps"),
+    ("builds/n:buildid/steps/i:step_name", "step", "steps"),
+    ("builds/n:buildid/steps/n:step_number", "step", "steps"),
+    ("builds/n:buildid/steps/n:step_number/logs", "log", "logs"),
+    ("builds/n:buildid/steps/n:step_number/logs/i:log_slug", "log", "logs"),
+    ("builds/n:buildid/steps/n:step_number/logs/i:log_slug/contents", "logchunk", "logchunks"),
+    ("builds/n:buildid/steps/n:step_number/logs/i:log_slug/raw", "raw", "raw"),
+    ("builds/n:buildid/steps/n:step_number/logs/i:log_slug/raw_inline", "raw", "raw"),
+    ("builds/n:buildid/test_result_sets", "test_result_set", "test_result_sets"),
+    ("builds/n:buildid/triggered_builds", "build", "builds"),
+    ("buildsets", "buildset", "buildsets"),
+    ("buildsets/n:bsid", "buildset", "buildsets"),
+    ("buildsets/n:bsid/properties", "property", "properties"),
+    ("changes", "change", "changes"),
+    ("changes/n:changeid", "change", "changes"),
+    ("changes/n:changeid/builds", "build", "builds"),
+    ("changesources", "changesource", "changesources"),
+    ("changesources/n:changesourceid", "changesource", "changesources"),
+    ("forceschedulers", "forcescheduler", "forceschedulers"),
+    ("forceschedulers/i:schedulername", "forcescheduler", "forceschedulers"),
+    ("logs/n:logid", "log", "logs"),
+    ("logs/n:logid/contents", "logchunk", "logchunks"),
+    ("logs/n:logid/raw", "raw", "raw"),
+    ("logs/n:logid/raw_inline", "raw", "raw"),
+    ("masters", "master", "masters"),
+    ("masters/n:masterid", "master", "masters"),
+    ("masters/n:masterid/builders", "builder", "builders"),
+    ("masters/n:masterid/schedulers", "scheduler", "schedulers"),
+    ("masters/n:masterid/workers", "worker", "workers"),
+    ("projects", "project", "projects"),
+    ("schedulers", "scheduler", "schedulers"),
+    ("schedulers/n:schedulerid", "scheduler", "schedulers"),
+    ("sourcestamps", "sourcestamp", "sourcestamps"),
+    ("sourcestamps/n:ssid", "sourcestamp", "sourcestamps"),
+    ("sourcestamps/n:ssid/changes", "change", "changes"),
+    ("steps/n:stepid", "step", "steps"),
+    ("steps/n:stepid/logs", "log", "logs"),
+    ("steps/n:stepid/logs/i:log_slug", "log", "logs"),
+    ("steps/n:stepid/logs/i:log_slug/contents", "logchunk", "logchunks"),
+    ("steps/n:stepid/logs/i:log_slug/raw", "raw", "raw"),
+    ("steps/n:stepid/logs/i:log_slug/raw_inline", "raw", "raw"),
+    ("test_result_sets", "test_result_set", "test_result_sets"),
+    ("workers", "worker", "workers"),
+    ("workers/i:name", "worker", "workers"),
+    ("workers/n:workerid", "worker", "workers"),
+    ("workers/n:workerid/builders", "builder", "builders"),
+    ("workers/n:workerid/builds", "build", "builds"),
+];
+
+/// `application.spec`: every endpoint of [`ENDPOINTS`] with the fields of its type where the
+/// store keeps them.
+fn application_spec() -> Vec<Value> {
+    ENDPOINTS
+        .iter()
+        .map(|(path, kind, plural)| {
+            let fields: Vec<Value> = Resource::from_plural(plural)
+                .map(|r| r.field_types())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, kind)| json!({ "name": name, "type": kind, "type_spec": { "name": kind } }))
+                .collect();
+            json!({ "path": path, "type": kind, "plural": plural, "type_spec": { "name": kind, "fields": fields } })
+        })
+        .collect()
 }

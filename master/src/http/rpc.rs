@@ -25,6 +25,11 @@ pub async fn post(
         Ok(call) => call,
         Err(refusal) => return *refusal,
     };
+    if !same_origin(&headers) {
+        // A page of another site making the user's browser act here (cross-site request
+        // forgery), as Buildbot refuses it.
+        return rpc_error(StatusCode::FORBIDDEN, &call.id, INVALID_REQUEST, "invalid origin");
+    }
     if let Some(refusal) = refuse_unauthorized(&master, &headers, &call.id) {
         return refusal;
     }
@@ -164,6 +169,16 @@ impl Action {
 
 /// Checks the credentials of a control action when the configuration asks for them; returns the
 /// refusal to send when they are missing or wrong.
+/// Whether a request comes from a page of this master, or from no page at all: a browser names
+/// the page's origin in `Origin`, whose host and port must be those the request was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return true };
+    let origin = origin.to_str().unwrap_or_default();
+    let authority = origin.split_once("://").map_or("", |(_, rest)| rest).trim_end_matches('/');
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+    !authority.is_empty() && authority.eq_ignore_ascii_case(host)
+}
+
 fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Option<Response> {
     let (tokens, users) = match master.config.control_access() {
         ControlAccess::Open => return None,

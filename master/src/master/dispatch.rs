@@ -54,15 +54,7 @@ impl Master {
         if pool.is_none() && self.builders.iter().all(|b| b.config.workernames.is_empty()) {
             return None;
         }
-        let name = worker.name();
-        Some(
-            self.builders
-                .iter()
-                .filter(|b| pool.is_none_or(|ids| ids.contains(&b.id)))
-                .filter(|b| b.config.workernames.is_empty() || b.config.workernames.iter().any(|w| w == name))
-                .map(|b| b.id)
-                .collect(),
-        )
+        Some(runnable(self.builders.iter().map(|b| (b.id, b.config.workernames.as_slice())), pool, worker.name()))
     }
 
     async fn dispatch_round(self: &Arc<Self>) -> Result<(), StoreError> {
@@ -204,4 +196,18 @@ impl Master {
             master.signals.wake();
         });
     }
+}
+
+/// The builders, of `(id, workernames)`, that the worker `name` may run: those of its pool (all
+/// without one) whose `workernames` are empty or name it.
+pub(super) fn runnable<'a>(
+    builders: impl Iterator<Item = (i64, &'a [String])>,
+    pool: Option<&Vec<i64>>,
+    name: &str,
+) -> Vec<i64> {
+    builders
+        .filter(|(id, _)| pool.is_none_or(|ids| ids.contains(id)))
+        .filter(|(_, names)| names.is_empty() || names.iter().any(|w| w == name))
+        .map(|(id, _)| id)
+        .collect()
 }

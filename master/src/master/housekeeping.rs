@@ -228,6 +228,7 @@ impl Master {
                     event = listener.recv() => match event {
                         Ok(Notification::Queue) => self.signals.wake(),
                         Ok(Notification::Control(payload)) => self.on_control(&payload).await,
+                        Ok(Notification::Events(payload)) => self.store.events().receive(&payload),
                         Err(error) => {
                             warn!(%error, "queue notifications interrupted; reconnecting");
                             self.signals.wake();

@@ -118,7 +118,7 @@ impl Master {
                 }
             })
             .collect();
-        let pool_builders = config
+        let pool_builders: HashMap<String, Vec<i64>> = config
             .pools
             .iter()
             .map(|pool| {
@@ -127,8 +127,23 @@ impl Master {
             })
             .collect();
         let signals = Arc::new(Signals::default());
-        let workers =
-            Arc::new(WorkerRegistry::new(store.clone(), masterid, name.clone(), heartbeat, Arc::clone(&signals)));
+        let configured: crate::workers::Configured = {
+            let builders: Vec<(i64, Vec<String>)> =
+                builders.iter().map(|b| (b.id, b.config.workernames.clone())).collect();
+            let pools = pool_builders.clone();
+            Box::new(move |info| {
+                let pool = info.pool.as_deref().and_then(|p| pools.get(p));
+                dispatch::runnable(builders.iter().map(|(id, names)| (*id, names.as_slice())), pool, &info.name)
+            })
+        };
+        let workers = Arc::new(WorkerRegistry::new(
+            store.clone(),
+            masterid,
+            name.clone(),
+            heartbeat,
+            Arc::clone(&signals),
+            configured,
+        ));
         let master = Arc::new(Master {
             pools: Mutex::new(Vec::new()),
             pool_builders,

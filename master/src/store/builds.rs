@@ -2,6 +2,7 @@
 
 use super::{LogTail, Result, Store, StoreError, get_i64};
 use crate::domain::ClaimedRequest;
+use crate::events::{Event, Topic};
 use crate::properties::Properties;
 use crate::results::Results;
 
@@ -48,7 +49,12 @@ impl Store {
             .fetch_optional(&self.write)
             .await?;
             if let Some(row) = row {
-                return Ok(NewBuild { buildid: get_i64(&row, "id")?, number });
+                let buildid = get_i64(&row, "id")?;
+                self.published(vec![
+                    Event::new(Topic::Builds, buildid, "new"),
+                    Event::new(Topic::BuildProperties, buildid, "update"),
+                ]);
+                return Ok(NewBuild { buildid, number });
             }
         }
         Err(StoreError::Corrupt(format!("could not number a build of builder {builderid}")))
@@ -60,6 +66,7 @@ impl Store {
             .bind(buildid)
             .execute(&self.write)
             .await?;
+        self.published(vec![Event::new(Topic::Builds, buildid, "update")]);
         Ok(())
     }
 
@@ -77,6 +84,7 @@ impl Store {
     ) -> Result<bool> {
         let now = self.now_ms();
         let mut tx = self.write.begin().await?;
+        let mut events = Vec::new();
         let mut results = results;
         let mut settled = false;
         if results == Results::Retry {
@@ -90,7 +98,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             settled = requeued.rows_affected() > 0;
-            if !settled {
+            if settled {
+                events.push(Event::new(Topic::BuildRequests, claim.brid, "unclaimed"));
+            } else {
                 results = Results::Cancelled;
             }
         }
@@ -107,12 +117,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             settled = completed.rows_affected() > 0;
+            events.push(Event::new(Topic::BuildRequests, claim.brid, "complete"));
         }
         if !settled {
             return Ok(false);
         }
         if results != Results::Retry {
-            Self::maybe_complete_buildset(&mut tx, claim.buildsetid, now).await?;
+            Self::maybe_complete_buildset(&mut tx, claim.buildsetid, now, &mut events).await?;
         }
         // The engine has finished every step it started, so only the build row changes here.
         sqlx::query(
@@ -127,6 +138,10 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        // Buildbot's order: the build, then its request, then its buildset.
+        events.insert(0, Event::new(Topic::BuildProperties, buildid, "update"));
+        events.insert(1, Event::new(Topic::Builds, buildid, "finished"));
+        self.published(events);
         Ok(true)
     }
 
@@ -143,7 +158,9 @@ impl Store {
         .bind(Results::Skipped.code())
         .fetch_one(&self.write)
         .await?;
-        get_i64(&row, "id")
+        let stepid = get_i64(&row, "id")?;
+        self.published(vec![Event::new(Topic::Steps, stepid, "new"), Event::new(Topic::Steps, stepid, "finished")]);
+        Ok(stepid)
     }
 
     /// Starts a step together with its `stdio` log; returns the step and log ids.
@@ -167,6 +184,11 @@ impl Store {
                 .await?;
         let logid = get_i64(&row, "id")?;
         tx.commit().await?;
+        self.published(vec![
+            Event::new(Topic::Steps, stepid, "new"),
+            Event::new(Topic::Steps, stepid, "started"),
+            Event::new(Topic::Logs, logid, "new"),
+        ]);
         Ok((stepid, logid))
     }
 
@@ -176,6 +198,7 @@ impl Store {
             .bind(stepid)
             .execute(&self.write)
             .await?;
+        self.published(vec![Event::new(Topic::Steps, stepid, "updated")]);
         Ok(())
     }
 
@@ -197,6 +220,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        let mut events = Vec::with_capacity(3);
+        if lines > 0 {
+            events.push(Event::new(Topic::Logs, log.logid, "append"));
+        }
+        events.push(Event::new(Topic::Logs, log.logid, "finished"));
+        events.push(Event::new(Topic::Steps, stepid, "finished"));
+        self.published(events);
         Ok(())
     }
 

@@ -5,6 +5,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use super::{Result, Store, StoreError, get_i64};
 use crate::collapse::CollapseView;
 use crate::domain::{BuildsetDetails, CompletedBuildset, NewBuildset, SourceStamp, Submitted, SubmittedRequest};
+use crate::events::{Event, Topic};
 use crate::properties::Properties;
 use crate::results::Results;
 
@@ -14,8 +15,10 @@ impl Store {
     pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<Submitted> {
         let mut tx = self.write.begin().await?;
         let mut collapsed = 0;
-        let submitted = Self::add_buildset_in(&mut tx, buildset, self.now_ms(), &mut collapsed).await?;
+        let mut events = Vec::new();
+        let submitted = Self::add_buildset_in(&mut tx, buildset, self.now_ms(), &mut collapsed, &mut events).await?;
         tx.commit().await?;
+        self.published(events);
         crate::telemetry::requests_collapsed(collapsed);
         Ok(submitted)
     }
@@ -27,6 +30,7 @@ impl Store {
         buildset: &NewBuildset,
         now: i64,
         collapsed: &mut u64,
+        events: &mut Vec<Event>,
     ) -> Result<Submitted> {
         let row = sqlx::query(
             "INSERT INTO buildsets (external_idstring, reason, submitted_at, properties, rebuilt_buildid, parent_buildid, \
@@ -42,6 +46,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let bsid = get_i64(&row, "id")?;
+        events.push(Event::new(Topic::Buildsets, bsid, "new"));
         let collapse_key = crate::collapse::key(&buildset.sourcestamps);
         let mut view = CollapseView { sourcestamps: Vec::new(), properties: buildset.properties.clone() };
         for ss in &buildset.sourcestamps {
@@ -76,9 +81,10 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
             let brid = get_i64(&row, "id")?;
+            events.push(Event::new(Topic::BuildRequests, brid, "new"));
             requests.push(SubmittedRequest { builderid, brid });
             if buildset.collapse_builderids.contains(&builderid) {
-                *collapsed += Self::collapse_older(tx, builderid, brid, &collapse_key, &view, now).await?;
+                *collapsed += Self::collapse_older(tx, builderid, brid, &collapse_key, &view, now, events).await?;
             }
         }
         Ok(Submitted { bsid, requests })
@@ -93,6 +99,7 @@ impl Store {
         key: &str,
         new: &CollapseView,
         now: i64,
+        events: &mut Vec<Event>,
     ) -> Result<u64> {
         let rows = sqlx::query(
             "SELECT r.id, r.buildsetid, b.properties, s.id AS ssid, s.branch, s.revision, s.repository, s.project, s.codebase, \
@@ -134,7 +141,7 @@ impl Store {
             if !crate::collapse::can_collapse(new, &view) {
                 continue;
             }
-            if Self::complete_unclaimed(conn, old, bsid, Results::Skipped, now).await? {
+            if Self::complete_unclaimed(conn, old, bsid, Results::Skipped, now, events).await? {
                 tracing::info!(collapsed = old, into = brid, "collapsing a build request");
                 count += 1;
             }
@@ -162,17 +169,19 @@ impl Store {
         .await?;
         let mut submitted = Vec::new();
         let mut collapsed = 0;
+        let mut events = Vec::new();
         for row in &rows {
             let bsid = get_i64(row, "bsid")?;
             let results = Results::from_code(get_i64(row, "results")?).unwrap_or(Results::Exception);
             let details = Self::buildset_details_in(&mut tx, bsid).await?;
             let completed = CompletedBuildset { bsid, results, details };
             for buildset in react(&completed) {
-                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed).await?);
+                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed, &mut events).await?);
             }
             sqlx::query("DELETE FROM completed_buildsets WHERE bsid = $1").bind(bsid).execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        self.published(events);
         crate::telemetry::requests_collapsed(collapsed);
         Ok((rows.len(), submitted))
     }
@@ -225,14 +234,29 @@ impl Store {
                 codebase: row.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
             });
         }
-        Ok(BuildsetDetails { reason, properties: Properties::from_json(&props), sourcestamps })
+        let authors = sqlx::query(
+            "SELECT DISTINCT c.author FROM changes c JOIN buildset_sourcestamps bs ON bs.sourcestampid = c.sourcestampid \
+             WHERE bs.buildsetid = $1 ORDER BY c.author",
+        )
+        .bind(bsid)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("author"))
+        .collect::<Result<_, _>>()?;
+        Ok(BuildsetDetails { reason, properties: Properties::from_json(&props), sourcestamps, authors })
     }
 
     // ---------------------------------------------------------------------------------------
     // The queue
 
     /// Completes buildset `bsid` with the worst result of its requests once all are complete.
-    pub(super) async fn maybe_complete_buildset(conn: &mut sqlx::AnyConnection, bsid: i64, now: i64) -> Result<()> {
+    pub(super) async fn maybe_complete_buildset(
+        conn: &mut sqlx::AnyConnection,
+        bsid: i64,
+        now: i64,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
         let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildsetid = $1")
             .bind(bsid)
             .fetch_all(&mut *conn)
@@ -255,6 +279,7 @@ impl Store {
         .execute(&mut *conn)
         .await?;
         if done.rows_affected() > 0 {
+            events.push(Event::new(Topic::Buildsets, bsid, "complete"));
             sqlx::query(
                 "INSERT INTO completed_buildsets (bsid, results) VALUES ($1, $2) ON CONFLICT (bsid) DO NOTHING",
             )

@@ -5,6 +5,7 @@ use sqlx::{AnyConnection, Row};
 
 use super::{Result, Store, StoreError, get_i64};
 use crate::domain::{Change, Delivery, NewChange, SourceStamp};
+use crate::events::{Event, Topic};
 use crate::properties::Properties;
 
 impl Store {
@@ -42,6 +43,7 @@ impl Store {
         let mut tx = self.write.begin().await?;
         let stored = Self::add_changes_in(&mut tx, changes, self.now_ms()).await?;
         tx.commit().await?;
+        self.published(Self::new_changes(&stored));
         Ok(stored)
     }
 
@@ -68,6 +70,7 @@ impl Store {
         }
         let stored = Self::add_changes_in(&mut tx, changes, now).await?;
         tx.commit().await?;
+        self.published(Self::new_changes(&stored));
         Ok(Some(stored))
     }
 
@@ -87,6 +90,11 @@ impl Store {
         let done =
             sqlx::query("DELETE FROM hook_deliveries WHERE received_at < $1").bind(before).execute(&self.write).await?;
         Ok(done.rows_affected())
+    }
+
+    /// The events of stored changes.
+    pub(super) fn new_changes(stored: &[Change]) -> Vec<Event> {
+        stored.iter().map(|c| Event::new(Topic::Changes, c.changeid, "new")).collect()
     }
 
     pub(super) async fn add_changes_in(tx: &mut AnyConnection, changes: &[NewChange], now: i64) -> Result<Vec<Change>> {

@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 /// A collection of the data API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Resource {
     Builders,
     Builds,
@@ -244,6 +244,7 @@ const WORKERS: Spec = Spec {
         f("pause_reason", "pause_reason", Text),
         f("graceful", "graceful", Bool),
         f("connected_masterid", "connected_masterid", Int),
+        f("configured_on", "configured_on", Json),
     ],
 };
 
@@ -332,6 +333,25 @@ impl Resource {
             Resource::Logs => &LOGS,
             Resource::Schedulers => &SCHEDULERS,
         }
+    }
+
+    /// Each stored field with its type in Buildbot's spec vocabulary (`integer`, `string`,
+    /// `boolean`, `datetime`, `jsonobject`).
+    pub fn field_types(self) -> Vec<(&'static str, &'static str)> {
+        self.spec()
+            .fields
+            .iter()
+            .map(|f| {
+                let kind = match f.kind {
+                    Kind::Int => "integer",
+                    Kind::Text => "string",
+                    Kind::Bool => "boolean",
+                    Kind::Time => "datetime",
+                    Kind::Json => "jsonobject",
+                };
+                (f.name, kind)
+            })
+            .collect()
     }
 
     /// The key of the envelope, e.g. `builds`.
@@ -598,6 +618,49 @@ pub(super) async fn list(
     Ok((objects.into_iter().map(Value::Object).collect(), total))
 }
 
+/// Objects related to another through tables the collections do not show: what the REST paths
+/// `changes/N/builds`, `builds/N/changes` and `builds/N/triggered_builds` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Related {
+    /// The builds of the buildsets that build a change's source stamp.
+    BuildsOfChange,
+    /// The changes of the source stamps a build built.
+    ChangesOfBuild,
+    /// The builds of buildsets a build triggered.
+    TriggeredBuilds,
+}
+
+/// The ids of the objects related to `id`, in id order.
+pub(super) async fn related(pool: &AnyPool, relation: Related, id: i64) -> Result<Vec<i64>, DataError> {
+    let sql = match relation {
+        Related::BuildsOfChange => {
+            "SELECT DISTINCT b.id FROM builds b JOIN buildrequests r ON r.id = b.buildrequestid \
+             JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid \
+             JOIN changes c ON c.sourcestampid = bs.sourcestampid WHERE c.changeid = $1 ORDER BY b.id"
+        }
+        Related::ChangesOfBuild => {
+            "SELECT DISTINCT c.changeid AS id FROM changes c \
+             JOIN buildset_sourcestamps bs ON bs.sourcestampid = c.sourcestampid \
+             JOIN buildrequests r ON r.buildsetid = bs.buildsetid \
+             JOIN builds b ON b.buildrequestid = r.id WHERE b.id = $1 ORDER BY c.changeid"
+        }
+        Related::TriggeredBuilds => {
+            "SELECT b.id FROM builds b JOIN buildrequests r ON r.id = b.buildrequestid \
+             JOIN buildsets s ON s.id = r.buildsetid WHERE s.parent_buildid = $1 ORDER BY b.id"
+        }
+    };
+    let rows = sqlx::query(sql).bind(id).fetch_all(pool).await?;
+    Ok(rows.iter().map(|r| r.try_get::<i64, _>("id")).collect::<Result<_, _>>()?)
+}
+
+/// A buildset's properties, `{name: [value, source]}`; `None` for an unknown buildset.
+pub(super) async fn buildset_properties(pool: &AnyPool, bsid: i64) -> Result<Option<Value>, DataError> {
+    let row = sqlx::query("SELECT properties FROM buildsets WHERE id = $1").bind(bsid).fetch_optional(pool).await?;
+    let Some(row) = row else { return Ok(None) };
+    let text: String = row.try_get("properties")?;
+    Ok(Some(serde_json::from_str(&text).unwrap_or_else(|_| json!({}))))
+}
+
 /// Adds the fields Buildbot embeds from other tables.
 async fn embed(pool: &AnyPool, resource: Resource, objects: &mut [Map<String, Value>]) -> Result<(), DataError> {
     match resource {
@@ -659,9 +722,20 @@ async fn embed(pool: &AnyPool, resource: Resource, objects: &mut [Map<String, Va
             }
         }
         Resource::Schedulers => {
-            // Every master runs every scheduler; state in the database decides who acts.
+            // Every master runs every scheduler and state in the database decides who acts, so a
+            // scheduler is shown on the longest-serving active master (none when all stopped).
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {} FROM masters WHERE active = 1 ORDER BY id LIMIT 1",
+                MASTERS.fields.iter().map(|f| f.sql).collect::<Vec<_>>().join(", ")
+            )))
+            .fetch_optional(pool)
+            .await?;
+            let master = match row {
+                Some(row) => Value::Object(row_to_json(&MASTERS, &row)?),
+                None => Value::Null,
+            };
             for object in objects {
-                object.insert("master".into(), Value::Null);
+                object.insert("master".into(), master.clone());
             }
         }
         Resource::Workers => {
@@ -671,7 +745,6 @@ async fn embed(pool: &AnyPool, resource: Resource, objects: &mut [Map<String, Va
                     _ => json!([]),
                 };
                 object.insert("connected_to".into(), connected);
-                object.insert("configured_on".into(), json!([]));
             }
         }
         _ => {}

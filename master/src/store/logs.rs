@@ -4,6 +4,7 @@
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use super::{Result, Store, StoreError};
+use crate::events::{Event, Topic};
 
 /// Chunks smaller than this are stored raw: compression would not pay for its frame.
 const COMPRESS_ABOVE: usize = 256;
@@ -55,6 +56,9 @@ impl Store {
         let mut tx = self.write.begin().await?;
         let next = Self::append_log_in(&mut tx, logid, first_line, text).await?;
         tx.commit().await?;
+        if next > first_line {
+            self.published(vec![Event::new(Topic::Logs, logid, "append")]);
+        }
         Ok(next)
     }
 

@@ -74,6 +74,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0010_hook_deliveries.sql"),
         postgres: include_str!("../../migrations/postgres/0010_hook_deliveries.sql"),
     },
+    Migration {
+        version: 11,
+        description: "workers' configured builders",
+        sqlite: include_str!("../../migrations/sqlite/0011_configured_on.sql"),
+        postgres: include_str!("../../migrations/postgres/0011_configured_on.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -18,6 +18,7 @@ mod registry;
 mod scheduler_state;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -25,9 +26,10 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::clock::Clock;
+use crate::events::{Event, Events};
 
 pub use builds::NewBuild;
-pub use data::{DataError, Filter, ListQuery, Op, Resource, Select};
+pub use data::{DataError, Filter, ListQuery, Op, Related, Resource, Select};
 pub use locks::{SessionLock, lock_key};
 pub use logs::{LogChunk, LogTail, decode_chunk, encode_chunk};
 pub use notify::{Notification, QueueListener};
@@ -93,6 +95,9 @@ pub struct Store {
     clock: Clock,
     /// The SQLite database file (`None` in memory and on PostgreSQL); locks live beside it.
     file: Option<std::path::PathBuf>,
+    /// What changed, for the data API's event stream: every write publishes here once it has
+    /// committed.
+    events: Arc<Events>,
 }
 
 impl std::fmt::Debug for Store {
@@ -149,7 +154,7 @@ impl Store {
                     .map_err(connect_error)?
             };
             let file = (!in_memory).then(|| Path::new(path).to_path_buf());
-            Ok(Store { write, read, backend: Backend::Sqlite, clock, file })
+            Ok(Store { write, read, backend: Backend::Sqlite, clock, file, events: Arc::default() })
         } else {
             let pool = pool_options(clock, Duration::from_secs(10))
                 .max_connections(16)
@@ -157,7 +162,26 @@ impl Store {
                 .await
                 .map_err(connect_error)?;
             migrations::run(&pool, Backend::Postgres, clock).await?;
-            Ok(Store { write: pool.clone(), read: pool, backend: Backend::Postgres, clock, file: None })
+            Ok(Store {
+                write: pool.clone(),
+                read: pool,
+                backend: Backend::Postgres,
+                clock,
+                file: None,
+                events: Arc::default(),
+            })
+        }
+    }
+
+    /// The events of this store's writes (and of other masters', once received).
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+
+    /// Publishes the events of a write that has committed.
+    pub(super) fn published(&self, events: Vec<Event>) {
+        if !events.is_empty() {
+            self.events.publish(events);
         }
     }
 
@@ -205,6 +229,16 @@ impl Store {
         query: &ListQuery,
     ) -> Result<(Vec<serde_json::Value>, i64), DataError> {
         data::list(&self.read, resource, query).await
+    }
+
+    /// The ids of objects related to `id`; see [`Related`].
+    pub async fn related(&self, relation: Related, id: i64) -> Result<Vec<i64>, DataError> {
+        data::related(&self.read, relation, id).await
+    }
+
+    /// A buildset's properties as the data API shows them; `None` when it does not exist.
+    pub async fn buildset_properties(&self, bsid: i64) -> Result<Option<serde_json::Value>, DataError> {
+        data::buildset_properties(&self.read, bsid).await
     }
 }
 

@@ -4,6 +4,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use super::{Result, Store, StoreError, builder_filter, get_i64};
 use crate::domain::{BuildOrigin, ClaimedRequest};
+use crate::events::{Event, Topic};
 use crate::results::Results;
 
 /// What became of expired claims.
@@ -49,17 +50,22 @@ impl Store {
             .bind(now + lease_ms)
             .fetch_optional(&self.write)
             .await?;
-        row.map(|row| {
-            Ok(ClaimedRequest {
-                brid: get_i64(&row, "id")?,
-                buildsetid: get_i64(&row, "buildsetid")?,
-                builderid: get_i64(&row, "builderid")?,
-                priority: get_i64(&row, "priority")?,
-                submitted_at_ms: get_i64(&row, "submitted_at")?,
-                claim_token: token,
+        let claimed = row
+            .map(|row| -> Result<ClaimedRequest> {
+                Ok(ClaimedRequest {
+                    brid: get_i64(&row, "id")?,
+                    buildsetid: get_i64(&row, "buildsetid")?,
+                    builderid: get_i64(&row, "builderid")?,
+                    priority: get_i64(&row, "priority")?,
+                    submitted_at_ms: get_i64(&row, "submitted_at")?,
+                    claim_token: token,
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        if let Some(claimed) = &claimed {
+            self.published(vec![Event::new(Topic::BuildRequests, claimed.brid, "claimed")]);
+        }
+        Ok(claimed)
     }
 
     /// Extends the leases of the claims in `held` — the builds this process runs, by request id
@@ -140,8 +146,10 @@ impl Store {
         }
         let row =
             sqlx::query("SELECT buildsetid FROM buildrequests WHERE id = $1").bind(brid).fetch_one(&mut *tx).await?;
-        Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now).await?;
+        let mut events = vec![Event::new(Topic::BuildRequests, brid, "complete")];
+        Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now, &mut events).await?;
         tx.commit().await?;
+        self.published(events);
         Ok(true)
     }
 
@@ -165,10 +173,13 @@ impl Store {
             .bind(brid)
             .fetch_all(&mut *tx)
             .await?;
+        let mut events = Vec::new();
         for build in builds {
-            Self::finish_open_build(&mut tx, get_i64(&build, "id")?, Results::Retry, "retry", now).await?;
+            Self::finish_open_build(&mut tx, get_i64(&build, "id")?, Results::Retry, "retry", now, &mut events).await?;
         }
         tx.commit().await?;
+        events.push(Event::new(Topic::BuildRequests, brid, "unclaimed"));
+        self.published(events);
         Ok(true)
     }
 
@@ -184,8 +195,13 @@ impl Store {
             return Ok(false);
         };
         let bsid = get_i64(&row, "buildsetid")?;
-        let done = Self::complete_unclaimed(&mut tx, brid, bsid, Results::Cancelled, self.now_ms()).await?;
+        let mut events = vec![Event::new(Topic::BuildRequests, brid, "cancel")];
+        let done =
+            Self::complete_unclaimed(&mut tx, brid, bsid, Results::Cancelled, self.now_ms(), &mut events).await?;
         tx.commit().await?;
+        if done {
+            self.published(events);
+        }
         Ok(done)
     }
 
@@ -198,6 +214,7 @@ impl Store {
         bsid: i64,
         results: Results,
         now: i64,
+        events: &mut Vec<Event>,
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2 \
@@ -211,7 +228,8 @@ impl Store {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        Self::maybe_complete_buildset(conn, bsid, now).await?;
+        events.push(Event::new(Topic::BuildRequests, brid, "complete"));
+        Self::maybe_complete_buildset(conn, bsid, now, events).await?;
         Ok(true)
     }
 
@@ -290,6 +308,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut reaped = Reaped::default();
+        let mut events = Vec::new();
         for row in rows {
             let brid = get_i64(&row, "id")?;
             // A stop asked of a build whose master is gone takes effect here: the request ends
@@ -303,7 +322,7 @@ impl Store {
                 .await?;
             for build in builds {
                 let buildid = get_i64(&build, "id")?;
-                Self::finish_open_build(&mut tx, buildid, results, state, now).await?;
+                Self::finish_open_build(&mut tx, buildid, results, state, now, &mut events).await?;
                 reaped.retried_builds.push(buildid);
             }
             if stopped {
@@ -316,7 +335,8 @@ impl Store {
                 .bind(brid)
                 .execute(&mut *tx)
                 .await?;
-                Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now).await?;
+                events.push(Event::new(Topic::BuildRequests, brid, "complete"));
+                Self::maybe_complete_buildset(&mut tx, get_i64(&row, "buildsetid")?, now, &mut events).await?;
                 reaped.cancelled.push(brid);
                 continue;
             }
@@ -327,9 +347,11 @@ impl Store {
             .bind(brid)
             .execute(&mut *tx)
             .await?;
+            events.push(Event::new(Topic::BuildRequests, brid, "unclaimed"));
             reaped.requeued.push(brid);
         }
         tx.commit().await?;
+        self.published(events);
         Ok(reaped)
     }
 
@@ -339,22 +361,31 @@ impl Store {
         results: Results,
         state: &str,
         now: i64,
+        events: &mut Vec<Event>,
     ) -> Result<()> {
-        sqlx::query(
+        let steps = sqlx::query(
             "UPDATE steps SET complete_at = $1, results = $2, state_string = state_string || ' (interrupted)' \
-             WHERE buildid = $3 AND complete_at IS NULL AND started_at IS NOT NULL",
+             WHERE buildid = $3 AND complete_at IS NULL AND started_at IS NOT NULL RETURNING id",
         )
         .bind(now)
         .bind(results.code())
         .bind(buildid)
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
-        sqlx::query(
-            "UPDATE logs SET complete = 1 WHERE complete = 0 AND stepid IN (SELECT id FROM steps WHERE buildid = $1)",
+        let logs = sqlx::query(
+            "UPDATE logs SET complete = 1 WHERE complete = 0 AND stepid IN (SELECT id FROM steps WHERE buildid = $1) \
+             RETURNING id",
         )
         .bind(buildid)
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
+        for log in &logs {
+            events.push(Event::new(Topic::Logs, get_i64(log, "id")?, "finished"));
+        }
+        for step in &steps {
+            events.push(Event::new(Topic::Steps, get_i64(step, "id")?, "finished"));
+        }
+        events.push(Event::new(Topic::Builds, buildid, "finished"));
         sqlx::query(
             "UPDATE builds SET complete_at = $1, results = $2, state_string = $3 WHERE id = $4 AND complete_at IS NULL",
         )

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::{Result, Store, StoreError, get_i64};
+use crate::events::{Event, Topic};
 
 impl Store {
     /// Registers (or re-activates) a master by name and returns its id.
@@ -18,7 +19,9 @@ impl Store {
         .bind(now)
         .fetch_one(&self.write)
         .await?;
-        get_i64(&row, "id")
+        let masterid = get_i64(&row, "id")?;
+        self.published(vec![Event::new(Topic::Masters, masterid, "started")]);
+        Ok(masterid)
     }
 
     /// Records that a master is alive.
@@ -34,10 +37,16 @@ impl Store {
     /// Marks a master stopped (on clean shutdown).
     pub async fn master_stopped(&self, masterid: i64) -> Result<()> {
         sqlx::query("UPDATE masters SET active = 0 WHERE id = $1").bind(masterid).execute(&self.write).await?;
-        sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE connected_masterid = $1")
-            .bind(masterid)
-            .execute(&self.write)
-            .await?;
+        let workers =
+            sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE connected_masterid = $1 RETURNING id")
+                .bind(masterid)
+                .fetch_all(&self.write)
+                .await?;
+        let mut events = vec![Event::new(Topic::Masters, masterid, "stopped")];
+        for worker in &workers {
+            events.push(Event::new(Topic::Workers, get_i64(worker, "id")?, "disconnected"));
+        }
+        self.published(events);
         Ok(())
     }
 
@@ -53,7 +62,9 @@ impl Store {
         .bind(tags)
         .fetch_one(&self.write)
         .await?;
-        get_i64(&row, "id")
+        let builderid = get_i64(&row, "id")?;
+        self.published(vec![Event::new(Topic::Builders, builderid, "update")]);
+        Ok(builderid)
     }
 
     /// Registers a scheduler by name (keeping its id and enabled flag) and returns its id.
@@ -74,7 +85,11 @@ impl Store {
             .bind(schedulerid)
             .fetch_optional(&self.write)
             .await?;
-        row.map(|r| Ok(r.try_get::<String, _>("name")?)).transpose()
+        let name = row.map(|r| r.try_get::<String, _>("name")).transpose()?;
+        if name.is_some() {
+            self.published(vec![Event::new(Topic::Schedulers, schedulerid, "updated")]);
+        }
+        Ok(name)
     }
 
     /// Names of disabled schedulers.
@@ -83,29 +98,48 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get::<String, _>("name")?)).collect()
     }
 
-    /// Records a worker's connection to a master (or its disconnection with `None`).
-    pub async fn worker_connected(&self, name: &str, info: &serde_json::Value, masterid: Option<i64>) -> Result<i64> {
+    /// Records a worker's connection to a master (or its disconnection with `None`), with the
+    /// builders it may run there.
+    pub async fn worker_connected(
+        &self,
+        name: &str,
+        info: &serde_json::Value,
+        masterid: Option<i64>,
+        builderids: &[i64],
+    ) -> Result<i64> {
+        let configured: Vec<serde_json::Value> = masterid
+            .map(|m| builderids.iter().map(|b| serde_json::json!({ "builderid": b, "masterid": m })).collect())
+            .unwrap_or_default();
         let row = sqlx::query(
-            "INSERT INTO workers (name, info, connected_masterid, last_connected_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (name) DO UPDATE SET info = $2, connected_masterid = $3, last_connected_at = $4, graceful = 0 \
-             RETURNING id",
+            "INSERT INTO workers (name, info, connected_masterid, last_connected_at, configured_on) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (name) DO UPDATE SET info = $2, connected_masterid = $3, last_connected_at = $4, graceful = 0, \
+             configured_on = $5 RETURNING id",
         )
         .bind(name)
         .bind(info.to_string())
         .bind(masterid)
         .bind(self.now_ms())
+        .bind(serde_json::Value::from(configured).to_string())
         .fetch_one(&self.write)
         .await?;
-        get_i64(&row, "id")
+        let workerid = get_i64(&row, "id")?;
+        let name = if masterid.is_some() { "connected" } else { "disconnected" };
+        self.published(vec![Event::new(Topic::Workers, workerid, name)]);
+        Ok(workerid)
     }
 
     /// Records that a worker left this master.
     pub async fn worker_disconnected(&self, workerid: i64, masterid: i64) -> Result<()> {
-        sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE id = $1 AND connected_masterid = $2")
-            .bind(workerid)
-            .bind(masterid)
-            .execute(&self.write)
-            .await?;
+        let done =
+            sqlx::query("UPDATE workers SET connected_masterid = NULL WHERE id = $1 AND connected_masterid = $2")
+                .bind(workerid)
+                .bind(masterid)
+                .execute(&self.write)
+                .await?;
+        if done.rows_affected() > 0 {
+            self.published(vec![Event::new(Topic::Workers, workerid, "disconnected")]);
+        }
         Ok(())
     }
 
@@ -114,36 +148,45 @@ impl Store {
 
     /// Pauses or unpauses a worker by name. Returns false for an unknown worker.
     pub async fn set_worker_paused(&self, name: &str, paused: bool, reason: Option<&str>) -> Result<bool> {
-        let done = sqlx::query("UPDATE workers SET paused = $1, pause_reason = $2 WHERE name = $3")
+        let row = sqlx::query("UPDATE workers SET paused = $1, pause_reason = $2 WHERE name = $3 RETURNING id")
             .bind(i64::from(paused))
             .bind(reason.filter(|_| paused).map(str::to_owned))
             .bind(name)
-            .execute(&self.write)
+            .fetch_optional(&self.write)
             .await?;
-        Ok(done.rows_affected() > 0)
+        self.worker_state_updated(row)
     }
 
     /// Pauses a worker by name for a scale-down, creating its row when it has never connected
     /// (its pod may connect only after the decision; the pause must hold then too).
     pub async fn pause_for_scale_down(&self, name: &str) -> Result<()> {
-        sqlx::query(
+        let row = sqlx::query(
             "INSERT INTO workers (name, paused, pause_reason) VALUES ($1, 1, 'scale-down') \
-             ON CONFLICT (name) DO UPDATE SET paused = 1, pause_reason = 'scale-down'",
+             ON CONFLICT (name) DO UPDATE SET paused = 1, pause_reason = 'scale-down' RETURNING id",
         )
         .bind(name)
-        .execute(&self.write)
+        .fetch_optional(&self.write)
         .await?;
+        self.worker_state_updated(row)?;
         Ok(())
     }
 
     /// Marks a worker as stopping gracefully (shown as `graceful` in the API).
     pub async fn set_worker_graceful(&self, name: &str, graceful: bool) -> Result<()> {
-        sqlx::query("UPDATE workers SET graceful = $1 WHERE name = $2")
+        let row = sqlx::query("UPDATE workers SET graceful = $1 WHERE name = $2 RETURNING id")
             .bind(i64::from(graceful))
             .bind(name)
-            .execute(&self.write)
+            .fetch_optional(&self.write)
             .await?;
+        self.worker_state_updated(row)?;
         Ok(())
+    }
+
+    /// Publishes that the worker of a `RETURNING id` row changed state; whether there was one.
+    fn worker_state_updated(&self, row: Option<sqlx::any::AnyRow>) -> Result<bool> {
+        let Some(row) = row else { return Ok(false) };
+        self.published(vec![Event::new(Topic::Workers, get_i64(&row, "id")?, "state_updated")]);
+        Ok(true)
     }
 
     /// The name of a worker by id.

@@ -120,11 +120,13 @@ impl Store {
         }
         let changes = Self::take_scheduler_changes(&mut tx, scheduler, "").await?;
         let mut collapsed = 0;
+        let mut events = Vec::new();
         let submitted = match make(&changes) {
-            Some(buildset) => Some(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed).await?),
+            Some(buildset) => Some(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed, &mut events).await?),
             None => None,
         };
         tx.commit().await?;
+        self.published(events);
         crate::telemetry::requests_collapsed(collapsed);
         Ok(Firing::Fired(submitted))
     }
@@ -194,10 +196,12 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let mut collapsed = 0;
+            let mut events = Vec::new();
             if let Some(buildset) = make(&scheduler, &changes) {
-                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed).await?);
+                submitted.push(Self::add_buildset_in(&mut tx, &buildset, now, &mut collapsed, &mut events).await?);
             }
             tx.commit().await?;
+            self.published(events);
             crate::telemetry::requests_collapsed(collapsed);
         }
     }
@@ -264,6 +268,7 @@ impl Store {
         }
         let stored = Self::add_changes_in(&mut tx, changes, self.now_ms()).await?;
         tx.commit().await?;
+        self.published(Self::new_changes(&stored));
         Ok(Some(stored))
     }
 

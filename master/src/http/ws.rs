@@ -1,0 +1,463 @@
+//! Buildbot's WebSocket event stream at `/ws`: clients subscribe to path patterns
+//! (`startConsuming`, `*` matching one segment) and receive `{"k": "<path>/<event>", "m": object}`
+//! for every change of the data API's objects, on any master of the database.
+//!
+//! One publisher turns the store's events into messages: it reads each changed object once, in
+//! the REST API's shape, and broadcasts it under every path Buildbot publishes it under. Each
+//! connection filters the broadcast by its subscriptions. The broadcast is bounded: a connection
+//! that falls behind it, or whose client stops reading, is closed; a build never waits for a
+//! browser.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+use crate::events::{Event, Origin, Topic};
+use crate::master::Master;
+use crate::store::{Backend, Filter, ListQuery, Op, Resource};
+
+/// Messages the broadcast holds for connections not yet caught up; one that falls further
+/// behind is closed.
+const BACKLOG: usize = 16_384;
+/// How long a client may leave a message unread before its connection is closed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Subscriptions one connection may hold (the UI holds a few dozen).
+const MAX_SUBSCRIPTIONS: usize = 1_000;
+/// The largest message a client may send (commands are a few dozen bytes).
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// Objects read per statement when the publisher fetches what changed.
+const FETCH_CHUNK: usize = 200;
+
+/// One message of the stream, under one routing key.
+#[derive(Debug)]
+pub struct Message {
+    key: String,
+    frame: Utf8Bytes,
+}
+
+/// The broadcast of the stream, shared by the publisher and the connections.
+#[derive(Debug)]
+pub struct Hub {
+    messages: broadcast::Sender<Arc<Message>>,
+}
+
+impl Hub {
+    /// Starts the publisher of `master`'s events; it runs until the master shuts down.
+    pub fn start(master: Arc<Master>) -> Arc<Hub> {
+        let hub = Arc::new(Hub { messages: broadcast::channel(BACKLOG).0 });
+        tokio::spawn(publish(master, Arc::clone(&hub)));
+        hub
+    }
+}
+
+/// Takes the store's events batch by batch: shares this master's with the other masters, reads
+/// the objects that changed and broadcasts them.
+async fn publish(master: Arc<Master>, hub: Arc<Hub>) {
+    let events = Arc::clone(master.store.events());
+    let mut shutdown = master.signals.shutdown();
+    loop {
+        let batch = tokio::select! {
+            batch = events.next_batch() => batch,
+            _ = shutdown.changed() => return,
+        };
+        let here: Vec<Event> = batch.iter().filter(|(_, o)| *o == Origin::Here).map(|(e, _)| *e).collect();
+        let share = async {
+            if master.store.backend() == Backend::Postgres && !here.is_empty() {
+                for payload in events.encode(&here) {
+                    master.store.notify_events(&payload).await;
+                }
+            }
+        };
+        let deliver = async {
+            if hub.messages.receiver_count() == 0 {
+                return;
+            }
+            let mut seen = HashSet::new();
+            let unique: Vec<Event> = batch.iter().map(|(e, _)| *e).filter(|e| seen.insert(*e)).collect();
+            let objects = fetch(&master, &unique).await;
+            for event in &unique {
+                let Some(object) = objects.get(&(resource(event.topic), event.id)) else { continue };
+                for message in messages(event, object) {
+                    // No receiver left is not an error: the next batch checks again.
+                    let _ = hub.messages.send(Arc::new(message));
+                }
+            }
+        };
+        tokio::join!(share, deliver);
+    }
+}
+
+/// The collection an event's object is read from.
+fn resource(topic: Topic) -> Resource {
+    match topic {
+        Topic::Builds | Topic::BuildProperties => Resource::Builds,
+        Topic::BuildRequests => Resource::BuildRequests,
+        Topic::Buildsets => Resource::Buildsets,
+        Topic::Steps => Resource::Steps,
+        Topic::Logs => Resource::Logs,
+        Topic::Changes => Resource::Changes,
+        Topic::Workers => Resource::Workers,
+        Topic::Builders => Resource::Builders,
+        Topic::Schedulers => Resource::Schedulers,
+        Topic::Masters => Resource::Masters,
+    }
+}
+
+fn id_field(resource: Resource) -> &'static str {
+    match resource {
+        Resource::Builds => "buildid",
+        Resource::BuildRequests => "buildrequestid",
+        Resource::Buildsets => "bsid",
+        Resource::Steps => "stepid",
+        Resource::Logs => "logid",
+        Resource::Changes => "changeid",
+        Resource::Workers => "workerid",
+        Resource::Builders => "builderid",
+        Resource::Schedulers => "schedulerid",
+        Resource::Masters => "masterid",
+        Resource::SourceStamps => "ssid",
+    }
+}
+
+/// Reads the objects the events are about, a few statements per collection; an object gone
+/// since (or a database that did not answer) publishes nothing.
+async fn fetch(master: &Master, events: &[Event]) -> HashMap<(Resource, i64), Map<String, Value>> {
+    let mut wanted: HashMap<Resource, Vec<i64>> = HashMap::new();
+    for event in events {
+        let ids = wanted.entry(resource(event.topic)).or_default();
+        if !ids.contains(&event.id) {
+            ids.push(event.id);
+        }
+    }
+    let mut objects = HashMap::new();
+    for (resource, ids) in wanted {
+        let field = id_field(resource);
+        for chunk in ids.chunks(FETCH_CHUNK) {
+            let filter =
+                Filter { field: field.to_owned(), op: Op::In, values: chunk.iter().map(i64::to_string).collect() };
+            let query = ListQuery { filters: vec![filter], ..Default::default() };
+            match master.store.list(resource, &query).await {
+                Ok((rows, _)) => {
+                    for row in rows {
+                        if let Value::Object(object) = row
+                            && let Some(id) = object.get(field).and_then(Value::as_i64)
+                        {
+                            objects.insert((resource, id), object);
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "events not published: their objects could not be read"),
+            }
+        }
+    }
+    objects
+}
+
+/// The messages of one event: its object under each path Buildbot publishes it under.
+fn messages(event: &Event, object: &Map<String, Value>) -> Vec<Message> {
+    let int = |name: &str| object.get(name).and_then(Value::as_i64);
+    let id = event.id;
+    let (paths, body): (Vec<String>, Value) = match event.topic {
+        Topic::BuildProperties => {
+            let properties = object.get("properties").cloned().unwrap_or_else(|| json!({}));
+            (vec![format!("builds/{id}/properties")], properties)
+        }
+        topic => {
+            let mut paths = Vec::with_capacity(3);
+            match topic {
+                Topic::Builds => {
+                    if let (Some(builderid), Some(number)) = (int("builderid"), int("number")) {
+                        paths.push(format!("builders/{builderid}/builds/{number}"));
+                    }
+                    paths.push(format!("builds/{id}"));
+                    if let Some(workerid) = int("workerid") {
+                        paths.push(format!("workers/{workerid}/builds/{id}"));
+                    }
+                }
+                Topic::BuildRequests => {
+                    if let (Some(bsid), Some(builderid)) = (int("buildsetid"), int("builderid")) {
+                        paths.push(format!("buildsets/{bsid}/builders/{builderid}/buildrequests/{id}"));
+                        paths.push(format!("builders/{builderid}/buildrequests/{id}"));
+                    }
+                    paths.push(format!("buildrequests/{id}"));
+                }
+                Topic::Steps => {
+                    if let Some(buildid) = int("buildid") {
+                        paths.push(format!("builds/{buildid}/steps/{id}"));
+                    }
+                    paths.push(format!("steps/{id}"));
+                }
+                Topic::Logs => {
+                    if let (Some(stepid), Some(slug)) = (int("stepid"), object.get("slug").and_then(Value::as_str)) {
+                        paths.push(format!("steps/{stepid}/logs/{slug}"));
+                    }
+                    paths.push(format!("logs/{id}"));
+                }
+                other => paths.push(format!("{}/{id}", resource(other).plural())),
+            }
+            let shaped = super::rest::shape(resource(topic), object.clone(), &super::rest::Params::default());
+            (paths, shaped)
+        }
+    };
+    let body = body.to_string();
+    paths
+        .into_iter()
+        .map(|path| {
+            let key = format!("{path}/{}", event.name);
+            let frame = format!("{{\"k\":{},\"m\":{body}}}", Value::String(key.clone()));
+            Message { key, frame: Utf8Bytes::from(frame) }
+        })
+        .collect()
+}
+
+/// One segment of a subscription's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Any,
+    Exactly(String),
+}
+
+/// A subscription: a path pattern, `*` matching exactly one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pattern(Vec<Segment>);
+
+impl Pattern {
+    fn parse(path: &str) -> Result<Pattern, String> {
+        if path.is_empty() || path.len() > 1024 {
+            return Err("a path of 1 to 1024 characters is needed".into());
+        }
+        let segments: Vec<Segment> = path
+            .trim_matches('/')
+            .split('/')
+            .map(|s| if s == "*" { Segment::Any } else { Segment::Exactly(s.to_owned()) })
+            .collect();
+        if segments.len() > 32 || segments.iter().any(|s| *s == Segment::Exactly(String::new())) {
+            return Err(format!("invalid path {path:?}"));
+        }
+        Ok(Pattern(segments))
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        let mut parts = key.split('/');
+        for segment in &self.0 {
+            match (segment, parts.next()) {
+                (_, None) => return false,
+                (Segment::Any, Some(_)) => {}
+                (Segment::Exactly(want), Some(part)) if want == part => {}
+                _ => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// What a client asks.
+#[derive(Debug, serde::Deserialize)]
+struct Command {
+    cmd: Option<String>,
+    path: Option<String>,
+    #[serde(rename = "_id", default)]
+    id: Value,
+}
+
+/// Answers one command, changing the connection's subscriptions.
+fn answer(text: &str, subscriptions: &mut Vec<(String, Pattern)>) -> Value {
+    let command: Command = match serde_json::from_str(text) {
+        Ok(command) => command,
+        Err(error) => return json!({ "error": format!("invalid command: {error}"), "code": 400, "_id": null }),
+    };
+    let id = command.id;
+    let error = |code: u16, error: String| json!({ "error": error, "code": code, "_id": id });
+    match command.cmd.as_deref() {
+        Some("ping") => json!({ "msg": "pong", "code": 200, "_id": id }),
+        Some(cmd @ ("startConsuming" | "stopConsuming")) => {
+            let Some(path) = command.path else { return error(400, "missing path".into()) };
+            if cmd == "stopConsuming" {
+                let before = subscriptions.len();
+                subscriptions.retain(|(p, _)| *p != path);
+                if subscriptions.len() == before {
+                    return error(400, format!("{path:?} is not consumed"));
+                }
+            } else if !subscriptions.iter().any(|(p, _)| *p == path) {
+                if subscriptions.len() >= MAX_SUBSCRIPTIONS {
+                    return error(400, format!("at most {MAX_SUBSCRIPTIONS} paths may be consumed at once"));
+                }
+                match Pattern::parse(&path) {
+                    Ok(pattern) => subscriptions.push((path, pattern)),
+                    Err(reason) => return error(400, reason),
+                }
+            }
+            json!({ "msg": "OK", "code": 200, "_id": id })
+        }
+        Some(other) => error(404, format!("no such command type '{other}'")),
+        None => error(400, "missing cmd".into()),
+    }
+}
+
+/// `GET /ws`: upgrades to Buildbot's event stream.
+pub async fn upgrade(
+    State(master): State<Arc<Master>>,
+    axum::Extension(hub): axum::Extension<Arc<Hub>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let shutdown = master.signals.shutdown();
+    ws.max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| {
+        let messages = hub.messages.subscribe();
+        serve(socket, messages, shutdown)
+    })
+}
+
+/// Why the master ends a connection.
+enum Ending {
+    /// The client left or broke the protocol: nothing more to say.
+    Gone,
+    /// The client left a message unread too long: nothing more can be said.
+    Stalled,
+    /// Closing with a code and reason.
+    Close(u16, &'static str),
+}
+
+async fn serve(
+    socket: WebSocket,
+    mut messages: broadcast::Receiver<Arc<Message>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    crate::telemetry::websocket_client(true);
+    let (mut sink, mut stream) = socket.split();
+    let mut subscriptions: Vec<(String, Pattern)> = Vec::new();
+    let send = async |sink: &mut futures::stream::SplitSink<WebSocket, Frame>, frame: Frame, flush: bool| {
+        let sent = if flush {
+            tokio::time::timeout(SEND_TIMEOUT, sink.send(frame)).await
+        } else {
+            tokio::time::timeout(SEND_TIMEOUT, sink.feed(frame)).await
+        };
+        matches!(sent, Ok(Ok(())))
+    };
+    let ending = loop {
+        tokio::select! {
+            incoming = stream.next() => match incoming {
+                Some(Ok(Frame::Text(text))) => {
+                    let reply = answer(text.as_str(), &mut subscriptions);
+                    if !send(&mut sink, Frame::Text(reply.to_string().into()), true).await {
+                        break Ending::Gone;
+                    }
+                }
+                Some(Ok(Frame::Binary(_))) => break Ending::Close(1003, "commands are JSON text"),
+                Some(Ok(Frame::Ping(_) | Frame::Pong(_))) => {}
+                Some(Ok(Frame::Close(_))) | Some(Err(_)) | None => break Ending::Gone,
+            },
+            received = messages.recv() => {
+                let mut next = received;
+                let mut fed = 0usize;
+                let ending = loop {
+                    match next {
+                        Ok(message) => {
+                            if subscriptions.iter().any(|(_, p)| p.matches(&message.key)) {
+                                if !send(&mut sink, Frame::Text(message.frame.clone()), false).await {
+                                    break Some(Ending::Stalled);
+                                }
+                                fed += 1;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::info!(missed, "closing an event stream client that fell behind");
+                            crate::telemetry::websocket_client_dropped();
+                            break Some(Ending::Close(1008, "too slow: events were missed; reload"));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break Some(Ending::Close(1001, "master stopping")),
+                    }
+                    // Send what is already waiting in one write, a bounded number at a time.
+                    if fed >= 256 {
+                        break None;
+                    }
+                    match messages.try_recv() {
+                        Ok(message) => next = Ok(message),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => next = Err(broadcast::error::RecvError::Lagged(n)),
+                        Err(_) => break None,
+                    }
+                };
+                if let Some(ending) = ending {
+                    break ending;
+                }
+                if fed > 0 && !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await, Ok(Ok(()))) {
+                    break Ending::Stalled;
+                }
+            },
+            _ = shutdown.changed() => break Ending::Close(1001, "master stopping"),
+        }
+    };
+    match ending {
+        Ending::Close(code, reason) => {
+            let close = Frame::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+        }
+        Ending::Stalled => {
+            tracing::info!("closing an event stream client that stopped reading");
+            crate::telemetry::websocket_client_dropped();
+        }
+        Ending::Gone => {}
+    }
+    crate::telemetry::websocket_client(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_star_matches_exactly_one_segment() {
+        let pattern = Pattern::parse("builds/*/*").unwrap();
+        assert!(pattern.matches("builds/7/new"));
+        assert!(!pattern.matches("builds/7/steps/3/new"));
+        assert!(!pattern.matches("builds/7"));
+        assert!(!pattern.matches("builders/7/new"));
+        let pattern = Pattern::parse("builds/7/steps/*/*").unwrap();
+        assert!(pattern.matches("builds/7/steps/25/started"));
+        assert!(!pattern.matches("builds/8/steps/25/started"));
+        assert!(Pattern::parse("").is_err());
+        assert!(Pattern::parse("builds//new").is_err());
+    }
+
+    #[test]
+    fn commands_are_answered_as_buildbot_answers_them() {
+        let mut subs = Vec::new();
+        let ok = answer(r#"{"cmd":"startConsuming","path":"builds/*/*","_id":1}"#, &mut subs);
+        assert_eq!(ok, json!({"msg": "OK", "code": 200, "_id": 1}));
+        assert_eq!(subs.len(), 1);
+        // Subscribing twice keeps one subscription.
+        answer(r#"{"cmd":"startConsuming","path":"builds/*/*","_id":2}"#, &mut subs);
+        assert_eq!(subs.len(), 1);
+        let pong = answer(r#"{"cmd":"ping","_id":3}"#, &mut subs);
+        assert_eq!(pong, json!({"msg": "pong", "code": 200, "_id": 3}));
+        let ok = answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":4}"#, &mut subs);
+        assert_eq!(ok["code"], 200);
+        assert!(subs.is_empty());
+        let again = answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":5}"#, &mut subs);
+        assert_eq!(again["code"], 400);
+        assert_eq!(answer(r#"{"cmd":"dance","_id":6}"#, &mut subs)["code"], 404);
+        assert_eq!(answer("not json", &mut subs)["code"], 400);
+        assert_eq!(answer(r#"{"cmd":"startConsuming","_id":7}"#, &mut subs)["code"], 400);
+    }
+
+    #[test]
+    fn a_build_is_published_under_each_of_buildbots_paths() {
+        let object = json!({"buildid": 7, "builderid": 2, "number": 3, "workerid": 5, "properties": {"a": [1, "x"]}});
+        let Value::Object(object) = object else { unreachable!() };
+        let keys: Vec<String> =
+            messages(&Event::new(Topic::Builds, 7, "new"), &object).into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, ["builders/2/builds/3/new", "builds/7/new", "workers/5/builds/7/new"]);
+        let properties = messages(&Event::new(Topic::BuildProperties, 7, "update"), &object);
+        assert_eq!(properties[0].key, "builds/7/properties/update");
+        assert_eq!(properties[0].frame.as_str(), r#"{"k":"builds/7/properties/update","m":{"a":[1,"x"]}}"#);
+        let build = messages(&Event::new(Topic::Builds, 7, "finished"), &object);
+        let frame: Value = serde_json::from_str(build[1].frame.as_str()).unwrap();
+        assert_eq!(frame["m"]["properties"], json!({}), "events carry no properties, as in Buildbot");
+    }
+}
