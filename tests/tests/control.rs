@@ -224,6 +224,30 @@ async fn control_actions_need_credentials_when_configured() {
     master.stop().await;
 }
 
+/// A page on another site cannot drive a browser that can reach the master into control
+/// actions: a JSON-RPC call whose `Origin` is not the master's own is refused and changes
+/// nothing, while the UI's own calls (same origin) and clients that send no `Origin` pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_actions_from_another_origin_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(dir.path(), "true").await;
+    let force = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let post = |origin: String| {
+        master.client.post(master.url("/api/v2/forceschedulers/force")).header("Origin", origin).json(&force).send()
+    };
+    let refused = post("http://evil.example".to_owned()).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("origin"), "{body}");
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 0, "nothing was queued");
+    let own = post(format!("http://{}", master.http)).await.unwrap();
+    assert_eq!(own.status().as_u16(), 200);
+    let (status, _) = rpc(&master, "forceschedulers/force", "force", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 2);
+    master.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_actions_are_closed_unless_the_configuration_opens_them() {
     let dir = tempfile::tempdir().unwrap();

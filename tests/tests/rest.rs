@@ -182,3 +182,102 @@ async fn the_web_ui_is_served_with_its_configuration_or_a_page_says_how_to_insta
     }
     master.stop().await;
 }
+
+const UI_SETUP: &str = r#"
+collapseRequests: false
+builders:
+  - name: echo
+    steps:
+      - shell: {name: talk, command: "echo hello"}
+schedulers:
+  - {type: force, name: force, builderNames: [echo]}
+"#;
+
+/// The fields and endpoints Buildbot's UI reads beyond the plain collections: the builders a
+/// worker is configured on and where, scalar workerinfo, a scheduler's master, the owners
+/// property, nested force-form groups, the per-object sub-collections, `application.spec` and
+/// Buildbot's raw-log file name.
+async fn what_the_ui_reads(database: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let master = TestMaster::start(&database, dir.path(), UI_SETUP).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let brid =
+        master.force_request("force", serde_json::json!({"builderid": 1, "username": "Ada <ada@example.com>"})).await;
+    let build = master.wait_build_of_request(brid, std::time::Duration::from_secs(60)).await;
+    let buildid = build["buildid"].as_i64().unwrap();
+    let masterid = master.get("/api/v2/masters").await["masters"][0]["masterid"].as_i64().unwrap();
+
+    let worker = &master.get("/api/v2/workers").await["workers"][0];
+    assert_eq!(worker["configured_on"], serde_json::json!([{"builderid": 1, "masterid": masterid}]), "{worker}");
+    for (key, value) in worker["workerinfo"].as_object().unwrap() {
+        assert!(!value.is_object() && !value.is_array(), "workerinfo.{key} is not a scalar: {value}");
+    }
+    let workerid = worker["workerid"].as_i64().unwrap();
+    let builders = master.get(&format!("/api/v2/workers/{workerid}/builders")).await;
+    assert_eq!(builders["builders"][0]["name"], "echo");
+    let masters = master.get("/api/v2/builders/1/masters").await;
+    assert_eq!(masters["masters"][0]["masterid"], masterid);
+    for sub in ["builders", "workers", "schedulers"] {
+        let listed = master.get(&format!("/api/v2/masters/{masterid}/{sub}")).await;
+        assert_eq!(listed["meta"]["total"], 1, "masters/{masterid}/{sub}: {listed}");
+    }
+    let scheduler = &master.get("/api/v2/schedulers").await["schedulers"][0];
+    assert_eq!(scheduler["master"]["masterid"], masterid, "{scheduler}");
+
+    let properties = master.get(&format!("/api/v2/builds/{buildid}/properties")).await;
+    assert_eq!(properties["properties"][0]["owners"], serde_json::json!([["Ada <ada@example.com>"], "Build"]));
+    let bsid = master.get(&format!("/api/v2/buildrequests/{brid}")).await["buildrequests"][0]["buildsetid"].clone();
+    let properties = master.get(&format!("/api/v2/buildsets/{bsid}/properties")).await;
+    assert!(properties["properties"][0].is_object(), "{properties}");
+    for sub in ["changes", "triggered_builds", "test_result_sets"] {
+        let listed = master.get(&format!("/api/v2/builds/{buildid}/{sub}")).await;
+        assert_eq!(listed["meta"]["total"], 0, "builds/{buildid}/{sub}: {listed}");
+    }
+
+    // A change from the hook, then the builds made from it.
+    master.post_change(&[("repository", "https://example.com/r.git"), ("revision", "abc"), ("author", "Bo")]).await;
+    let changes = master.get("/api/v2/changes").await;
+    let changeid = changes["changes"][0]["changeid"].as_i64().unwrap();
+    assert_eq!(master.get(&format!("/api/v2/changes/{changeid}/builds")).await["meta"]["total"], 0);
+
+    let form = &master.get("/api/v2/forceschedulers/force").await["forceschedulers"][0];
+    assert_eq!(form["button_name"], "force");
+    let groups = form["all_fields"].as_array().unwrap();
+    assert!(
+        groups.iter().all(|g| g["type"] == "nested" && g["fields"].is_array() && g["layout"].is_string()),
+        "{form}"
+    );
+    let names: Vec<&str> =
+        groups.iter().flat_map(|g| g["fields"].as_array().unwrap()).filter_map(|f| f["fullName"].as_str()).collect();
+    for name in ["username", "reason", "priority", "branch", "revision"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+
+    let spec = master.get("/api/v2/application.spec").await;
+    let paths: Vec<&str> = spec["specs"].as_array().unwrap().iter().filter_map(|s| s["path"].as_str()).collect();
+    for path in ["builds/n:buildid/properties", "workers/n:workerid/builders", "changesources", "logs/n:logid/raw"] {
+        assert!(paths.contains(&path), "{path} missing from application.spec");
+    }
+    let (status, body) = master.get_text("/api/v2/projects").await;
+    assert_eq!(status, 200, "{body}");
+
+    let step = &master.get(&format!("/api/v2/builds/{buildid}/steps")).await["steps"][0];
+    let log = &master.get(&format!("/api/v2/steps/{}/logs", step["stepid"])).await["logs"][0];
+    let raw = reqwest::get(master.url(&format!("/api/v2/logs/{}/raw", log["logid"]))).await.unwrap();
+    let disposition = raw.headers()["content-disposition"].to_str().unwrap().to_owned();
+    assert_eq!(disposition, format!("attachment; filename=\"echo_build_{}_step_talk_log_stdio\"", build["number"]));
+    assert!(raw.text().await.unwrap().contains("hello\n"));
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_ui_reads_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    what_the_ui_reads(format!("sqlite://{}", dir.path().join("kiln.sqlite").display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_ui_reads_on_postgres() {
+    what_the_ui_reads(pg::fresh_database().await).await;
+}
