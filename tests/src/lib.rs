@@ -1,6 +1,7 @@
 //! Fixtures for Kiln's whole-system tests and benchmarks: a throwaway PostgreSQL cluster, git
 //! repositories, masters on loopback ports and real `kiln-worker` processes.
 
+pub mod browser;
 pub mod kube;
 pub mod ledger;
 pub mod pg;

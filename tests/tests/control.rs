@@ -377,13 +377,8 @@ schedulers:
     assert_eq!(props["ticket"][0], "KILN-7");
     assert!(props.get("stray").is_none(), "undeclared fields are not properties");
     let form = master.get("/api/v2/forceschedulers/release").await;
-    let names: Vec<&str> = form["forceschedulers"][0]["all_fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
-    assert!(names.ends_with(&["flavour", "jobs", "ticket"]), "{names:?}");
+    let names = form_field_names(&form["forceschedulers"][0]["all_fields"]);
+    assert!(names.ends_with(&["flavour".to_string(), "jobs".into(), "ticket".into()]), "{names:?}");
     master.stop().await;
 }
 
@@ -412,12 +407,20 @@ schedulers:
     );
     assert_eq!(by_codebase("lib")["repository"], "https://example.org/lib.git");
     let form = master.get("/api/v2/forceschedulers/force").await;
-    let names: Vec<&str> = form["forceschedulers"][0]["all_fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
-    assert!(names.contains(&"lib_revision") && !names.contains(&"revision"), "{names:?}");
+    let names = form_field_names(&form["forceschedulers"][0]["all_fields"]);
+    let has = |name: &str| names.iter().any(|n| n == name);
+    assert!(has("lib_revision") && !has("revision"), "{names:?}");
     master.stop().await;
+}
+
+/// The full names (the names a force's parameters use) of a force form's input fields, in order, at any depth of Buildbot's nested groups.
+fn form_field_names(fields: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    for field in fields.as_array().into_iter().flatten() {
+        match field.get("fields") {
+            Some(nested) => names.extend(form_field_names(nested)),
+            None => names.extend(field["fullName"].as_str().map(str::to_string)),
+        }
+    }
+    names
 }

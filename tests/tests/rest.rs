@@ -230,6 +230,8 @@ async fn what_the_ui_reads(database: String) {
     let bsid = master.get(&format!("/api/v2/buildrequests/{brid}")).await["buildrequests"][0]["buildsetid"].clone();
     let properties = master.get(&format!("/api/v2/buildsets/{bsid}/properties")).await;
     assert!(properties["properties"][0].is_object(), "{properties}");
+    let of_request = master.get(&format!("/api/v2/buildrequests/{brid}/properties")).await;
+    assert_eq!(of_request["properties"], properties["properties"], "a request's properties are its buildset's");
     for sub in ["changes", "triggered_builds", "test_result_sets"] {
         let listed = master.get(&format!("/api/v2/builds/{buildid}/{sub}")).await;
         assert_eq!(listed["meta"]["total"], 0, "builds/{buildid}/{sub}: {listed}");
@@ -259,8 +261,14 @@ async fn what_the_ui_reads(database: String) {
     for path in ["builds/n:buildid/properties", "workers/n:workerid/builders", "changesources", "logs/n:logid/raw"] {
         assert!(paths.contains(&path), "{path} missing from application.spec");
     }
-    let (status, body) = master.get_text("/api/v2/projects").await;
-    assert_eq!(status, 200, "{body}");
+    for query in ["", "?active=true", "?name__contains=k&limit=5"] {
+        let (status, body) = master.get_text(&format!("/api/v2/projects{query}")).await;
+        assert_eq!(status, 200, "projects{query}: {body}");
+    }
+    let (status, body) = master.get_text("/api/v2/projects?active__near=1").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = master.get_text("/api/v2/projects?colour=red").await;
+    assert_eq!(status, 400, "{body}");
 
     let step = &master.get(&format!("/api/v2/builds/{buildid}/steps")).await["steps"][0];
     let log = &master.get(&format!("/api/v2/steps/{}/logs", step["stepid"])).await["logs"][0];

@@ -124,6 +124,14 @@ async fn resolve(master: &Master, path: &[&str]) -> Result<Target, ApiError> {
         }
         ["buildrequests"] => Collection(BuildRequests, vec![]),
         ["buildrequests", id] => Single(BuildRequests, vec![eq("buildrequestid", number(id)?)]),
+        ["buildrequests", id, "properties"] => {
+            // A request's properties are its buildset's.
+            let bsid = id_of(master, BuildRequests, vec![eq("buildrequestid", number(id)?)], "buildsetid").await?;
+            match master.store.buildset_properties(bsid).await? {
+                Some(properties) => Target::Properties(properties),
+                None => return Err(ApiError::NotFound(format!("no buildset {bsid}"))),
+            }
+        }
         ["buildrequests", id, "builds"] => Collection(Builds, vec![eq("buildrequestid", number(id)?)]),
         ["buildsets"] => Collection(Buildsets, vec![]),
         ["buildsets", id] => Single(Buildsets, vec![eq("bsid", number(id)?)]),
@@ -429,7 +437,10 @@ pub async fn get(
             Ok(envelope("properties", vec![properties], json!({ "total": 1 })))
         }
         Target::Empty(key) => {
-            parse_params(None, pairs, false)?;
+            match Resource::from_plural(key) {
+                Some(resource) => parse_params(Some(resource), pairs, false)?,
+                None => parse_params(None, without_filters_on(unkept_fields(key), pairs)?, false)?,
+            };
             Ok(envelope(key, Vec::new(), json!({ "total": 0 })))
         }
         Target::ChangeSources(id) => {
@@ -658,6 +669,45 @@ async fn log_raw(master: &Master, logid: i64, inline: bool) -> Result<Response, 
         .into_response())
 }
 
+/// The fields of Buildbot's resource types that Kiln keeps none of yet, so that the UI's filters on
+/// their (empty) lists are accepted.
+fn unkept_fields(plural: &str) -> &'static [&'static str] {
+    match plural {
+        "projects" => &["projectid", "name", "slug", "description", "description_format", "description_html", "active"],
+        "test_result_sets" => &[
+            "test_result_setid",
+            "builderid",
+            "buildid",
+            "stepid",
+            "description",
+            "category",
+            "value_unit",
+            "tests_passed",
+            "tests_failed",
+            "complete",
+        ],
+        _ => &[],
+    }
+}
+
+/// The query without its filters on `fields` (an `__op` suffix included), which on an empty list
+/// select nothing more; a filter with an unknown operator is still refused.
+fn without_filters_on(fields: &[&str], pairs: Vec<(String, String)>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut kept = Vec::new();
+    for (name, value) in pairs {
+        let (field, op) = match name.split_once("__") {
+            Some((field, op)) => (field, Some(op)),
+            None => (name.as_str(), None),
+        };
+        if !fields.contains(&field) {
+            kept.push((name, value));
+        } else if op.is_some_and(|op| Op::parse(op).is_none()) {
+            return Err(ApiError::BadRequest(format!("unrecognized query parameter '{name}'")));
+        }
+    }
+    Ok(kept)
+}
+
 /// The endpoints Kiln serves, as `application.spec` lists them: Buildbot's path pattern (`n:`
 /// an integer, `i:` an identifier), the type and collection of what it answers.
 const ENDPOINTS: &[(&str, &str, &str)] = &[
@@ -676,6 +726,7 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
     ("buildrequests", "buildrequest", "buildrequests"),
     ("buildrequests/n:buildrequestid", "buildrequest", "buildrequests"),
     ("buildrequests/n:buildrequestid/builds", "build", "builds"),
+    ("buildrequests/n:buildrequestid/properties", "property", "properties"),
     ("builds", "build", "builds"),
     ("builds/n:buildid", "build", "builds"),
     ("builds/n:buildid/changes", "change", "changes"),

@@ -109,7 +109,14 @@ const NO_UI: &str = r#"<!DOCTYPE html>
 </body></html>
 "#;
 
-/// The routes of the UI, to merge below the API's: `/`, `/config`, `/plugins/<name>/…`, and the
+/// What `/avatar?email=…` answers for everyone: the UI shows an avatar beside every change and
+/// author, and Kiln looks up no pictures (the configuration lists no avatar methods).
+const AVATAR: ([(header::HeaderName, &str); 2], &str) = (
+    [(header::CONTENT_TYPE, "image/svg+xml"), (header::CACHE_CONTROL, "public,max-age=86400")],
+    r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><circle cx="16" cy="16" r="16" fill="#c8ccd0"/><circle cx="16" cy="12" r="6" fill="#f4f5f6"/><path d="M5 27c2-6 6-8 11-8s9 2 11 8" fill="#f4f5f6"/></svg>"##,
+);
+
+/// The routes of the UI, to merge below the API's: `/`, `/config`, `/avatar`, `/plugins/<name>/…`, and the
 /// UI's own files for any other path.
 pub fn routes<S: Clone + Send + Sync + 'static>(ui: Option<Ui>, title: String, https: bool) -> Router<S> {
     let Some(ui) = ui else {
@@ -135,9 +142,18 @@ pub fn routes<S: Clone + Send + Sync + 'static>(ui: Option<Ui>, title: String, h
             }
         }
     };
-    let mut router =
-        Router::new().route("/", get(index.clone())).route("/index.html", get(index)).route("/config", get(config));
+    let mut router = Router::new()
+        .route("/", get(index.clone()))
+        .route("/index.html", get(index))
+        .route("/config", get(config))
+        .route("/avatar", get(|| async { AVATAR }));
     for (name, dir) in &ui.plugins {
+        // The UI links every plugin's `styles.css`; a plugin that ships none (the grid view) gets
+        // an empty sheet instead of a 404 in the browser's console.
+        if !dir.join("styles.css").is_file() {
+            let empty = ([(header::CONTENT_TYPE, "text/css")], "");
+            router = router.route(&format!("/plugins/{name}/styles.css"), get(move || async move { empty }));
+        }
         router = router.nest_service(&format!("/plugins/{name}"), ServeDir::new(dir));
     }
     router.fallback_service(ServeDir::new(&ui.static_dir))
