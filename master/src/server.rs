@@ -149,7 +149,7 @@ pub async fn run_with(
         Admission::Tokens(tokens)
     };
     let grpc = serve_grpc(listeners.grpc, grpc_tls, WorkerGrpc::new(Arc::clone(&master), admission), stop_rx.clone());
-    let http = serve_http(listeners.http, http_tls, crate::http::router(Arc::clone(&master)), stop_rx)?;
+    let http = serve_http(listeners.http, http_tls, crate::http::router(Arc::clone(&master)).await?, stop_rx)?;
     let background = [
         tokio::spawn(Arc::clone(&master).run_dispatcher()),
         tokio::spawn(Arc::clone(&master).run_housekeeping()),

@@ -224,6 +224,74 @@ async fn control_actions_need_credentials_when_configured() {
     master.stop().await;
 }
 
+/// The web UI's login: `/auth/login` challenges for one of `http.auth.users`, sets a session
+/// cookie and sends the browser back to the page it came from (never to another site); the UI's
+/// configuration then names the user, and control actions accept the cookie — from the master's
+/// own pages only. Logging out clears the cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_from_the_ui_gives_a_session_that_control_actions_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup("true"))
+        .replace("  auth: open\n", "  auth:\n    users: [{username: ada, password: lovelace}]\n");
+    let master = TestMaster::start_with(Config::parse("auth.yaml", &text).unwrap(), dir.path()).await;
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let login = master.url("/auth/login?redirect=/%23/builders/1");
+
+    let challenged = browser.get(&login).send().await.unwrap();
+    assert_eq!(challenged.status().as_u16(), 401);
+    assert_eq!(challenged.headers()["www-authenticate"], "Basic realm=\"kiln\"");
+    let wrong = browser.get(&login).basic_auth("ada", Some("babbage")).send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+
+    let foreign = master.url("/auth/login?redirect=//evil.example/");
+    let elsewhere = browser.get(&foreign).basic_auth("ada", Some("lovelace")).send().await.unwrap();
+    assert_eq!(elsewhere.headers()["location"], "/", "never sent to another site");
+    let logged_in = browser.get(&login).basic_auth("ada", Some("lovelace")).send().await.unwrap();
+    assert_eq!(logged_in.status().as_u16(), 302);
+    assert_eq!(logged_in.headers()["location"], "/#/builders/1");
+    let set_cookie = logged_in.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    assert!(!cookie.contains("lovelace"), "the password is not in the cookie");
+
+    let force = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    let own_origin = format!("http://{}", master.http);
+    let post = |cookie: Option<&str>, origin: &str| {
+        let mut request =
+            browser.post(master.url("/api/v2/forceschedulers/force")).header("Origin", origin).json(&force);
+        if let Some(cookie) = cookie {
+            request = request.header("Cookie", cookie);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // A page gets no challenge (the browser would ask for a password for that one call).
+    assert_eq!(post(None, &own_origin).await, 403, "anonymous");
+    assert_eq!(post(Some(&cookie), &own_origin).await, 200, "logged in");
+    assert_eq!(post(Some(&cookie), "http://evil.example").await, 403, "another site's page");
+    let tampered = cookie.replacen(&cookie[cookie.len() - 4..], "0000", 1);
+    assert_eq!(post(Some(&tampered), &own_origin).await, 403, "a forged cookie");
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 1);
+
+    let config = |cookie: Option<String>| {
+        let mut request = browser.get(master.url("/config"));
+        if let Some(cookie) = cookie {
+            request = request.header("Cookie", cookie);
+        }
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let anonymous = config(None).await;
+    assert_eq!(anonymous["auth"]["name"], "UserPasswordAuth", "{anonymous}");
+    assert_eq!(anonymous["user"], json!({"anonymous": true}));
+    assert_eq!(config(Some(cookie.clone())).await["user"]["username"], "ada");
+
+    let logout = browser.get(master.url("/auth/logout?redirect=/%23/")).send().await.unwrap();
+    assert_eq!(logout.headers()["location"], "/#/");
+    assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    master.stop().await;
+}
+
 /// A page on another site cannot drive a browser that can reach the master into control
 /// actions: a JSON-RPC call whose `Origin` is not the master's own is refused and changes
 /// nothing, while the UI's own calls (same origin) and clients that send no `Origin` pass.

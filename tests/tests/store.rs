@@ -42,6 +42,7 @@ conformance!(
     expired_leases_are_reaped_and_their_builds_retried,
     shortened_claims_expire_early_and_only_for_their_master,
     a_webhook_delivery_is_stored_once_until_forgotten,
+    a_shared_key_is_made_once_and_kept,
     builds_are_numbered_per_builder,
     a_buildset_completes_with_the_worst_result,
     logs_round_trip_through_compressed_chunks,
@@ -202,6 +203,13 @@ async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
         "the old claim is void"
     );
     assert_eq!(store.pending_count().await.unwrap(), 1);
+}
+
+async fn a_shared_key_is_made_once_and_kept(store: Store) {
+    let (first, again) = (store.shared_key("ui-session").await.unwrap(), store.shared_key("ui-session").await.unwrap());
+    assert_eq!(first.len(), 32);
+    assert_eq!(first, again, "every master reads the key the first one made");
+    assert_ne!(store.shared_key("another").await.unwrap(), first);
 }
 
 async fn a_webhook_delivery_is_stored_once_until_forgotten(store: Store) {

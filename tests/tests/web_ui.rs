@@ -31,9 +31,15 @@ builders:
 }
 
 async fn master_with_ui(dir: &std::path::Path, setup: &str) -> TestMaster {
+    master_with_ui_and_auth(dir, setup, "  auth: open\n").await
+}
+
+/// [`master_with_ui`] with `auth` (YAML lines) for the `http.auth` of the test configuration.
+async fn master_with_ui_and_auth(dir: &std::path::Path, setup: &str, auth: &str) -> TestMaster {
     let database = format!("sqlite://{}", dir.join("kiln.sqlite").display());
     let text = config_text(&database, dir, setup)
-        .replace("http:\n", &format!("http:\n  www: \"{}\"\n", buildbot_www().display()));
+        .replace("http:\n", &format!("http:\n  www: \"{}\"\n", buildbot_www().display()))
+        .replace("  auth: open\n", auth);
     TestMaster::start_with(kiln_master::config::Config::parse("ui.yaml", &text).unwrap(), dir).await
 }
 
@@ -186,5 +192,43 @@ async fn every_page_renders_without_a_console_error() {
         browser.screenshot(&screenshot_path(if name.is_empty() { "home" } else { &name })).await;
     }
     assert!(problems.is_empty(), "console errors:\n{}", problems.join("\n"));
+    master.stop().await;
+}
+
+/// With users in `http.auth`, the UI shows "Anonymous" and its force is refused; after the UI's
+/// own login link (`/auth/login`, answered with the user's password) it names the user and the
+/// same dialog forces a build that runs to SUCCESS; logging out makes the page anonymous again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_logs_in_from_the_ui_and_then_forces_a_build() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("release"), "").unwrap();
+    let users = "  auth:\n    users: [{username: ada, password: lovelace}]\n";
+    let master = master_with_ui_and_auth(dir.path(), &setup(dir.path(), "", ""), users).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let mut browser = Browser::launch().await;
+    browser.navigate(&master.url("/#/builders/1")).await;
+    let anonymous = format!("(t => t.includes('Builds:') && t.includes('Anonymous'))({})", page_text());
+    browser.wait_for("the builder page, anonymous", &anonymous, MINUTE).await;
+    browser.click("button", "force").await;
+    browser.click(".modal button", "Start build").await;
+    browser.wait_for("the refusal", &format!("({}).includes('valid credentials')", page_text()), MINUTE).await;
+    assert_eq!(master.get("/api/v2/buildrequests").await["meta"]["total"], 0);
+    browser.take_errors();
+
+    // The login link of the UI, with the password the browser would be asked for.
+    let login = master.url("/auth/login?redirect=/%23/builders/1").replacen("http://", "http://ada:lovelace@", 1);
+    browser.navigate(&login).await;
+    let named = "(t => t.includes('Builds:') && t.includes('ada') && !t.includes('Anonymous'))";
+    browser.wait_for("the builder page, logged in", &format!("{named}({})", page_text()), MINUTE).await;
+    browser.click("button", "force").await;
+    browser.click(".modal button", "Start build").await;
+    browser.wait_for("the build's page", "location.hash.endsWith('/builds/1')", MINUTE).await;
+    browser.wait_for("SUCCESS on screen", &format!("({}).includes('SUCCESS')", page_text()), MINUTE).await;
+    let errors = browser.take_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+
+    browser.navigate(&master.url("/auth/logout?redirect=/%23/builders")).await;
+    browser.wait_for("anonymous again", &format!("({}).includes('Anonymous')", page_text()), MINUTE).await;
     master.stop().await;
 }

@@ -4,6 +4,7 @@
 
 mod errors;
 pub(crate) mod hooks;
+pub(crate) mod login;
 pub(crate) mod rest;
 pub(crate) mod rpc;
 pub mod ws;
@@ -22,7 +23,7 @@ use crate::master::Master;
 pub use errors::ApiError;
 
 /// The router of the master's HTTP port.
-pub fn router(master: Arc<Master>) -> Router {
+pub async fn router(master: Arc<Master>) -> Result<Router, crate::store::StoreError> {
     let limit = master.config.http.max_body_bytes;
     // Forges send big pushes (GitHub caps a delivery at 25 MB); the hooks get their own limit.
     let hook_limit = DefaultBodyLimit::max(master.config.change_hooks.max_body_bytes);
@@ -37,9 +38,15 @@ pub fn router(master: Arc<Master>) -> Router {
         }
         None => tracing::info!("no buildbot-www installed: / says how to install it"),
     }
-    let ui = www::routes(ui, master.config.title.clone(), master.config.http.tls.is_some());
+    let https = master.config.http.tls.is_some();
+    let users = match master.config.control_access() {
+        crate::config::ControlAccess::Credentials { users, .. } => users,
+        _ => Vec::new(),
+    };
+    let sessions = Arc::new(login::Sessions::new(master.store.shared_key("ui-session").await?, &users, https));
+    let ui = www::routes(ui, master.config.title.clone(), https, Arc::clone(&sessions));
     let hub = ws::Hub::start(Arc::clone(&master));
-    Router::new()
+    Ok(Router::new()
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
         .route("/api/v2/pools", get(pools))
@@ -51,11 +58,13 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/readyz", get(ready))
         .route("/ws", get(ws::upgrade))
         .merge(ui)
+        .merge(login::routes(Arc::clone(&sessions)))
         .layer(axum::Extension(hub))
+        .layer(axum::Extension(sessions))
         .layer(axum::Extension(Arc::new(hooks::Hooks::from_config(&master.config.change_hooks))))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(refuse_nul_in_uri))
-        .with_state(master)
+        .with_state(master))
 }
 
 /// Refuses a request whose path or query holds a NUL byte (`%00`), which no database stores the

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::errors::{ApiError, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, rpc_error};
+use super::login::Sessions;
 use crate::config::ControlAccess;
 use crate::domain::{SourceStamp, Submitted};
 use crate::master::{ControlError, ForceRequest, Master, SubmitError, WorkerAction};
@@ -17,6 +18,7 @@ use crate::secrets;
 
 pub async fn post(
     State(master): State<Arc<Master>>,
+    axum::Extension(sessions): axum::Extension<Arc<Sessions>>,
     Path(path): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -30,7 +32,7 @@ pub async fn post(
         // forgery), as Buildbot refuses it.
         return rpc_error(StatusCode::FORBIDDEN, &call.id, INVALID_REQUEST, "invalid origin");
     }
-    if let Some(refusal) = refuse_unauthorized(&master, &headers, &call.id) {
+    if let Some(refusal) = refuse_unauthorized(&master, &sessions, &headers, &call.id) {
         return refusal;
     }
     let id = &call.id;
@@ -167,8 +169,6 @@ impl Action {
     }
 }
 
-/// Checks the credentials of a control action when the configuration asks for them; returns the
-/// refusal to send when they are missing or wrong.
 /// Whether a request comes from a page of this master, or from no page at all: a browser names
 /// the page's origin in `Origin`, whose host and port must be those the request was sent to.
 fn same_origin(headers: &HeaderMap) -> bool {
@@ -179,7 +179,10 @@ fn same_origin(headers: &HeaderMap) -> bool {
     !authority.is_empty() && authority.eq_ignore_ascii_case(host)
 }
 
-fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Option<Response> {
+/// Checks the credentials of a control action when the configuration asks for them (a token, a
+/// user's password, or a user's session from the web UI); returns the refusal to send when they
+/// are missing or wrong.
+fn refuse_unauthorized(master: &Master, sessions: &Sessions, headers: &HeaderMap, id: &Value) -> Option<Response> {
     let (tokens, users) = match master.config.control_access() {
         ControlAccess::Open => return None,
         ControlAccess::Closed => {
@@ -189,7 +192,10 @@ fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Opti
         ControlAccess::Credentials { tokens, users } => (tokens, users),
     };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let admitted = if let Some(token) = given.strip_prefix("Bearer ") {
+    let admitted = if given.is_empty() {
+        // The web UI, logged in: its session cookie (the origin was checked above).
+        sessions.user(headers).is_some()
+    } else if let Some(token) = given.strip_prefix("Bearer ") {
         secrets::matches_any(&tokens, token.trim())
     } else if let Some(encoded) = given.strip_prefix("Basic ") {
         use base64::Engine;
@@ -203,6 +209,12 @@ fn refuse_unauthorized(master: &Master, headers: &HeaderMap, id: &Value) -> Opti
     };
     if admitted {
         return None;
+    }
+    if headers.contains_key(header::ORIGIN) {
+        // A page (the web UI): a challenge would make the browser ask for a password for this
+        // one call; the UI's own Login link is the way in.
+        let reason = "control actions need valid credentials: log in first";
+        return Some(rpc_error(StatusCode::FORBIDDEN, id, INVALID_REQUEST, reason));
     }
     let status = if given.is_empty() { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
     let mut response = rpc_error(status, id, INVALID_REQUEST, "control actions need valid credentials");

@@ -3,6 +3,7 @@
 //! Buildbot's master does; without the package, a small page saying how to install it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{HeaderMap, header};
@@ -10,6 +11,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 use tower_http::services::ServeDir;
+
+use super::login::Sessions;
 
 /// Where `index.html` leaves room for the frontend configuration.
 const CONFIG_PLACEHOLDER: &str = "<!-- BUILDBOT_CONFIG_PLACEHOLDER -->";
@@ -69,17 +72,18 @@ impl Ui {
 }
 
 /// What the UI reads before anything else (Buildbot's `/config` and the injected copy): the
-/// title, the master's URL as the browser reaches it, no authentication, no avatars, the
-/// plugins found.
-pub fn frontend_config(title: &str, base_url: &str, plugins: &[(String, PathBuf)]) -> Value {
+/// title, the master's URL as the browser reaches it, how to log in and who is logged in
+/// (`login`: Buildbot's `auth` and `user`), no avatars, the plugins found.
+pub fn frontend_config(title: &str, base_url: &str, plugins: &[(String, PathBuf)], login: (Value, Value)) -> Value {
     let plugins: serde_json::Map<String, Value> = plugins.iter().map(|(name, _)| (name.clone(), json!({}))).collect();
+    let (auth, user) = login;
     json!({
         "title": title,
         "titleURL": base_url,
         "buildbotURL": base_url,
         "multiMaster": false,
-        "user": { "anonymous": true },
-        "auth": { "name": "NoAuth", "oauth2": false, "fa_icon": null, "autologin": false },
+        "user": user,
+        "auth": auth,
         "avatar_methods": [],
         "plugins": plugins,
         "ui_default_config": {},
@@ -118,27 +122,38 @@ const AVATAR: ([(header::HeaderName, &str); 2], &str) = (
 
 /// The routes of the UI, to merge below the API's: `/`, `/config`, `/avatar`, `/plugins/<name>/…`, and the
 /// UI's own files for any other path.
-pub fn routes<S: Clone + Send + Sync + 'static>(ui: Option<Ui>, title: String, https: bool) -> Router<S> {
-    let Some(ui) = ui else {
-        return Router::new().route("/", get(|| async { Html(NO_UI) }));
-    };
-    let ui = std::sync::Arc::new(ui);
-    let title = std::sync::Arc::new(title);
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    ui: Option<Ui>,
+    title: String,
+    https: bool,
+    sessions: Arc<Sessions>,
+) -> Router<S> {
+    let title = Arc::new(title);
+    let plugins = Arc::new(ui.as_ref().map(|ui| ui.plugins.clone()).unwrap_or_default());
     let config = {
-        let (ui, title) = (ui.clone(), title.clone());
+        let (title, sessions) = (title.clone(), sessions.clone());
         move |headers: HeaderMap| {
-            let (ui, title) = (ui.clone(), title.clone());
-            async move { axum::Json(frontend_config(&title, &base_url(&headers, https), &ui.plugins)).into_response() }
+            let (plugins, title, sessions) = (plugins.clone(), title.clone(), sessions.clone());
+            async move {
+                let login = sessions.frontend(&headers);
+                let config = frontend_config(&title, &base_url(&headers, https), &plugins, login);
+                ([(header::CACHE_CONTROL, "no-store")], axum::Json(config)).into_response()
+            }
         }
     };
+    let Some(ui) = ui else {
+        return Router::new().route("/", get(|| async { Html(NO_UI) })).route("/config", get(config));
+    };
+    let ui = Arc::new(ui);
     let index = {
         let ui = ui.clone();
         move |headers: HeaderMap| {
-            let (ui, title) = (ui.clone(), title.clone());
+            let (ui, title, sessions) = (ui.clone(), title.clone(), sessions.clone());
             async move {
-                let config = frontend_config(&title, &base_url(&headers, https), &ui.plugins);
+                let login = sessions.frontend(&headers);
+                let config = frontend_config(&title, &base_url(&headers, https), &ui.plugins, login);
                 let page: Response = Html(ui.index(&config)).into_response();
-                ([(header::CACHE_CONTROL, "public,max-age=0")], page).into_response()
+                ([(header::CACHE_CONTROL, "no-store")], page).into_response()
             }
         }
     };
@@ -172,7 +187,8 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("buildbot_grid_view/static")).unwrap();
         let ui = Ui::open(&dir.path().join("buildbot_www")).unwrap();
         assert_eq!(ui.plugins.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["grid_view"]);
-        let config = frontend_config("CI", "http://ci.example.org/", &ui.plugins);
+        let login = Sessions::new(vec![0; 32], &[], false).frontend(&HeaderMap::new());
+        let config = frontend_config("CI", "http://ci.example.org/", &ui.plugins, login);
         let page = ui.index(&config);
         assert!(page.starts_with("<html><script id=\"bb-config\">"), "{page}");
         assert!(page.contains("window.buildbotFrontendConfig = {") && !page.contains(CONFIG_PLACEHOLDER), "{page}");

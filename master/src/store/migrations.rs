@@ -80,6 +80,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0011_configured_on.sql"),
         postgres: include_str!("../../migrations/postgres/0011_configured_on.sql"),
     },
+    Migration {
+        version: 12,
+        description: "keys shared by the masters",
+        sqlite: include_str!("../../migrations/sqlite/0012_master_keys.sql"),
+        postgres: include_str!("../../migrations/postgres/0012_master_keys.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -1,4 +1,5 @@
-//! The registry tables: masters, builders, schedulers and workers, with their pause and drain flags.
+//! The registry tables: masters, builders, schedulers and workers, with their pause and drain flags;
+//! and the keys the masters share.
 
 use std::collections::HashMap;
 
@@ -8,6 +9,21 @@ use super::{Result, Store, StoreError, get_i64};
 use crate::events::{Event, Topic};
 
 impl Store {
+    /// The random key named `name` that every master of the database shares (32 bytes), made
+    /// now if no master has made it yet.
+    pub async fn shared_key(&self, name: &str) -> Result<Vec<u8>> {
+        let fresh = hex::encode(rand::random::<[u8; 32]>());
+        sqlx::query("INSERT INTO master_keys (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(&fresh)
+            .execute(&self.write)
+            .await?;
+        let row =
+            sqlx::query("SELECT value FROM master_keys WHERE name = $1").bind(name).fetch_one(&self.write).await?;
+        let value: String = row.try_get(0)?;
+        hex::decode(&value).map_err(|_| StoreError::Invalid(format!("master key {name} is not hexadecimal")))
+    }
+
     /// Registers (or re-activates) a master by name and returns its id.
     pub async fn register_master(&self, name: &str) -> Result<i64> {
         let now = self.now_ms();
