@@ -171,12 +171,17 @@ impl Events {
     pub async fn next_batch(&self) -> Vec<(Event, Origin)> {
         loop {
             let notified = self.ready.notified();
-            let batch = std::mem::take(&mut *self.queue.lock().expect("event queue poisoned"));
+            let batch = self.take();
             if !batch.is_empty() {
                 return batch;
             }
             notified.await;
         }
+    }
+
+    /// The events queued now, if any, without waiting.
+    pub fn take(&self) -> Vec<(Event, Origin)> {
+        std::mem::take(&mut *self.queue.lock().expect("event queue poisoned"))
     }
 
     /// How many events were dropped because the publisher fell behind.

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kiln_tests::process::{MasterProcess, bench_database, force, percentile, requests_with};
-use sqlx::Row;
+use kiln_tests::process::{MasterProcess, bench_database, completed, force, percentile, timings, wait_completed};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -41,38 +40,6 @@ struct Args {
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-/// (submitted_at, started_at, complete_at) in ms of each request's build with id > `after`.
-async fn timings(database: &str, after: i64) -> Vec<(i64, i64, i64)> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(database).await.unwrap();
-    let rows = sqlx::query(
-        "SELECT r.submitted_at, b.started_at, r.complete_at FROM buildrequests r JOIN builds b ON b.buildrequestid = r.id \
-         WHERE r.id > $1 AND r.complete = 1 ORDER BY r.id",
-    )
-    .bind(after)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    rows.iter()
-        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<Option<i64>, _>(2).unwrap_or_default()))
-        .collect()
-}
-
-async fn completed(client: &reqwest::Client, base: &str) -> i64 {
-    requests_with(client, base, true).await
-}
-
-/// Polls until `count` requests are complete. Latencies come from the database's timestamps, so
-/// the poll interval only bounds how soon the benchmark notices, not what it measures.
-async fn wait_completed(client: &reqwest::Client, base: &str, count: i64, limit: Duration, every: Duration) {
-    let deadline = Instant::now() + limit;
-    while completed(client, base).await < count {
-        assert!(Instant::now() < deadline, "builds did not complete within {limit:?}");
-        tokio::time::sleep(every).await;
-    }
 }
 
 fn stats(label: &str, latencies: &mut [f64]) -> (f64, f64) {

@@ -68,10 +68,20 @@ impl MasterProcess {
 
     /// Peak resident memory of the master so far, in MiB.
     pub fn peak_rss_mib(&self) -> f64 {
+        self.memory_mib("VmHWM:")
+    }
+
+    /// Resident memory of the master now, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.memory_mib("VmRSS:")
+    }
+
+    /// A memory line of the master's `/proc/<pid>/status`, in MiB.
+    fn memory_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(f64::NAN, |kb| kb / 1024.0)
     }
@@ -137,6 +147,41 @@ pub async fn requests_with(client: &reqwest::Client, base: &str, complete: bool)
         .await
         .unwrap();
     reply["meta"]["total"].as_i64().unwrap_or(0)
+}
+
+/// How many build requests of the master at `base` are complete.
+pub async fn completed(client: &reqwest::Client, base: &str) -> i64 {
+    requests_with(client, base, true).await
+}
+
+/// Polls until `count` requests are complete. Latencies come from the database's timestamps, so
+/// the poll interval only bounds how soon a benchmark notices, not what it measures.
+pub async fn wait_completed(client: &reqwest::Client, base: &str, count: i64, limit: Duration, every: Duration) {
+    let deadline = Instant::now() + limit;
+    while completed(client, base).await < count {
+        assert!(Instant::now() < deadline, "builds did not complete within {limit:?}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// (submitted_at, started_at, complete_at) in ms of each complete request with id > `after`
+/// and its build, by request id.
+pub async fn timings(database: &str, after: i64) -> Vec<(i64, i64, i64)> {
+    use sqlx::Row;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT r.submitted_at, b.started_at, r.complete_at FROM buildrequests r JOIN builds b ON b.buildrequestid = r.id \
+         WHERE r.id > $1 AND r.complete = 1 ORDER BY r.id",
+    )
+    .bind(after)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows.iter()
+        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<Option<i64>, _>(2).unwrap_or_default()))
+        .collect()
 }
 
 /// The database URL a benchmark runs on: `sqlite` (a file in `dir`) or `postgres` (a throwaway

@@ -121,7 +121,7 @@ async fn a_build_forced_from_the_dialog_runs_live_to_success() {
 
 /// Every page of the UI and its three views, with a finished build, a change from a hook and a
 /// request waiting for a builder without workers: each shows what it is about and none logs a
-/// console error or an uncaught exception.
+/// console error or an uncaught exception; the waiting request is then cancelled from its page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_renders_without_a_console_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,7 +153,7 @@ async fn every_page_renders_without_a_console_error() {
         done.filter(|n| *n > 0)
     })
     .await;
-    master.force_request("later", serde_json::json!({"builderid": 2})).await;
+    let waiting = master.force_request("later", serde_json::json!({"builderid": 2})).await;
 
     let mut browser = Browser::launch().await;
     let pages = [
@@ -191,6 +191,22 @@ async fn every_page_renders_without_a_console_error() {
         let name = page.trim_start_matches("#/").replace('/', "-");
         browser.screenshot(&screenshot_path(if name.is_empty() { "home" } else { &name })).await;
     }
+
+    // The waiting request, cancelled from its own page (the UI has no set-priority action).
+    browser.navigate(&master.url(&format!("/#/buildrequests/{waiting}"))).await;
+    browser.wait_for("the request's page", &format!("({}).includes('waiting')", page_text()), MINUTE).await;
+    browser.click("button, a", "Cancel").await;
+    kiln_tests::eventually("the request cancelled", MINUTE, || async {
+        let request = &master.get(&format!("/api/v2/buildrequests/{waiting}")).await["buildrequests"][0];
+        (request["complete"] == true).then(|| request["results"].clone())
+    })
+    .await
+    .as_i64()
+    .filter(|r| *r == 6)
+    .expect("CANCELLED");
+    for error in browser.take_errors() {
+        problems.push(format!("#/buildrequests/{waiting}: {} ({})", error.text, error.url));
+    }
     assert!(problems.is_empty(), "console errors:\n{}", problems.join("\n"));
     master.stop().await;
 }
@@ -227,6 +243,8 @@ async fn a_user_logs_in_from_the_ui_and_then_forces_a_build() {
     browser.wait_for("SUCCESS on screen", &format!("({}).includes('SUCCESS')", page_text()), MINUTE).await;
     let errors = browser.take_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    let properties = master.get("/api/v2/builds/1/properties").await;
+    assert_eq!(properties["properties"][0]["owner"][0], "ada", "the session's user owns the build: {properties}");
 
     browser.navigate(&master.url("/auth/logout?redirect=/%23/builders")).await;
     browser.wait_for("anonymous again", &format!("({}).includes('Anonymous')", page_text()), MINUTE).await;

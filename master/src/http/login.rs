@@ -82,7 +82,9 @@ impl Sessions {
         }
         let auth = json!({ "name": "UserPasswordAuth", "oauth2": false, "fa_icon": null, "autologin": false });
         let user = match self.user(headers) {
-            Some(name) => json!({ "username": name, "full_name": name, "email": null, "groups": [] }),
+            // No `email`, as Buildbot's password logins give none: the force dialog then hides
+            // "Your name" and the build's owner is the session's user.
+            Some(name) => json!({ "username": name, "full_name": name, "groups": [] }),
             None => json!({ "anonymous": true }),
         };
         (auth, user)

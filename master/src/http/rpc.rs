@@ -41,7 +41,16 @@ pub async fn post(
         Err(refusal) => return refusal.answer(id),
     };
     match action {
-        Action::Force { scheduler, request } => force(&master, &scheduler, *request, id).await,
+        Action::Force { scheduler, mut request } => {
+            // Logged in to the UI, which then hides "Your name": the session's user owns it.
+            let named = ["username", "owner"]
+                .iter()
+                .any(|k| call.params.get(*k).and_then(Value::as_str).is_some_and(|v| !v.trim().is_empty()));
+            if !named && let Some(user) = sessions.user(&headers) {
+                request.owner = user;
+            }
+            force(&master, &scheduler, *request, id).await
+        }
         Action::StopBuild(buildid) => reply(id, master.stop_build_by_id(buildid).await.map(|()| Value::Null)),
         Action::Rebuild(buildid) => reply(id, master.rebuild(buildid).await.map(submitted)),
         Action::CancelRequest(brid) => reply(id, master.cancel_request(brid).await.map(|()| Value::Null)),

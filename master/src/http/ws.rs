@@ -32,6 +32,10 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIPTIONS: usize = 1_000;
 /// The largest message a client may send (commands are a few dozen bytes).
 const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// How long the publisher gathers events before reading what they are about.
+const GATHER: Duration = Duration::from_millis(5);
+/// The read buffer of a connection (tungstenite's default is 128 KiB).
+const READ_BUFFER: usize = 4 * 1024;
 /// Objects read per statement when the publisher fetches what changed.
 const FETCH_CHUNK: usize = 200;
 
@@ -63,10 +67,14 @@ async fn publish(master: Arc<Master>, hub: Arc<Hub>) {
     let events = Arc::clone(master.store.events());
     let mut shutdown = master.signals.shutdown();
     loop {
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             batch = events.next_batch() => batch,
             _ = shutdown.changed() => return,
         };
+        // A build's events come in quick succession: gathering them for a moment reads each
+        // collection once per moment instead of once per event.
+        tokio::time::sleep(GATHER).await;
+        batch.extend(events.take());
         let here: Vec<Event> = batch.iter().filter(|(_, o)| *o == Origin::Here).map(|(e, _)| *e).collect();
         let share = async {
             if master.store.backend() == Backend::Postgres && !here.is_empty() {
@@ -308,7 +316,10 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let shutdown = master.signals.shutdown();
-    ws.max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE).on_upgrade(move |socket| {
+    // The read buffer is made ready (zeroed up to its size) each time the connection looks for a
+    // command, that is after every event sent: keep it as small as the commands are.
+    let ws = ws.read_buffer_size(READ_BUFFER).max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE);
+    ws.on_upgrade(move |socket| {
         let messages = hub.messages.subscribe();
         serve(socket, messages, shutdown)
     })

@@ -25,37 +25,36 @@ impl Store {
         properties: &Properties,
     ) -> Result<NewBuild> {
         let now = self.now_ms();
-        // Two masters may race for the same number; the unique (builderid, number) index decides
-        // and the loser takes the next one.
+        // The number is taken in the statement that inserts the row, so builds starting at once
+        // on this master never compete for it; two masters may still race on PostgreSQL, where
+        // the unique (builderid, number) index decides and the loser takes the next one.
         for _ in 0..20 {
-            let row = sqlx::query("SELECT COALESCE(MAX(number), 0) + 1 AS next FROM builds WHERE builderid = $1")
-                .bind(builderid)
-                .fetch_one(&self.write)
-                .await?;
-            let number = get_i64(&row, "next")?;
-            let mut properties = properties.clone();
-            properties.set("buildnumber", serde_json::Value::from(number), "Build");
             let row = sqlx::query(
                 "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string, properties) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'building', $7) ON CONFLICT (builderid, number) DO NOTHING RETURNING id",
+                 SELECT COALESCE(MAX(number), 0) + 1, $1, $2, $3, $4, $5, 'building', '{}' FROM builds WHERE builderid = $1 \
+                 ON CONFLICT (builderid, number) DO NOTHING RETURNING id, number",
             )
-            .bind(number)
             .bind(builderid)
             .bind(brid)
             .bind(workerid)
             .bind(masterid)
             .bind(now)
-            .bind(properties.to_json().to_string())
             .fetch_optional(&self.write)
             .await?;
-            if let Some(row) = row {
-                let buildid = get_i64(&row, "id")?;
-                self.published(vec![
-                    Event::new(Topic::Builds, buildid, "new"),
-                    Event::new(Topic::BuildProperties, buildid, "update"),
-                ]);
-                return Ok(NewBuild { buildid, number });
-            }
+            let Some(row) = row else { continue };
+            let (buildid, number) = (get_i64(&row, "id")?, get_i64(&row, "number")?);
+            let mut properties = properties.clone();
+            properties.set("buildnumber", serde_json::Value::from(number), "Build");
+            sqlx::query("UPDATE builds SET properties = $1 WHERE id = $2")
+                .bind(properties.to_json().to_string())
+                .bind(buildid)
+                .execute(&self.write)
+                .await?;
+            self.published(vec![
+                Event::new(Topic::Builds, buildid, "new"),
+                Event::new(Topic::BuildProperties, buildid, "update"),
+            ]);
+            return Ok(NewBuild { buildid, number });
         }
         Err(StoreError::Corrupt(format!("could not number a build of builder {builderid}")))
     }

@@ -1,0 +1,257 @@
+//! Event stream benchmark: the real `kiln-master` (release build) with K local workers, first
+//! without and then with C WebSocket clients subscribed to builds, steps and logs as Buildbot's
+//! UI subscribes. It reports event latency (a build's completion committed → its `finished`
+//! message read by each client), the master's CPU and resident memory under a paced load of R
+//! builds per second with and without the clients, and burst dispatch throughput with and
+//! without them.
+//!
+//! ```sh
+//! cargo build --release --bins && cargo bench -p kiln-tests --bench events -- --clients 200 --rate 100
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use kiln_tests::process::{MasterProcess, bench_database, completed, force, percentile, timings, wait_completed};
+use kiln_tests::ws::{EventClient, Frame};
+use sqlx::Row;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// WebSocket clients.
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    /// Builds per second of the paced load.
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// Seconds of paced load, with and without the clients.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Builds in each burst (with and without the clients).
+    #[arg(long, default_value_t = 1000)]
+    builds: usize,
+    /// Local workers.
+    #[arg(long, default_value_t = 8)]
+    workers: u32,
+    /// `sqlite` or `postgres`.
+    #[arg(long, default_value = "sqlite")]
+    database: String,
+    // `cargo bench` passes `--bench`; accept and ignore it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Concurrent HTTP clients submitting a burst.
+const SUBMITTERS: usize = 16;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What one client read: every frame counted, and when each build's `finished` arrived.
+#[derive(Default)]
+struct Received {
+    frames: u64,
+    finished: Vec<(i64, i64)>,
+    /// The master closed the connection (the client fell behind).
+    closed: bool,
+}
+
+/// Reads one client until `stop` is set (checked between frames) or the connection ends, at most
+/// `limit`; parses only the routing key, as a cheap client would.
+async fn read(mut client: EventClient, stop: Arc<AtomicUsize>, limit: Duration) -> Received {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut got = Received::default();
+    while stop.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() < deadline {
+        let slice = (tokio::time::Instant::now() + Duration::from_millis(200)).min(deadline);
+        let frame = match client.next_frame(slice).await {
+            Frame::Text(frame) => frame,
+            Frame::Quiet => continue,
+            Frame::Ended => {
+                got.closed = true;
+                break;
+            }
+        };
+        got.frames += 1;
+        let Some(rest) = frame.strip_prefix("{\"k\":\"builds/") else { continue };
+        let Some((id, event)) = rest.split_once('/') else { continue };
+        if event.starts_with("finished\"")
+            && let Ok(id) = id.parse::<i64>()
+        {
+            got.finished.push((id, now_ms()));
+        }
+    }
+    got
+}
+
+/// Submits `total` builds as fast as [`SUBMITTERS`] connections allow; returns builds per
+/// second from first submission to last completion and the master's CPU per build.
+async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f64) {
+    let client = reqwest::Client::new();
+    let before = completed(&client, &master.base).await;
+    let last = last_request(database).await;
+    let cpu_before = master.cpu_seconds();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut submitters = Vec::new();
+    for _ in 0..SUBMITTERS {
+        let (client, url, next) = (client.clone(), master.base.clone(), Arc::clone(&next));
+        submitters.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < total {
+                force(&client, &url).await;
+            }
+        }));
+    }
+    for s in submitters {
+        s.await.unwrap();
+    }
+    let done = before + total as i64;
+    wait_completed(&client, &master.base, done, Duration::from_secs(600), Duration::from_millis(50)).await;
+    let runs = timings(database, last).await;
+    let first_submit = runs.iter().map(|t| t.0).min().unwrap();
+    let last_complete = runs.iter().map(|t| t.2).max().unwrap();
+    let cpu = (master.cpu_seconds() - cpu_before) / total as f64;
+    (runs.len() as f64 / ((last_complete - first_submit) as f64 / 1000.0), cpu)
+}
+
+/// Forces `rate` builds a second for `seconds`, each on its own task so that a slow answer
+/// does not slow the pace; returns the master's CPU use (cores) over the run.
+async fn paced(master: &MasterProcess, rate: u32, seconds: u32) -> f64 {
+    let client = reqwest::Client::new();
+    let before = completed(&client, &master.base).await;
+    let total = u64::from(rate) * u64::from(seconds);
+    let (cpu_before, started) = (master.cpu_seconds(), Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut forces = Vec::new();
+    for _ in 0..total {
+        tick.tick().await;
+        let (client, url) = (client.clone(), master.base.clone());
+        forces.push(tokio::spawn(async move { force(&client, &url).await }));
+    }
+    for f in forces {
+        f.await.unwrap();
+    }
+    let done = before + total as i64;
+    wait_completed(&client, &master.base, done, Duration::from_secs(600), Duration::from_millis(20)).await;
+    (master.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64()
+}
+
+async fn last_request(database: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database).await.unwrap();
+    let row = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM buildrequests").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    row.get::<i64, _>(0)
+}
+
+/// Each build's `complete_at` (ms), by build id, for builds with id > `after`.
+async fn completions(database: &str, after: i64) -> std::collections::HashMap<i64, i64> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database).await.unwrap();
+    let rows = sqlx::query("SELECT id, complete_at FROM builds WHERE id > $1 AND complete_at IS NOT NULL")
+        .bind(after)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1))).collect()
+}
+
+async fn last_build(database: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database).await.unwrap();
+    let row = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM builds").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    row.get::<i64, _>(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().unwrap();
+    let database = bench_database(&args.database, dir.path()).await;
+    let body = format!(
+        "pools:\n  - {{name: local, backend: local, count: {}}}\ncollapseRequests: false\nbuilders:\n  - name: quick\n    steps:\n      - shell: {{name: run, command: [\"echo\", \"one line\"]}}\nschedulers:\n  - {{type: force, name: force, builderNames: [quick]}}\n",
+        args.workers
+    );
+    let master = MasterProcess::start(&database, dir.path(), &body, u64::from(args.workers)).await;
+    let http: std::net::SocketAddr = master.base.trim_start_matches("http://").parse().unwrap();
+    println!(
+        "Kiln event stream benchmark: {} clients, {} builds/s for {} s, bursts of {}, {} local workers, {} ({} CPUs)",
+        args.clients,
+        args.rate,
+        args.seconds,
+        args.builds,
+        args.workers,
+        args.database,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let (throughput_alone, cpu_per_build_alone) = burst(&master, &database, args.builds).await;
+    let cores_alone = paced(&master, args.rate, args.seconds).await;
+    let rss_alone = master.rss_mib();
+
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        let mut client = EventClient::connect(http).await;
+        for path in ["builds/*/*", "steps/*/*", "logs/*/*"] {
+            client.subscribe(path).await;
+        }
+        clients.push(client);
+    }
+    let stop = Arc::new(AtomicUsize::new(0));
+    let limit = Duration::from_secs(600);
+    let readers: Vec<_> = clients.into_iter().map(|c| tokio::spawn(read(c, Arc::clone(&stop), limit))).collect();
+    let builds_before = last_build(&database).await;
+    let cores_with = paced(&master, args.rate, args.seconds).await;
+    let rss_with = master.rss_mib();
+    let paced_builds = completions(&database, builds_before).await;
+    // The last `finished` messages are on their way when the requests read as complete.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (throughput_with, cpu_per_build_with) = burst(&master, &database, args.builds).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_burst_with = master.rss_mib();
+    stop.store(1, Ordering::Relaxed);
+
+    let mut latencies = Vec::new();
+    let (mut frames, mut closed, mut missing) = (0u64, 0usize, 0usize);
+    for reader in readers {
+        let got = reader.await.unwrap();
+        frames += got.frames;
+        closed += usize::from(got.closed);
+        let seen: std::collections::HashSet<i64> = got.finished.iter().map(|(id, _)| *id).collect();
+        missing += paced_builds.keys().filter(|id| !seen.contains(id)).count();
+        latencies
+            .extend(got.finished.iter().filter_map(|(id, at)| paced_builds.get(id).map(|done| (at - done) as f64)));
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+
+    println!(
+        "event latency, commit → client ({} builds × {} clients)   p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        paced_builds.len(),
+        args.clients,
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    println!("messages read by the clients             {frames}");
+    println!("clients closed by the master             {closed}   finished messages missing {missing}");
+    println!(
+        "master CPU at {} builds/s                 {:.2} cores alone, {:.2} cores with the clients",
+        args.rate, cores_alone, cores_with
+    );
+    println!(
+        "master RSS                               {rss_alone:.1} MiB alone, {rss_with:.1} MiB with the clients (paced), {rss_burst_with:.1} MiB after the burst"
+    );
+    println!(
+        "burst throughput                         {throughput_alone:.0} builds/s alone, {throughput_with:.0} builds/s with the clients ({:+.1} %)",
+        (throughput_with / throughput_alone - 1.0) * 100.0
+    );
+    println!(
+        "master CPU per build, burst              {:.2} ms alone, {:.2} ms with the clients",
+        cpu_per_build_alone * 1000.0,
+        cpu_per_build_with * 1000.0
+    );
+    master.stop().await;
+}
