@@ -91,7 +91,7 @@ async fn read(mut client: EventClient, stop: Arc<AtomicUsize>, limit: Duration) 
 async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f64) {
     let client = reqwest::Client::new();
     let before = completed(&client, &master.base).await;
-    let last = last_request(database).await;
+    let last = last_id(database, "buildrequests").await;
     let cpu_before = master.cpu_seconds();
     let next = Arc::new(AtomicUsize::new(0));
     let mut submitters = Vec::new();
@@ -137,10 +137,16 @@ async fn paced(master: &MasterProcess, rate: u32, seconds: u32) -> f64 {
     (master.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64()
 }
 
-async fn last_request(database: &str) -> i64 {
+/// The highest id in `table` (`builds` or `buildrequests`), 0 when it is empty.
+async fn last_id(database: &str, table: &str) -> i64 {
+    let statement = match table {
+        "builds" => "SELECT COALESCE(MAX(id), 0) FROM builds",
+        "buildrequests" => "SELECT COALESCE(MAX(id), 0) FROM buildrequests",
+        other => panic!("no table {other}"),
+    };
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(database).await.unwrap();
-    let row = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM buildrequests").fetch_one(&pool).await.unwrap();
+    let row = sqlx::query(statement).fetch_one(&pool).await.unwrap();
     pool.close().await;
     row.get::<i64, _>(0)
 }
@@ -156,14 +162,6 @@ async fn completions(database: &str, after: i64) -> std::collections::HashMap<i6
         .unwrap();
     pool.close().await;
     rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1))).collect()
-}
-
-async fn last_build(database: &str) -> i64 {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(database).await.unwrap();
-    let row = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM builds").fetch_one(&pool).await.unwrap();
-    pool.close().await;
-    row.get::<i64, _>(0)
 }
 
 #[tokio::main]
@@ -203,7 +201,7 @@ async fn main() {
     let stop = Arc::new(AtomicUsize::new(0));
     let limit = Duration::from_secs(600);
     let readers: Vec<_> = clients.into_iter().map(|c| tokio::spawn(read(c, Arc::clone(&stop), limit))).collect();
-    let builds_before = last_build(&database).await;
+    let builds_before = last_id(&database, "builds").await;
     let cores_with = paced(&master, args.rate, args.seconds).await;
     let rss_with = master.rss_mib();
     let paced_builds = completions(&database, builds_before).await;
