@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use kiln_tests::process::{MasterProcess, bench_database, completed, force, percentile, timings, wait_completed};
+use kiln_tests::process::{
+    MasterProcess, bench_database, completed, cpu_seconds_of, force, percentile, timings, wait_completed,
+};
 use kiln_tests::ws::{EventClient, Frame};
 use sqlx::Row;
 
@@ -87,12 +89,13 @@ async fn read(mut client: EventClient, stop: Arc<AtomicUsize>, limit: Duration) 
 }
 
 /// Submits `total` builds as fast as [`SUBMITTERS`] connections allow; returns builds per
-/// second from first submission to last completion and the master's CPU per build.
-async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f64) {
+/// second from first submission to last completion, the master's CPU per build and this
+/// process's (the submitters' and the clients').
+async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f64, f64) {
     let client = reqwest::Client::new();
     let before = completed(&client, &master.base).await;
     let last = last_id(database, "buildrequests").await;
-    let cpu_before = master.cpu_seconds();
+    let (cpu_before, own_before) = (master.cpu_seconds(), cpu_seconds_of(std::process::id()));
     let next = Arc::new(AtomicUsize::new(0));
     let mut submitters = Vec::new();
     for _ in 0..SUBMITTERS {
@@ -112,7 +115,8 @@ async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f6
     let first_submit = runs.iter().map(|t| t.0).min().unwrap();
     let last_complete = runs.iter().map(|t| t.2).max().unwrap();
     let cpu = (master.cpu_seconds() - cpu_before) / total as f64;
-    (runs.len() as f64 / ((last_complete - first_submit) as f64 / 1000.0), cpu)
+    let own = (cpu_seconds_of(std::process::id()) - own_before) / total as f64;
+    (runs.len() as f64 / ((last_complete - first_submit) as f64 / 1000.0), cpu, own)
 }
 
 /// Forces `rate` builds a second for `seconds`, each on its own task so that a slow answer
@@ -186,7 +190,7 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let (throughput_alone, cpu_per_build_alone) = burst(&master, &database, args.builds).await;
+    let (throughput_alone, cpu_per_build_alone, own_alone) = burst(&master, &database, args.builds).await;
     let cores_alone = paced(&master, args.rate, args.seconds).await;
     let rss_alone = master.rss_mib();
 
@@ -207,7 +211,7 @@ async fn main() {
     let paced_builds = completions(&database, builds_before).await;
     // The last `finished` messages are on their way when the requests read as complete.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (throughput_with, cpu_per_build_with) = burst(&master, &database, args.builds).await;
+    let (throughput_with, cpu_per_build_with, own_with) = burst(&master, &database, args.builds).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_burst_with = master.rss_mib();
     stop.store(1, Ordering::Relaxed);
@@ -250,6 +254,11 @@ async fn main() {
         "master CPU per build, burst              {:.2} ms alone, {:.2} ms with the clients",
         cpu_per_build_alone * 1000.0,
         cpu_per_build_with * 1000.0
+    );
+    println!(
+        "benchmark's own CPU per build, burst     {:.2} ms alone, {:.2} ms with the clients (on the same cores)",
+        own_alone * 1000.0,
+        own_with * 1000.0
     );
     master.stop().await;
 }
