@@ -158,6 +158,7 @@ pub async fn run_with(
         tokio::spawn(Arc::clone(&master).run_timed()),
         tokio::spawn(Arc::clone(&master).run_completions()),
         tokio::spawn(Arc::clone(&master).run_janitor()),
+        tokio::spawn(Arc::clone(&master).run_reports()),
         tokio::spawn(Arc::clone(&master).run_queue_listener(config.database.clone())),
     ];
     let local = LocalWorkers { binaries: local_binaries, grpc: format!("http://{grpc_addr}"), token: local_token };

@@ -224,6 +224,11 @@ pub fn build_finished(builder: &str, results: Results, took: Duration) {
     }
 }
 
+/// A report's attempt: `sent`, `retried`, `failed` (refused for good), `skipped`.
+pub fn report(reporter: &str, outcome: &'static str) {
+    counter!("kiln_reports_total", "reporter" => reporter.to_owned(), "outcome" => outcome).increment(1);
+}
+
 /// Sets the gauges read at scrape time.
 pub struct Snapshot<'a> {
     pub pending_by_builder: &'a [(String, i64)],

@@ -16,6 +16,9 @@ fn every_example_config_is_valid() {
             unsafe {
                 std::env::set_var("KILN_WORKER_TOKEN", "example");
                 std::env::set_var("KILN_API_TOKEN", "example");
+                std::env::set_var("GITHUB_HOOK_SECRET", "example");
+                std::env::set_var("GITHUB_TOKEN", "example");
+                std::env::set_var("CHAT_HOOK_TOKEN", "example");
             }
             Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;

@@ -1,5 +1,5 @@
 //! No secret leaks: a master and a worker run with every kind of secret configured — worker
-//! token, API token and password, hook secrets, the database password — through builds, hook
+//! token, API token and password, hook secrets, reporter tokens, the database password — through builds, hook
 //! deliveries (good and badly signed), control actions with right and wrong credentials, the
 //! REST API, `/metrics` and `--check`; then their logs (at debug level) and every answer are
 //! searched for each secret.
@@ -18,6 +18,8 @@ const PASSWORD: &str = "pw-SECRET-3333";
 const GITHUB: &str = "gh-SECRET-4444";
 const GITLAB: &str = "gl-SECRET-5555";
 const DATABASE_PASSWORD: &str = "db-SECRET-6666";
+const REPORTER_TOKEN: &str = "rt-SECRET-7777";
+const PUSH_TOKEN: &str = "pt-SECRET-8888";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_configured_secret_appears_in_logs_answers_or_metrics() {
@@ -34,9 +36,13 @@ async fn no_configured_secret_appears_in_logs_answers_or_metrics() {
          workers:\n  listen: 127.0.0.1:{grpc}\n  heartbeat_interval: 0.5\n  tokens: [{{name: w, value: {WORKER_TOKEN}}}]\n\
          change_hooks:\n  base: true\n  github: {{secret: {GITHUB}}}\n  gitlab: {{secret: {GITLAB}}}\n\
          builders:\n  - name: b\n    steps:\n      - shell: {{command: [echo, built]}}\n\
-         schedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n  - {{type: any_branch, name: all, builderNames: [b]}}\n",
-        data = dir.path().join("data").display()
+         schedulers:\n  - {{type: force, name: force, builderNames: [b]}}\n  - {{type: any_branch, name: all, builderNames: [b]}}\n\
+         services:\n  - {{type: github_status, name: gh, token_file: \"{token_file}\", base_url: \"http://127.0.0.1:1\"}}\n\
+         \x20 - {{type: http_push, name: chat, url: \"http://127.0.0.1:1/hook\", bearer_env: KILN_TEST_PUSH_TOKEN}}\n",
+        data = dir.path().join("data").display(),
+        token_file = dir.path().join("reporter-token").display()
     );
+    std::fs::write(dir.path().join("reporter-token"), REPORTER_TOKEN).unwrap();
     let path = dir.path().join("master.yaml");
     std::fs::write(&path, &config).unwrap();
     let master_log = dir.path().join("master.log");
@@ -44,6 +50,7 @@ async fn no_configured_secret_appears_in_logs_answers_or_metrics() {
         .arg("--config")
         .arg(&path)
         .env("KILN_LOG", "debug")
+        .env("KILN_TEST_PUSH_TOKEN", PUSH_TOKEN)
         .stdout(log_file(&master_log))
         .stderr(log_file(&master_log))
         .kill_on_drop(true)
@@ -130,16 +137,22 @@ async fn no_configured_secret_appears_in_logs_answers_or_metrics() {
     ] {
         answers.push(client.get(format!("{base}{path}")).send().await.unwrap().text().await.unwrap());
     }
-    let check =
-        std::process::Command::new(binary("kiln-master")).arg("--config").arg(&path).arg("--check").output().unwrap();
+    let check = std::process::Command::new(binary("kiln-master"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .env("KILN_TEST_PUSH_TOKEN", PUSH_TOKEN)
+        .output()
+        .unwrap();
     answers.push(String::from_utf8_lossy(&check.stdout).into_owned() + &String::from_utf8_lossy(&check.stderr));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let logs = std::fs::read_to_string(&master_log).unwrap() + &std::fs::read_to_string(&worker_log).unwrap();
     assert!(logs.contains("build finished") && logs.contains("is running"), "the run happened:\n{logs}");
+    assert!(logs.contains("a report will be retried"), "the reporters tried:\n{logs}");
     // Written to files, the logs are plain text: no terminal colour codes for a log reader to trip on.
     assert!(!logs.contains('\u{1b}'), "an escape code in a redirected log:\n{logs}");
-    for secret in [WORKER_TOKEN, API_TOKEN, PASSWORD, GITHUB, GITLAB, DATABASE_PASSWORD] {
+    for secret in [WORKER_TOKEN, API_TOKEN, PASSWORD, GITHUB, GITLAB, DATABASE_PASSWORD, REPORTER_TOKEN, PUSH_TOKEN] {
         for line in logs.lines() {
             assert!(!line.contains(secret), "a log line holds {secret}: {line}");
         }

@@ -173,7 +173,7 @@ async fn a_released_request_returns_to_the_queue(store: Store) {
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
-    let cut_short = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+    let cut_short = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
     assert_eq!(store.pending_count().await.unwrap(), 0);
     assert!(store.release_request(claim.brid, claim.claim_token).await.unwrap());
     let (builds, _) = store.list(Resource::Builds, &ListQuery::by("buildid", cut_short.buildid)).await.unwrap();
@@ -190,7 +190,7 @@ async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, -1).await.unwrap().unwrap();
-    let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+    let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
     store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
     let reaped = store.reap_expired_claims().await.unwrap();
     assert_eq!(reaped.requeued, vec![claim.brid]);
@@ -274,7 +274,8 @@ async fn builds_are_numbered_per_builder(store: Store) {
     store.add_buildset(&buildset(vec![a], 0)).await.unwrap();
     let mut numbers = Vec::new();
     while let Some(claim) = store.claim_next(master, None, LEASE).await.unwrap() {
-        let build = store.new_build(claim.builderid, claim.brid, worker, master, &Properties::new()).await.unwrap();
+        let build =
+            store.new_build(claim.builderid, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
         numbers.push((claim.builderid, build.number));
     }
     numbers.sort();
@@ -305,7 +306,7 @@ async fn logs_round_trip_through_compressed_chunks(store: Store) {
     let b = builder(&store, "b").await;
     store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
     let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
-    let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+    let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
     let (step, log) = store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
     let big: String = (0..2000).map(|i| format!("oline {i} of a long build log\n")).collect();
     let next = store.append_log(log, 0, &big).await.unwrap();
@@ -417,13 +418,16 @@ async fn old_logs_are_deleted_in_batches_and_running_builds_keep_theirs(store: S
     for i in 0..3 {
         store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
         let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
-        let build = store.new_build(b, claim.brid, worker, master, &Properties::new()).await.unwrap();
+        let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
         let (step, log) = store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
         let next = store.append_log(log, 0, &"obuilding\n".repeat(100)).await.unwrap();
         let tail = LogTail { logid: log, first_line: next, text: "hdone\n".into() };
         store.finish_step(step, Results::Success, "done", &tail).await.unwrap();
         if i < 2 {
-            store.finish_build(build.buildid, Results::Success, "finished", &Properties::new(), &claim).await.unwrap();
+            store
+                .finish_build(build.buildid, Results::Success, "finished", &Properties::new(), &claim, &[])
+                .await
+                .unwrap();
         }
         logs.push(log);
     }

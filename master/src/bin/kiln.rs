@@ -39,6 +39,12 @@ enum Cmd {
     Workers,
     /// Worker pools: desired and actual workers.
     Pools,
+    /// What happened to the newest reports (commit statuses, HTTP pushes), newest first.
+    Reports {
+        /// Only reports in this state: pending, sent, skipped, failed or abandoned.
+        #[arg(long)]
+        state: Option<String>,
+    },
     /// Forces a build of a builder; prints the build request's id.
     Force {
         /// The builder to build.
@@ -358,6 +364,32 @@ async fn run(args: Args) -> Result<Outcome, CliError> {
                             format!("{}..{}", text(&p["min"]), text(&p["max"])),
                             if p["leader"] == true { "yes" } else { "no" }.to_owned(),
                             text(&p["last_error"]),
+                        ]
+                    })
+                    .collect()
+            });
+        }
+        Cmd::Reports { state } => {
+            let path = match state {
+                Some(state) => format!("/api/v2/reports?state={state}"),
+                None => "/api/v2/reports".to_owned(),
+            };
+            let reports = client.get(&path).await?;
+            let header = ["report", "reporter", "build", "event", "state", "attempts", "last answer"];
+            listing(json, &reports["reports"], &header, || {
+                reports["reports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        vec![
+                            text(&r["reportid"]),
+                            text(&r["reporter"]),
+                            text(&r["buildid"]),
+                            text(&r["event"]),
+                            text(&r["state"]),
+                            text(&r["attempts"]),
+                            text(&r["last_answer"]),
                         ]
                     })
                     .collect()

@@ -6,6 +6,7 @@ mod lines;
 mod pools;
 pub mod reference;
 mod schedulers;
+mod services;
 mod sources;
 
 pub use builders::{
@@ -17,6 +18,7 @@ pub use schedulers::{
     ChangeFilterConfig, ChangeSchedulerConfig, DependentSchedulerConfig, ForceSchedulerConfig, OneOrMany,
     SchedulerConfig, TimedSchedulerConfig, TriggerableSchedulerConfig,
 };
+pub use services::{Coverage, GithubStatusConfig, HttpPushConfig, ReportMode, ServiceConfig};
 pub use sources::{
     ChangeHooksConfig, ChangeSourceConfig, GitPollerConfig, GithubHookConfig, GitlabHookConfig, PolledBranches,
 };
@@ -81,6 +83,13 @@ pub struct Config {
     /// Worker pools the master sizes from the queue.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// The web UI's address as people reach it (Buildbot's `buildbotURL`), for the links in
+    /// reports. Defaults to `http://<http.listen>/`.
+    #[serde(default, rename = "buildbotURL")]
+    pub buildbot_url: Option<String>,
+    /// Where build results are reported (Buildbot's `services`): commit statuses, HTTP push.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
     /// Collapse compatible pending requests of a builder (Buildbot's default: on).
     #[serde(default = "yes", rename = "collapseRequests")]
     pub collapse_requests: bool,
@@ -466,6 +475,7 @@ impl Config {
         self.validate_tls()?;
         sources::validate(&self.change_hooks, &self.change_sources)?;
         pools::validate(&self.pools, &self.builders)?;
+        services::validate(&self.services, &self.builders)?;
         self.validate_workernames()?;
         let builder_names = builders::validate(&self.builders, &self.schedulers)?;
         schedulers::validate(&self.schedulers, &builder_names)
@@ -665,6 +675,14 @@ impl Config {
                 "http.auth is open and http.listen is {listen}: anyone who reaches that address can stop builds \
                  and workers; give tokens or users, or listen on 127.0.0.1"
             )
+        })
+    }
+
+    /// The web UI's address for links: `buildbotURL`, else the HTTP listener's.
+    pub fn buildbot_url(&self) -> String {
+        self.buildbot_url.clone().unwrap_or_else(|| {
+            let scheme = if self.http.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}/", self.http.listen)
         })
     }
 

@@ -13,7 +13,7 @@ use crate::domain::{BuildsetDetails, ClaimedRequest};
 use crate::properties::{Properties, SourceView};
 use crate::remote::BuildSlot;
 use crate::results::Results;
-use crate::store::{Store, StoreError};
+use crate::store::{NewReport, Store, StoreError};
 
 mod log;
 mod step;
@@ -47,6 +47,8 @@ pub struct BuildContext {
     /// [`crate::remote::WorkerSession::orphans_dead`]); a build lost with its worker ends RETRY
     /// only after it, so its retry never overlaps the command.
     pub orphan_deadline: Duration,
+    /// The reporters covering this builder, each with whether it reports a build's start.
+    pub reporters: Vec<(String, bool)>,
 }
 
 /// How much of a step's log is kept: Buildbot's `logMaxSize` and `logMaxTailSize`.
@@ -121,7 +123,19 @@ pub async fn run_build(
     let details = ctx.store.buildset_details(request.buildsetid).await?;
     let (mut props, sources) = initial_properties(ctx, &details, session.name(), &session.info.basedir);
 
-    let build = ctx.store.new_build(ctx.builderid, request.brid, session.workerid, ctx.masterid, &props).await?;
+    // Reports of one builder's builds of one revision go out in order, per reporter.
+    let revision = details.sourcestamps.first().and_then(|s| s.revision.clone()).unwrap_or_default();
+    let report = |name: &str| NewReport {
+        reporter: name.to_owned(),
+        order_key: format!("{name}\n{}\n{revision}", ctx.builderid),
+    };
+    let start_reports: Vec<NewReport> =
+        ctx.reporters.iter().filter(|(_, starts)| *starts).map(|(n, _)| report(n)).collect();
+    let end_reports: Vec<NewReport> = ctx.reporters.iter().map(|(n, _)| report(n)).collect();
+    let build = ctx
+        .store
+        .new_build(ctx.builderid, request.brid, session.workerid, ctx.masterid, &props, &start_reports)
+        .await?;
     props.set("buildnumber", Value::from(build.number), "Build");
     let span = tracing::info_span!("build", buildid = build.buildid, builder = %builder.name, number = build.number);
     async {
@@ -170,9 +184,10 @@ pub async fn run_build(
             };
         }
         let state = build_state(results, failed_step.as_deref());
-        let recorded =
-            persist("finish the build", || ctx.store.finish_build(build.buildid, results, &state, &props, request))
-                .await?;
+        let recorded = persist("finish the build", || {
+            ctx.store.finish_build(build.buildid, results, &state, &props, request, &end_reports)
+        })
+        .await?;
         if recorded {
             info!(results = %results, "build finished");
         } else {
@@ -222,17 +237,7 @@ fn initial_properties(
         props.set("project", Value::from(ss.project.clone()), "Build");
         props.set("codebase", Value::from(ss.codebase.clone()), "Build");
     }
-    let sources: Vec<SourceView> = details
-        .sourcestamps
-        .iter()
-        .map(|ss| SourceView {
-            codebase: ss.codebase.clone(),
-            branch: ss.branch.clone(),
-            revision: ss.revision.clone(),
-            repository: ss.repository.clone(),
-            project: ss.project.clone(),
-        })
-        .collect();
+    let sources: Vec<SourceView> = details.sourcestamps.iter().map(SourceView::from).collect();
     (props, sources)
 }
 

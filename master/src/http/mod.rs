@@ -50,6 +50,7 @@ pub async fn router(master: Arc<Master>) -> Result<Router, crate::store::StoreEr
         .route("/api/v2", get(rest::root))
         .route("/api/v2/", get(rest::root))
         .route("/api/v2/pools", get(pools))
+        .route("/api/v2/reports", get(reports))
         .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
         .route("/change_hook", any(hooks::base_dialect).layer(hook_limit))
         .route("/change_hook/{dialect}", any(hooks::dialect).layer(hook_limit))
@@ -104,6 +105,38 @@ async fn pools(axum::extract::State(master): axum::extract::State<Arc<Master>>) 
     }
     let total = pools.len();
     axum::Json(serde_json::json!({ "pools": pools, "meta": { "total": total } })).into_response()
+}
+
+/// `GET /api/v2/reports[?state=pending|sent|skipped|failed|abandoned][&limit=N]`: what happened to
+/// the newest reports (default 100, at most 1000), newest first, with the forge's last answer.
+async fn reports(
+    axum::extract::State(master): axum::extract::State<Arc<Master>>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    const STATES: [&str; 5] = ["pending", "sent", "skipped", "failed", "abandoned"];
+    for key in query.keys() {
+        if key != "state" && key != "limit" {
+            return ApiError::BadRequest(format!("unrecognized query parameter '{key}'")).into_response();
+        }
+    }
+    let state = query.get("state").map(String::as_str);
+    if let Some(state) = state
+        && !STATES.contains(&state)
+    {
+        return ApiError::BadRequest(format!("state must be one of {}", STATES.join(", "))).into_response();
+    }
+    let limit = match query.get("limit").map(|l| l.parse::<i64>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => return ApiError::BadRequest("limit must be a whole number from 1 to 1000".into()).into_response(),
+    };
+    match master.store.list_reports(state, limit).await {
+        Ok(reports) => {
+            let total = reports.len();
+            axum::Json(serde_json::json!({ "reports": reports, "meta": { "total": total } })).into_response()
+        }
+        Err(error) => ApiError::from(error).into_response(),
+    }
 }
 
 /// Prometheus's scrape: gauges read now, counters and histograms as recorded.

@@ -170,6 +170,13 @@ impl Master {
                     tail: master.config.log_max_tail_size,
                 },
                 orphan_deadline: master.orphan_deadline(),
+                reporters: master
+                    .config
+                    .services
+                    .iter()
+                    .filter(|s| s.coverage().covers(&builder.config))
+                    .map(|s| (s.name().to_owned(), s.reports_starts()))
+                    .collect(),
             };
             let outcome = engine::run_build(&ctx, &request, &slot, stop_rx).await;
             master.running.lock().expect("running poisoned").remove(&request.brid);

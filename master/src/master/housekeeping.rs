@@ -45,6 +45,12 @@ pub(super) async fn take_instance(
         );
         return Ok((None, None));
     };
+    // Reports a previous run claimed and did not settle go out again now (a forge's commit
+    // status is the same however often it is set).
+    let reports = store.release_report_claims(masterid).await?;
+    if reports > 0 {
+        warn!(reports, "a previous run of this master left reports unsent; sending them");
+    }
     let shortened = store.shorten_claims(masterid, store.now_ms() + deadline.as_millis() as i64).await?;
     if shortened == 0 {
         return Ok((Some(lock), None));

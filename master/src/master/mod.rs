@@ -11,6 +11,7 @@ mod dispatch;
 mod housekeeping;
 mod metrics;
 mod pollers;
+mod reports;
 mod submit;
 mod timers;
 mod triggers;

@@ -1,5 +1,6 @@
-//! Builds and their steps: rows, states and results.
+//! Builds and their steps: rows, states and results (with the reports their start and end owe).
 
+use super::reports::NewReport;
 use super::{LogTail, Result, Store, StoreError, get_i64};
 use crate::domain::ClaimedRequest;
 use crate::events::{Event, Topic};
@@ -23,12 +24,14 @@ impl Store {
         workerid: i64,
         masterid: i64,
         properties: &Properties,
+        reports: &[NewReport],
     ) -> Result<NewBuild> {
         let now = self.now_ms();
         // The number is taken in the statement that inserts the row, so builds starting at once
         // on this master never compete for it; two masters may still race on PostgreSQL, where
         // the unique (builderid, number) index decides and the loser takes the next one.
         for _ in 0..20 {
+            let mut tx = self.write.begin().await?;
             let row = sqlx::query(
                 "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string, properties) \
                  SELECT COALESCE(MAX(number), 0) + 1, $1, $2, $3, $4, $5, 'building', '{}' FROM builds WHERE builderid = $1 \
@@ -39,7 +42,7 @@ impl Store {
             .bind(workerid)
             .bind(masterid)
             .bind(now)
-            .fetch_optional(&self.write)
+            .fetch_optional(&mut *tx)
             .await?;
             let Some(row) = row else { continue };
             let (buildid, number) = (get_i64(&row, "id")?, get_i64(&row, "number")?);
@@ -48,8 +51,10 @@ impl Store {
             sqlx::query("UPDATE builds SET properties = $1 WHERE id = $2")
                 .bind(properties.to_json().to_string())
                 .bind(buildid)
-                .execute(&self.write)
+                .execute(&mut *tx)
                 .await?;
+            Self::insert_reports(&mut tx, buildid, "started", reports, now).await?;
+            tx.commit().await?;
             self.published(vec![
                 Event::new(Topic::Builds, buildid, "new"),
                 Event::new(Topic::BuildProperties, buildid, "update"),
@@ -80,6 +85,7 @@ impl Store {
         state: &str,
         properties: &Properties,
         claim: &ClaimedRequest,
+        reports: &[NewReport],
     ) -> Result<bool> {
         let now = self.now_ms();
         let mut tx = self.write.begin().await?;
@@ -136,6 +142,10 @@ impl Store {
         .bind(buildid)
         .execute(&mut *tx)
         .await?;
+        // A build put back in the queue reports again when it runs again.
+        if results != Results::Retry {
+            Self::insert_reports(&mut tx, buildid, "finished", reports, now).await?;
+        }
         tx.commit().await?;
         // Buildbot's order: the build, then its request, then its buildset.
         events.insert(0, Event::new(Topic::BuildProperties, buildid, "update"));

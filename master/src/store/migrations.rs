@@ -86,6 +86,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0012_master_keys.sql"),
         postgres: include_str!("../../migrations/postgres/0012_master_keys.sql"),
     },
+    Migration {
+        version: 13,
+        description: "the reporters' outbox",
+        sqlite: include_str!("../../migrations/sqlite/0013_reports.sql"),
+        postgres: include_str!("../../migrations/postgres/0013_reports.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -15,6 +15,7 @@ mod migrations;
 mod notify;
 mod queue;
 mod registry;
+mod reports;
 mod scheduler_state;
 
 use std::path::Path;
@@ -34,6 +35,7 @@ pub use locks::{SessionLock, lock_key};
 pub use logs::{LogChunk, LogTail, decode_chunk, encode_chunk};
 pub use notify::{Notification, QueueListener};
 pub use queue::Reaped;
+pub use reports::{ClaimedReport, NewReport, Settled};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,257 @@
+//! Reporters in the configuration (Buildbot's `services`): where build results go — GitHub commit
+//! statuses and HTTP push — which builders each covers and in which of Buildbot's report modes.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::BuilderConfig;
+use crate::results::Results;
+
+/// One reporter, told apart by `type`.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServiceConfig {
+    /// GitHub commit statuses (`POST /repos/{owner}/{repo}/statuses/{sha}`): `pending` when a
+    /// build starts, `success`, `failure` or `error` when it ends (Buildbot's `GitHubStatusPush`).
+    GithubStatus(GithubStatusConfig),
+    /// A JSON POST of each finished build to a URL (Buildbot's `HttpStatusPush`).
+    HttpPush(HttpPushConfig),
+}
+
+/// Which builds a reporter covers.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Coverage {
+    /// Builders covered, by name…
+    #[serde(default)]
+    pub builders: Vec<String>,
+    /// …and by tag: builders carrying any of these tags. With neither, every builder.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Buildbot's report modes: `all` (the default), `failing`, `passing`, `problem`, `warnings`,
+    /// `exception`, `cancelled`. A finished build is reported when any mode matches it.
+    #[serde(default)]
+    pub mode: Vec<ReportMode>,
+}
+
+/// Buildbot's report modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportMode {
+    All,
+    Failing,
+    Passing,
+    /// A failure after a build that did not fail.
+    Problem,
+    Warnings,
+    Exception,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GithubStatusConfig {
+    /// Unique among services; names the reporter in logs, metrics and the reports view.
+    pub name: String,
+    /// A file holding the GitHub token (give this or `token_env`); read at each send, so a
+    /// rotated token is picked up.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the GitHub token (give this or `token_file`).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The API's base URL; GitHub Enterprise's is `https://HOST/api/v3`.
+    #[serde(default = "github_api")]
+    pub base_url: String,
+    /// The status's context, an Interpolate template (Buildbot's default `buildbot/<builder>`).
+    #[serde(default = "default_context")]
+    pub context: String,
+    #[serde(flatten)]
+    pub coverage: Coverage,
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpPushConfig {
+    /// Unique among services.
+    pub name: String,
+    /// Where each finished build is POSTed.
+    pub url: String,
+    /// A bearer token from this environment variable, sent as `Authorization: Bearer …`.
+    #[serde(default)]
+    pub bearer_env: Option<String>,
+    /// A user for basic authentication, with `password_env`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The environment variable holding the basic authentication password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(flatten)]
+    pub coverage: Coverage,
+}
+
+fn github_api() -> String {
+    "https://api.github.com".into()
+}
+
+fn default_context() -> String {
+    "buildbot/%(prop:buildername)s".into()
+}
+
+impl ServiceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            ServiceConfig::GithubStatus(c) => &c.name,
+            ServiceConfig::HttpPush(c) => &c.name,
+        }
+    }
+
+    pub fn coverage(&self) -> &Coverage {
+        match self {
+            ServiceConfig::GithubStatus(c) => &c.coverage,
+            ServiceConfig::HttpPush(c) => &c.coverage,
+        }
+    }
+
+    /// Whether the reporter says anything when a build starts (commit statuses go `pending`).
+    pub fn reports_starts(&self) -> bool {
+        matches!(self, ServiceConfig::GithubStatus(_))
+    }
+
+    /// The secret the reporter sends, read now from its file or environment.
+    pub fn credential(&self) -> Option<String> {
+        match self {
+            ServiceConfig::GithubStatus(c) => match (&c.token_file, &c.token_env) {
+                (Some(path), _) => std::fs::read_to_string(path).ok().map(|t| t.trim().to_owned()),
+                (None, Some(var)) => std::env::var(var).ok().map(|t| t.trim().to_owned()),
+                (None, None) => None,
+            },
+            ServiceConfig::HttpPush(c) => c.bearer_env.as_ref().and_then(|v| std::env::var(v).ok()),
+        }
+    }
+}
+
+impl Coverage {
+    /// Whether the reporter covers builds of `builder`.
+    pub fn covers(&self, builder: &BuilderConfig) -> bool {
+        (self.builders.is_empty() && self.tags.is_empty())
+            || self.builders.contains(&builder.name)
+            || builder.tags.iter().any(|t| self.tags.contains(t))
+    }
+
+    /// Whether a finished build with `results` is reported; `previous` is the results of the
+    /// builder's build before it, for `problem`.
+    pub fn reports(&self, results: Results, previous: Option<Results>) -> bool {
+        if self.mode.is_empty() {
+            return true;
+        }
+        self.mode.iter().any(|mode| match mode {
+            ReportMode::All => true,
+            ReportMode::Failing => results == Results::Failure,
+            ReportMode::Passing => results == Results::Success,
+            ReportMode::Problem => results == Results::Failure && previous != Some(Results::Failure),
+            ReportMode::Warnings => matches!(results, Results::Warnings | Results::Failure),
+            ReportMode::Exception => results == Results::Exception,
+            ReportMode::Cancelled => results == Results::Cancelled,
+        })
+    }
+}
+
+/// Checks names, builders, templates and credentials of the services.
+pub fn validate(services: &[ServiceConfig], builders: &[BuilderConfig]) -> Result<(), (String, String)> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, service) in services.iter().enumerate() {
+        let key = |field: &str| format!("services[{i}].{field}");
+        if service.name().is_empty() || !names.insert(service.name()) {
+            return Err((key("name"), format!("{:?}: service names must be non-empty and unique", service.name())));
+        }
+        for (j, name) in service.coverage().builders.iter().enumerate() {
+            if !builders.iter().any(|b| &b.name == name) {
+                return Err((key(&format!("builders[{j}]")), format!("no builder named {name:?}")));
+            }
+        }
+        match service {
+            ServiceConfig::GithubStatus(c) => {
+                match (&c.token_file, &c.token_env) {
+                    (None, None) => {
+                        return Err((key("token_env"), "a GitHub reporter needs token_file or token_env".into()));
+                    }
+                    (Some(path), _) if service.credential().is_none_or(|t| t.is_empty()) => {
+                        return Err((key("token_file"), format!("cannot read a token from {}", path.display())));
+                    }
+                    (None, Some(var)) if service.credential().is_none_or(|t| t.is_empty()) => {
+                        return Err((key("token_env"), format!("environment variable {var} is not set or empty")));
+                    }
+                    _ => {}
+                }
+                crate::properties::check_template(&c.context).map_err(|e| (key("context"), e.to_string()))?;
+                if !(c.base_url.starts_with("https://") || c.base_url.starts_with("http://")) {
+                    return Err((key("base_url"), format!("{:?} is not an http(s) URL", c.base_url)));
+                }
+            }
+            ServiceConfig::HttpPush(c) => {
+                if !(c.url.starts_with("https://") || c.url.starts_with("http://")) {
+                    return Err((key("url"), format!("{:?} is not an http(s) URL", c.url)));
+                }
+                if let Some(var) = &c.bearer_env
+                    && std::env::var(var).map_or(true, |v| v.is_empty())
+                {
+                    return Err((key("bearer_env"), format!("environment variable {var} is not set or empty")));
+                }
+                if c.user.is_some() != c.password_env.is_some() {
+                    return Err((key("user"), "basic authentication needs both user and password_env".into()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+    use super::super::tests::MINIMAL;
+
+    fn with(services: &str) -> Result<Config, super::super::ConfigError> {
+        Config::parse("c.yaml", &format!("{MINIMAL}services:\n{services}"))
+    }
+
+    #[test]
+    fn a_reporter_without_a_token_or_builder_or_with_a_bad_template_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0k\n").unwrap();
+        let ok = format!("  - {{type: github_status, name: gh, token_file: \"{}\", builders: [b]}}\n", token.display());
+        let config = with(&ok).unwrap();
+        assert_eq!(config.services[0].credential().as_deref(), Some("t0k"));
+
+        let no_token = with("  - {type: github_status, name: gh}\n").unwrap_err();
+        let entry_line = format!("{MINIMAL}services:\n").lines().count() + 1;
+        assert_eq!((no_token.key.as_str(), no_token.line), ("services[0].token_env", Some(entry_line)), "{no_token}");
+        let unset = with("  - {type: github_status, name: gh, token_env: KILN_NO_SUCH_VARIABLE}\n").unwrap_err();
+        assert!(unset.reason.contains("KILN_NO_SUCH_VARIABLE is not set"), "{unset}");
+        let unknown = with(&ok.replace("[b]", "[nope]")).unwrap_err();
+        assert_eq!(unknown.key, "services[0].builders[0]", "{unknown}");
+        let template = with(&ok.replace("builders: [b]", "context: \"%(prop:x\"")).unwrap_err();
+        assert_eq!(template.key, "services[0].context", "{template}");
+        let twice = with(&format!("{ok}{ok}")).unwrap_err();
+        assert_eq!(twice.key, "services[1].name", "{twice}");
+        let push = with("  - {type: http_push, name: chat, url: \"ftp://x\"}\n").unwrap_err();
+        assert_eq!(push.key, "services[0].url", "{push}");
+    }
+
+    #[test]
+    fn modes_pick_the_results_they_report() {
+        use super::{Coverage, ReportMode};
+        use crate::results::Results;
+        let modes = |mode: Vec<ReportMode>| Coverage { mode, ..Default::default() };
+        assert!(modes(vec![]).reports(Results::Success, None), "all by default");
+        let failing = modes(vec![ReportMode::Failing, ReportMode::Cancelled]);
+        assert!(failing.reports(Results::Failure, None) && failing.reports(Results::Cancelled, None));
+        assert!(!failing.reports(Results::Success, None));
+        let problem = modes(vec![ReportMode::Problem]);
+        assert!(problem.reports(Results::Failure, Some(Results::Success)));
+        assert!(!problem.reports(Results::Failure, Some(Results::Failure)));
+    }
+}

@@ -1,0 +1,368 @@
+//! Sending the reporters' outbox: claims due reports, renders each for its forge from the build
+//! as stored, sends it, and settles or retries it. Off the build's path: a forge that is down
+//! delays nothing but its own reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::Master;
+use crate::config::{GithubStatusConfig, HttpPushConfig, ServiceConfig};
+use crate::domain::SourceStamp;
+use crate::properties::{Properties, SourceView};
+use crate::results::Results;
+use crate::store::{ClaimedReport, Filter, ListQuery, Op, Resource, Settled};
+
+/// Reports claimed at once.
+const BATCH: i64 = 32;
+/// How long a claim lasts before another master may take the report (longer than a send).
+const CLAIM_MS: i64 = 60_000;
+/// How long one send may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the loop looks for due reports when it has nothing to send.
+const POLL: Duration = Duration::from_millis(200);
+/// A report still failing after this long is abandoned.
+const MAX_AGE_MS: i64 = 24 * 3600 * 1000;
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What a forge's answer means for the report.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    Sent,
+    /// Try again after this long.
+    Retry(Duration, String),
+    /// Refused for good.
+    Refused(String),
+    /// Nothing to send (no revision, or a mode that does not report this result).
+    Skip(String),
+}
+
+impl Master {
+    /// Sends reports until the master shuts down.
+    pub async fn run_reports(self: Arc<Self>) {
+        if self.config.services.is_empty() {
+            return;
+        }
+        let client = match reqwest::Client::builder()
+            .timeout(SEND_TIMEOUT)
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .build()
+        {
+            Ok(client) => client,
+            Err(error) => {
+                warn!(%error, "reporters: cannot make an HTTP client; no reports are sent");
+                return;
+            }
+        };
+        let mut shutdown = self.signals.shutdown();
+        loop {
+            let claimed = match self.store.claim_reports(self.masterid, CLAIM_MS, BATCH).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    warn!(%error, "reporters: cannot claim reports; trying again");
+                    Vec::new()
+                }
+            };
+            let busy = !claimed.is_empty();
+            let sends = claimed.into_iter().map(|report| {
+                let (master, client) = (Arc::clone(&self), client.clone());
+                async move { master.send_report(&client, report).await }
+            });
+            futures::future::join_all(sends).await;
+            if !busy {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = shutdown.changed() => return,
+                }
+            } else if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    async fn send_report(&self, client: &reqwest::Client, report: ClaimedReport) {
+        let Some(service) = self.config.services.iter().find(|s| s.name() == report.reporter) else {
+            // A reporter removed from the configuration since: nobody will send it.
+            let _ = self.store.settle_report(report.id, self.masterid, Settled::Skipped, "no such reporter").await;
+            return;
+        };
+        let outcome = match self.build_facts(report.buildid).await {
+            Ok(facts) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
+            Err(error) => Outcome::Retry(Duration::from_secs(5), format!("cannot read the build: {error}")),
+        };
+        let reporter = report.reporter.as_str();
+        let settled = match &outcome {
+            Outcome::Sent => self.store.settle_report(report.id, self.masterid, Settled::Sent, "sent").await.map(drop),
+            Outcome::Skip(why) => {
+                self.store.settle_report(report.id, self.masterid, Settled::Skipped, why).await.map(drop)
+            }
+            Outcome::Refused(answer) => {
+                warn!(reporter, buildid = report.buildid, %answer, "the forge refused a report; not retried");
+                self.store.settle_report(report.id, self.masterid, Settled::Failed, answer).await.map(drop)
+            }
+            Outcome::Retry(after, answer) => {
+                let now = self.store.now_ms();
+                if now - report.created_at_ms > MAX_AGE_MS {
+                    warn!(reporter, buildid = report.buildid, %answer, "a report kept failing for a day; abandoned");
+                    self.store.settle_report(report.id, self.masterid, Settled::Abandoned, answer).await.map(drop)
+                } else {
+                    info!(reporter, buildid = report.buildid, %answer, retry_in = ?after, "a report will be retried");
+                    self.store.retry_report(report.id, self.masterid, now + after.as_millis() as i64, answer).await
+                }
+            }
+        };
+        crate::telemetry::report(reporter, outcome_name(&outcome));
+        if let Err(error) = settled {
+            // The claim lapses and the report is sent again: at least once, never lost.
+            warn!(reporter, %error, "cannot record what happened to a report");
+        }
+    }
+
+    async fn build_facts(&self, buildid: i64) -> Result<BuildFacts, String> {
+        let one = |resource: Resource, field: &str, id: i64| {
+            let query = ListQuery {
+                filters: vec![Filter { field: field.into(), op: Op::Eq, values: vec![id.to_string()] }],
+                ..Default::default()
+            };
+            async move {
+                let (mut rows, _) = self.store.list(resource, &query).await.map_err(|e| e.to_string())?;
+                rows.pop().ok_or_else(|| format!("no {} {id}", resource.plural()))
+            }
+        };
+        let build = one(Resource::Builds, "buildid", buildid).await?;
+        let int = |o: &Value, k: &str| o.get(k).and_then(Value::as_i64).unwrap_or_default();
+        let request = one(Resource::BuildRequests, "buildrequestid", int(&build, "buildrequestid")).await?;
+        let builder = one(Resource::Builders, "builderid", int(&build, "builderid")).await?;
+        let details = self.store.buildset_details(int(&request, "buildsetid")).await.map_err(|e| e.to_string())?;
+        let properties = build.get("properties").map(Properties::from_json).unwrap_or_default();
+        Ok(BuildFacts {
+            number: int(&build, "number"),
+            builderid: int(&build, "builderid"),
+            builder: builder.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            results: build.get("results").and_then(Value::as_i64).and_then(Results::from_code),
+            state_string: build.get("state_string").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            sourcestamps: details.sourcestamps,
+            properties,
+            buildsetid: int(&request, "buildsetid"),
+            request,
+            object: build,
+        })
+    }
+}
+
+/// What a report says, read from the store.
+#[derive(Debug, Clone)]
+struct BuildFacts {
+    number: i64,
+    builderid: i64,
+    builder: String,
+    results: Option<Results>,
+    state_string: String,
+    sourcestamps: Vec<SourceStamp>,
+    properties: Properties,
+    buildsetid: i64,
+    /// The build's request, as the store holds it.
+    request: Value,
+    /// The build as the store holds it (the REST API's fields, with its properties).
+    object: Value,
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Sent => "sent",
+        Outcome::Retry(..) => "retried",
+        Outcome::Refused(_) => "failed",
+        Outcome::Skip(_) => "skipped",
+    }
+}
+
+async fn send(
+    client: &reqwest::Client,
+    service: &ServiceConfig,
+    report: &ClaimedReport,
+    facts: &BuildFacts,
+    base_url: &str,
+) -> Outcome {
+    let finished = report.event == "finished";
+    if finished
+        && let Some(results) = facts.results
+        && !service.coverage().reports(results, None)
+    {
+        return Outcome::Skip(format!("mode does not report {}", results.name()));
+    }
+    let url = build_url(base_url, facts);
+    let Some(credential) =
+        service.credential().or_else(|| matches!(service, ServiceConfig::HttpPush(_)).then(String::new))
+    else {
+        return Outcome::Retry(Duration::from_secs(60), "the reporter's token cannot be read".into());
+    };
+    let request = match service {
+        ServiceConfig::GithubStatus(github) => match github_status(github, report, facts, &url) {
+            Ok((endpoint, body)) => client
+                .post(endpoint)
+                .header("Authorization", format!("token {credential}"))
+                .header("Accept", "application/vnd.github+json")
+                .json(&body),
+            Err(skip) => return skip,
+        },
+        ServiceConfig::HttpPush(push) => {
+            let mut body = facts.object.clone();
+            body["url"] = json!(url);
+            body["builder"] = json!({ "builderid": facts.builderid, "name": facts.builder });
+            body["buildset"] = json!({
+                "bsid": facts.buildsetid,
+                "sourcestamps": facts.sourcestamps.iter().map(sourcestamp_json).collect::<Vec<_>>(),
+            });
+            body["buildrequest"] = facts.request.clone();
+            http_push(client, push, &credential).json(&body)
+        }
+    };
+    match request.send().await {
+        Ok(response) => answer(response.status().as_u16(), response.headers()),
+        Err(error) => Outcome::Retry(backoff(report.attempts), format!("no answer: {}", error_chain(&error))),
+    }
+}
+
+fn http_push(client: &reqwest::Client, push: &HttpPushConfig, bearer: &str) -> reqwest::RequestBuilder {
+    let request = client.post(&push.url);
+    match (&push.user, &push.password_env) {
+        (Some(user), Some(var)) => request.basic_auth(user, std::env::var(var).ok()),
+        _ if !bearer.is_empty() => request.bearer_auth(bearer),
+        _ => request,
+    }
+}
+
+/// The endpoint and body of a GitHub commit status, or why there is none.
+fn github_status(
+    github: &GithubStatusConfig,
+    report: &ClaimedReport,
+    facts: &BuildFacts,
+    url: &str,
+) -> Result<(String, Value), Outcome> {
+    let source = facts.sourcestamps.iter().find(|s| s.revision.is_some() && github_repo(&s.repository).is_some());
+    let Some(source) = source else {
+        return Err(Outcome::Skip("no GitHub repository and revision to report on".into()));
+    };
+    let (owner, repo) = github_repo(&source.repository).unwrap_or_default();
+    let sha = source.revision.clone().unwrap_or_default();
+    let mut props = facts.properties.clone();
+    props.set("buildername", json!(facts.builder), "Builder");
+    props.set("buildnumber", json!(facts.number), "Build");
+    let views: Vec<SourceView> = facts.sourcestamps.iter().map(SourceView::from).collect();
+    let context = crate::properties::interpolate(&github.context, &props, &views)
+        .unwrap_or_else(|_| format!("buildbot/{}", facts.builder));
+    let (state, description) = if report.event == "started" {
+        ("pending", "Build started.".to_owned())
+    } else {
+        let state = match facts.results {
+            Some(Results::Success | Results::Warnings | Results::Skipped) => "success",
+            Some(Results::Failure) => "failure",
+            _ => "error",
+        };
+        (state, format!("Build done: {}.", facts.state_string))
+    };
+    let endpoint = format!("{}/repos/{owner}/{repo}/statuses/{sha}", github.base_url.trim_end_matches('/'));
+    let body = json!({ "state": state, "target_url": url, "description": description, "context": context });
+    Ok((endpoint, body))
+}
+
+/// `owner` and `repo` of a GitHub repository URL (`https://github.com/o/r.git`,
+/// `git@github.com:o/r.git`, `ssh://git@github.com/o/r`), for github.com or an Enterprise host.
+fn github_repo(url: &str) -> Option<(String, String)> {
+    let path = if let Some(rest) = url.split_once("://").map(|(_, rest)| rest) {
+        rest.split_once('/')?.1
+    } else {
+        url.split_once(':')?.1
+    };
+    let mut parts = path.trim_end_matches('/').trim_end_matches(".git").split('/');
+    let (owner, repo) = (parts.next()?, parts.next()?);
+    (parts.next().is_none() && !owner.is_empty() && !repo.is_empty()).then(|| (owner.to_owned(), repo.to_owned()))
+}
+
+fn sourcestamp_json(source: &SourceStamp) -> Value {
+    json!({
+        "branch": source.branch, "revision": source.revision, "repository": source.repository,
+        "project": source.project, "codebase": source.codebase,
+    })
+}
+
+/// The build's page in the web UI.
+fn build_url(base_url: &str, facts: &BuildFacts) -> String {
+    format!("{}/#/builders/{}/builds/{}", base_url.trim_end_matches('/'), facts.builderid, facts.number)
+}
+
+/// What an answer means: 2xx sent; rate limits and server errors retried (after `Retry-After` or
+/// the rate limit's reset when given); other refusals final.
+fn answer(status: u16, headers: &reqwest::header::HeaderMap) -> Outcome {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let retry_after = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+    let reset = header("x-ratelimit-reset").and_then(|v| v.trim().parse::<u64>().ok()).map(|at| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        Duration::from_secs(at.saturating_sub(now).max(1))
+    });
+    let limited = header("x-ratelimit-remaining").as_deref() == Some("0") || retry_after.is_some();
+    match status {
+        200..=299 => Outcome::Sent,
+        429 => {
+            Outcome::Retry(retry_after.or(reset).unwrap_or(Duration::from_secs(60)), format!("{status}: rate limited"))
+        }
+        403 if limited => {
+            Outcome::Retry(retry_after.or(reset).unwrap_or(Duration::from_secs(60)), format!("{status}: rate limited"))
+        }
+        408 | 500..=599 => Outcome::Retry(retry_after.unwrap_or(Duration::from_secs(2)), format!("{status}")),
+        _ => Outcome::Refused(format!("{status}")),
+    }
+}
+
+/// 2 s, 4 s, 8 s … up to five minutes.
+fn backoff(attempts: i64) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(attempts.clamp(0, 16) as u32 + 1)).min(MAX_BACKOFF)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_name_their_github_repository() {
+        for url in [
+            "https://github.com/o/r.git",
+            "https://github.com/o/r",
+            "git@github.com:o/r.git",
+            "ssh://git@ghe.example/o/r",
+        ] {
+            assert_eq!(github_repo(url), Some(("o".into(), "r".into())), "{url}");
+        }
+        assert_eq!(github_repo("https://github.com/o"), None);
+        assert_eq!(github_repo("/srv/git/r.git"), None);
+    }
+
+    #[test]
+    fn answers_are_sent_retried_or_refused() {
+        let none = reqwest::header::HeaderMap::new();
+        assert_eq!(answer(201, &none), Outcome::Sent);
+        assert!(matches!(answer(502, &none), Outcome::Retry(..)));
+        assert_eq!(answer(401, &none), Outcome::Refused("401".into()));
+        assert_eq!(answer(403, &none), Outcome::Refused("403".into()));
+        let mut limited = reqwest::header::HeaderMap::new();
+        limited.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(answer(403, &limited), Outcome::Retry(Duration::from_secs(7), "403: rate limited".into()));
+        assert_eq!(answer(429, &limited), Outcome::Retry(Duration::from_secs(7), "429: rate limited".into()));
+        assert_eq!(backoff(0), Duration::from_secs(2));
+        assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+}

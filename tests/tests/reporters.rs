@@ -1,0 +1,269 @@
+//! Reporters against a fake GitHub on loopback: commit statuses go `pending` when a build starts
+//! and `success` or `failure` when it ends, for the built commit and Buildbot's context, with a
+//! link to the build's page; a forge that fails for a while gets every status once it answers,
+//! in order per commit and context.
+
+use std::time::Duration;
+
+use kiln_master::config::Config;
+use kiln_tests::eventually;
+use kiln_tests::forge::FakeGithub;
+use kiln_tests::process::MasterNode;
+use kiln_tests::system::{TOKEN as WORKER_TOKEN, TestMaster, config_text, spawn_worker};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const TOKEN: &str = "ghs_test_token";
+
+/// Builders `ok` and `bad`, a force scheduler and a GitHub reporter sending to `github`.
+fn setup(dir: &std::path::Path, github: &FakeGithub) -> String {
+    std::fs::write(dir.join("gh-token"), format!("{TOKEN}\n")).unwrap();
+    format!(
+        r#"
+collapseRequests: false
+builders:
+  - name: ok
+    steps: [{{shell: {{command: "true"}}}}]
+  - name: bad
+    steps: [{{shell: {{command: "false"}}}}]
+schedulers:
+  - {{type: force, name: force, builderNames: [ok, bad]}}
+services:
+  - type: github_status
+    name: github
+    token_file: "{token}"
+    base_url: "{base}"
+"#,
+        token = dir.join("gh-token").display(),
+        base = github.base_url
+    )
+}
+
+async fn master(dir: &std::path::Path, github: &FakeGithub) -> TestMaster {
+    let setup = setup(dir, github);
+    let database = format!("sqlite://{}", dir.join("kiln.sqlite").display());
+    let text = config_text(&database, dir, &setup);
+    TestMaster::start_with(Config::parse("reporters.yaml", &text).unwrap(), dir).await
+}
+
+fn force_params(builder: i64, sha: &str) -> serde_json::Value {
+    json!({ "builderid": builder, "repository": "https://github.com/kiln-ci/app.git", "revision": sha, "branch": "main" })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_marks_its_commit_pending_then_success_and_a_failing_one_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeGithub::start(TOKEN).await;
+    let master = master(dir.path(), &github).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+
+    let ok = master.force_request("force", force_params(1, "a1b2c3d4")).await;
+    let bad = master.force_request("force", force_params(2, "e5f6a7b8")).await;
+    for brid in [ok, bad] {
+        master.wait_build_of_request(brid, MINUTE).await;
+    }
+    eventually("both final statuses", MINUTE, || async {
+        (github.accepted().iter().filter(|s| s.state != "pending").count() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(github.states("a1b2c3d4", "buildbot/ok"), ["pending", "success"]);
+    assert_eq!(github.states("e5f6a7b8", "buildbot/bad"), ["pending", "failure"]);
+    let success = github.accepted().into_iter().find(|s| s.state == "success").unwrap();
+    assert_eq!((success.owner.as_str(), success.repo.as_str()), ("kiln-ci", "app"));
+    assert!(success.target_url.ends_with("/#/builders/1/builds/1"), "{}", success.target_url);
+    assert!(github.malformed().is_empty(), "{:?}", github.malformed());
+
+    let reports = master.get("/api/v2/reports?state=sent").await;
+    assert_eq!(reports["meta"]["total"], 4, "{reports}");
+    assert!(reports["reports"].as_array().unwrap().iter().all(|r| r["reporter"] == "github" && r["attempts"] == 1));
+    let (status, _) = master.get_text("/api/v2/reports?state=lost").await;
+    assert_eq!(status, 400);
+    let cli = std::process::Command::new(kiln_tests::binary("kiln"))
+        .args(["--url", &master.url(""), "reports", "--state", "sent"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success() && listing.matches("github").count() == 4, "{listing}");
+
+    let (_, metrics) = master.get_text("/metrics").await;
+    // The recorder is the test process's, shared with the other tests: at least these four.
+    let sent = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_reports_total{reporter=\"github\",outcome=\"sent\"} "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(sent.is_some_and(|n| n >= 4), "{metrics}");
+    assert!(!metrics.contains(TOKEN));
+    master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forge_that_fails_for_a_while_gets_every_status_in_order_once_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeGithub::start(TOKEN).await;
+    github.fail_next(6);
+    let master = master(dir.path(), &github).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+
+    let shas = ["1111aaaa", "2222bbbb", "3333cccc"];
+    for sha in shas {
+        let brid = master.force_request("force", force_params(1, sha)).await;
+        // The builds finish while the forge is still failing: reports wait, builds do not.
+        master.wait_build_of_request(brid, MINUTE).await;
+    }
+    eventually("every status after the outage", MINUTE, || async {
+        (github.accepted().len() == 2 * shas.len()).then_some(())
+    })
+    .await;
+    for sha in shas {
+        assert_eq!(github.states(sha, "buildbot/ok"), ["pending", "success"], "{sha}");
+    }
+    assert!(github.requests() > 2 * shas.len(), "the outage was met and retried");
+    master.stop().await;
+}
+
+/// The master dies (SIGKILL) after a build ended and before its reports were sent — the start's
+/// `pending` hanging at the forge, the end's `success` waiting behind it. Restarted, it sends
+/// both, once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_before_sending_sends_each_report_once_after_its_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeGithub::start(TOKEN).await;
+    github.hold(true);
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let mut master = MasterNode::start(dir.path(), "m1", &database, 10, &setup(dir.path(), &github)).await;
+    let _worker = spawn_worker(&master.grpc_url(), "w1", WORKER_TOKEN, dir.path());
+    let client = reqwest::Client::new();
+    let force = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": force_params(1, "c0ffee42") });
+    let reply = client.post(format!("{}/api/v2/forceschedulers/force", master.base())).json(&force).send().await;
+    assert_eq!(reply.unwrap().status().as_u16(), 200);
+    eventually("the build to end while its first report hangs", MINUTE, || async {
+        let builds: serde_json::Value = client
+            .get(format!("{}/api/v2/builds?complete=true", master.base()))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (builds["meta"]["total"] == 1 && github.held() == 1).then_some(())
+    })
+    .await;
+    master.kill().await;
+    github.hold(false);
+    assert!(github.accepted().is_empty());
+
+    master.restart().await;
+    eventually("both statuses after the restart", MINUTE, || async { (github.accepted().len() == 2).then_some(()) })
+        .await;
+    // Nothing more comes: each was sent once.
+    kiln_tests::real_sleep(Duration::from_secs(2)).await;
+    assert_eq!(github.states("c0ffee42", "buildbot/ok"), ["pending", "success"]);
+    assert!(master.log().contains("left reports unsent"), "{}", master.log());
+    master.kill().await;
+}
+
+/// Two masters on one PostgreSQL run 100 builds; each report is claimed by one master only, so
+/// the forge sees exactly one `pending` and one final status per build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_masters_send_each_report_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeGithub::start(TOKEN).await;
+    let database = kiln_tests::pg::fresh_database().await;
+    let setup = setup(dir.path(), &github);
+    let one = MasterNode::start(dir.path(), "m1", &database, 10, &setup).await;
+    let two = MasterNode::start(dir.path(), "m2", &database, 10, &setup).await;
+    let _workers = [
+        spawn_worker(&one.grpc_url(), "w1", WORKER_TOKEN, dir.path()),
+        spawn_worker(&two.grpc_url(), "w2", WORKER_TOKEN, dir.path()),
+    ];
+    let client = reqwest::Client::new();
+    const BUILDS: usize = 100;
+    let shas: Vec<String> = (0..BUILDS).map(|i| format!("{i:08x}")).collect();
+    for (i, sha) in shas.iter().enumerate() {
+        let base = if i % 2 == 0 { one.base() } else { two.base() };
+        let force = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": force_params(1, sha) });
+        let reply = client.post(format!("{base}/api/v2/forceschedulers/force")).json(&force).send().await.unwrap();
+        assert_eq!(reply.status().as_u16(), 200);
+    }
+    eventually("every build's final status", Duration::from_secs(120), || async {
+        (github.accepted().iter().filter(|s| s.state == "success").count() >= BUILDS).then_some(())
+    })
+    .await;
+    kiln_tests::real_sleep(Duration::from_secs(2)).await;
+    for sha in &shas {
+        assert_eq!(github.states(sha, "buildbot/ok"), ["pending", "success"], "{sha}");
+    }
+    assert_eq!(github.accepted().len(), 2 * BUILDS);
+}
+
+/// An HTTP push with `mode: [failing]` and a bearer token POSTs the failing build only, as
+/// Buildbot's `HttpStatusPush` does: the build with its builder, buildset (source stamps),
+/// request, properties and the link to its page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_push_posts_the_failing_build_with_its_details() {
+    type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+    let received: Received = Default::default();
+    let app = {
+        let received = std::sync::Arc::clone(&received);
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| {
+                let received = std::sync::Arc::clone(&received);
+                async move {
+                    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    received.lock().unwrap().push((auth.to_owned(), body.0));
+                    "ok"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: set before the master starts; no other test of this binary reads this variable.
+    unsafe { std::env::set_var("KILN_TEST_CHAT_TOKEN", "chat-s3cret") };
+    let setup = format!(
+        r#"
+builders:
+  - name: ok
+    steps: [{{shell: {{command: "true"}}}}]
+  - name: bad
+    steps: [{{shell: {{command: "false"}}}}]
+schedulers:
+  - {{type: force, name: force, builderNames: [ok, bad]}}
+services:
+  - {{type: http_push, name: chat, url: "{hook}", bearer_env: KILN_TEST_CHAT_TOKEN, mode: [failing]}}
+"#
+    );
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup);
+    let master = TestMaster::start_with(Config::parse("push.yaml", &text).unwrap(), dir.path()).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    for (builder, sha) in [(1, "aaaa1111"), (2, "bbbb2222")] {
+        let brid = master.force_request("force", force_params(builder, sha)).await;
+        master.wait_build_of_request(brid, MINUTE).await;
+    }
+    eventually("the failing build's push", MINUTE, || async { (!received.lock().unwrap().is_empty()).then_some(()) })
+        .await;
+    kiln_tests::real_sleep(Duration::from_secs(1)).await;
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1, "only the failing build: {received:?}");
+    let (auth, body) = &received[0];
+    assert_eq!(auth, "Bearer chat-s3cret");
+    assert_eq!((body["results"].as_i64(), body["complete"].as_bool()), (Some(2), Some(true)), "{body}");
+    assert_eq!(body["builder"]["name"], "bad");
+    assert_eq!(body["buildset"]["sourcestamps"][0]["revision"], "bbbb2222");
+    assert_eq!(body["buildrequest"]["buildrequestid"], body["buildrequestid"]);
+    assert!(body["url"].as_str().unwrap().ends_with("/#/builders/2/builds/1"), "{body}");
+    assert!(body["properties"]["buildername"].is_array(), "{body}");
+    for field in ["buildid", "number", "builderid", "workerid", "masterid", "started_at", "complete_at", "state_string"]
+    {
+        assert!(body.get(field).is_some(), "{field} missing: {body}");
+    }
+    master.stop().await;
+}
