@@ -78,6 +78,18 @@ pub struct SourceStamp {
     pub codebase: String,
 }
 
+impl From<&SourceStamp> for crate::properties::SourceView {
+    fn from(ss: &SourceStamp) -> Self {
+        crate::properties::SourceView {
+            codebase: ss.codebase.clone(),
+            branch: ss.branch.clone(),
+            revision: ss.revision.clone(),
+            repository: ss.repository.clone(),
+            project: ss.project.clone(),
+        }
+    }
+}
+
 /// One webhook delivery, by the id its sender gives it (and repeats when it redelivers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {

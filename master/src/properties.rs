@@ -71,18 +71,6 @@ pub struct SourceView {
     pub project: String,
 }
 
-impl From<&crate::domain::SourceStamp> for SourceView {
-    fn from(ss: &crate::domain::SourceStamp) -> SourceView {
-        SourceView {
-            codebase: ss.codebase.clone(),
-            branch: ss.branch.clone(),
-            revision: ss.revision.clone(),
-            repository: ss.repository.clone(),
-            project: ss.project.clone(),
-        }
-    }
-}
-
 impl SourceView {
     fn attr(&self, name: &str) -> Option<Value> {
         let text = |s: &str| Some(Value::String(s.to_owned()));

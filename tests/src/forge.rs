@@ -1,6 +1,7 @@
-//! A fake GitHub on 127.0.0.1 for the reporters: it checks commit-status requests as GitHub's API
-//! documents them (path, method, `Authorization: token …`, the JSON body's fields and states),
-//! records what it accepted, and can be told to fail the next requests.
+//! A fake GitHub or GitLab on 127.0.0.1 for the reporters: it checks commit-status requests as
+//! each forge's API documents them (path, method, GitHub's `Authorization: token …` or GitLab's
+//! `PRIVATE-TOKEN`, the JSON body's fields and states), records what it accepted, and can be
+//! told to fail or hang.
 
 use std::sync::{Arc, Mutex};
 
@@ -34,34 +35,56 @@ struct Shared {
     requests: usize,
     /// Requests waiting, unanswered, while the fake holds them.
     held: usize,
+    /// How long the fake takes to answer, as a real forge does.
+    delay: std::time::Duration,
+    /// When each accepted status arrived (ms since the epoch).
+    arrived: Vec<i64>,
 }
 
 /// The fake's handle: its base URL and what it saw.
 #[derive(Debug, Clone)]
-pub struct FakeGithub {
+pub struct FakeForge {
     pub base_url: String,
     shared: Arc<Mutex<Shared>>,
     hold: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-impl FakeGithub {
-    /// Starts the fake, accepting `token` only.
-    pub async fn start(token: &str) -> FakeGithub {
+impl FakeForge {
+    /// A fake GitHub accepting `token` only.
+    pub async fn github(token: &str) -> FakeForge {
+        Self::start(token, "/repos/{owner}/{repo}/statuses/{sha}", post(github_status)).await
+    }
+
+    /// A fake GitLab accepting `token` only (statuses at `/api/v4/projects/{id}/statuses/{sha}`).
+    pub async fn gitlab(token: &str) -> FakeForge {
+        Self::start(token, "/api/v4/projects/{project}/statuses/{sha}", post(gitlab_status)).await
+    }
+
+    async fn start(token: &str, route: &str, handler: axum::routing::MethodRouter<FakeState>) -> FakeForge {
         let shared = Arc::new(Mutex::new(Shared { token: token.to_owned(), ..Default::default() }));
         let hold = Arc::new(tokio::sync::watch::channel(false).0);
-        let app = axum::Router::new()
-            .route("/repos/{owner}/{repo}/statuses/{sha}", post(status))
-            .with_state((Arc::clone(&shared), Arc::clone(&hold)));
+        let app = axum::Router::new().route(route, handler).with_state((Arc::clone(&shared), Arc::clone(&hold)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        FakeGithub { base_url, shared, hold }
+        FakeForge { base_url, shared, hold }
     }
 
     /// While held, requests wait unanswered (as a forge that hangs); when let go, those that
     /// waited are answered 503 and recorded nowhere, as if the forge never processed them.
     pub fn hold(&self, held: bool) {
         self.hold.send_replace(held);
+    }
+
+    /// Makes every answer take `delay`.
+    pub fn answer_after(&self, delay: std::time::Duration) {
+        self.shared.lock().unwrap().delay = delay;
+    }
+
+    /// Each accepted status with when it arrived (ms since the epoch).
+    pub fn arrivals(&self) -> Vec<(Status, i64)> {
+        let shared = self.shared.lock().unwrap();
+        shared.accepted.iter().cloned().zip(shared.arrived.iter().copied()).collect()
     }
 
     /// Requests waiting now.
@@ -94,11 +117,58 @@ impl FakeGithub {
 
 type FakeState = (Arc<Mutex<Shared>>, Arc<tokio::sync::watch::Sender<bool>>);
 
-async fn status(
-    State((shared, hold)): State<FakeState>,
+/// How one forge names things in a commit status.
+struct Dialect {
+    token_header: &'static str,
+    token_prefix: &'static str,
+    states: &'static [&'static str],
+    context_field: &'static str,
+}
+
+const GITHUB: Dialect = Dialect {
+    token_header: "authorization",
+    token_prefix: "token ",
+    states: &["error", "failure", "pending", "success"],
+    context_field: "context",
+};
+
+const GITLAB: Dialect = Dialect {
+    token_header: "private-token",
+    token_prefix: "",
+    states: &["pending", "running", "success", "failed", "canceled"],
+    context_field: "name",
+};
+
+async fn github_status(
+    State(state): State<FakeState>,
     Path((owner, repo, sha)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Json<Value>,
+) -> Response {
+    accept(&GITHUB, state, owner, repo, sha, headers, body.0).await
+}
+
+async fn gitlab_status(
+    State(state): State<FakeState>,
+    Path((project, sha)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    // The project by its URL-encoded path (`group%2Fname`), which axum has decoded.
+    let Some((owner, repo)) = project.split_once('/') else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "message": "404 Project Not Found" }))).into_response();
+    };
+    accept(&GITLAB, state, owner.to_owned(), repo.to_owned(), sha, headers, body.0).await
+}
+
+async fn accept(
+    dialect: &Dialect,
+    (shared, hold): FakeState,
+    owner: String,
+    repo: String,
+    sha: String,
+    headers: HeaderMap,
+    body: Value,
 ) -> Response {
     let mut held = hold.subscribe();
     if *held.borrow_and_update() {
@@ -108,25 +178,31 @@ async fn status(
         shared.lock().unwrap().held -= 1;
         return (StatusCode::SERVICE_UNAVAILABLE, "was hanging").into_response();
     }
+    let arrived =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let delay = shared.lock().unwrap().delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut shared = shared.lock().unwrap();
     shared.requests += 1;
     if shared.fail_next > 0 {
         shared.fail_next -= 1;
         return (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "try later").into_response();
     }
-    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if authorization != format!("token {}", shared.token) {
+    let given = headers.get(dialect.token_header).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if given != format!("{}{}", dialect.token_prefix, shared.token) {
         return (StatusCode::UNAUTHORIZED, Json(json!({ "message": "Bad credentials" }))).into_response();
     }
     let text = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_owned);
-    let problem = match (text("state"), text("context"), text("target_url")) {
-        (Some(state), Some(_), Some(_)) if !["error", "failure", "pending", "success"].contains(&state.as_str()) => {
-            Some(format!("state {state:?} is not one of GitHub's"))
+    let problem = match (text("state"), text(dialect.context_field), text("target_url")) {
+        (Some(state), Some(_), Some(_)) if !dialect.states.contains(&state.as_str()) => {
+            Some(format!("state {state:?} is not one of the forge's"))
         }
         (Some(_), Some(_), Some(url)) if !url.starts_with("http") => Some(format!("target_url {url:?}")),
         (Some(_), Some(_), Some(_)) if sha.len() < 4 => Some(format!("sha {sha:?}")),
         (Some(_), Some(_), Some(_)) => None,
-        _ => Some(format!("missing state, context or target_url: {}", body.0)),
+        _ => Some(format!("missing state, {} or target_url: {body}", dialect.context_field)),
     };
     if let Some(problem) = problem {
         shared.malformed.push(problem.clone());
@@ -137,10 +213,11 @@ async fn status(
         repo,
         sha,
         state: text("state").unwrap_or_default(),
-        context: text("context").unwrap_or_default(),
+        context: text(dialect.context_field).unwrap_or_default(),
         target_url: text("target_url").unwrap_or_default(),
         description: text("description").unwrap_or_default(),
     };
     shared.accepted.push(status.clone());
-    (StatusCode::CREATED, Json(json!({ "state": status.state, "context": status.context }))).into_response()
+    shared.arrived.push(arrived);
+    (StatusCode::CREATED, Json(json!({ "state": status.state, "id": shared.accepted.len() }))).into_response()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kiln_master::config::Config;
 use kiln_tests::eventually;
-use kiln_tests::forge::FakeGithub;
+use kiln_tests::forge::FakeForge;
 use kiln_tests::process::MasterNode;
 use kiln_tests::system::{TOKEN as WORKER_TOKEN, TestMaster, config_text, spawn_worker};
 use serde_json::json;
@@ -16,7 +16,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "ghs_test_token";
 
 /// Builders `ok` and `bad`, a force scheduler and a GitHub reporter sending to `github`.
-fn setup(dir: &std::path::Path, github: &FakeGithub) -> String {
+fn setup(dir: &std::path::Path, github: &FakeForge) -> String {
     std::fs::write(dir.join("gh-token"), format!("{TOKEN}\n")).unwrap();
     format!(
         r#"
@@ -39,7 +39,7 @@ services:
     )
 }
 
-async fn master(dir: &std::path::Path, github: &FakeGithub) -> TestMaster {
+async fn master(dir: &std::path::Path, github: &FakeForge) -> TestMaster {
     let setup = setup(dir, github);
     let database = format!("sqlite://{}", dir.join("kiln.sqlite").display());
     let text = config_text(&database, dir, &setup);
@@ -53,7 +53,7 @@ fn force_params(builder: i64, sha: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_marks_its_commit_pending_then_success_and_a_failing_one_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let github = FakeGithub::start(TOKEN).await;
+    let github = FakeForge::github(TOKEN).await;
     let master = master(dir.path(), &github).await;
     let _worker = master.spawn_worker("w1");
     master.wait_workers(1).await;
@@ -100,7 +100,7 @@ async fn a_build_marks_its_commit_pending_then_success_and_a_failing_one_failure
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forge_that_fails_for_a_while_gets_every_status_in_order_once_it_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let github = FakeGithub::start(TOKEN).await;
+    let github = FakeForge::github(TOKEN).await;
     github.fail_next(6);
     let master = master(dir.path(), &github).await;
     let _worker = master.spawn_worker("w1");
@@ -129,7 +129,7 @@ async fn a_forge_that_fails_for_a_while_gets_every_status_in_order_once_it_answe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_before_sending_sends_each_report_once_after_its_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let github = FakeGithub::start(TOKEN).await;
+    let github = FakeForge::github(TOKEN).await;
     github.hold(true);
     let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
     let mut master = MasterNode::start(dir.path(), "m1", &database, 10, &setup(dir.path(), &github)).await;
@@ -169,7 +169,7 @@ async fn a_master_killed_before_sending_sends_each_report_once_after_its_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_masters_send_each_report_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let github = FakeGithub::start(TOKEN).await;
+    let github = FakeForge::github(TOKEN).await;
     let database = kiln_tests::pg::fresh_database().await;
     let setup = setup(dir.path(), &github);
     let one = MasterNode::start(dir.path(), "m1", &database, 10, &setup).await;
@@ -265,5 +265,68 @@ services:
     {
         assert!(body.get(field).is_some(), "{field} missing: {body}");
     }
+    master.stop().await;
+}
+
+/// GitLab: `running` when a build starts, `success` or `failed` when it ends, the project found
+/// from the repository URL (a subgroup's too), the context in `name`, the branch in `ref`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_commits_go_running_then_success_or_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let gitlab = FakeForge::gitlab("glpat-test").await;
+    std::fs::write(dir.path().join("gl-token"), "glpat-test").unwrap();
+    let setup = setup(dir.path(), &gitlab).replace(
+        &format!(
+            "  - type: github_status\n    name: github\n    token_file: \"{}\"",
+            dir.path().join("gh-token").display()
+        ),
+        &format!(
+            "  - type: gitlab_status\n    name: gitlab\n    token_file: \"{}\"",
+            dir.path().join("gl-token").display()
+        ),
+    );
+    assert!(setup.contains("gitlab_status"), "{setup}");
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup);
+    let master = TestMaster::start_with(Config::parse("gitlab.yaml", &text).unwrap(), dir.path()).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    for (builder, sha) in [(1, "ab12cd34"), (2, "ef56ab78")] {
+        let params = json!({ "builderid": builder, "repository": "https://gitlab.example/group/sub/app.git", "revision": sha, "branch": "main" });
+        let brid = master.force_request("force", params).await;
+        master.wait_build_of_request(brid, MINUTE).await;
+    }
+    eventually("both final statuses", MINUTE, || async { (gitlab.accepted().len() == 4).then_some(()) }).await;
+    assert_eq!(gitlab.states("ab12cd34", "buildbot/ok"), ["running", "success"]);
+    assert_eq!(gitlab.states("ef56ab78", "buildbot/bad"), ["running", "failed"]);
+    let status = &gitlab.accepted()[0];
+    assert_eq!((status.owner.as_str(), status.repo.as_str()), ("group", "sub/app"));
+    assert!(gitlab.malformed().is_empty(), "{:?}", gitlab.malformed());
+    master.stop().await;
+}
+
+/// A forge that refuses the token (401) gets each report once: it is marked failed with the
+/// answer, logged with the reporter's name, and not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_report_is_failed_once_and_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeForge::github("the-right-token").await;
+    let master = master(dir.path(), &github).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let brid = master.force_request("force", force_params(1, "deadbeef")).await;
+    master.wait_build_of_request(brid, MINUTE).await;
+    eventually("both reports failed", MINUTE, || async {
+        let failed = master.get("/api/v2/reports?state=failed").await;
+        (failed["meta"]["total"] == 2).then_some(failed)
+    })
+    .await;
+    kiln_tests::real_sleep(Duration::from_secs(2)).await;
+    assert_eq!(github.requests(), 2, "each report was tried once");
+    let failed = master.get("/api/v2/reports?state=failed").await;
+    for report in failed["reports"].as_array().unwrap() {
+        assert_eq!((report["last_answer"].as_str(), report["attempts"].as_i64()), (Some("401"), Some(1)), "{report}");
+    }
+    assert!(github.accepted().is_empty());
     master.stop().await;
 }

@@ -14,7 +14,11 @@ use crate::results::Results;
 pub enum ServiceConfig {
     /// GitHub commit statuses (`POST /repos/{owner}/{repo}/statuses/{sha}`): `pending` when a
     /// build starts, `success`, `failure` or `error` when it ends (Buildbot's `GitHubStatusPush`).
-    GithubStatus(GithubStatusConfig),
+    GithubStatus(ForgeStatusConfig),
+    /// GitLab commit statuses (`POST /api/v4/projects/{id}/statuses/{sha}`, the project found
+    /// from the repository URL): `running` when a build starts, `success`, `failed` or `canceled`
+    /// when it ends (Buildbot's `GitLabStatusPush`).
+    GitlabStatus(ForgeStatusConfig),
     /// A JSON POST of each finished build to a URL (Buildbot's `HttpStatusPush`).
     HttpPush(HttpPushConfig),
 }
@@ -49,21 +53,23 @@ pub enum ReportMode {
     Cancelled,
 }
 
+/// A forge's commit statuses: GitHub's or GitLab's.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct GithubStatusConfig {
+pub struct ForgeStatusConfig {
     /// Unique among services; names the reporter in logs, metrics and the reports view.
     pub name: String,
-    /// A file holding the GitHub token (give this or `token_env`); read at each send, so a
-    /// rotated token is picked up.
+    /// A file holding the API token (give this or `token_env`); read at each send, so a rotated
+    /// token is picked up.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// An environment variable holding the GitHub token (give this or `token_file`).
+    /// An environment variable holding the API token (give this or `token_file`).
     #[serde(default)]
     pub token_env: Option<String>,
-    /// The API's base URL; GitHub Enterprise's is `https://HOST/api/v3`.
-    #[serde(default = "github_api")]
-    pub base_url: String,
+    /// The forge's base URL: `https://api.github.com` (GitHub Enterprise:
+    /// `https://HOST/api/v3`) or `https://gitlab.com` (a self-managed GitLab's address).
+    #[serde(default)]
+    pub base_url: Option<String>,
     /// The status's context, an Interpolate template (Buildbot's default `buildbot/<builder>`).
     #[serde(default = "default_context")]
     pub context: String,
@@ -91,10 +97,6 @@ pub struct HttpPushConfig {
     pub coverage: Coverage,
 }
 
-fn github_api() -> String {
-    "https://api.github.com".into()
-}
-
 fn default_context() -> String {
     "buildbot/%(prop:buildername)s".into()
 }
@@ -102,33 +104,40 @@ fn default_context() -> String {
 impl ServiceConfig {
     pub fn name(&self) -> &str {
         match self {
-            ServiceConfig::GithubStatus(c) => &c.name,
+            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => &c.name,
             ServiceConfig::HttpPush(c) => &c.name,
         }
     }
 
     pub fn coverage(&self) -> &Coverage {
         match self {
-            ServiceConfig::GithubStatus(c) => &c.coverage,
+            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => &c.coverage,
             ServiceConfig::HttpPush(c) => &c.coverage,
         }
     }
 
-    /// Whether the reporter says anything when a build starts (commit statuses go `pending`).
+    /// Whether the reporter says anything when a build starts (commit statuses do).
     pub fn reports_starts(&self) -> bool {
-        matches!(self, ServiceConfig::GithubStatus(_))
+        !matches!(self, ServiceConfig::HttpPush(_))
     }
 
     /// The secret the reporter sends, read now from its file or environment.
     pub fn credential(&self) -> Option<String> {
         match self {
-            ServiceConfig::GithubStatus(c) => match (&c.token_file, &c.token_env) {
+            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => match (&c.token_file, &c.token_env) {
                 (Some(path), _) => std::fs::read_to_string(path).ok().map(|t| t.trim().to_owned()),
                 (None, Some(var)) => std::env::var(var).ok().map(|t| t.trim().to_owned()),
                 (None, None) => None,
             },
             ServiceConfig::HttpPush(c) => c.bearer_env.as_ref().and_then(|v| std::env::var(v).ok()),
         }
+    }
+}
+
+impl ForgeStatusConfig {
+    /// The configured base URL, or the public forge's.
+    pub fn base_url(&self, default: &str) -> String {
+        self.base_url.clone().unwrap_or_else(|| default.to_owned()).trim_end_matches('/').to_owned()
     }
 }
 
@@ -172,10 +181,13 @@ pub fn validate(services: &[ServiceConfig], builders: &[BuilderConfig]) -> Resul
             }
         }
         match service {
-            ServiceConfig::GithubStatus(c) => {
+            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => {
                 match (&c.token_file, &c.token_env) {
                     (None, None) => {
-                        return Err((key("token_env"), "a GitHub reporter needs token_file or token_env".into()));
+                        return Err((
+                            key("token_env"),
+                            "a commit status reporter needs token_file or token_env".into(),
+                        ));
                     }
                     (Some(path), _) if service.credential().is_none_or(|t| t.is_empty()) => {
                         return Err((key("token_file"), format!("cannot read a token from {}", path.display())));
@@ -186,8 +198,10 @@ pub fn validate(services: &[ServiceConfig], builders: &[BuilderConfig]) -> Resul
                     _ => {}
                 }
                 crate::properties::check_template(&c.context).map_err(|e| (key("context"), e.to_string()))?;
-                if !(c.base_url.starts_with("https://") || c.base_url.starts_with("http://")) {
-                    return Err((key("base_url"), format!("{:?} is not an http(s) URL", c.base_url)));
+                if let Some(url) = &c.base_url
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    return Err((key("base_url"), format!("{url:?} is not an http(s) URL")));
                 }
             }
             ServiceConfig::HttpPush(c) => {

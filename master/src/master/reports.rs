@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use super::Master;
-use crate::config::{GithubStatusConfig, HttpPushConfig, ServiceConfig};
+use crate::config::{ForgeStatusConfig, HttpPushConfig, ServiceConfig};
 use crate::domain::SourceStamp;
 use crate::properties::{Properties, SourceView};
 use crate::results::Results;
@@ -200,12 +200,16 @@ async fn send(
         return Outcome::Retry(Duration::from_secs(60), "the reporter's token cannot be read".into());
     };
     let request = match service {
-        ServiceConfig::GithubStatus(github) => match github_status(github, report, facts, &url) {
+        ServiceConfig::GithubStatus(forge) => match commit_status(Forge::Github, forge, report, facts, &url) {
             Ok((endpoint, body)) => client
                 .post(endpoint)
                 .header("Authorization", format!("token {credential}"))
                 .header("Accept", "application/vnd.github+json")
                 .json(&body),
+            Err(skip) => return skip,
+        },
+        ServiceConfig::GitlabStatus(forge) => match commit_status(Forge::Gitlab, forge, report, facts, &url) {
+            Ok((endpoint, body)) => client.post(endpoint).header("PRIVATE-TOKEN", credential).json(&body),
             Err(skip) => return skip,
         },
         ServiceConfig::HttpPush(push) => {
@@ -235,51 +239,80 @@ fn http_push(client: &reqwest::Client, push: &HttpPushConfig, bearer: &str) -> r
     }
 }
 
-/// The endpoint and body of a GitHub commit status, or why there is none.
-fn github_status(
-    github: &GithubStatusConfig,
+/// The two forges whose commit statuses Kiln sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forge {
+    Github,
+    Gitlab,
+}
+
+/// The endpoint and body of a commit status, or why there is none.
+fn commit_status(
+    forge: Forge,
+    config: &ForgeStatusConfig,
     report: &ClaimedReport,
     facts: &BuildFacts,
     url: &str,
 ) -> Result<(String, Value), Outcome> {
-    let source = facts.sourcestamps.iter().find(|s| s.revision.is_some() && github_repo(&s.repository).is_some());
+    let source = facts.sourcestamps.iter().find(|s| s.revision.is_some() && repo_path(&s.repository).is_some());
     let Some(source) = source else {
-        return Err(Outcome::Skip("no GitHub repository and revision to report on".into()));
+        return Err(Outcome::Skip("no forge repository and revision to report on".into()));
     };
-    let (owner, repo) = github_repo(&source.repository).unwrap_or_default();
+    let (owner, repo) = repo_path(&source.repository).unwrap_or_default();
     let sha = source.revision.clone().unwrap_or_default();
     let mut props = facts.properties.clone();
     props.set("buildername", json!(facts.builder), "Builder");
     props.set("buildnumber", json!(facts.number), "Build");
     let views: Vec<SourceView> = facts.sourcestamps.iter().map(SourceView::from).collect();
-    let context = crate::properties::interpolate(&github.context, &props, &views)
+    let context = crate::properties::interpolate(&config.context, &props, &views)
         .unwrap_or_else(|_| format!("buildbot/{}", facts.builder));
-    let (state, description) = if report.event == "started" {
-        ("pending", "Build started.".to_owned())
-    } else {
-        let state = match facts.results {
-            Some(Results::Success | Results::Warnings | Results::Skipped) => "success",
-            Some(Results::Failure) => "failure",
-            _ => "error",
-        };
-        (state, format!("Build done: {}.", facts.state_string))
-    };
-    let endpoint = format!("{}/repos/{owner}/{repo}/statuses/{sha}", github.base_url.trim_end_matches('/'));
-    let body = json!({ "state": state, "target_url": url, "description": description, "context": context });
-    Ok((endpoint, body))
+    let started = report.event == "started";
+    let description =
+        if started { "Build started.".to_owned() } else { format!("Build done: {}.", facts.state_string) };
+    Ok(match forge {
+        Forge::Github => {
+            let state = match (started, facts.results) {
+                (true, _) => "pending",
+                (false, Some(Results::Success | Results::Warnings | Results::Skipped)) => "success",
+                (false, Some(Results::Failure)) => "failure",
+                (false, _) => "error",
+            };
+            let endpoint = format!("{}/repos/{owner}/{repo}/statuses/{sha}", config.base_url("https://api.github.com"));
+            (endpoint, json!({ "state": state, "target_url": url, "description": description, "context": context }))
+        }
+        Forge::Gitlab => {
+            let state = match (started, facts.results) {
+                (true, _) => "running",
+                (false, Some(Results::Success | Results::Warnings | Results::Skipped)) => "success",
+                (false, Some(Results::Cancelled)) => "canceled",
+                (false, _) => "failed",
+            };
+            // The project by its path, URL-encoded, as GitLab's API accepts it in place of an id.
+            let project = format!("{owner}%2F{}", repo.replace('/', "%2F"));
+            let endpoint =
+                format!("{}/api/v4/projects/{project}/statuses/{sha}", config.base_url("https://gitlab.com"));
+            let mut body = json!({ "state": state, "target_url": url, "description": description, "name": context });
+            if let Some(branch) = &source.branch {
+                body["ref"] = json!(branch);
+            }
+            (endpoint, body)
+        }
+    })
 }
 
-/// `owner` and `repo` of a GitHub repository URL (`https://github.com/o/r.git`,
-/// `git@github.com:o/r.git`, `ssh://git@github.com/o/r`), for github.com or an Enterprise host.
-fn github_repo(url: &str) -> Option<(String, String)> {
+/// The owner (GitHub's owner, GitLab's top-level group) and the rest of a repository's path on
+/// its forge, from its URL (`https://github.com/o/r.git`, `git@github.com:o/r.git`,
+/// `ssh://git@gitlab.example/group/sub/r`): `r`, or `sub/r` in a GitLab subgroup.
+fn repo_path(url: &str) -> Option<(String, String)> {
     let path = if let Some(rest) = url.split_once("://").map(|(_, rest)| rest) {
         rest.split_once('/')?.1
     } else {
         url.split_once(':')?.1
     };
-    let mut parts = path.trim_end_matches('/').trim_end_matches(".git").split('/');
-    let (owner, repo) = (parts.next()?, parts.next()?);
-    (parts.next().is_none() && !owner.is_empty() && !repo.is_empty()).then(|| (owner.to_owned(), repo.to_owned()))
+    let path = path.trim_end_matches('/').trim_end_matches(".git");
+    let (owner, repo) = path.split_once('/')?;
+    (!owner.is_empty() && !repo.is_empty() && !repo.split('/').any(str::is_empty))
+        .then(|| (owner.to_owned(), repo.to_owned()))
 }
 
 fn sourcestamp_json(source: &SourceStamp) -> Value {
@@ -338,17 +371,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repository_urls_name_their_github_repository() {
+    fn repository_urls_name_their_forge_repository() {
         for url in [
             "https://github.com/o/r.git",
             "https://github.com/o/r",
             "git@github.com:o/r.git",
             "ssh://git@ghe.example/o/r",
         ] {
-            assert_eq!(github_repo(url), Some(("o".into(), "r".into())), "{url}");
+            assert_eq!(repo_path(url), Some(("o".into(), "r".into())), "{url}");
         }
-        assert_eq!(github_repo("https://github.com/o"), None);
-        assert_eq!(github_repo("/srv/git/r.git"), None);
+        assert_eq!(repo_path("https://gitlab.example/g/sub/r.git"), Some(("g".into(), "sub/r".into())));
+        assert_eq!(repo_path("https://github.com/o"), None);
+        assert_eq!(repo_path("/srv/git/r.git"), None);
     }
 
     #[test]
