@@ -38,9 +38,10 @@ const SUBMITTERS: usize = 16;
 const TOKEN: &str = "bench-token";
 
 /// Forces `total` builds, each of commit `{i:08x}`, through `SUBMITTERS` connections; returns
-/// builds per second from first submission to last completion.
-async fn burst(master: &MasterProcess, database: &str, total: usize) -> f64 {
+/// builds per second from first submission to last completion and the master's CPU per build.
+async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f64) {
     let client = reqwest::Client::new();
+    let cpu_before = master.cpu_seconds();
     let next = Arc::new(AtomicUsize::new(0));
     let mut submitters = Vec::new();
     for _ in 0..SUBMITTERS {
@@ -67,7 +68,8 @@ async fn burst(master: &MasterProcess, database: &str, total: usize) -> f64 {
     let runs = timings(database, 0).await;
     let first = runs.iter().map(|t| t.0).min().unwrap();
     let last = runs.iter().map(|t| t.2).max().unwrap();
-    runs.len() as f64 / ((last - first) as f64 / 1000.0)
+    let cpu = (master.cpu_seconds() - cpu_before) / total as f64;
+    (runs.len() as f64 / ((last - first) as f64 / 1000.0), cpu)
 }
 
 /// Each build's `complete_at` (ms) by build number.
@@ -100,7 +102,7 @@ async fn main() {
     let database = bench_database("sqlite", dir.path()).await;
     let master =
         MasterProcess::start(&database, dir.path(), &format!("{pool}{builder}"), u64::from(args.workers)).await;
-    let without = burst(&master, &database, args.builds).await;
+    let (without, cpu_without) = burst(&master, &database, args.builds).await;
     master.stop().await;
 
     // With a GitHub reporter.
@@ -116,7 +118,7 @@ async fn main() {
     let database = bench_database("sqlite", dir.path()).await;
     let body = format!("{pool}{builder}{services}");
     let master = MasterProcess::start(&database, dir.path(), &body, u64::from(args.workers)).await;
-    let with = burst(&master, &database, args.builds).await;
+    let (with, cpu_with) = burst(&master, &database, args.builds).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while github.accepted().iter().filter(|s| s.state != "pending").count() < args.builds {
         assert!(tokio::time::Instant::now() < deadline, "statuses did not all arrive");
@@ -151,5 +153,10 @@ async fn main() {
     println!(
         "burst throughput                         {without:.0} builds/s without reporters, {with:.0} with ({:+.1} %)",
         (with / without - 1.0) * 100.0
+    );
+    println!(
+        "master CPU per build, burst              {:.2} ms without reporters, {:.2} ms with (statuses sent meanwhile)",
+        cpu_without * 1000.0,
+        cpu_with * 1000.0
     );
 }

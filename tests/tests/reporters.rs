@@ -74,8 +74,12 @@ async fn a_build_marks_its_commit_pending_then_success_and_a_failing_one_failure
     assert!(success.target_url.ends_with("/#/builders/1/builds/1"), "{}", success.target_url);
     assert!(github.malformed().is_empty(), "{:?}", github.malformed());
 
-    let reports = master.get("/api/v2/reports?state=sent").await;
-    assert_eq!(reports["meta"]["total"], 4, "{reports}");
+    // The master records a send just after the forge answered it.
+    let reports = eventually("the four reports recorded as sent", MINUTE, || async {
+        let reports = master.get("/api/v2/reports?state=sent").await;
+        (reports["meta"]["total"] == 4).then_some(reports)
+    })
+    .await;
     assert!(reports["reports"].as_array().unwrap().iter().all(|r| r["reporter"] == "github" && r["attempts"] == 1));
     let (status, _) = master.get_text("/api/v2/reports?state=lost").await;
     assert_eq!(status, 400);

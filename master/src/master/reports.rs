@@ -15,14 +15,17 @@ use crate::properties::{Properties, SourceView};
 use crate::results::Results;
 use crate::store::{ClaimedReport, Filter, ListQuery, Op, Resource, Settled};
 
-/// Reports claimed at once.
-const BATCH: i64 = 32;
+/// Reports being sent at once.
+const IN_FLIGHT: usize = 64;
+/// The shortest time between two claims.
+const CLAIM_EVERY: Duration = Duration::from_millis(25);
 /// How long a claim lasts before another master may take the report (longer than a send).
 const CLAIM_MS: i64 = 60_000;
 /// How long one send may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often the loop looks for due reports when it has nothing to send.
-const POLL: Duration = Duration::from_millis(200);
+/// How often the loop looks for due reports when nothing wakes it (retries coming due, reports
+/// of other masters' builds).
+const POLL: Duration = Duration::from_millis(500);
 /// A report still failing after this long is abandoned.
 const MAX_AGE_MS: i64 = 24 * 3600 * 1000;
 /// The longest wait between two attempts.
@@ -58,44 +61,71 @@ impl Master {
             }
         };
         let mut shutdown = self.signals.shutdown();
+        // Builds starting and ending write reports: look again at once.
+        let mut queue = self.signals.queue_events();
+        let mut in_flight: tokio::task::JoinSet<Option<i64>> = tokio::task::JoinSet::new();
+        let mut last_claim = tokio::time::Instant::now();
         loop {
-            let claimed = match self.store.claim_reports(self.masterid, CLAIM_MS, BATCH).await {
-                Ok(claimed) => claimed,
-                Err(error) => {
-                    warn!(%error, "reporters: cannot claim reports; trying again");
-                    Vec::new()
+            let room = IN_FLIGHT - in_flight.len();
+            if room > 0 {
+                // Wake-ups come with every build event: claim at most every CLAIM_EVERY, so a
+                // burst of builds costs the writer a claim per moment, not one per event.
+                tokio::time::sleep_until(last_claim + CLAIM_EVERY).await;
+                last_claim = tokio::time::Instant::now();
+                match self.store.claim_reports(self.masterid, CLAIM_MS, room as i64).await {
+                    Ok(claimed) => {
+                        for report in claimed {
+                            let (master, client) = (Arc::clone(&self), client.clone());
+                            in_flight.spawn(async move { master.send_report(&client, report).await });
+                        }
+                    }
+                    Err(error) => warn!(%error, "reporters: cannot claim reports; trying again"),
                 }
-            };
-            let busy = !claimed.is_empty();
-            let sends = claimed.into_iter().map(|report| {
-                let (master, client) = (Arc::clone(&self), client.clone());
-                async move { master.send_report(&client, report).await }
-            });
-            futures::future::join_all(sends).await;
-            if !busy {
+            }
+            if in_flight.is_empty() {
                 tokio::select! {
                     _ = tokio::time::sleep(POLL) => {}
+                    _ = queue.changed() => {}
                     _ = shutdown.changed() => return,
                 }
-            } else if *shutdown.borrow() {
-                return;
+                continue;
+            }
+            // Wait for a send to end (or for new reports while there is room), then settle
+            // every send that has ended in one statement: the writer is the builds' too.
+            let first = tokio::select! {
+                done = in_flight.join_next() => done,
+                _ = queue.changed(), if in_flight.len() < IN_FLIGHT => None,
+                _ = shutdown.changed() => return,
+            };
+            let mut sent: Vec<i64> = first.and_then(Result::ok).flatten().into_iter().collect();
+            while let Some(done) = in_flight.try_join_next() {
+                sent.extend(done.ok().flatten());
+            }
+            if !sent.is_empty()
+                && let Err(error) = self.store.settle_reports_sent(&sent, self.masterid).await
+            {
+                // The claims lapse and the reports go out again: at least once, never lost.
+                warn!(%error, reports = sent.len(), "cannot record that reports were sent");
             }
         }
     }
 
-    async fn send_report(&self, client: &reqwest::Client, report: ClaimedReport) {
+    /// Sends one report and records what became of it, but for a report sent: returns its id
+    /// for the caller to settle with the others.
+    async fn send_report(&self, client: &reqwest::Client, report: ClaimedReport) -> Option<i64> {
         let Some(service) = self.config.services.iter().find(|s| s.name() == report.reporter) else {
             // A reporter removed from the configuration since: nobody will send it.
             let _ = self.store.settle_report(report.id, self.masterid, Settled::Skipped, "no such reporter").await;
-            return;
+            return None;
         };
         let outcome = match self.build_facts(report.buildid).await {
             Ok(facts) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
             Err(error) => Outcome::Retry(Duration::from_secs(5), format!("cannot read the build: {error}")),
         };
         let reporter = report.reporter.as_str();
+        crate::telemetry::report(reporter, outcome_name(&outcome));
         let settled = match &outcome {
-            Outcome::Sent => self.store.settle_report(report.id, self.masterid, Settled::Sent, "sent").await.map(drop),
+            Outcome::Sent => return Some(report.id),
             Outcome::Skip(why) => {
                 self.store.settle_report(report.id, self.masterid, Settled::Skipped, why).await.map(drop)
             }
@@ -114,11 +144,11 @@ impl Master {
                 }
             }
         };
-        crate::telemetry::report(reporter, outcome_name(&outcome));
         if let Err(error) = settled {
             // The claim lapses and the report is sent again: at least once, never lost.
             warn!(reporter, %error, "cannot record what happened to a report");
         }
+        None
     }
 
     async fn build_facts(&self, buildid: i64) -> Result<BuildFacts, String> {

@@ -129,6 +129,25 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Settles reports this master claimed and sent, in one statement; returns how many it
+    /// still held.
+    pub async fn settle_reports_sent(&self, ids: &[i64], masterid: i64) -> Result<u64> {
+        let now = self.now_ms();
+        let mut settled = 0;
+        // Ids are integers formatted here, never caller text; a batch is a few dozen.
+        for chunk in ids.chunks(500) {
+            let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let sql = format!(
+                "UPDATE reports SET state = 'sent', settled_at = $1, last_answer = 'sent', attempts = attempts + 1, \
+                 claimed_by_masterid = NULL, claim_expires_at = NULL \
+                 WHERE id IN ({list}) AND claimed_by_masterid = $2 AND state = 'pending'"
+            );
+            let done = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(masterid).execute(&self.write).await?;
+            settled += done.rows_affected();
+        }
+        Ok(settled)
+    }
+
     /// Puts a claimed report back for another attempt at `next_attempt_at` (ms).
     pub async fn retry_report(&self, id: i64, masterid: i64, next_attempt_at: i64, answer: &str) -> Result<()> {
         sqlx::query(
