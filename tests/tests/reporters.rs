@@ -334,3 +334,64 @@ async fn a_refused_report_is_failed_once_and_not_retried() {
     assert!(github.accepted().is_empty());
     master.stop().await;
 }
+
+/// From GitHub's own deliveries (signed, in the published payload shapes): a push marks its head
+/// commit, a pull request its head commit — the commit that was built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_push_and_a_pull_request_mark_the_commits_they_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeForge::github(TOKEN).await;
+    const SECRET: &str = "hook-secret";
+    let setup = setup(dir.path(), &github)
+        .replace(
+            "  - {type: force, name: force, builderNames: [ok, bad]}\n",
+            "  - {type: force, name: force, builderNames: [ok, bad]}\n  - {type: any_branch, name: all, builderNames: [ok]}\n",
+        )
+        .replace("services:\n", &format!("change_hooks:\n  github: {{secret: {SECRET}}}\nservices:\n"));
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup);
+    let master = TestMaster::start_with(Config::parse("hooked.yaml", &text).unwrap(), dir.path()).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+
+    let (head, first, parent) = ("1f".repeat(20), "2e".repeat(20), "3d".repeat(20));
+    let delivery = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/github").join(name);
+        std::fs::read_to_string(path)
+            .unwrap()
+            .replace("{{REPO}}", "https://github.com/kiln-ci/app")
+            .replace("{{HEAD}}", &head)
+            .replace("{{FIRST}}", &first)
+            .replace("{{PARENT}}", &parent)
+    };
+    for (event, body, id) in
+        [("push", delivery("push.json"), "d-1"), ("pull_request", delivery("pull_request.json"), "d-2")]
+    {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let response = master
+            .client
+            .post(master.url("/change_hook/github"))
+            .header("Content-Type", "application/json")
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", id)
+            .header("X-Hub-Signature-256", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{event}");
+    }
+    eventually("the head commit's final statuses", MINUTE, || async {
+        let states = github.states(&head, "buildbot/ok");
+        (states.iter().filter(|s| *s == "success").count() == 2).then_some(())
+    })
+    .await;
+    let on_head: Vec<_> = github.accepted().into_iter().filter(|s| s.sha == head).collect();
+    assert!(on_head.iter().all(|s| s.owner == "kiln-ci" && s.repo == "app"), "{on_head:?}");
+    // The push's build and the pull request's, each pending before its success.
+    assert_eq!(github.states(&head, "buildbot/ok"), ["pending", "success", "pending", "success"]);
+    master.stop().await;
+}
