@@ -39,6 +39,7 @@ struct Shared {
     delay: std::time::Duration,
     /// When each accepted status arrived (ms since the epoch).
     arrived: Vec<i64>,
+    comments: Vec<(String, u64, String)>,
 }
 
 /// The fake's handle: its base URL and what it saw.
@@ -52,18 +53,22 @@ pub struct FakeForge {
 impl FakeForge {
     /// A fake GitHub accepting `token` only.
     pub async fn github(token: &str) -> FakeForge {
-        Self::start(token, "/repos/{owner}/{repo}/statuses/{sha}", post(github_status)).await
+        let routes = axum::Router::new()
+            .route("/repos/{owner}/{repo}/statuses/{sha}", post(github_status))
+            .route("/repos/{owner}/{repo}/issues/{number}/comments", post(github_comment));
+        Self::start(token, routes).await
     }
 
     /// A fake GitLab accepting `token` only (statuses at `/api/v4/projects/{id}/statuses/{sha}`).
     pub async fn gitlab(token: &str) -> FakeForge {
-        Self::start(token, "/api/v4/projects/{project}/statuses/{sha}", post(gitlab_status)).await
+        let routes = axum::Router::new().route("/api/v4/projects/{project}/statuses/{sha}", post(gitlab_status));
+        Self::start(token, routes).await
     }
 
-    async fn start(token: &str, route: &str, handler: axum::routing::MethodRouter<FakeState>) -> FakeForge {
+    async fn start(token: &str, routes: axum::Router<FakeState>) -> FakeForge {
         let shared = Arc::new(Mutex::new(Shared { token: token.to_owned(), ..Default::default() }));
         let hold = Arc::new(tokio::sync::watch::channel(false).0);
-        let app = axum::Router::new().route(route, handler).with_state((Arc::clone(&shared), Arc::clone(&hold)));
+        let app = routes.with_state((Arc::clone(&shared), Arc::clone(&hold)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -85,6 +90,11 @@ impl FakeForge {
     pub fn arrivals(&self) -> Vec<(Status, i64)> {
         let shared = self.shared.lock().unwrap();
         shared.accepted.iter().cloned().zip(shared.arrived.iter().copied()).collect()
+    }
+
+    /// Comments posted on pull requests: (owner/repo, number, body).
+    pub fn comments(&self) -> Vec<(String, u64, String)> {
+        self.shared.lock().unwrap().comments.clone()
     }
 
     /// Requests waiting now.
@@ -146,6 +156,26 @@ async fn github_status(
     body: Json<Value>,
 ) -> Response {
     accept(&GITHUB, state, owner, repo, sha, headers, body.0).await
+}
+
+async fn github_comment(
+    State((shared, _)): State<FakeState>,
+    Path((owner, repo, number)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    let mut shared = shared.lock().unwrap();
+    shared.requests += 1;
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if given != format!("token {}", shared.token) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({ "message": "Bad credentials" }))).into_response();
+    }
+    let Some(text) = body.get("body").and_then(Value::as_str).filter(|t| !t.is_empty()) else {
+        shared.malformed.push(format!("a comment without a body: {}", body.0));
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "message": "body is missing" }))).into_response();
+    };
+    shared.comments.push((format!("{owner}/{repo}"), number, text.to_owned()));
+    (StatusCode::CREATED, Json(json!({ "id": shared.comments.len() }))).into_response()
 }
 
 async fn gitlab_status(

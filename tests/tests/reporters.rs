@@ -347,7 +347,12 @@ async fn a_signed_push_and_a_pull_request_mark_the_commits_they_built() {
             "  - {type: force, name: force, builderNames: [ok, bad]}\n",
             "  - {type: force, name: force, builderNames: [ok, bad]}\n  - {type: any_branch, name: all, builderNames: [ok]}\n",
         )
-        .replace("services:\n", &format!("change_hooks:\n  github: {{secret: {SECRET}}}\nservices:\n"));
+        .replace("services:\n", &format!("change_hooks:\n  github: {{secret: {SECRET}}}\nservices:\n"))
+        + &format!(
+            "  - {{type: github_comment, name: comments, token_file: \"{}\", base_url: \"{}\"}}\n",
+            dir.path().join("gh-token").display(),
+            github.base_url
+        );
     let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
     let text = config_text(&database, dir.path(), &setup);
     let master = TestMaster::start_with(Config::parse("hooked.yaml", &text).unwrap(), dir.path()).await;
@@ -393,5 +398,20 @@ async fn a_signed_push_and_a_pull_request_mark_the_commits_they_built() {
     assert!(on_head.iter().all(|s| s.owner == "kiln-ci" && s.repo == "app"), "{on_head:?}");
     // The push's build and the pull request's, each pending before its success.
     assert_eq!(github.states(&head, "buildbot/ok"), ["pending", "success", "pending", "success"]);
+    // Only the pull request's build is commented on, on its pull request.
+    let comments = eventually("the pull request's comment", MINUTE, || async {
+        let comments = github.comments();
+        (!comments.is_empty()).then_some(comments)
+    })
+    .await;
+    kiln_tests::real_sleep(Duration::from_secs(1)).await;
+    assert_eq!(github.comments().len(), 1, "{comments:?}");
+    let (repo, number, body) = &comments[0];
+    // The pull request as the delivery names it (its `html_url`).
+    assert_eq!((repo.as_str(), *number), ("octo-org/hello", 7));
+    // "Build ok #N: **success** (…/#/builders/1/builds/N)", N the pull request's build.
+    let number = body.strip_prefix("Build ok #").and_then(|rest| rest.split(':').next()).unwrap_or_default();
+    assert!(!number.is_empty() && body.contains(": **success** (http"), "{body}");
+    assert!(body.ends_with(&format!("/#/builders/1/builds/{number})")), "{body}");
     master.stop().await;
 }

@@ -18,7 +18,7 @@ pub use schedulers::{
     ChangeFilterConfig, ChangeSchedulerConfig, DependentSchedulerConfig, ForceSchedulerConfig, OneOrMany,
     SchedulerConfig, TimedSchedulerConfig, TriggerableSchedulerConfig,
 };
-pub use services::{Coverage, ForgeStatusConfig, HttpPushConfig, ReportMode, ServiceConfig};
+pub use services::{Coverage, ForgeStatusConfig, GithubCommentConfig, HttpPushConfig, ReportMode, ServiceConfig};
 pub use sources::{
     ChangeHooksConfig, ChangeSourceConfig, GitPollerConfig, GithubHookConfig, GitlabHookConfig, PolledBranches,
 };

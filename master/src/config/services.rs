@@ -19,6 +19,9 @@ pub enum ServiceConfig {
     /// from the repository URL): `running` when a build starts, `success`, `failed` or `canceled`
     /// when it ends (Buildbot's `GitLabStatusPush`).
     GitlabStatus(ForgeStatusConfig),
+    /// A comment on the pull request a finished build was for (Buildbot's `GitHubCommentPush`);
+    /// builds of other changes say nothing.
+    GithubComment(GithubCommentConfig),
     /// A JSON POST of each finished build to a URL (Buildbot's `HttpStatusPush`).
     HttpPush(HttpPushConfig),
 }
@@ -79,6 +82,28 @@ pub struct ForgeStatusConfig {
 
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct GithubCommentConfig {
+    /// Unique among services.
+    pub name: String,
+    /// A file holding the GitHub token (give this or `token_env`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the GitHub token (give this or `token_file`).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The API's base URL (GitHub Enterprise: `https://HOST/api/v3`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The comment, an Interpolate template; besides the build's properties it may use
+    /// `%(prop:result)s` (`success`, `failure`, …) and `%(prop:build_url)s`.
+    #[serde(default = "default_comment")]
+    pub template: String,
+    #[serde(flatten)]
+    pub coverage: Coverage,
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct HttpPushConfig {
     /// Unique among services.
     pub name: String,
@@ -101,10 +126,52 @@ fn default_context() -> String {
     "buildbot/%(prop:buildername)s".into()
 }
 
+fn default_comment() -> String {
+    "Build %(prop:buildername)s #%(prop:buildnumber)s: **%(prop:result)s** (%(prop:build_url)s)".into()
+}
+
+/// A token read now from its file or environment variable.
+fn read_token(file: &Option<PathBuf>, env: &Option<String>) -> Option<String> {
+    match (file, env) {
+        (Some(path), _) => std::fs::read_to_string(path).ok().map(|t| t.trim().to_owned()),
+        (None, Some(var)) => std::env::var(var).ok().map(|t| t.trim().to_owned()),
+        (None, None) => None,
+    }
+}
+
+/// Checks that a token is configured and readable now.
+fn check_token(
+    key: &dyn Fn(&str) -> String,
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> Result<(), (String, String)> {
+    let readable = read_token(file, env).is_some_and(|t| !t.is_empty());
+    match (file, env) {
+        (None, None) => Err((key("token_env"), "this reporter needs token_file or token_env".into())),
+        (Some(path), _) if !readable => {
+            Err((key("token_file"), format!("cannot read a token from {}", path.display())))
+        }
+        (None, Some(var)) if !readable => {
+            Err((key("token_env"), format!("environment variable {var} is not set or empty")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_base_url(key: &dyn Fn(&str) -> String, base_url: &Option<String>) -> Result<(), (String, String)> {
+    match base_url {
+        Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
+            Err((key("base_url"), format!("{url:?} is not an http(s) URL")))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl ServiceConfig {
     pub fn name(&self) -> &str {
         match self {
             ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => &c.name,
+            ServiceConfig::GithubComment(c) => &c.name,
             ServiceConfig::HttpPush(c) => &c.name,
         }
     }
@@ -112,23 +179,21 @@ impl ServiceConfig {
     pub fn coverage(&self) -> &Coverage {
         match self {
             ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => &c.coverage,
+            ServiceConfig::GithubComment(c) => &c.coverage,
             ServiceConfig::HttpPush(c) => &c.coverage,
         }
     }
 
     /// Whether the reporter says anything when a build starts (commit statuses do).
     pub fn reports_starts(&self) -> bool {
-        !matches!(self, ServiceConfig::HttpPush(_))
+        matches!(self, ServiceConfig::GithubStatus(_) | ServiceConfig::GitlabStatus(_))
     }
 
     /// The secret the reporter sends, read now from its file or environment.
     pub fn credential(&self) -> Option<String> {
         match self {
-            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => match (&c.token_file, &c.token_env) {
-                (Some(path), _) => std::fs::read_to_string(path).ok().map(|t| t.trim().to_owned()),
-                (None, Some(var)) => std::env::var(var).ok().map(|t| t.trim().to_owned()),
-                (None, None) => None,
-            },
+            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => read_token(&c.token_file, &c.token_env),
+            ServiceConfig::GithubComment(c) => read_token(&c.token_file, &c.token_env),
             ServiceConfig::HttpPush(c) => c.bearer_env.as_ref().and_then(|v| std::env::var(v).ok()),
         }
     }
@@ -137,8 +202,19 @@ impl ServiceConfig {
 impl ForgeStatusConfig {
     /// The configured base URL, or the public forge's.
     pub fn base_url(&self, default: &str) -> String {
-        self.base_url.clone().unwrap_or_else(|| default.to_owned()).trim_end_matches('/').to_owned()
+        base_url_or(&self.base_url, default)
     }
+}
+
+impl GithubCommentConfig {
+    /// The configured base URL, or GitHub's.
+    pub fn base_url(&self, default: &str) -> String {
+        base_url_or(&self.base_url, default)
+    }
+}
+
+fn base_url_or(base_url: &Option<String>, default: &str) -> String {
+    base_url.clone().unwrap_or_else(|| default.to_owned()).trim_end_matches('/').to_owned()
 }
 
 impl Coverage {
@@ -182,27 +258,14 @@ pub fn validate(services: &[ServiceConfig], builders: &[BuilderConfig]) -> Resul
         }
         match service {
             ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => {
-                match (&c.token_file, &c.token_env) {
-                    (None, None) => {
-                        return Err((
-                            key("token_env"),
-                            "a commit status reporter needs token_file or token_env".into(),
-                        ));
-                    }
-                    (Some(path), _) if service.credential().is_none_or(|t| t.is_empty()) => {
-                        return Err((key("token_file"), format!("cannot read a token from {}", path.display())));
-                    }
-                    (None, Some(var)) if service.credential().is_none_or(|t| t.is_empty()) => {
-                        return Err((key("token_env"), format!("environment variable {var} is not set or empty")));
-                    }
-                    _ => {}
-                }
+                check_token(&key, &c.token_file, &c.token_env)?;
                 crate::properties::check_template(&c.context).map_err(|e| (key("context"), e.to_string()))?;
-                if let Some(url) = &c.base_url
-                    && !(url.starts_with("https://") || url.starts_with("http://"))
-                {
-                    return Err((key("base_url"), format!("{url:?} is not an http(s) URL")));
-                }
+                check_base_url(&key, &c.base_url)?;
+            }
+            ServiceConfig::GithubComment(c) => {
+                check_token(&key, &c.token_file, &c.token_env)?;
+                crate::properties::check_template(&c.template).map_err(|e| (key("template"), e.to_string()))?;
+                check_base_url(&key, &c.base_url)?;
             }
             ServiceConfig::HttpPush(c) => {
                 if !(c.url.starts_with("https://") || c.url.starts_with("http://")) {

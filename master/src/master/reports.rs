@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use super::Master;
-use crate::config::{ForgeStatusConfig, HttpPushConfig, ServiceConfig};
+use crate::config::{ForgeStatusConfig, GithubCommentConfig, HttpPushConfig, ServiceConfig};
 use crate::domain::SourceStamp;
 use crate::properties::{Properties, SourceView};
 use crate::results::Results;
@@ -242,6 +242,14 @@ async fn send(
             Ok((endpoint, body)) => client.post(endpoint).header("PRIVATE-TOKEN", credential).json(&body),
             Err(skip) => return skip,
         },
+        ServiceConfig::GithubComment(comment) => match pull_request_comment(comment, facts, &url) {
+            Ok((endpoint, body)) => client
+                .post(endpoint)
+                .header("Authorization", format!("token {credential}"))
+                .header("Accept", "application/vnd.github+json")
+                .json(&body),
+            Err(skip) => return skip,
+        },
         ServiceConfig::HttpPush(push) => {
             let mut body = facts.object.clone();
             body["url"] = json!(url);
@@ -328,6 +336,33 @@ fn commit_status(
             (endpoint, body)
         }
     })
+}
+
+/// The endpoint and body of a comment on the pull request the build was for, or why there is
+/// none (the build was not of a pull request's change).
+fn pull_request_comment(
+    config: &GithubCommentConfig,
+    facts: &BuildFacts,
+    url: &str,
+) -> Result<(String, Value), Outcome> {
+    let pull = facts.properties.get("pullrequesturl").and_then(Value::as_str).unwrap_or_default();
+    // https://github.com/OWNER/REPO/pull/NUMBER
+    let path: Vec<&str> = pull.split_once("://").map_or("", |(_, rest)| rest).split('/').skip(1).collect();
+    let (owner, repo, number) = match path.as_slice() {
+        [owner, repo, "pull", number] if number.parse::<u64>().is_ok() => (*owner, *repo, *number),
+        _ => return Err(Outcome::Skip("not a pull request's build".into())),
+    };
+    let mut props = facts.properties.clone();
+    props.set("buildername", json!(facts.builder), "Builder");
+    props.set("buildnumber", json!(facts.number), "Build");
+    props.set("result", json!(facts.results.map_or("unknown", Results::name).to_lowercase()), "Reporter");
+    props.set("build_url", json!(url), "Reporter");
+    let views: Vec<SourceView> = facts.sourcestamps.iter().map(SourceView::from).collect();
+    let text = crate::properties::interpolate(&config.template, &props, &views)
+        .map_err(|e| Outcome::Refused(format!("the template does not render: {e}")))?;
+    let endpoint =
+        format!("{}/repos/{owner}/{repo}/issues/{number}/comments", config.base_url("https://api.github.com"));
+    Ok((endpoint, json!({ "body": text })))
 }
 
 /// The owner (GitHub's owner, GitLab's top-level group) and the rest of a repository's path on
