@@ -110,6 +110,15 @@ pub async fn run_with(
         }
         None => {}
     }
+    if !config.services.is_empty() && config.buildbot_url.is_none() {
+        let listen = config.http.listen;
+        if listen.ip().is_unspecified() || listen.port() == 0 {
+            warn!(
+                url = %config.buildbot_url(),
+                "reporters link builds to the web UI at buildbotURL, which is not set: set it to the address people reach"
+            );
+        }
+    }
     let mut local_binaries = Vec::new();
     for pool in config.pools.iter().filter(|p| p.backend == BackendKind::Local) {
         local_binaries.push(LocalPool::locate_binary(pool)?);
