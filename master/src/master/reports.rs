@@ -231,11 +231,7 @@ async fn send(
     };
     let request = match service {
         ServiceConfig::GithubStatus(forge) => match commit_status(Forge::Github, forge, report, facts, &url) {
-            Ok((endpoint, body)) => client
-                .post(endpoint)
-                .header("Authorization", format!("token {credential}"))
-                .header("Accept", "application/vnd.github+json")
-                .json(&body),
+            Ok((endpoint, body)) => github_post(client, endpoint, &credential, &body),
             Err(skip) => return skip,
         },
         ServiceConfig::GitlabStatus(forge) => match commit_status(Forge::Gitlab, forge, report, facts, &url) {
@@ -243,11 +239,7 @@ async fn send(
             Err(skip) => return skip,
         },
         ServiceConfig::GithubComment(comment) => match pull_request_comment(comment, facts, &url) {
-            Ok((endpoint, body)) => client
-                .post(endpoint)
-                .header("Authorization", format!("token {credential}"))
-                .header("Accept", "application/vnd.github+json")
-                .json(&body),
+            Ok((endpoint, body)) => github_post(client, endpoint, &credential, &body),
             Err(skip) => return skip,
         },
         ServiceConfig::HttpPush(push) => {
@@ -266,6 +258,15 @@ async fn send(
         Ok(response) => answer(response.status().as_u16(), response.headers()),
         Err(error) => Outcome::Retry(backoff(report.attempts), format!("no answer: {}", error_chain(&error))),
     }
+}
+
+/// A POST to GitHub's REST API with the token, as GitHub documents its use.
+fn github_post(client: &reqwest::Client, endpoint: String, token: &str, body: &Value) -> reqwest::RequestBuilder {
+    client
+        .post(endpoint)
+        .header("Authorization", format!("token {token}"))
+        .header("Accept", "application/vnd.github+json")
+        .json(body)
 }
 
 fn http_push(client: &reqwest::Client, push: &HttpPushConfig, bearer: &str) -> reqwest::RequestBuilder {
