@@ -15,20 +15,23 @@ use serde_json::json;
 const MINUTE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "ghs_test_token";
 
+/// A builder that succeeds, one that fails, and a force scheduler for both.
+const BUILDERS: &str = r#"builders:
+  - name: ok
+    steps: [{shell: {command: "true"}}]
+  - name: bad
+    steps: [{shell: {command: "false"}}]
+schedulers:
+  - {type: force, name: force, builderNames: [ok, bad]}
+"#;
+
 /// Builders `ok` and `bad`, a force scheduler and a GitHub reporter sending to `github`.
 fn setup(dir: &std::path::Path, github: &FakeForge) -> String {
     std::fs::write(dir.join("gh-token"), format!("{TOKEN}\n")).unwrap();
     format!(
         r#"
 collapseRequests: false
-builders:
-  - name: ok
-    steps: [{{shell: {{command: "true"}}}}]
-  - name: bad
-    steps: [{{shell: {{command: "false"}}}}]
-schedulers:
-  - {{type: force, name: force, builderNames: [ok, bad]}}
-services:
+{BUILDERS}services:
   - type: github_status
     name: github
     token_file: "{token}"
@@ -232,14 +235,7 @@ async fn an_http_push_posts_the_failing_build_with_its_details() {
     unsafe { std::env::set_var("KILN_TEST_CHAT_TOKEN", "chat-s3cret") };
     let setup = format!(
         r#"
-builders:
-  - name: ok
-    steps: [{{shell: {{command: "true"}}}}]
-  - name: bad
-    steps: [{{shell: {{command: "false"}}}}]
-schedulers:
-  - {{type: force, name: force, builderNames: [ok, bad]}}
-services:
+{BUILDERS}services:
   - {{type: http_push, name: chat, url: "{hook}", bearer_env: KILN_TEST_CHAT_TOKEN, mode: [failing]}}
 "#
     );
