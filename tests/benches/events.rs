@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use kiln_tests::process::{
-    MasterProcess, bench_database, completed, cpu_seconds_of, force, percentile, timings, wait_completed,
+    MasterProcess, bench_database, completed, cpu_seconds_of, finished_builds, force, percentile, timings,
+    wait_completed,
 };
 use kiln_tests::ws::{EventClient, Frame};
 use sqlx::Row;
@@ -155,19 +156,6 @@ async fn last_id(database: &str, table: &str) -> i64 {
     row.get::<i64, _>(0)
 }
 
-/// Each build's `complete_at` (ms), by build id, for builds with id > `after`.
-async fn completions(database: &str, after: i64) -> std::collections::HashMap<i64, i64> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(database).await.unwrap();
-    let rows = sqlx::query("SELECT id, complete_at FROM builds WHERE id > $1 AND complete_at IS NOT NULL")
-        .bind(after)
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1))).collect()
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -208,7 +196,8 @@ async fn main() {
     let builds_before = last_id(&database, "builds").await;
     let cores_with = paced(&master, args.rate, args.seconds).await;
     let rss_with = master.rss_mib();
-    let paced_builds = completions(&database, builds_before).await;
+    let paced_builds: std::collections::HashMap<i64, i64> =
+        finished_builds(&database, builds_before).await.into_iter().map(|(id, _, done)| (id, done)).collect();
     // The last `finished` messages are on their way when the requests read as complete.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (throughput_with, cpu_per_build_with, own_with) = burst(&master, &database, args.builds).await;

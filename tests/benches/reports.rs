@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kiln_tests::forge::FakeForge;
-use kiln_tests::process::{MasterProcess, bench_database, percentile, timings, wait_completed};
+use kiln_tests::process::{MasterProcess, bench_database, finished_builds, percentile, timings, wait_completed};
 use serde_json::json;
-use sqlx::Row;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -72,18 +71,6 @@ async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f6
     (runs.len() as f64 / ((last - first) as f64 / 1000.0), cpu)
 }
 
-/// Each build's `complete_at` (ms) by build number.
-async fn completions(database: &str) -> HashMap<i64, i64> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(database).await.unwrap();
-    let rows = sqlx::query("SELECT number, complete_at FROM builds WHERE complete_at IS NOT NULL")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1))).collect()
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -124,7 +111,8 @@ async fn main() {
         assert!(tokio::time::Instant::now() < deadline, "statuses did not all arrive");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let done = completions(&database).await;
+    let done: HashMap<i64, i64> =
+        finished_builds(&database, 0).await.into_iter().map(|(_, number, at)| (number, at)).collect();
     let arrivals = github.arrivals();
     let mut lag: Vec<f64> = arrivals
         .iter()

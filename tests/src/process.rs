@@ -189,6 +189,20 @@ pub async fn timings(database: &str, after: i64) -> Vec<(i64, i64, i64)> {
         .collect()
 }
 
+/// `(id, number, complete_at in ms)` of each finished build with id > `after`.
+pub async fn finished_builds(database: &str, after: i64) -> Vec<(i64, i64, i64)> {
+    use sqlx::Row;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database).await.unwrap();
+    let rows = sqlx::query("SELECT id, number, complete_at FROM builds WHERE id > $1 AND complete_at IS NOT NULL")
+        .bind(after)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2))).collect()
+}
+
 /// The database URL a benchmark runs on: `sqlite` (a file in `dir`) or `postgres` (a throwaway
 /// cluster with the default, durable settings).
 pub async fn bench_database(kind: &str, dir: &std::path::Path) -> String {
