@@ -100,9 +100,12 @@ impl SessionLock {
         Ok(())
     }
 
-    /// Gives the lock up now rather than when the process ends.
+    /// Gives the lock up now rather than when the process ends. On PostgreSQL the lock is
+    /// unlocked before the connection closes: the server ends a closed session (and drops its
+    /// locks) in its own time, so a process asking right after closing could still find it held.
     pub async fn release(mut self) {
-        if let Held::Postgres(conn) = std::mem::replace(&mut self.held, Held::Private) {
+        if let Held::Postgres(mut conn) = std::mem::replace(&mut self.held, Held::Private) {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(lock_key(&self.name)).execute(&mut conn).await;
             let _ = conn.close().await;
         }
     }
