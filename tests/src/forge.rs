@@ -48,6 +48,32 @@ pub struct FakeForge {
     pub base_url: String,
     shared: Arc<Mutex<Shared>>,
     hold: Arc<tokio::sync::watch::Sender<bool>>,
+    server: Arc<Mutex<Server>>,
+}
+
+/// The listening server, which can be taken down and brought back on the same address.
+#[derive(Debug)]
+struct Server {
+    address: std::net::SocketAddr,
+    app: axum::Router,
+    /// Ends the running server: it stops accepting and closes its idle connections.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = self.app.clone();
+        self.stop = Some(stop);
+        self.running = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        }));
+    }
 }
 
 impl FakeForge {
@@ -70,9 +96,33 @@ impl FakeForge {
         let hold = Arc::new(tokio::sync::watch::channel(false).0);
         let app = routes.with_state((Arc::clone(&shared), Arc::clone(&hold)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base_url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        FakeForge { base_url, shared, hold }
+        let address = listener.local_addr().unwrap();
+        let mut server = Server { address, app, stop: None, running: None };
+        server.serve(listener);
+        FakeForge { base_url: format!("http://{address}"), shared, hold, server: Arc::new(Mutex::new(server)) }
+    }
+
+    /// Takes the forge off the network: its port refuses connections and the connections it had
+    /// are closed, as when a forge's load balancer goes away.
+    pub async fn go_down(&self) {
+        let (stop, running) = {
+            let mut server = self.server.lock().unwrap();
+            (server.stop.take(), server.running.take())
+        };
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        if let Some(running) = running {
+            // Connections end once their requests are answered; bounded, in case one hangs.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), running).await;
+        }
+    }
+
+    /// Brings the forge back on the same address.
+    pub async fn come_back(&self) {
+        let address = self.server.lock().unwrap().address;
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        self.server.lock().unwrap().serve(listener);
     }
 
     /// While held, requests wait unanswered (as a forge that hangs); when let go, those that

@@ -130,6 +130,56 @@ async fn a_forge_that_fails_for_a_while_gets_every_status_in_order_once_it_answe
     master.stop().await;
 }
 
+/// The forge goes off the network for 30 seconds (connections refused) while builds start and
+/// end: the builds do not wait, and once the forge is back every status arrives, once, in order
+/// per commit and context — a rebuilt commit's four states included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forge_off_the_network_for_30_seconds_gets_every_status_in_order_after_it_returns() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeForge::github(TOKEN).await;
+    let master = master(dir.path(), &github).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+
+    github.go_down().await;
+    let down_at = std::time::Instant::now();
+    let builds = [(1, "aaaa0001"), (2, "bbbb0002"), (1, "cccc0003"), (1, "aaaa0001"), (2, "dddd0004")];
+    for (builder, sha) in builds {
+        let brid = master.force_request("force", force_params(builder, sha)).await;
+        master.wait_build_of_request(brid, MINUTE).await;
+    }
+    assert!(down_at.elapsed() < OUTAGE, "the builds ran while the forge was down, without waiting on it");
+    let tried = eventually("reports tried and put off during the outage", MINUTE, || async {
+        let reports = master.get("/api/v2/reports?state=pending").await;
+        let retried = reports["reports"].as_array()?.iter().filter(|r| r["attempts"].as_i64() > Some(0)).count();
+        (retried > 0).then_some(retried)
+    })
+    .await;
+    assert!(github.accepted().is_empty(), "nothing can arrive while the forge is down");
+    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+    github.come_back().await;
+
+    // Backoff doubles from 2 s: a report tried all through the outage is due again within 32 s.
+    eventually("every status after the forge came back", 2 * MINUTE, || async {
+        (github.accepted().len() == 2 * builds.len()).then_some(())
+    })
+    .await;
+    assert_eq!(github.states("aaaa0001", "buildbot/ok"), ["pending", "success", "pending", "success"]);
+    assert_eq!(github.states("bbbb0002", "buildbot/bad"), ["pending", "failure"]);
+    assert_eq!(github.states("cccc0003", "buildbot/ok"), ["pending", "success"]);
+    assert_eq!(github.states("dddd0004", "buildbot/bad"), ["pending", "failure"]);
+    assert!(github.malformed().is_empty(), "{:?}", github.malformed());
+    let settled = eventually("all reports settled as sent", MINUTE, || async {
+        let reports = master.get("/api/v2/reports?state=sent").await;
+        (reports["meta"]["total"] == 2 * builds.len()).then_some(reports)
+    })
+    .await;
+    let attempts: i64 = settled["reports"].as_array().unwrap().iter().filter_map(|r| r["attempts"].as_i64()).sum();
+    assert!(attempts > (2 * builds.len()) as i64, "{tried} reports were retried: {attempts} attempts in all");
+    master.stop().await;
+}
+
 /// The master dies (SIGKILL) after a build ended and before its reports were sent — the start's
 /// `pending` hanging at the forge, the end's `success` waiting behind it. Restarted, it sends
 /// both, once each, in order.
@@ -205,12 +255,11 @@ async fn two_masters_send_each_report_exactly_once() {
     assert_eq!(github.accepted().len(), 2 * BUILDS);
 }
 
-/// An HTTP push with `mode: [failing]` and a bearer token POSTs the failing build only, as
-/// Buildbot's `HttpStatusPush` does: the build with its builder, buildset (source stamps),
-/// request, properties and the link to its page.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_push_posts_the_failing_build_with_its_details() {
-    type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// An HTTP endpoint on loopback recording each POST to `/hook`: its URL and what it received
+/// (the `Authorization` header and the JSON body).
+async fn hook_receiver() -> (String, Received) {
     let received: Received = Default::default();
     let app = {
         let received = std::sync::Arc::clone(&received);
@@ -229,7 +278,58 @@ async fn an_http_push_posts_the_failing_build_with_its_details() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
+    (hook, received)
+}
 
+/// `mode: [problem]` reports a failure only when the builder's build before it did not fail:
+/// fail (first build: reported), fail (not), success (not), fail (reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn problem_mode_reports_a_failure_only_after_a_build_that_did_not_fail() {
+    let (hook, received) = hook_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit_code = dir.path().join("exit-code");
+    let setup = format!(
+        r#"
+collapseRequests: false
+builders:
+  - name: flip
+    steps: [{{shell: {{command: ["sh", "-c", "exit $(cat {exit})"]}}}}]
+schedulers:
+  - {{type: force, name: force, builderNames: [flip]}}
+services:
+  - {{type: http_push, name: problems, url: "{hook}", mode: [problem]}}
+"#,
+        exit = exit_code.display()
+    );
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup);
+    let master = TestMaster::start_with(Config::parse("problem.yaml", &text).unwrap(), dir.path()).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    for (number, code) in [(1, "1"), (2, "1"), (3, "0"), (4, "1")] {
+        std::fs::write(&exit_code, code).unwrap();
+        let brid = master.force_request("force", force_params(1, &format!("abcd000{number}"))).await;
+        master.wait_build_of_request(brid, MINUTE).await;
+    }
+    eventually("the four finished reports settled", MINUTE, || async {
+        let reports = master.get("/api/v2/reports").await;
+        let settled = reports["reports"].as_array()?.iter().filter(|r| r["state"] != "pending").count();
+        (settled == 4).then_some(())
+    })
+    .await;
+    let numbers: Vec<i64> = received.lock().unwrap().iter().filter_map(|(_, body)| body["number"].as_i64()).collect();
+    assert_eq!(numbers, [1, 4], "builds 1 and 4 follow no failure");
+    let skipped = master.get("/api/v2/reports?state=skipped").await;
+    assert_eq!(skipped["meta"]["total"], 2, "{skipped}");
+    master.stop().await;
+}
+
+/// An HTTP push with `mode: [failing]` and a bearer token POSTs the failing build only, as
+/// Buildbot's `HttpStatusPush` does: the build with its builder, buildset (source stamps),
+/// request, properties and the link to its page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_push_posts_the_failing_build_with_its_details() {
+    let (hook, received) = hook_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     // SAFETY: set before the master starts; no other test of this binary reads this variable.
     unsafe { std::env::set_var("KILN_TEST_CHAT_TOKEN", "chat-s3cret") };

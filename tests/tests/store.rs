@@ -40,10 +40,12 @@ conformance!(
     a_stale_claim_token_changes_nothing,
     a_released_request_returns_to_the_queue,
     expired_leases_are_reaped_and_their_builds_retried,
+    a_build_ended_by_another_master_still_owes_its_end_reports,
     shortened_claims_expire_early_and_only_for_their_master,
     a_webhook_delivery_is_stored_once_until_forgotten,
     a_shared_key_is_made_once_and_kept,
     builds_are_numbered_per_builder,
+    the_previous_build_is_the_last_finished_one_not_retried,
     a_buildset_completes_with_the_worst_result,
     logs_round_trip_through_compressed_chunks,
     the_data_api_filters_orders_and_pages_in_sql,
@@ -205,6 +207,47 @@ async fn expired_leases_are_reaped_and_their_builds_retried(store: Store) {
     assert_eq!(store.pending_count().await.unwrap(), 1);
 }
 
+/// A build's end reports are held from its start and made due by whatever ends it: here the
+/// housekeeping that takes back a dead master's claim, CANCELLED for a stop asked meanwhile.
+/// A build reaped RETRY drops them: its request runs again, and that build reports.
+async fn a_build_ended_by_another_master_still_owes_its_end_reports(store: Store) {
+    use kiln_master::store::{NewReport, ReportEvent};
+    let (dead, alive) = (store.register_master("dead").await.unwrap(), store.register_master("alive").await.unwrap());
+    let worker = store.worker_connected("w", &json!({}), Some(dead), &[]).await.unwrap();
+    let b = builder(&store, "b").await;
+    let report = |revision: &str, event| NewReport {
+        reporter: "github".into(),
+        order_key: format!("github\nb\n{revision}"),
+        event,
+    };
+    let mut builds = Vec::new();
+    for revision in ["abc", "def"] {
+        let owed = [report(revision, ReportEvent::Started), report(revision, ReportEvent::Finished)];
+        store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+        let claim = store.claim_next(dead, None, -1).await.unwrap().unwrap();
+        builds
+            .push((claim.brid, store.new_build(b, claim.brid, worker, dead, &Properties::new(), &owed).await.unwrap()));
+    }
+    let events = |claimed: &[kiln_master::store::ClaimedReport]| {
+        claimed.iter().map(|r| (r.buildid, r.event.clone())).collect::<Vec<_>>()
+    };
+    let (stopped, retried) = (builds[0].1.buildid, builds[1].1.buildid);
+    let due = store.claim_reports(alive, 60_000, 10).await.unwrap();
+    assert_eq!(events(&due), [(stopped, "started".to_owned()), (retried, "started".to_owned())], "ends are held");
+    for report in &due {
+        store.settle_report(report.id, alive, kiln_master::store::Settled::Sent, "ok").await.unwrap();
+    }
+    assert!(store.request_stop(builds[0].0).await.unwrap());
+    let reaped = store.reap_expired_claims().await.unwrap();
+    assert_eq!((reaped.cancelled, reaped.requeued), (vec![builds[0].0], vec![builds[1].0]));
+    let due = store.claim_reports(alive, 60_000, 10).await.unwrap();
+    assert_eq!(
+        events(&due),
+        [(stopped, "finished".to_owned())],
+        "the cancelled build's end is due; the retried one's dropped"
+    );
+}
+
 async fn a_shared_key_is_made_once_and_kept(store: Store) {
     let (first, again) = (store.shared_key("ui-session").await.unwrap(), store.shared_key("ui-session").await.unwrap());
     assert_eq!(first.len(), 32);
@@ -280,6 +323,34 @@ async fn builds_are_numbered_per_builder(store: Store) {
     }
     numbers.sort();
     assert_eq!(numbers, vec![(a, 1), (a, 2), (b, 1)]);
+}
+
+async fn the_previous_build_is_the_last_finished_one_not_retried(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
+    let b = builder(&store, "b").await;
+    let mut numbers = Vec::new();
+    for results in [Results::Failure, Results::Success, Results::Retry, Results::Failure] {
+        store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+        let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+        let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
+        assert!(store.finish_build(build.buildid, results, "done", &Properties::new(), &claim).await.unwrap());
+        if results == Results::Retry {
+            // The retried request runs again as the next build; finish it too.
+            let again = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+            let rerun = store.new_build(b, again.brid, worker, master, &Properties::new(), &[]).await.unwrap();
+            store.finish_build(rerun.buildid, Results::Warnings, "done", &Properties::new(), &again).await.unwrap();
+            numbers.push(rerun.number);
+        }
+        numbers.push(build.number);
+    }
+    numbers.sort();
+    assert_eq!(numbers, [1, 2, 3, 4, 5]);
+    let previous = |number| store.previous_build_results(b, number);
+    assert_eq!(previous(1).await.unwrap(), None, "the first build has none");
+    assert_eq!(previous(2).await.unwrap(), Some(Results::Failure));
+    assert_eq!(previous(4).await.unwrap(), Some(Results::Success), "build 3 ended RETRY and is passed over");
+    assert_eq!(previous(5).await.unwrap(), Some(Results::Warnings));
 }
 
 async fn a_buildset_completes_with_the_worst_result(store: Store) {
@@ -424,10 +495,7 @@ async fn old_logs_are_deleted_in_batches_and_running_builds_keep_theirs(store: S
         let tail = LogTail { logid: log, first_line: next, text: "hdone\n".into() };
         store.finish_step(step, Results::Success, "done", &tail).await.unwrap();
         if i < 2 {
-            store
-                .finish_build(build.buildid, Results::Success, "finished", &Properties::new(), &claim, &[])
-                .await
-                .unwrap();
+            store.finish_build(build.buildid, Results::Success, "finished", &Properties::new(), &claim).await.unwrap();
         }
         logs.push(log);
     }

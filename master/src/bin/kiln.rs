@@ -41,7 +41,8 @@ enum Cmd {
     Pools,
     /// What happened to the newest reports (commit statuses, HTTP pushes), newest first.
     Reports {
-        /// Only reports in this state: pending, sent, skipped, failed or abandoned.
+        /// Only reports in this state: held (its build still running), pending, sent, skipped,
+        /// failed or abandoned.
         #[arg(long)]
         state: Option<String>,
     },

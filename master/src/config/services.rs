@@ -225,6 +225,11 @@ impl Coverage {
             || builder.tags.iter().any(|t| self.tags.contains(t))
     }
 
+    /// Whether deciding needs the results of the builder's previous build.
+    pub fn needs_previous(&self) -> bool {
+        self.mode.contains(&ReportMode::Problem)
+    }
+
     /// Whether a finished build with `results` is reported; `previous` is the results of the
     /// builder's build before it, for `problem`.
     pub fn reports(&self, results: Results, previous: Option<Results>) -> bool {

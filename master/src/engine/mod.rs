@@ -13,7 +13,7 @@ use crate::domain::{BuildsetDetails, ClaimedRequest};
 use crate::properties::{Properties, SourceView};
 use crate::remote::BuildSlot;
 use crate::results::Results;
-use crate::store::{NewReport, Store, StoreError};
+use crate::store::{NewReport, ReportEvent, Store, StoreError};
 
 mod log;
 mod step;
@@ -125,17 +125,20 @@ pub async fn run_build(
 
     // Reports of one builder's builds of one revision go out in order, per reporter.
     let revision = details.sourcestamps.first().and_then(|s| s.revision.clone()).unwrap_or_default();
-    let report = |name: &str| NewReport {
+    let report = |name: &str, event| NewReport {
         reporter: name.to_owned(),
         order_key: format!("{name}\n{}\n{revision}", ctx.builderid),
+        event,
     };
-    let start_reports: Vec<NewReport> =
-        ctx.reporters.iter().filter(|(_, starts)| *starts).map(|(n, _)| report(n)).collect();
-    let end_reports: Vec<NewReport> = ctx.reporters.iter().map(|(n, _)| report(n)).collect();
-    let build = ctx
-        .store
-        .new_build(ctx.builderid, request.brid, session.workerid, ctx.masterid, &props, &start_reports)
-        .await?;
+    let reports: Vec<NewReport> = ctx
+        .reporters
+        .iter()
+        .filter(|(_, starts)| *starts)
+        .map(|(n, _)| report(n, ReportEvent::Started))
+        .chain(ctx.reporters.iter().map(|(n, _)| report(n, ReportEvent::Finished)))
+        .collect();
+    let build =
+        ctx.store.new_build(ctx.builderid, request.brid, session.workerid, ctx.masterid, &props, &reports).await?;
     props.set("buildnumber", Value::from(build.number), "Build");
     let span = tracing::info_span!("build", buildid = build.buildid, builder = %builder.name, number = build.number);
     async {
@@ -184,10 +187,9 @@ pub async fn run_build(
             };
         }
         let state = build_state(results, failed_step.as_deref());
-        let recorded = persist("finish the build", || {
-            ctx.store.finish_build(build.buildid, results, &state, &props, request, &end_reports)
-        })
-        .await?;
+        let recorded =
+            persist("finish the build", || ctx.store.finish_build(build.buildid, results, &state, &props, request))
+                .await?;
         if recorded {
             info!(results = %results, "build finished");
         } else {

@@ -113,7 +113,7 @@ async fn reports(
     axum::extract::State(master): axum::extract::State<Arc<Master>>,
     axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
-    const STATES: [&str; 5] = ["pending", "sent", "skipped", "failed", "abandoned"];
+    const STATES: [&str; 6] = ["held", "pending", "sent", "skipped", "failed", "abandoned"];
     for key in query.keys() {
         if key != "state" && key != "limit" {
             return ApiError::BadRequest(format!("unrecognized query parameter '{key}'")).into_response();

@@ -118,7 +118,7 @@ impl Master {
             let _ = self.store.settle_report(report.id, self.masterid, Settled::Skipped, "no such reporter").await;
             return None;
         };
-        let outcome = match self.build_facts(report.buildid).await {
+        let outcome = match self.build_facts(report.buildid, service).await {
             Ok(facts) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
             Err(error) => Outcome::Retry(Duration::from_secs(5), format!("cannot read the build: {error}")),
         };
@@ -151,7 +151,7 @@ impl Master {
         None
     }
 
-    async fn build_facts(&self, buildid: i64) -> Result<BuildFacts, String> {
+    async fn build_facts(&self, buildid: i64, service: &ServiceConfig) -> Result<BuildFacts, String> {
         let one = |resource: Resource, field: &str, id: i64| {
             let query = ListQuery {
                 filters: vec![Filter { field: field.into(), op: Op::Eq, values: vec![id.to_string()] }],
@@ -168,9 +168,16 @@ impl Master {
         let builder = one(Resource::Builders, "builderid", int(&build, "builderid")).await?;
         let details = self.store.buildset_details(int(&request, "buildsetid")).await.map_err(|e| e.to_string())?;
         let properties = build.get("properties").map(Properties::from_json).unwrap_or_default();
+        let (builderid, number) = (int(&build, "builderid"), int(&build, "number"));
+        let previous = if service.coverage().needs_previous() {
+            self.store.previous_build_results(builderid, number).await.map_err(|e| e.to_string())?
+        } else {
+            None
+        };
         Ok(BuildFacts {
-            number: int(&build, "number"),
-            builderid: int(&build, "builderid"),
+            previous,
+            number,
+            builderid,
             builder: builder.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
             results: build.get("results").and_then(Value::as_i64).and_then(Results::from_code),
             state_string: build.get("state_string").and_then(Value::as_str).unwrap_or_default().to_owned(),
@@ -190,6 +197,8 @@ struct BuildFacts {
     builderid: i64,
     builder: String,
     results: Option<Results>,
+    /// The results of the builder's build before this one, when the reporter's modes need it.
+    previous: Option<Results>,
     state_string: String,
     sourcestamps: Vec<SourceStamp>,
     properties: Properties,
@@ -219,7 +228,7 @@ async fn send(
     let finished = report.event == "finished";
     if finished
         && let Some(results) = facts.results
-        && !service.coverage().reports(results, None)
+        && !service.coverage().reports(results, facts.previous)
     {
         return Outcome::Skip(format!("mode does not report {}", results.name()));
     }

@@ -53,7 +53,7 @@ impl Store {
                 .bind(buildid)
                 .execute(&mut *tx)
                 .await?;
-            Self::insert_reports(&mut tx, buildid, "started", reports, now).await?;
+            Self::insert_reports(&mut tx, buildid, reports, now).await?;
             tx.commit().await?;
             self.published(vec![
                 Event::new(Topic::Builds, buildid, "new"),
@@ -85,7 +85,6 @@ impl Store {
         state: &str,
         properties: &Properties,
         claim: &ClaimedRequest,
-        reports: &[NewReport],
     ) -> Result<bool> {
         let now = self.now_ms();
         let mut tx = self.write.begin().await?;
@@ -142,16 +141,31 @@ impl Store {
         .bind(buildid)
         .execute(&mut *tx)
         .await?;
-        // A build put back in the queue reports again when it runs again.
-        if results != Results::Retry {
-            Self::insert_reports(&mut tx, buildid, "finished", reports, now).await?;
-        }
+        Self::release_held_reports(&mut tx, buildid, results, now).await?;
         tx.commit().await?;
         // Buildbot's order: the build, then its request, then its buildset.
         events.insert(0, Event::new(Topic::BuildProperties, buildid, "update"));
         events.insert(1, Event::new(Topic::Builds, buildid, "finished"));
         self.published(events);
         Ok(true)
+    }
+
+    /// The results of the last finished build of `builderid` numbered below `number`, passing
+    /// over builds that ended RETRY (their request ran again), as Buildbot's reporters look back.
+    pub async fn previous_build_results(&self, builderid: i64, number: i64) -> Result<Option<Results>> {
+        let row = sqlx::query(
+            "SELECT results FROM builds WHERE builderid = $1 AND number < $2 AND complete_at IS NOT NULL \
+             AND results IS NOT NULL AND results <> $3 ORDER BY number DESC LIMIT 1",
+        )
+        .bind(builderid)
+        .bind(number)
+        .bind(Results::Retry.code())
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(match row {
+            Some(row) => Results::from_code(get_i64(&row, "results")?),
+            None => None,
+        })
     }
 
     /// Records a step that did not run.

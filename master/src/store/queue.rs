@@ -395,7 +395,7 @@ impl Store {
         .bind(buildid)
         .execute(&mut *conn)
         .await?;
-        Ok(())
+        Self::release_held_reports(conn, buildid, results, now).await
     }
 
     /// Claimable requests per builder, and the submission time of the oldest one.

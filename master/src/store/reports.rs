@@ -4,13 +4,22 @@
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{Result, Store, get_i64};
+use crate::results::Results;
 
-/// A report a build's start or end owes a reporter, written in that state change's transaction.
+/// A report a build's start or end owes a reporter. All of a build's reports are written when
+/// it starts; those of its end are held until it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewReport {
     pub reporter: String,
     /// Reports with the same key go out in the order they were written.
     pub order_key: String,
+    pub event: ReportEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportEvent {
+    Started,
+    Finished,
 }
 
 /// A claimed report, to send.
@@ -49,27 +58,55 @@ impl Settled {
 }
 
 impl Store {
-    /// Writes `reports` for `buildid`'s `event` inside the caller's transaction.
+    /// Writes a starting build's `reports` inside the caller's transaction: those of its start
+    /// due now, those of its end held until it ends (whoever ends it: its master, or another
+    /// taking back a dead master's claim).
     pub(super) async fn insert_reports(
         conn: &mut sqlx::AnyConnection,
         buildid: i64,
-        event: &str,
         reports: &[NewReport],
         now: i64,
     ) -> Result<()> {
         for report in reports {
+            let (event, state) = match report.event {
+                ReportEvent::Started => ("started", "pending"),
+                ReportEvent::Finished => ("finished", "held"),
+            };
             sqlx::query(
-                "INSERT INTO reports (reporter, buildid, event, order_key, next_attempt_at, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $5)",
+                "INSERT INTO reports (reporter, buildid, event, order_key, state, next_attempt_at, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6)",
             )
             .bind(&report.reporter)
             .bind(buildid)
             .bind(event)
             .bind(&report.order_key)
+            .bind(state)
             .bind(now)
             .execute(&mut *conn)
             .await?;
         }
+        Ok(())
+    }
+
+    /// Inside the transaction that ends `buildid` with `results`: makes the reports of its end
+    /// due — or, for RETRY, drops them, as the request runs again and its next build reports.
+    pub(super) async fn release_held_reports(
+        conn: &mut sqlx::AnyConnection,
+        buildid: i64,
+        results: Results,
+        now: i64,
+    ) -> Result<()> {
+        let query = if results == Results::Retry {
+            sqlx::query("DELETE FROM reports WHERE buildid = $1 AND state = 'held'").bind(buildid)
+        } else {
+            sqlx::query(
+                "UPDATE reports SET state = 'pending', next_attempt_at = $2, created_at = $2 \
+                 WHERE buildid = $1 AND state = 'held'",
+            )
+            .bind(buildid)
+            .bind(now)
+        };
+        query.execute(&mut *conn).await?;
         Ok(())
     }
 
