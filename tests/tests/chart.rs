@@ -165,6 +165,31 @@ fn worker_tls_from_a_secret_reaches_the_master_config_and_the_workers() {
     assert_eq!(volume["secret"]["items"].as_sequence().unwrap().len(), 1);
 }
 
+/// Links in commit statuses point at the Ingress's host (https when it has TLS) unless the
+/// config names `buildbotURL` itself.
+#[test]
+fn the_web_ui_address_comes_from_the_ingress_unless_configured() {
+    let url = |extra: &[&str]| {
+        let out = template(None, extra);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let docs = documents(&String::from_utf8(out.stdout).unwrap());
+        let text = find(&docs, "ConfigMap", "-config")["data"]["config.yaml"].as_str().unwrap().to_owned();
+        let config: Value = serde_yaml_ng::from_str(&text).unwrap();
+        config["buildbotURL"].as_str().map(str::to_owned)
+    };
+    assert_eq!(url(&[]), None, "no Ingress, no address to guess");
+    let ingress = ["--set", "ingress.enabled=true", "--set", "ingress.host=ci.example.org"];
+    assert_eq!(url(&ingress).as_deref(), Some("http://ci.example.org/"));
+    let tls = [
+        &ingress[..],
+        &["--set", "ingress.tls[0].secretName=ci-tls", "--set", "ingress.tls[0].hosts[0]=ci.example.org"],
+    ]
+    .concat();
+    assert_eq!(url(&tls).as_deref(), Some("https://ci.example.org/"));
+    let named = [&ingress[..], &["--set", "master.config.buildbotURL=https://kiln.internal/"]].concat();
+    assert_eq!(url(&named).as_deref(), Some("https://kiln.internal/"));
+}
+
 /// The environment a container gets from its manifest: literal values, the pod's name, and
 /// Secret keys (decoded), with `overrides` for what only a cluster provides.
 fn container_env(container: &Value, secret: &Value, pod: &str, overrides: &[(&str, String)]) -> Vec<(String, String)> {
