@@ -52,13 +52,20 @@ pub struct FakeForge {
 }
 
 /// The listening server, which can be taken down and brought back on the same address.
-#[derive(Debug)]
 struct Server {
     address: std::net::SocketAddr,
     app: axum::Router,
+    /// Serves HTTPS with this when set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// Ends the running server: it stops accepting and closes its idle connections.
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     running: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("address", &self.address).field("tls", &self.tls.is_some()).finish()
+    }
 }
 
 impl Server {
@@ -66,13 +73,18 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = self.app.clone();
         self.stop = Some(stop);
-        self.running = Some(tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        }));
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        self.running = Some(match self.tls.clone() {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).with_graceful_shutdown(stopped).await;
+            }),
+            Some(acceptor) => tokio::spawn(async move {
+                let listener = kiln_master::tls::TlsListener::new(listener, acceptor).unwrap();
+                let _ = axum::serve(listener, app).with_graceful_shutdown(stopped).await;
+            }),
+        });
     }
 }
 
@@ -82,22 +94,32 @@ impl FakeForge {
         let routes = axum::Router::new()
             .route("/repos/{owner}/{repo}/statuses/{sha}", post(github_status))
             .route("/repos/{owner}/{repo}/issues/{number}/comments", post(github_comment));
-        Self::start(token, routes).await
+        Self::start(token, routes, None).await
+    }
+
+    /// A fake GitHub accepting `token` only, over HTTPS with the certificate and key `tls`
+    /// names (its base URL `https://127.0.0.1:PORT`).
+    pub async fn github_https(token: &str, tls: &kiln_master::config::TlsConfig) -> FakeForge {
+        let acceptor = kiln_master::tls::acceptor("forge", tls, &[b"http/1.1"]).unwrap();
+        let routes = axum::Router::new().route("/repos/{owner}/{repo}/statuses/{sha}", post(github_status));
+        let mut forge = Self::start(token, routes, Some(acceptor)).await;
+        forge.base_url = forge.base_url.replace("http://", "https://");
+        forge
     }
 
     /// A fake GitLab accepting `token` only (statuses at `/api/v4/projects/{id}/statuses/{sha}`).
     pub async fn gitlab(token: &str) -> FakeForge {
         let routes = axum::Router::new().route("/api/v4/projects/{project}/statuses/{sha}", post(gitlab_status));
-        Self::start(token, routes).await
+        Self::start(token, routes, None).await
     }
 
-    async fn start(token: &str, routes: axum::Router<FakeState>) -> FakeForge {
+    async fn start(token: &str, routes: axum::Router<FakeState>, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeForge {
         let shared = Arc::new(Mutex::new(Shared { token: token.to_owned(), ..Default::default() }));
         let hold = Arc::new(tokio::sync::watch::channel(false).0);
         let app = routes.with_state((Arc::clone(&shared), Arc::clone(&hold)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let mut server = Server { address, app, stop: None, running: None };
+        let mut server = Server { address, app, tls, stop: None, running: None };
         server.serve(listener);
         FakeForge { base_url: format!("http://{address}"), shared, hold, server: Arc::new(Mutex::new(server)) }
     }

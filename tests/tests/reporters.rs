@@ -180,6 +180,52 @@ async fn a_forge_off_the_network_for_30_seconds_gets_every_status_in_order_after
     master.stop().await;
 }
 
+/// A forge behind a private certificate authority: with the CA in `ca_file` statuses arrive
+/// over HTTPS; a second reporter without it never sends, and its reports say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forge_with_a_private_ca_is_reached_over_https_when_its_ca_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kiln_tests::tls::Ca::new("Example Corp CA");
+    let (cert, key, _) = ca.issue(dir.path(), "forge");
+    let tls = kiln_master::config::TlsConfig { cert, key, client_ca: None };
+    let github = FakeForge::github_https(TOKEN, &tls).await;
+    let ca_file = ca.write(dir.path(), "corp-ca.pem");
+    let setup = setup(dir.path(), &github)
+        .replace("    base_url:", &format!("    ca_file: \"{}\"\n    base_url:", ca_file.display()))
+        + &format!(
+            "  - {{type: github_status, name: untrusting, builders: [ok], context: other/ok, token_file: \"{}\", base_url: \"{}\"}}\n",
+            dir.path().join("gh-token").display(),
+            github.base_url
+        );
+    assert!(setup.contains("ca_file"), "{setup}");
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let text = config_text(&database, dir.path(), &setup);
+    let master = TestMaster::start_with(Config::parse("https.yaml", &text).unwrap(), dir.path()).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let brid = master.force_request("force", force_params(1, "cafe0001")).await;
+    master.wait_build_of_request(brid, MINUTE).await;
+    eventually("both statuses over HTTPS", MINUTE, || async {
+        (github.states("cafe0001", "buildbot/ok").len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(github.states("cafe0001", "buildbot/ok"), ["pending", "success"]);
+    let refused = eventually("the untrusting reporter's failed attempt", MINUTE, || async {
+        let reports = master.get("/api/v2/reports?state=pending").await;
+        let answer = reports["reports"]
+            .as_array()?
+            .iter()
+            .find(|r| r["reporter"] == "untrusting" && r["attempts"].as_i64() > Some(0))?["last_answer"]
+            .as_str()?
+            .to_owned();
+        Some(answer)
+    })
+    .await;
+    assert!(refused.contains("certificate"), "{refused}");
+    assert!(github.states("cafe0001", "other/ok").is_empty());
+    master.stop().await;
+}
+
 /// The master dies (SIGKILL) after a build ended and before its reports were sent — the start's
 /// `pending` hanging at the forge, the end's `success` waiting behind it. Restarted, it sends
 /// both, once each, in order.

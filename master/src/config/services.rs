@@ -1,7 +1,7 @@
 //! Reporters in the configuration (Buildbot's `services`): where build results go — GitHub commit
 //! statuses and HTTP push — which builders each covers and in which of Buildbot's report modes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -73,6 +73,10 @@ pub struct ForgeStatusConfig {
     /// `https://HOST/api/v3`) or `https://gitlab.com` (a self-managed GitLab's address).
     #[serde(default)]
     pub base_url: Option<String>,
+    /// Certificate authorities (PEM) trusted for this reporter's HTTPS besides the system's:
+    /// for a GitHub Enterprise, GitLab or in-house endpoint with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// The status's context, an Interpolate template (Buildbot's default `buildbot/<builder>`).
     #[serde(default = "default_context")]
     pub context: String,
@@ -94,6 +98,10 @@ pub struct GithubCommentConfig {
     /// The API's base URL (GitHub Enterprise: `https://HOST/api/v3`).
     #[serde(default)]
     pub base_url: Option<String>,
+    /// Certificate authorities (PEM) trusted for this reporter's HTTPS besides the system's:
+    /// for a GitHub Enterprise, GitLab or in-house endpoint with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// The comment, an Interpolate template; besides the build's properties it may use
     /// `%(prop:result)s` (`success`, `failure`, …) and `%(prop:build_url)s`.
     #[serde(default = "default_comment")]
@@ -109,6 +117,10 @@ pub struct HttpPushConfig {
     pub name: String,
     /// Where each finished build is POSTed.
     pub url: String,
+    /// Certificate authorities (PEM) trusted for this reporter's HTTPS besides the system's:
+    /// for a GitHub Enterprise, GitLab or in-house endpoint with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// A bearer token from this environment variable, sent as `Authorization: Bearer …`.
     #[serde(default)]
     pub bearer_env: Option<String>,
@@ -158,6 +170,18 @@ fn check_token(
     }
 }
 
+/// Checks that `path` holds at least one PEM certificate.
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match certs.collect::<Result<Vec<_>, _>>() {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(_) => Err(format!("{} holds no PEM certificate", path.display())),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+    }
+}
+
 fn check_base_url(key: &dyn Fn(&str) -> String, base_url: &Option<String>) -> Result<(), (String, String)> {
     match base_url {
         Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
@@ -181,6 +205,15 @@ impl ServiceConfig {
             ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => &c.coverage,
             ServiceConfig::GithubComment(c) => &c.coverage,
             ServiceConfig::HttpPush(c) => &c.coverage,
+        }
+    }
+
+    /// The extra certificate authorities its HTTPS trusts.
+    pub fn ca_file(&self) -> Option<&Path> {
+        match self {
+            ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => c.ca_file.as_deref(),
+            ServiceConfig::GithubComment(c) => c.ca_file.as_deref(),
+            ServiceConfig::HttpPush(c) => c.ca_file.as_deref(),
         }
     }
 
@@ -261,6 +294,9 @@ pub fn validate(services: &[ServiceConfig], builders: &[BuilderConfig]) -> Resul
                 return Err((key(&format!("builders[{j}]")), format!("no builder named {name:?}")));
             }
         }
+        if let Some(ca) = service.ca_file() {
+            check_ca_file(ca).map_err(|reason| (key("ca_file"), reason))?;
+        }
         match service {
             ServiceConfig::GithubStatus(c) | ServiceConfig::GitlabStatus(c) => {
                 check_token(&key, &c.token_file, &c.token_env)?;
@@ -321,6 +357,13 @@ mod tests {
         assert_eq!(twice.key, "services[1].name", "{twice}");
         let push = with("  - {type: http_push, name: chat, url: \"ftp://x\"}\n").unwrap_err();
         assert_eq!(push.key, "services[0].url", "{push}");
+        let missing_ca =
+            with("  - {type: http_push, name: chat, url: \"https://x\", ca_file: /no/such/ca.pem}\n").unwrap_err();
+        assert_eq!(missing_ca.key, "services[0].ca_file", "{missing_ca}");
+        let not_pem = dir.path().join("not-a-ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let empty_ca = with(&ok.replace("builders: [b]", &format!("ca_file: \"{}\"", not_pem.display()))).unwrap_err();
+        assert!(empty_ca.key == "services[0].ca_file" && empty_ca.reason.contains("no PEM certificate"), "{empty_ca}");
     }
 
     #[test]

@@ -49,17 +49,21 @@ impl Master {
         if self.config.services.is_empty() {
             return;
         }
-        let client = match reqwest::Client::builder()
-            .timeout(SEND_TIMEOUT)
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .build()
-        {
-            Ok(client) => client,
-            Err(error) => {
-                warn!(%error, "reporters: cannot make an HTTP client; no reports are sent");
-                return;
+        // One client per set of trusted authorities: most reporters share the system's.
+        let mut clients = std::collections::HashMap::new();
+        for service in &self.config.services {
+            let ca = service.ca_file().map(std::path::Path::to_path_buf);
+            if clients.contains_key(&ca) {
+                continue;
             }
-        };
+            match http_client(ca.as_deref()) {
+                Ok(client) => {
+                    clients.insert(ca, client);
+                }
+                Err(error) => warn!(reporter = service.name(), %error, "reporters: cannot make an HTTP client"),
+            }
+        }
+        let clients = Arc::new(clients);
         let mut shutdown = self.signals.shutdown();
         // Builds starting and ending write reports: look again at once.
         let mut queue = self.signals.queue_events();
@@ -75,8 +79,8 @@ impl Master {
                 match self.store.claim_reports(self.masterid, CLAIM_MS, room as i64).await {
                     Ok(claimed) => {
                         for report in claimed {
-                            let (master, client) = (Arc::clone(&self), client.clone());
-                            in_flight.spawn(async move { master.send_report(&client, report).await });
+                            let (master, clients) = (Arc::clone(&self), Arc::clone(&clients));
+                            in_flight.spawn(async move { master.send_report(&clients, report).await });
                         }
                     }
                     Err(error) => warn!(%error, "reporters: cannot claim reports; trying again"),
@@ -112,15 +116,21 @@ impl Master {
 
     /// Sends one report and records what became of it, but for a report sent: returns its id
     /// for the caller to settle with the others.
-    async fn send_report(&self, client: &reqwest::Client, report: ClaimedReport) -> Option<i64> {
+    async fn send_report(&self, clients: &Clients, report: ClaimedReport) -> Option<i64> {
         let Some(service) = self.config.services.iter().find(|s| s.name() == report.reporter) else {
             // A reporter removed from the configuration since: nobody will send it.
             let _ = self.store.settle_report(report.id, self.masterid, Settled::Skipped, "no such reporter").await;
             return None;
         };
-        let outcome = match self.build_facts(report.buildid, service).await {
-            Ok(facts) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
-            Err(error) => Outcome::Retry(Duration::from_secs(5), format!("cannot read the build: {error}")),
+        let outcome = match (
+            clients.get(&service.ca_file().map(std::path::Path::to_path_buf)),
+            self.build_facts(report.buildid, service).await,
+        ) {
+            (Some(client), Ok(facts)) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
+            (None, _) => {
+                Outcome::Retry(Duration::from_secs(60), "no HTTP client: its ca_file could not be read".into())
+            }
+            (_, Err(error)) => Outcome::Retry(Duration::from_secs(5), format!("cannot read the build: {error}")),
         };
         let reporter = report.reporter.as_str();
         crate::telemetry::report(reporter, outcome_name(&outcome));
@@ -188,6 +198,22 @@ impl Master {
             object: build,
         })
     }
+}
+
+/// The HTTP clients of the reporters, by the extra authorities they trust.
+type Clients = std::collections::HashMap<Option<std::path::PathBuf>, reqwest::Client>;
+
+/// An HTTP client trusting the system's authorities and those in `ca_file`.
+fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut builder =
+        reqwest::Client::builder().timeout(SEND_TIMEOUT).user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
 }
 
 /// What a report says, read from the store.
