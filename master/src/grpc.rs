@@ -195,6 +195,7 @@ fn worker_info(register: pb::Register) -> WorkerInfo {
         basedir: register.basedir,
         host: register.host,
         pool: Some(register.pool).filter(|p| !p.is_empty()),
+        details: serde_json::Map::new(),
     }
 }
 

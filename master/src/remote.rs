@@ -125,12 +125,15 @@ pub struct WorkerInfo {
     pub host: String,
     /// The pool the worker says it belongs to, if any.
     pub pool: Option<String>,
+    /// More of Buildbot's `workerinfo` keys the worker reported (a Buildbot worker's `admin`,
+    /// `access_uri`, `environ`, `system`, `numcpus`, `os_*`), shown as they came.
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl WorkerInfo {
     /// Buildbot's `workerinfo` object.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut info = serde_json::json!({
             "host": self.host,
             "version": self.version,
             "basedir": self.basedir,
@@ -141,7 +144,11 @@ impl WorkerInfo {
             "worker_commands": self.commands.join(", "),
             "admin": null,
             "access_uri": null,
-        })
+        });
+        if let Some(object) = info.as_object_mut() {
+            object.extend(self.details.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        info
     }
 }
 

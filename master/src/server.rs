@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
@@ -24,6 +24,7 @@ use crate::pool::local::{LocalError, LocalPool};
 use crate::pool::{Backend, MasterPort, Pool};
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
+use crate::worker_port;
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -150,14 +151,22 @@ pub async fn run_with(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc_addr = listeners.grpc.local_addr().map_err(|e| RunError::Serve(e.to_string()))?;
-    let grpc_tls = config.workers.tls.as_ref().map(|t| tls::acceptor("workers.tls", t, &[b"h2"])).transpose()?;
+    // HTTP/2 for kiln-workers' gRPC, HTTP/1.1 for Buildbot workers' WebSocket.
+    let grpc_tls =
+        config.workers.tls.as_ref().map(|t| tls::acceptor("workers.tls", t, &[b"h2", b"http/1.1"])).transpose()?;
     let http_tls = config.http.tls.as_ref().map(|t| tls::acceptor("http.tls", t, &[b"http/1.1"])).transpose()?;
     let admission = if config.workers.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
         Admission::Certificates
     } else {
         Admission::Tokens(tokens)
     };
-    let grpc = serve_grpc(listeners.grpc, grpc_tls, WorkerGrpc::new(Arc::clone(&master), admission), stop_rx.clone());
+    let grpc = serve_workers(
+        listeners.grpc,
+        grpc_tls,
+        &master,
+        WorkerGrpc::new(Arc::clone(&master), admission),
+        stop_rx.clone(),
+    )?;
     let http = serve_http(listeners.http, http_tls, crate::http::router(Arc::clone(&master)).await?, stop_rx)?;
     let background = [
         tokio::spawn(Arc::clone(&master).run_dispatcher()),
@@ -227,31 +236,49 @@ async fn connect(
 /// A server task; it ends once `stop` turns true and its connections have closed.
 type Server = tokio::task::JoinHandle<Result<(), String>>;
 
-/// Serves workers' gRPC sessions on `listener`, over TLS when `tls` is given.
-fn serve_grpc(
+/// Serves the worker port on `listener`, over TLS when `tls` is given: kiln-workers' gRPC
+/// sessions and Buildbot workers' WebSockets (see [`worker_port`]).
+fn serve_workers(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    master: &Arc<Master>,
     service: WorkerGrpc,
     mut stop: watch::Receiver<bool>,
-) -> Server {
+) -> Result<Server, RunError> {
     let service = service.into_server();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service);
+    let buildbot =
+        crate::msgpack::router(Arc::clone(master)).into_make_service_with_connect_info::<worker_port::Peer>();
+    let mut ws_stop = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    tokio::spawn(async move {
-        match tls {
-            None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped).await,
-            Some(acceptor) => {
-                let streams = tls::accept(listener, acceptor);
-                let incoming = ReceiverStream::new(streams).map(|(stream, _)| Ok::<_, std::io::Error>(stream));
-                router.serve_with_incoming_shutdown(incoming, stopped).await
-            }
+    let ws_stopped = async move {
+        let _ = ws_stop.wait_for(|s| *s).await;
+    };
+    let serve_error = |e: std::io::Error| RunError::Serve(e.to_string());
+    Ok(match tls {
+        None => {
+            let (grpc, websockets) = worker_port::plain(listener).map_err(serve_error)?;
+            tokio::spawn(async move {
+                let incoming = ReceiverStream::new(grpc).map(Ok::<_, std::io::Error>);
+                let websockets = axum::serve(websockets, buildbot).with_graceful_shutdown(ws_stopped).into_future();
+                let (grpc, _) = tokio::join!(router.serve_with_incoming_shutdown(incoming, stopped), websockets);
+                grpc.map_err(|e| e.to_string())
+            })
         }
-        .map_err(|e| e.to_string())
+        Some(acceptor) => {
+            let (grpc, websockets) = worker_port::tls(listener, acceptor).map_err(serve_error)?;
+            tokio::spawn(async move {
+                let incoming = ReceiverStream::new(grpc).map(Ok::<_, std::io::Error>);
+                let websockets = axum::serve(websockets, buildbot).with_graceful_shutdown(ws_stopped).into_future();
+                let (grpc, _) = tokio::join!(router.serve_with_incoming_shutdown(incoming, stopped), websockets);
+                grpc.map_err(|e| e.to_string())
+            })
+        }
     })
 }
 

@@ -2,6 +2,7 @@
 //! repositories, masters on loopback ports and real `kiln-worker` processes.
 
 pub mod browser;
+pub mod buildbot;
 pub mod forge;
 pub mod kube;
 pub mod ledger;

@@ -254,12 +254,26 @@ impl MasterNode {
         lease: u64,
         body: &str,
     ) -> MasterNode {
+        Self::start_with_workers(dir, node, name, database, lease, "", body).await
+    }
+
+    /// [`MasterNode::start_as`] with more of the `workers` section: `workers` are YAML lines
+    /// indented by two spaces (such as a `buildbot:` list).
+    pub async fn start_with_workers(
+        dir: &std::path::Path,
+        node: &str,
+        name: &str,
+        database: &str,
+        lease: u64,
+        workers: &str,
+        body: &str,
+    ) -> MasterNode {
         let (http, grpc) = (free_port(), free_port());
         let data = dir.join(format!("data-{node}"));
         let config = format!(
             "master_name: {name}\ndatabase: \"{database}\"\ndata_dir: \"{}\"\nhttp: {{listen: \"127.0.0.1:{http}\", auth: open}}\n\
              workers:\n  listen: \"127.0.0.1:{grpc}\"\n  heartbeat_interval: 0.5\n  lease_seconds: {lease}\n  \
-             tokens: [{{name: test, value: {}}}]\n{body}",
+             tokens: [{{name: test, value: {}}}]\n{workers}{body}",
             data.display(),
             crate::system::TOKEN
         );

@@ -19,6 +19,8 @@ fn every_example_config_is_valid() {
                 std::env::set_var("GITHUB_HOOK_SECRET", "example");
                 std::env::set_var("GITHUB_TOKEN", "example");
                 std::env::set_var("CHAT_HOOK_TOKEN", "example");
+                std::env::set_var("MAC_MINI_1_PASSWORD", "example");
+                std::env::set_var("ARM_BOARD_PASSWORD", "example");
             }
             Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;

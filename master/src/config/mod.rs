@@ -254,6 +254,48 @@ pub struct WorkersConfig {
     /// Serve the worker endpoint over TLS with this certificate; plain HTTP/2 without it.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Buildbot's own workers (`buildbot-worker` with `protocol = 'msgpack_experimental_v7'`),
+    /// as Buildbot's `workers` list names them: each connects to the same port as kiln-workers
+    /// (`workers.listen`) with its name and password.
+    #[serde(default)]
+    pub buildbot: Vec<BuildbotWorkerConfig>,
+}
+
+/// One `buildbot-worker` allowed to connect.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildbotWorkerConfig {
+    /// The worker's name, as in its `buildbot.tac`.
+    pub name: String,
+    /// Its password…
+    #[serde(default)]
+    pub password: Option<String>,
+    /// …or the environment variable that holds it…
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// …or a file that holds it (a mounted Secret).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Builds it runs at once (Buildbot's `max_builds`).
+    #[serde(default = "one")]
+    pub max_builds: u32,
+    /// The pool it counts in, if any: it then runs that pool's builders.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+impl BuildbotWorkerConfig {
+    /// The password, read now.
+    pub fn password(&self) -> Option<String> {
+        match (&self.password, &self.password_env, &self.password_file) {
+            (Some(p), _, _) => Some(p.clone()),
+            (None, Some(var), _) => std::env::var(var).ok(),
+            (None, None, Some(file)) => {
+                std::fs::read_to_string(file).ok().map(|p| p.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            (None, None, None) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -521,6 +563,33 @@ impl Config {
         for (i, token) in self.workers.tokens.iter().enumerate() {
             resolve_secret(&format!("workers.tokens[{i}]"), ("value", &token.value), ("value_env", &token.value_env))?;
         }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, worker) in self.workers.buildbot.iter().enumerate() {
+            let key = format!("workers.buildbot[{i}]");
+            if worker.name.is_empty() || worker.name.contains(':') || !names.insert(worker.name.as_str()) {
+                return Err((
+                    format!("{key}.name"),
+                    format!("{:?}: names must be non-empty, unique and without ':'", worker.name),
+                ));
+            }
+            let sources = [worker.password.is_some(), worker.password_env.is_some(), worker.password_file.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err((key, "give exactly one of password, password_env and password_file".into()));
+            }
+            if worker.password().is_none_or(|p| p.is_empty()) {
+                let (field, what) = match (&worker.password_env, &worker.password_file) {
+                    (Some(var), _) => ("password_env", format!("environment variable {var} is not set or empty")),
+                    (_, Some(file)) => ("password_file", format!("cannot read a password from {}", file.display())),
+                    _ => ("password", "must not be empty".to_owned()),
+                };
+                return Err((format!("{key}.{field}"), what));
+            }
+            if let Some(pool) = &worker.pool
+                && !self.pools.iter().any(|p| &p.name == pool)
+            {
+                return Err((format!("{key}.pool"), format!("no pool named {pool:?}")));
+            }
+        }
         Ok(())
     }
 
@@ -577,6 +646,7 @@ impl Config {
         if outsiders_may_join {
             return Ok(());
         }
+        let buildbot: Vec<&str> = self.workers.buildbot.iter().map(|w| w.name.as_str()).collect();
         for (i, builder) in self.builders.iter().enumerate() {
             let local: Vec<String> = self
                 .pools
@@ -585,7 +655,7 @@ impl Config {
                 .flat_map(|p| (1..=p.policy().max).map(move |n| format!("{}-{n}", p.name_prefix())))
                 .collect();
             for (j, name) in builder.workernames.iter().enumerate() {
-                if !local.contains(name) {
+                if !local.contains(name) && !buildbot.contains(&name.as_str()) {
                     let offered = match local.as_slice() {
                         [] => "no local pool serves this builder".to_owned(),
                         [only] => format!("the local pools serving this builder have only {only}"),

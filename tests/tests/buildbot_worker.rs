@@ -1,0 +1,301 @@
+//! Buildbot's own worker against a real `kiln-master`: unmodified `buildbot-worker` 4.3 processes
+//! (from PyPI, made with `create-worker --protocol=msgpack_experimental_v7`) join on the worker
+//! port with the name and password of `workers.buildbot`, are listed with their `workerinfo`,
+//! and run checkouts, shell commands and property steps with the results and logs kiln-workers
+//! give. A failing command fails its build, a stop kills its command, a worker killed mid-build
+//! has its build rerun elsewhere, and a wrong password or a PB worker is refused at once with a
+//! line saying why.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_tests::buildbot::BuildbotWorker;
+use kiln_tests::process::MasterNode;
+use kiln_tests::repo::TestRepo;
+use kiln_tests::system::{TOKEN, spawn_worker};
+use kiln_tests::{eventually, real_sleep};
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const PASSWORD: &str = "bb-s3cret-pass";
+
+/// The `workers.buildbot` entries: `bb1` (password from a file) and `bb2`.
+fn buildbot_workers(dir: &Path) -> String {
+    std::fs::write(dir.join("bb1.password"), format!("{PASSWORD}\n")).unwrap();
+    format!(
+        "  buildbot:\n    - {{name: bb1, password_file: \"{}\"}}\n    - {{name: bb2, password: {PASSWORD}}}\n",
+        dir.join("bb1.password").display()
+    )
+}
+
+async fn master(dir: &Path, body: &str) -> MasterNode {
+    let database = format!("sqlite://{}", dir.join("kiln.sqlite").display());
+    MasterNode::start_with_workers(dir, "m", "m", &database, 10, &buildbot_workers(dir), body).await
+}
+
+fn worker_address(master: &MasterNode) -> String {
+    format!("127.0.0.1:{}", master.grpc)
+}
+
+fn start_buildbot_worker(dir: &Path, master: &MasterNode, name: &str) -> BuildbotWorker {
+    BuildbotWorker::start(&dir.join("bb"), &worker_address(master), name, PASSWORD, "msgpack_experimental_v7")
+}
+
+async fn get(client: &reqwest::Client, master: &MasterNode, path: &str) -> Value {
+    let response = client.get(format!("{}{path}", master.base())).send().await.unwrap();
+    response.json().await.unwrap_or(Value::Null)
+}
+
+async fn wait_workers(client: &reqwest::Client, master: &MasterNode, names: &[&str]) {
+    eventually(&format!("workers {names:?} connected"), MINUTE, || async {
+        let workers = get(client, master, "/api/v2/workers").await;
+        let connected: Vec<&str> = workers["workers"]
+            .as_array()?
+            .iter()
+            .filter(|w| w["connected_to"].as_array().is_some_and(|c| !c.is_empty()))
+            .filter_map(|w| w["name"].as_str())
+            .collect();
+        names.iter().all(|n| connected.contains(n)).then_some(())
+    })
+    .await;
+}
+
+/// Forces a build of `builder` with `params`; returns the request's id.
+async fn force(client: &reqwest::Client, master: &MasterNode, builder: &str, params: Value) -> i64 {
+    let mut params = params;
+    params["builderNames"] = json!([builder]);
+    let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": params });
+    let reply: Value = client
+        .post(format!("{}/api/v2/forceschedulers/force", master.base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(Value::as_i64).expect("a request id")
+}
+
+/// The builds of request `brid` once it is complete.
+async fn builds_of(client: &reqwest::Client, master: &MasterNode, brid: i64) -> Vec<Value> {
+    kiln_tests::process::wait_request(client, &master.base(), brid).await;
+    let builds = get(client, master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
+    builds["builds"].as_array().cloned().unwrap_or_default()
+}
+
+/// The stored text of a step's stdio log.
+async fn log_text(client: &reqwest::Client, master: &MasterNode, buildid: i64, step: &str) -> String {
+    let contents = get(client, master, &format!("/api/v2/builds/{buildid}/steps/{step}/logs/stdio/contents")).await;
+    contents["logchunks"][0]["content"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A log's output lines (stdout `o`, stderr `e`), without the header lines that say how each
+/// worker ran the command.
+fn output_lines(log: &str) -> Vec<String> {
+    log.lines().filter(|l| l.starts_with('o') || l.starts_with('e')).map(str::to_owned).collect()
+}
+
+const SAME_STEPS: &str = r#"    steps:
+      - git: {}
+      - shell:
+          name: greet
+          command: 'cat README; echo "$GREETING"; echo to-stderr >&2; pwd | sed "s|.*/||"'
+          env: {GREETING: "hello from %(prop:buildername)s"}
+      - set_property_from_command: {command: [cat, VERSION], property: version}
+"#;
+
+/// The same checkout, shell and property steps on a Buildbot worker and on a kiln-worker give
+/// the same results, properties and output; the Buildbot worker is listed with its workerinfo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buildbot_worker_runs_the_steps_a_kiln_worker_runs_with_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::init(&dir.path().join("repo"));
+    repo.commit("first", &[("README", "version one\n"), ("VERSION", "1.0\n")]);
+    let sha = repo.commit("second", &[("README", "version two\n"), ("VERSION", "2.0\n")]);
+    let body = format!(
+        "builders:\n  - name: on-buildbot\n    workernames: [bb1]\n{SAME_STEPS}  - name: on-kiln\n    workernames: [kw1]\n{SAME_STEPS}\
+         schedulers:\n  - {{type: force, name: force, builderNames: [on-buildbot, on-kiln]}}\n"
+    );
+    let master = master(dir.path(), &body).await;
+    let client = reqwest::Client::new();
+    let _bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
+    wait_workers(&client, &master, &["bb1", "kw1"]).await;
+
+    let workers = get(&client, &master, "/api/v2/workers?name=bb1").await;
+    let info = &workers["workers"][0]["workerinfo"];
+    assert_eq!(info["version"], "4.3.0", "{info}");
+    assert_eq!(info["admin"].as_str().map(str::trim), Some("Kiln Tests <tests@kiln.invalid>"), "{info}");
+    assert_eq!(info["host"], "a buildbot-worker under test", "{info}");
+    assert_eq!(info["system"], "posix", "{info}");
+    assert!(info["environ"]["PATH"].is_string(), "{info}");
+    assert!(info["basedir"].as_str().unwrap().ends_with("/bb/bb1"), "{info}");
+    let cli = std::process::Command::new(kiln_tests::binary("kiln"))
+        .args(["--url", &master.base(), "workers"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success() && listing.contains("bb1") && listing.contains("kw1"), "{listing}");
+
+    let params = json!({ "repository": repo.path.display().to_string(), "revision": sha, "branch": "main" });
+    let mut results = Vec::new();
+    for builder in ["on-buildbot", "on-kiln"] {
+        let brid = force(&client, &master, builder, params.clone()).await;
+        let builds = builds_of(&client, &master, brid).await;
+        assert_eq!(builds.len(), 1, "{builds:?}");
+        results.push(builds[0].clone());
+    }
+    let mut outputs = Vec::new();
+    for build in &results {
+        let buildid = build["buildid"].as_i64().unwrap();
+        let properties = get(&client, &master, &format!("/api/v2/builds/{buildid}/properties")).await;
+        let properties = &properties["properties"][0];
+        assert_eq!(build["results"], 0, "{build} {properties}");
+        assert_eq!(properties["got_revision"][0], sha.as_str(), "{properties}");
+        assert_eq!(properties["version"][0], "2.0", "{properties}");
+        outputs.push(output_lines(&log_text(&client, &master, buildid, "greet").await));
+    }
+    // Each worker interleaves stdout and stderr in its own way; the lines are the same.
+    let builder_free = |lines: &[String]| {
+        let mut lines: Vec<String> =
+            lines.iter().map(|l| l.replace("on-buildbot", "B").replace("on-kiln", "B")).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(builder_free(&outputs[0]), builder_free(&outputs[1]), "the same output on both kinds of worker");
+    assert!(outputs[0].contains(&"oversion two".to_owned()), "{:?}", outputs[0]);
+    assert!(outputs[0].contains(&"eto-stderr".to_owned()), "{:?}", outputs[0]);
+    assert!(outputs[0].contains(&"ohello from on-buildbot".to_owned()), "{:?}", outputs[0]);
+    master.signal(libc::SIGTERM);
+}
+
+/// On a Buildbot worker a failing command fails its build and skips later steps; a stop from
+/// the API kills a running command (what it would have written later never appears) and ends
+/// the build CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_command_fails_the_build_and_a_stop_kills_a_running_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let late = dir.path().join("late");
+    let body = format!(
+        r#"builders:
+  - name: fails
+    workernames: [bb1]
+    steps:
+      - shell: {{command: "echo before; exit 3", haltOnFailure: true}}
+      - shell: {{command: "echo never"}}
+  - name: slow
+    workernames: [bb1]
+    steps:
+      - shell: {{name: wait, command: "echo started; sleep 4; echo too late > {late}"}}
+schedulers:
+  - {{type: force, name: force, builderNames: [fails, slow]}}
+"#,
+        late = late.display()
+    );
+    let master = master(dir.path(), &body).await;
+    let client = reqwest::Client::new();
+    let _bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+    wait_workers(&client, &master, &["bb1"]).await;
+
+    let brid = force(&client, &master, "fails", json!({})).await;
+    let build = builds_of(&client, &master, brid).await.pop().unwrap();
+    assert_eq!(build["results"], 2, "FAILURE: {build}");
+    let buildid = build["buildid"].as_i64().unwrap();
+    let steps = get(&client, &master, &format!("/api/v2/builds/{buildid}/steps")).await;
+    let results: Vec<i64> = steps["steps"].as_array().unwrap().iter().map(|s| s["results"].as_i64().unwrap()).collect();
+    assert_eq!(results, [2, 3], "the failing step FAILURE, the next SKIPPED");
+
+    let brid = force(&client, &master, "slow", json!({})).await;
+    let buildid = eventually("the slow command's first line, live", MINUTE, || async {
+        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let buildid = builds["builds"][0]["buildid"].as_i64()?;
+        log_text(&client, &master, buildid, "wait").await.contains("ostarted").then_some(buildid)
+    })
+    .await;
+    let stop = json!({ "jsonrpc": "2.0", "method": "stop", "id": 1, "params": { "reason": "not wanted" } });
+    let reply = client.post(format!("{}/api/v2/builds/{buildid}", master.base())).json(&stop).send().await.unwrap();
+    assert!(reply.status().is_success(), "{}", reply.status());
+    let build = builds_of(&client, &master, brid).await.pop().unwrap();
+    assert_eq!(build["results"], 6, "CANCELLED: {build}");
+    real_sleep(Duration::from_secs(6)).await;
+    assert!(!late.exists(), "the interrupted command was killed before it could finish");
+    master.signal(libc::SIGTERM);
+}
+
+/// A Buildbot worker SIGKILLed mid-build: the build ends RETRY and its request runs again on
+/// the kiln-worker of the same builder, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buildbot_worker_killed_mid_build_has_its_build_rerun_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let body = format!(
+        r#"builders:
+  - name: mixed
+    workernames: [bb1, kw1]
+    steps:
+      - shell: {{name: work, command: "echo started; sleep 3; echo %(prop:workername)s >> {ledger}"}}
+schedulers:
+  - {{type: force, name: force, builderNames: [mixed]}}
+"#,
+        ledger = ledger.display()
+    );
+    let master = master(dir.path(), &body).await;
+    let client = reqwest::Client::new();
+    let mut bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+    wait_workers(&client, &master, &["bb1"]).await;
+    let brid = force(&client, &master, "mixed", json!({})).await;
+    eventually("the build running on bb1", MINUTE, || async {
+        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let buildid = builds["builds"][0]["buildid"].as_i64()?;
+        log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
+    })
+    .await;
+    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
+    bb1.kill().await;
+    let builds = builds_of(&client, &master, brid).await;
+    let results: Vec<i64> = builds.iter().map(|b| b["results"].as_i64().unwrap()).collect();
+    assert_eq!(results, [5, 0], "RETRY on the killed worker, then SUCCESS: {builds:?}");
+    real_sleep(Duration::from_secs(5)).await;
+    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
+    assert_eq!(ran.lines().collect::<Vec<_>>(), ["kw1"], "the killed worker's command died with it");
+    master.signal(libc::SIGTERM);
+}
+
+/// A wrong password gets 401 at once and the worker says it was refused; a worker still on PB
+/// is told apart by its silence, and the master logs one line naming the fix, in seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_and_a_pb_worker_are_refused_at_once_with_a_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "builders:\n  - {name: b, workernames: [bb1], steps: [{shell: {command: \"true\"}}]}\n";
+    let master = master(dir.path(), body).await;
+    let client = reqwest::Client::new();
+    let address = worker_address(&master);
+    let started = std::time::Instant::now();
+    let wrong =
+        BuildbotWorker::start(&dir.path().join("bb"), &address, "bb1", "not-the-password", "msgpack_experimental_v7");
+    let pb = BuildbotWorker::start(&dir.path().join("pb"), &address, "bb2", PASSWORD, "pb");
+    let logged = eventually("the master's refusals", MINUTE, || async {
+        let log = master.log();
+        (log.contains("refused a Buildbot worker") && log.contains("a Buildbot PB worker connected")).then_some(log)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(30), "refused in seconds, not after a hang");
+    assert!(logged.contains("set protocol = 'msgpack_experimental_v7' in buildbot.tac"), "{logged}");
+    assert!(!logged.contains("not-the-password") && !logged.contains(PASSWORD), "no password in the log");
+    eventually("the refused worker's own log", MINUTE, || async { wrong.log().contains("401").then_some(()) }).await;
+    eventually("the PB worker's log shows the refusal", MINUTE, || async {
+        pb.log().contains("doesn't speak any of the protocols offered by the server").then_some(())
+    })
+    .await;
+    let workers = get(&client, &master, "/api/v2/workers").await;
+    assert!(
+        workers["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["connected_to"].as_array().is_none_or(|c| c.is_empty())),
+        "{workers}"
+    );
+    master.signal(libc::SIGTERM);
+}
