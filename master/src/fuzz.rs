@@ -21,7 +21,7 @@ use crate::store::{Resource, Select};
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its seeds and fuzz binary carry.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("github_hook", github_hook),
     ("gitlab_hook", gitlab_hook),
     ("base_hook", base_hook),
@@ -30,6 +30,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("rest_query", rest_query),
     ("interpolate", interpolate_template),
     ("worker_message", worker_message),
+    ("buildbot_message", buildbot_message),
 ];
 
 /// Splits off the first `N` lines; what remains is the body.
@@ -161,4 +162,9 @@ pub fn interpolate_template(data: &[u8]) {
 /// The whole input is one encoded message from a worker.
 pub fn worker_message(data: &[u8]) {
     let _ = crate::grpc::read_message(data);
+}
+
+/// The whole input is one WebSocket frame from a Buildbot worker (a MessagePack map).
+pub fn buildbot_message(data: &[u8]) {
+    let _ = crate::msgpack::read_frame(data);
 }

@@ -25,6 +25,8 @@ use crate::worker_port::Peer;
 
 /// How long a worker has to describe itself after connecting.
 const INFO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How deep a message may nest.
+const MAX_DEPTH: usize = 16;
 /// Seconds a Buildbot worker may hold command output before sending it.
 const OUTPUT_FLUSH_SECS: f64 = 0.25;
 /// Bytes per block of a file transfer.
@@ -161,8 +163,8 @@ impl Connection {
     async fn receive(&mut self) -> Option<Mp> {
         loop {
             match self.socket.recv().await? {
-                Ok(Message::Binary(bytes)) => match rmpv::decode::read_value(&mut bytes.as_ref()) {
-                    Ok(value @ Mp::Map(_)) => return Some(value),
+                Ok(Message::Binary(bytes)) => match decode(&bytes) {
+                    Some(value @ Mp::Map(_)) => return Some(value),
                     _ => debug!("ignoring a frame that is not a MessagePack map"),
                 },
                 Ok(Message::Close(_)) | Err(_) => return None,
@@ -170,6 +172,12 @@ impl Connection {
             }
         }
     }
+}
+
+/// One frame's MessagePack value. Buildbot's messages nest a few levels; deeper ones are
+/// refused rather than followed down the stack.
+fn decode(bytes: &[u8]) -> Option<Mp> {
+    rmpv::decode::read_value_with_max_depth(&mut &bytes[..], MAX_DEPTH).ok()
 }
 
 fn map(pairs: Vec<(&str, Mp)>) -> Mp {
@@ -682,6 +690,30 @@ impl BuildbotPort {
             other => conn.respond(seq, Err(format!("Command {other} does not exist."))).await,
         }
     }
+}
+
+/// Decodes one frame from a worker as the adapter does and reads what it can carry: the updates
+/// of an `update`, and a `workerinfo` from a response. For the fuzz target.
+pub(crate) fn read_frame(bytes: &[u8]) -> Option<(Vec<Update>, WorkerInfo)> {
+    let message = decode(bytes)?;
+    let updates = get(&message, "args")
+        .and_then(Mp::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|pair| match pair.as_array().map(Vec::as_slice) {
+            Some([key, value]) => decode_update(key.as_str()?, value),
+            _ => None,
+        })
+        .collect();
+    let config = BuildbotWorkerConfig {
+        name: "w".into(),
+        password: None,
+        password_env: None,
+        password_file: None,
+        max_builds: 1,
+        pool: None,
+    };
+    Some((updates, worker_info(&config, get(&message, "result").unwrap_or(&Mp::Nil))))
 }
 
 /// Answers the worker's waiting reads of a download as far as the master's data goes.

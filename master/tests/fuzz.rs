@@ -129,7 +129,7 @@ fn targets() -> Vec<Target> {
                 "jsonrpc" => (1, Codec::Json),
                 "rest_query" => (1, Codec::Bytes),
                 "interpolate" => (0, Codec::Bytes),
-                "worker_message" => (0, Codec::Bytes),
+                "worker_message" | "buildbot_message" => (0, Codec::Bytes),
                 other => panic!("no framing for the fuzz target {other}"),
             };
             assert!(!seeds.is_empty(), "the fuzz target {name} has no seeds");
@@ -484,6 +484,11 @@ fn interpolate() {
 #[test]
 fn worker_message() {
     fuzz("worker_message");
+}
+
+#[test]
+fn buildbot_message() {
+    fuzz("buildbot_message");
 }
 
 /// Each seed of the worker messages decodes, and between them they carry every kind of message a

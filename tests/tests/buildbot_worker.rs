@@ -299,3 +299,90 @@ async fn a_wrong_password_and_a_pb_worker_are_refused_at_once_with_a_clear_line(
     );
     master.signal(libc::SIGTERM);
 }
+
+/// One builder served by two Buildbot workers and two kiln-workers drains 100 requests: the
+/// ledger its step writes shows each job run to its end exactly once, never two runs at once,
+/// and both kinds of worker took their share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_of_both_kinds_of_worker_runs_100_requests_each_exactly_once() {
+    const JOBS: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = kiln_tests::ledger::Ledger::new(dir.path());
+    let master = master(dir.path(), &ledger.builders(0.05)).await;
+    let client = reqwest::Client::new();
+    let _bb = [start_buildbot_worker(dir.path(), &master, "bb1"), start_buildbot_worker(dir.path(), &master, "bb2")];
+    let _kw = [
+        spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path()),
+        spawn_worker(&master.grpc_url(), "kw2", TOKEN, dir.path()),
+    ];
+    wait_workers(&client, &master, &["bb1", "bb2", "kw1", "kw2"]).await;
+    let jobs: Vec<String> = (1..=JOBS).map(|i| format!("job{i}")).collect();
+    for job in &jobs {
+        force(&client, &master, "ledger", json!({ "job": job })).await;
+    }
+    kiln_tests::process::wait_completed(&client, &master.base(), JOBS as i64, 3 * MINUTE, Duration::from_millis(200))
+        .await;
+    let tally = ledger.tally(&jobs);
+    assert_eq!((tally.exactly_once, tally.duplicated, tally.overlapping, tally.lost), (JOBS, 0, 0, 0), "{tally:?}");
+    let text = std::fs::read_to_string(&ledger.path).unwrap();
+    let on = |worker: &str| text.lines().filter(|l| l.starts_with("start ") && l.ends_with(worker)).count();
+    assert!(on("bb1") + on("bb2") > 0 && on("kw1") + on("kw2") > 0, "both kinds built:\n{text}");
+    let builds = get(&client, &master, "/api/v2/builds?results=0&limit=1").await;
+    assert_eq!(builds["meta"]["total"], JOBS, "every build SUCCESS");
+    master.signal(libc::SIGTERM);
+}
+
+/// A Buildbot worker does not kill its commands when its connection drops. Frozen (SIGSTOP)
+/// past three heartbeats, it loses its session and its build reruns on the kiln-worker; thawed,
+/// it reconnects, and the master interrupts the command it left running before it can finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_buildbot_worker_has_the_command_it_left_running_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let body = format!(
+        r#"builders:
+  - name: mixed
+    workernames: [bb1, kw1]
+    steps:
+      - shell: {{name: work, command: "echo started; sleep 10; echo %(prop:workername)s >> {ledger}"}}
+schedulers:
+  - {{type: force, name: force, builderNames: [mixed]}}
+"#,
+        ledger = ledger.display()
+    );
+    let master = master(dir.path(), &body).await;
+    let client = reqwest::Client::new();
+    let bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+    wait_workers(&client, &master, &["bb1"]).await;
+    let brid = force(&client, &master, "mixed", json!({})).await;
+    eventually("the build running on bb1", MINUTE, || async {
+        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let buildid = builds["builds"][0]["buildid"].as_i64()?;
+        log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
+    })
+    .await;
+    let pid = bb1.pid().expect("bb1 runs") as i32;
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    eventually("bb1's session lost", MINUTE, || async {
+        let workers = get(&client, &master, "/api/v2/workers?name=bb1").await;
+        workers["workers"][0]["connected_to"].as_array().is_some_and(|c| c.is_empty()).then_some(())
+    })
+    .await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
+    let builds = builds_of(&client, &master, brid).await;
+    let results: Vec<i64> = builds.iter().map(|b| b["results"].as_i64().unwrap()).collect();
+    assert_eq!(results, [5, 0], "RETRY on the frozen worker, then SUCCESS: {builds:?}");
+    wait_workers(&client, &master, &["bb1"]).await;
+    eventually("the left command interrupted", MINUTE, || async {
+        bb1.log().contains("asked to interrupt current command").then_some(())
+    })
+    .await;
+    real_sleep(Duration::from_secs(12)).await;
+    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
+    // The rerun may have gone to either worker; the command bb1 was left with never finished.
+    assert_eq!(ran.lines().count(), 1, "one run finished: {ran}\n{}", bb1.log());
+    master.signal(libc::SIGTERM);
+}
