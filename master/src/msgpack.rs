@@ -85,7 +85,15 @@ async fn upgrade(
         warn!(%peer, "refused a Buildbot worker: it sent no name and password");
         return refuse("a worker name and password are required\n");
     };
-    let configured = port.master.config.workers.buildbot.iter().find(|w| w.name == name).cloned();
+    // A worker's own entry first, then the longest prefix that admits it.
+    let entries = &port.master.config.workers.buildbot;
+    let configured = entries
+        .iter()
+        .find(|w| w.name_prefix.is_none() && w.admits(&name))
+        .or_else(|| {
+            entries.iter().filter(|w| w.admits(&name)).max_by_key(|w| w.name_prefix.as_ref().map_or(0, String::len))
+        })
+        .cloned();
     let admitted = configured
         .as_ref()
         .and_then(BuildbotWorkerConfig::password)
@@ -94,7 +102,7 @@ async fn upgrade(
         warn!(worker = %name, %peer, "refused a Buildbot worker: unknown name or wrong password (workers.buildbot)");
         return refuse("unknown worker name or wrong password\n");
     };
-    ws.on_upgrade(move |socket| async move { port.serve(socket, config, peer).await })
+    ws.on_upgrade(move |socket| async move { port.serve(socket, name, config, peer).await })
 }
 
 /// What a request this side sent was, to make sense of its response.
@@ -216,7 +224,7 @@ fn to_json(value: &Mp) -> serde_json::Value {
 }
 
 /// What Kiln makes of a Buildbot worker's `get_worker_info` answer.
-fn worker_info(config: &BuildbotWorkerConfig, reply: &Mp) -> WorkerInfo {
+fn worker_info(name: &str, config: &BuildbotWorkerConfig, reply: &Mp) -> WorkerInfo {
     let text = |key: &str| get_str(reply, key).map(|s| s.trim().to_owned()).unwrap_or_default();
     let mut commands: Vec<String> = Vec::new();
     if let Some(Mp::Map(offered)) = get(reply, "worker_commands") {
@@ -244,6 +252,12 @@ fn worker_info(config: &BuildbotWorkerConfig, reply: &Mp) -> WorkerInfo {
             details.insert(key.to_owned(), to_json(value));
         }
     }
+    // The worker's environment is shown as Buildbot shows it, less its password: the worker
+    // image passes it as WORKERPASS, and no value equal to it is kept under any name.
+    let password = config.password().unwrap_or_default();
+    if let Some(serde_json::Value::Object(environ)) = details.get_mut("environ") {
+        environ.retain(|key, value| key != "WORKERPASS" && (password.is_empty() || value.as_str() != Some(&password)));
+    }
     details.insert("protocol".into(), serde_json::Value::from("msgpack_experimental_v7"));
     let mut labels = std::collections::BTreeMap::new();
     labels.insert("worker".to_owned(), "buildbot-worker".to_owned());
@@ -251,7 +265,7 @@ fn worker_info(config: &BuildbotWorkerConfig, reply: &Mp) -> WorkerInfo {
         labels.insert("system".to_owned(), system.to_owned());
     }
     WorkerInfo {
-        name: config.name.clone(),
+        name: name.to_owned(),
         version: text("version"),
         max_builds: config.max_builds.max(1),
         labels,
@@ -457,7 +471,7 @@ fn decode_update(key: &str, value: &Mp) -> Option<Update> {
 impl BuildbotPort {
     /// Runs one worker's connection: learns what it is, attaches it, then relays until either
     /// side ends.
-    async fn serve(self: Arc<Self>, socket: WebSocket, config: BuildbotWorkerConfig, peer: SocketAddr) {
+    async fn serve(self: Arc<Self>, socket: WebSocket, name: String, config: BuildbotWorkerConfig, peer: SocketAddr) {
         let mut conn = Connection { socket, next_seq: 0, asked: HashMap::new() };
         if !conn.request("get_worker_info", Vec::new(), Asked::WorkerInfo).await {
             return;
@@ -479,7 +493,7 @@ impl BuildbotPort {
             }
         };
         conn.asked.clear();
-        let info = worker_info(&config, get(&reply, "result").unwrap_or(&Mp::Nil));
+        let info = worker_info(&name, &config, get(&reply, "result").unwrap_or(&Mp::Nil));
         let (tx, rx) = mpsc::channel::<ToWorker>(64);
         let session = match self.master.workers.attach(info, tx).await {
             Ok(session) => session,
@@ -707,13 +721,14 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Option<(Vec<Update>, WorkerInfo)> {
         .collect();
     let config = BuildbotWorkerConfig {
         name: "w".into(),
+        name_prefix: None,
         password: None,
         password_env: None,
         password_file: None,
         max_builds: 1,
         pool: None,
     };
-    Some((updates, worker_info(&config, get(&message, "result").unwrap_or(&Mp::Nil))))
+    Some((updates, worker_info("w", &config, get(&message, "result").unwrap_or(&Mp::Nil))))
 }
 
 /// Answers the worker's waiting reads of a download as far as the master's data goes.

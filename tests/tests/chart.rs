@@ -165,6 +165,49 @@ fn worker_tls_from_a_secret_reaches_the_master_config_and_the_workers() {
     assert_eq!(volume["secret"]["items"].as_sequence().unwrap().len(), 1);
 }
 
+/// A pool of `kind: buildbot` runs Buildbot's own worker image with its name from the pod, the
+/// master's address and protocol, and the worker token as its password; the master's config
+/// admits the pool's pods by their Deployment's name and counts them in the pool.
+#[test]
+fn a_buildbot_pool_runs_buildbot_worker_pods_the_master_admits() {
+    let out = template(Some(&chart().join("ci/buildbot-pool.yaml")), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs = documents(&String::from_utf8(out.stdout).unwrap());
+    let pod = &find(&docs, "Deployment", "-worker-legacy")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "buildbot/buildbot-worker:v4.3.0");
+    let env = container["env"].as_sequence().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{name} missing"));
+    assert_eq!(var("BUILDMASTER_PROTOCOL")["value"], "msgpack_experimental_v7");
+    assert_eq!(var("BUILDMASTER")["value"], "kiln-master");
+    assert_eq!(var("BUILDMASTER_PORT")["value"], "9989");
+    assert_eq!(var("WORKERNAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(var("WORKERPASS")["valueFrom"]["secretKeyRef"]["key"], "worker-token");
+    let kiln_pod = &find(&docs, "Deployment", "-worker-default")["spec"]["template"]["spec"];
+    assert!(kiln_pod["containers"][0]["env"].as_sequence().unwrap().iter().any(|e| e["name"] == "KILN_MASTER"));
+
+    let text = find(&docs, "ConfigMap", "-config")["data"]["config.yaml"].as_str().unwrap().to_owned();
+    let config: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let admitted = &config["workers"]["buildbot"][0];
+    assert_eq!(admitted["name_prefix"], "kiln-worker-legacy-", "{text}");
+    assert_eq!(
+        (admitted["pool"].as_str(), admitted["password_env"].as_str()),
+        (Some("legacy"), Some("KILN_WORKER_TOKEN"))
+    );
+    // SAFETY: set before the config is read; no other test of this binary reads it.
+    unsafe {
+        std::env::set_var("KILN_WORKER_TOKEN", "from-the-secret");
+        std::env::set_var("KILN_API_TOKEN", "from-the-secret");
+    }
+    let parsed = kiln_master::config::Config::parse("config.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(parsed.workers.buildbot[0].admits("kiln-worker-legacy-6d4f9c7b8-x2x9q"), "a pod of the pool");
+    assert!(!parsed.workers.buildbot[0].admits("kiln-worker-default-6d4f9c7b8-x2x9q"), "a pod of another pool");
+
+    let refused = template(Some(&chart().join("ci/buildbot-pool.yaml")), &["--set", "workerTLS.secretName=tls"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Buildbot worker pools connect in plain text"));
+}
+
 /// Links in commit statuses point at the Ingress's host (https when it has TLS) unless the
 /// config names `buildbotURL` itself.
 #[test]

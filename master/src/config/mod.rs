@@ -265,8 +265,13 @@ pub struct WorkersConfig {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildbotWorkerConfig {
-    /// The worker's name, as in its `buildbot.tac`.
+    /// The worker's name, as in its `buildbot.tac`…
+    #[serde(default)]
     pub name: String,
+    /// …or the start of the names of the workers it admits, for a pool's pods named after
+    /// their Deployment (`kiln-worker-macs-`): each joins under its own name.
+    #[serde(default)]
+    pub name_prefix: Option<String>,
     /// Its password…
     #[serde(default)]
     pub password: Option<String>,
@@ -285,6 +290,14 @@ pub struct BuildbotWorkerConfig {
 }
 
 impl BuildbotWorkerConfig {
+    /// Whether this entry admits a worker called `name`.
+    pub fn admits(&self, name: &str) -> bool {
+        match &self.name_prefix {
+            Some(prefix) => name.len() > prefix.len() && name.starts_with(prefix.as_str()),
+            None => self.name == name,
+        }
+    }
+
     /// The password, read now.
     pub fn password(&self) -> Option<String> {
         match (&self.password, &self.password_env, &self.password_file) {
@@ -566,10 +579,15 @@ impl Config {
         let mut names = std::collections::BTreeSet::new();
         for (i, worker) in self.workers.buildbot.iter().enumerate() {
             let key = format!("workers.buildbot[{i}]");
-            if worker.name.is_empty() || worker.name.contains(':') || !names.insert(worker.name.as_str()) {
+            let label = worker.name_prefix.as_deref().unwrap_or(&worker.name);
+            let field = if worker.name_prefix.is_some() { "name_prefix" } else { "name" };
+            if worker.name_prefix.is_some() && !worker.name.is_empty() {
+                return Err((key, "give name or name_prefix, not both".into()));
+            }
+            if label.is_empty() || label.contains(':') || !names.insert(label) {
                 return Err((
-                    format!("{key}.name"),
-                    format!("{:?}: names must be non-empty, unique and without ':'", worker.name),
+                    format!("{key}.{field}"),
+                    format!("{label:?}: names and prefixes must be non-empty, unique and without ':'"),
                 ));
             }
             let sources = [worker.password.is_some(), worker.password_env.is_some(), worker.password_file.is_some()];
@@ -646,7 +664,7 @@ impl Config {
         if outsiders_may_join {
             return Ok(());
         }
-        let buildbot: Vec<&str> = self.workers.buildbot.iter().map(|w| w.name.as_str()).collect();
+        let buildbot = &self.workers.buildbot;
         for (i, builder) in self.builders.iter().enumerate() {
             let local: Vec<String> = self
                 .pools
@@ -655,7 +673,7 @@ impl Config {
                 .flat_map(|p| (1..=p.policy().max).map(move |n| format!("{}-{n}", p.name_prefix())))
                 .collect();
             for (j, name) in builder.workernames.iter().enumerate() {
-                if !local.contains(name) && !buildbot.contains(&name.as_str()) {
+                if !local.contains(name) && !buildbot.iter().any(|w| w.admits(name)) {
                     let offered = match local.as_slice() {
                         [] => "no local pool serves this builder".to_owned(),
                         [only] => format!("the local pools serving this builder have only {only}"),
@@ -764,6 +782,30 @@ impl Config {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn buildbot_workers_name_one_password_source_and_a_known_pool() {
+        let with = |entries: &str| {
+            Config::parse("c.yaml", &MINIMAL.replace("  tokens:", &format!("  buildbot:\n{entries}  tokens:")))
+        };
+        let config =
+            with("    - {name: mac-1, password: s3cret}\n    - {name_prefix: kiln-worker-macs-, password: p}\n")
+                .unwrap();
+        assert_eq!(config.workers.buildbot[0].password().as_deref(), Some("s3cret"));
+        assert!(config.workers.buildbot[0].admits("mac-1") && !config.workers.buildbot[0].admits("mac-10"));
+        assert!(config.workers.buildbot[1].admits("kiln-worker-macs-7d9f-x2x"));
+        assert!(!config.workers.buildbot[1].admits("kiln-worker-macs-"), "a prefix alone is no name");
+        let none = with("    - {name: mac-1}\n").unwrap_err();
+        assert!(none.key == "workers.buildbot[0]" && none.reason.contains("exactly one"), "{none}");
+        let two = with("    - {name: mac-1, password: a, password_env: B}\n").unwrap_err();
+        assert_eq!(two.key, "workers.buildbot[0]", "{two}");
+        let unset = with("    - {name: mac-1, password_env: KILN_NO_SUCH_PASSWORD}\n").unwrap_err();
+        assert_eq!(unset.key, "workers.buildbot[0].password_env", "{unset}");
+        let twice = with("    - {name: m, password: a}\n    - {name: m, password: b}\n").unwrap_err();
+        assert_eq!(twice.key, "workers.buildbot[1].name", "{twice}");
+        let pool = with("    - {name: m, password: a, pool: nope}\n").unwrap_err();
+        assert_eq!(pool.key, "workers.buildbot[0].pool", "{pool}");
+    }
 
     /// A small valid configuration, for tests to vary.
     pub(crate) const MINIMAL: &str = r#"
