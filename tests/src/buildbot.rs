@@ -25,6 +25,8 @@ pub struct BuildbotWorker {
     pub name: String,
     /// Its base directory (`buildbot.tac`, `twistd.log`, the builders' directories).
     pub dir: PathBuf,
+    /// Its password, also in its environment as `WORKERPASS`, as Buildbot's worker image has it.
+    password: String,
     child: Option<Child>,
 }
 
@@ -49,7 +51,7 @@ impl BuildbotWorker {
         );
         std::fs::write(dir.join("info").join("admin"), "Kiln Tests <tests@kiln.invalid>\n").unwrap();
         std::fs::write(dir.join("info").join("host"), "a buildbot-worker under test\n").unwrap();
-        let mut worker = BuildbotWorker { name: name.to_owned(), dir, child: None };
+        let mut worker = BuildbotWorker { name: name.to_owned(), dir, password: password.to_owned(), child: None };
         worker.restart();
         worker
     }
@@ -61,6 +63,7 @@ impl BuildbotWorker {
             .args(["start", "--nodaemon"])
             .arg(&self.dir)
             .current_dir(&self.dir)
+            .env("WORKERPASS", &self.password)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

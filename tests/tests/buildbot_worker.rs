@@ -130,6 +130,7 @@ async fn a_buildbot_worker_runs_the_steps_a_kiln_worker_runs_with_the_same_resul
     assert_eq!(info["host"], "a buildbot-worker under test", "{info}");
     assert_eq!(info["system"], "posix", "{info}");
     assert!(info["environ"]["PATH"].is_string(), "{info}");
+    assert!(info["environ"].get("WORKERPASS").is_none() && !info.to_string().contains(PASSWORD), "{info}");
     assert!(info["basedir"].as_str().unwrap().ends_with("/bb/bb1"), "{info}");
     let cli = std::process::Command::new(kiln_tests::binary("kiln"))
         .args(["--url", &master.base(), "workers"])
