@@ -319,13 +319,17 @@ echo "kiln-got-revision: $(git rev-parse HEAD)"
 const WATCHDOG_SCRIPT: &str = r#"worker=$PPID
 "$@" &
 command=$!
-while kill -0 "$command" 2>/dev/null; do
-  if ! kill -0 "$worker" 2>/dev/null || [ "$(ps -o ppid= -p $$ 2>/dev/null | tr -d ' ')" = 1 ]; then
-    kill -KILL 0
-  fi
-  sleep 1
-done
+(
+  while kill -0 "$worker" 2>/dev/null && [ "$(ps -o ppid= -p $$ 2>/dev/null | tr -d ' ')" != 1 ]; do
+    sleep 1
+  done
+  kill -KILL 0
+) </dev/null >/dev/null 2>&1 &
+watcher=$!
 wait "$command"
+status=$?
+kill "$watcher" 2>/dev/null
+exit "$status"
 "#;
 
 /// The argv that runs `argv` under [`WATCHDOG_SCRIPT`].

@@ -6,6 +6,9 @@
 //! ```sh
 //! cargo build --release --bins && cargo bench -p kiln-tests --bench dispatch -- --builds 1000 --workers 8 --database sqlite
 //! ```
+//!
+//! `--static-workers` starts K `kiln-worker` processes of their own, `--buildbot-workers` K of
+//! Buildbot's `buildbot-worker` instead (installed by `scripts/prerequisites`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +40,9 @@ struct Args {
     /// K separate `kiln-worker` processes in plain text, as `--tls` starts them.
     #[arg(long)]
     static_workers: bool,
+    /// K of Buildbot's own `buildbot-worker` processes (msgpack) instead of kiln-workers.
+    #[arg(long)]
+    buildbot_workers: bool,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -57,7 +63,20 @@ async fn main() {
     const BUILDER: &str = "collapseRequests: false\nbuilders:\n  - name: quick\n    steps:\n      - shell: {name: run, command: [\"true\"]}\nschedulers:\n  - {type: force, name: force, builderNames: [quick]}\n";
     let (http, grpc) = (kiln_tests::free_port(), kiln_tests::free_port());
     let mut workers = Vec::new();
-    let body = if args.tls || args.static_workers {
+    let mut buildbot = Vec::new();
+    let body = if args.buildbot_workers {
+        for i in 0..args.workers {
+            let (parent, address) = (dir.path().join("bb"), format!("127.0.0.1:{grpc}"));
+            buildbot.push(kiln_tests::buildbot::BuildbotWorker::start(
+                &parent,
+                &address,
+                &format!("bb{i}"),
+                "bench-pass",
+                "msgpack_experimental_v7",
+            ));
+        }
+        format!("  buildbot: [{{name_prefix: bb, password: bench-pass}}]\n{BUILDER}")
+    } else if args.tls || args.static_workers {
         let (url, mut env, tls) = if args.tls {
             let ca = kiln_tests::tls::Ca::new("bench CA");
             let (cert, key, _) = ca.issue(dir.path(), "master");
@@ -84,7 +103,9 @@ async fn main() {
         "Kiln dispatch benchmark: {} builds, {} workers ({}), {} ({} CPUs)",
         args.builds,
         args.workers,
-        if args.tls {
+        if args.buildbot_workers {
+            "buildbot-worker 4.3.0, msgpack"
+        } else if args.tls {
             "TLS"
         } else if args.static_workers {
             "plain text"
