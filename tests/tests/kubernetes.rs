@@ -320,3 +320,80 @@ async fn kubernetes_calls_carry_kilns_user_agent_and_refusals_read_as_their_mess
     assert!(!logged.contains("Status {") && !logged.contains("ApiError"), "a debug dump:\n{logged}");
     assert!(!logged.contains("kube_client"), "the client logged it too:\n{logged}");
 }
+
+/// A pool of Buildbot's own workers: pods running `buildbot-worker` join under their pod names
+/// (admitted by the Deployment's name prefix) and count in the pool; with one build running, the
+/// pool shrinks by its idle pods and the busy one keeps a higher deletion cost and its build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_buildbot_workers_scales_down_by_its_idle_pods() {
+    use kiln_tests::buildbot::BuildbotWorker;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::new("ci", "workers", 3);
+    let release = dir.path().join("release");
+    let builders = format!(
+        "builders:\n  - name: long\n    steps:\n      - shell: {{name: job, command: \"echo started; for i in $(seq 600); do [ -e {} ] && break; sleep 0.1; done; echo done\"}}\nschedulers:\n  - {{type: force, name: force, builderNames: [long]}}\n",
+        release.display()
+    );
+    let text = format!(
+        "database: \"sqlite://{db}\"\ndata_dir: \"{data}\"\nhttp:\n  listen: 127.0.0.1:0\n  auth: open\nworkers:\n  listen: 127.0.0.1:0\n  heartbeat_interval: 0.5\n  buildbot: [{{name_prefix: workers-, password: pod-pass, pool: linux}}]\npools:\n  - {{name: linux, backend: kubernetes, kubernetes: {{namespace: ci, deployment: workers}}, min: 0, max: 5, scale_down_delay: 3}}\n{builders}",
+        db = dir.path().join("kiln.sqlite").display(),
+        data = dir.path().display(),
+    );
+    let config = Config::parse("buildbot-pool.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let master = TestMaster::start_with_options(
+        config,
+        dir.path(),
+        Options { kube_client: Some(fake.client()), ..Options::default() },
+    )
+    .await;
+    let names = ["workers-a", "workers-b", "workers-c"];
+    let mut workers = Vec::new();
+    for name in names {
+        fake.put_pod(name, true);
+        let address = master.grpc.to_string();
+        workers.push(BuildbotWorker::start(
+            &dir.path().join("pods"),
+            &address,
+            name,
+            "pod-pass",
+            "msgpack_experimental_v7",
+        ));
+    }
+    master.wait_workers(names.len()).await;
+    eventually("the three pods counted in the pool", MINUTE, || async {
+        let pools = master.get("/api/v2/pools").await;
+        (pools["pools"][0]["workers"] == 3).then_some(())
+    })
+    .await;
+    let brid = force(&master, &["long"]).await[0];
+    let busy = eventually("the build to start", MINUTE, || async {
+        let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let build = builds["builds"].as_array()?.first()?.clone();
+        let worker = master.get(&format!("/api/v2/workers/{}", build["workerid"])).await;
+        worker["workers"][0]["name"].as_str().map(str::to_owned)
+    })
+    .await;
+    eventually("one replica", MINUTE, || async { (fake.replicas() == 1).then_some(()) }).await;
+    let costs = fake.deletion_costs();
+    for (pod, cost) in &costs {
+        let cost: i64 = cost.as_deref().unwrap_or("0").parse().unwrap();
+        if *pod == busy {
+            assert!(cost == 0 || cost >= 10, "busy {busy}: {costs:?}");
+        } else {
+            assert_eq!(cost, -1000, "busy {busy}: {costs:?}");
+        }
+    }
+    assert_ne!(fake.lowest_cost_pod().as_deref(), Some(busy.as_str()));
+    for (worker, name) in workers.iter_mut().zip(names) {
+        if name != busy {
+            fake.delete_pod(name);
+            worker.kill().await;
+        }
+    }
+    std::fs::write(&release, "").unwrap();
+    let build = master.wait_build_of_request(brid, MINUTE).await;
+    assert_eq!(build["results"], 0, "the busy worker's build was not interrupted: {build}");
+    let builds = master.get(&format!("/api/v2/buildrequests/{brid}/builds")).await;
+    assert_eq!(builds["builds"].as_array().unwrap().len(), 1, "it ran once");
+    master.stop().await;
+}
