@@ -477,3 +477,48 @@ async fn file_and_directory_commands_work_through_a_buildbot_worker() {
     assert!(!Path::new(&basedir).join("b/build/sub").exists());
     master.stop().await;
 }
+
+/// A Buildbot worker honours a step's timeout (the command is killed after that long without
+/// output and the step fails), and a paused one takes no build until it is unpaused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_command_times_out_and_a_paused_worker_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"builders:
+  - name: silent
+    workernames: [bb1]
+    steps:
+      - shell: {name: quiet, command: "sleep 30", timeout: 1}
+  - name: quick
+    workernames: [bb1]
+    steps:
+      - shell: {command: "true"}
+schedulers:
+  - {type: force, name: force, builderNames: [silent, quick]}
+"#;
+    let master = master(dir.path(), body).await;
+    let client = reqwest::Client::new();
+    let _bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+    wait_workers(&client, &master, &["bb1"]).await;
+    let started = std::time::Instant::now();
+    let brid = force(&client, &master, "silent", json!({})).await;
+    let build = builds_of(&client, &master, brid).await.pop().unwrap();
+    assert_eq!(build["results"], 2, "FAILURE: {build}");
+    assert!(started.elapsed() < Duration::from_secs(20), "killed at its timeout, not after the sleep");
+    let log = log_text(&client, &master, build["buildid"].as_i64().unwrap(), "quiet").await;
+    assert!(log.contains("timeout"), "{log}");
+
+    let rpc = |path: String, method: &'static str| {
+        let body = json!({ "jsonrpc": "2.0", "method": method, "id": 1, "params": { "reason": "maintenance" } });
+        client.post(format!("{}/api/v2/{path}", master.base())).json(&body).send()
+    };
+    assert!(rpc("workers/bb1".into(), "pause").await.unwrap().status().is_success());
+    let brid = force(&client, &master, "quick", json!({})).await;
+    real_sleep(Duration::from_secs(1)).await;
+    let request = get(&client, &master, &format!("/api/v2/buildrequests/{brid}")).await;
+    assert_eq!(request["buildrequests"][0]["claimed"], false, "a paused worker took a build");
+    let workers = get(&client, &master, "/api/v2/workers?name=bb1").await;
+    let workerid = workers["workers"][0]["workerid"].as_i64().unwrap();
+    assert!(rpc(format!("workers/{workerid}"), "unpause").await.unwrap().status().is_success());
+    assert_eq!(builds_of(&client, &master, brid).await.pop().unwrap()["results"], 0);
+    master.signal(libc::SIGTERM);
+}
