@@ -162,40 +162,42 @@ impl Master {
     }
 
     async fn build_facts(&self, buildid: i64, service: &ServiceConfig) -> Result<BuildFacts, String> {
-        let one = |resource: Resource, field: &str, id: i64| {
-            let query = ListQuery {
-                filters: vec![Filter { field: field.into(), op: Op::Eq, values: vec![id.to_string()] }],
-                ..Default::default()
-            };
-            async move {
-                let (mut rows, _) = self.store.list(resource, &query).await.map_err(|e| e.to_string())?;
-                rows.pop().ok_or_else(|| format!("no {} {id}", resource.plural()))
-            }
-        };
-        let build = one(Resource::Builds, "buildid", buildid).await?;
-        let int = |o: &Value, k: &str| o.get(k).and_then(Value::as_i64).unwrap_or_default();
-        let request = one(Resource::BuildRequests, "buildrequestid", int(&build, "buildrequestid")).await?;
-        let builder = one(Resource::Builders, "builderid", int(&build, "builderid")).await?;
-        let details = self.store.buildset_details(int(&request, "buildsetid")).await.map_err(|e| e.to_string())?;
-        let properties = build.get("properties").map(Properties::from_json).unwrap_or_default();
-        let (builderid, number) = (int(&build, "builderid"), int(&build, "number"));
+        let build = self.store.reported_build(buildid).await.map_err(|e| e.to_string())?;
         let previous = if service.coverage().needs_previous() {
-            self.store.previous_build_results(builderid, number).await.map_err(|e| e.to_string())?
+            self.store.previous_build_results(build.builderid, build.number).await.map_err(|e| e.to_string())?
         } else {
             None
         };
+        // Only the HTTP push sends the build and its request whole, as the REST API shows them.
+        let (object, request) = if matches!(service, ServiceConfig::HttpPush(_)) {
+            let one = |resource: Resource, field: &str, id: i64| {
+                let query = ListQuery {
+                    filters: vec![Filter { field: field.into(), op: Op::Eq, values: vec![id.to_string()] }],
+                    ..Default::default()
+                };
+                async move {
+                    let (mut rows, _) = self.store.list(resource, &query).await.map_err(|e| e.to_string())?;
+                    rows.pop().ok_or_else(|| format!("no {} {id}", resource.plural()))
+                }
+            };
+            let object = one(Resource::Builds, "buildid", buildid).await?;
+            let brid = object.get("buildrequestid").and_then(Value::as_i64).unwrap_or_default();
+            (object, one(Resource::BuildRequests, "buildrequestid", brid).await?)
+        } else {
+            (Value::Null, Value::Null)
+        };
         Ok(BuildFacts {
             previous,
-            number,
-            builderid,
-            builder: builder.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
-            results: build.get("results").and_then(Value::as_i64).and_then(Results::from_code),
-            state_string: build.get("state_string").and_then(Value::as_str).unwrap_or_default().to_owned(),
-            sourcestamps: details.sourcestamps,
-            properties,
-            buildsetid: int(&request, "buildsetid"),
+            number: build.number,
+            builderid: build.builderid,
+            builder: build.builder,
+            results: build.results,
+            state_string: build.state_string,
+            sourcestamps: build.sourcestamps,
+            properties: build.properties,
+            buildsetid: build.buildsetid,
             request,
-            object: build,
+            object,
         })
     }
 }
@@ -229,9 +231,9 @@ struct BuildFacts {
     sourcestamps: Vec<SourceStamp>,
     properties: Properties,
     buildsetid: i64,
-    /// The build's request, as the store holds it.
+    /// The build's request, as the REST API shows it (for the HTTP push only; null otherwise).
     request: Value,
-    /// The build as the store holds it (the REST API's fields, with its properties).
+    /// The build as the REST API shows it, with its properties (for the HTTP push only).
     object: Value,
 }
 

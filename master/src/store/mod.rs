@@ -35,7 +35,7 @@ pub use locks::{SessionLock, lock_key};
 pub use logs::{LogChunk, LogTail, decode_chunk, encode_chunk};
 pub use notify::{Notification, QueueListener};
 pub use queue::Reaped;
-pub use reports::{ClaimedReport, NewReport, ReportEvent, Settled};
+pub use reports::{ClaimedReport, NewReport, ReportEvent, ReportedBuild, Settled};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,9 @@
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Result, Store, get_i64};
+use super::{Result, Store, StoreError, get_i64};
+use crate::domain::SourceStamp;
+use crate::properties::Properties;
 use crate::results::Results;
 
 /// A report a build's start or end owes a reporter. All of a build's reports are written when
@@ -20,6 +22,19 @@ pub struct NewReport {
 pub enum ReportEvent {
     Started,
     Finished,
+}
+
+/// What a commit status or comment says of a build, read in two statements.
+#[derive(Debug, Clone)]
+pub struct ReportedBuild {
+    pub builderid: i64,
+    pub builder: String,
+    pub number: i64,
+    pub results: Option<Results>,
+    pub state_string: String,
+    pub properties: Properties,
+    pub buildsetid: i64,
+    pub sourcestamps: Vec<SourceStamp>,
 }
 
 /// A claimed report, to send.
@@ -108,6 +123,53 @@ impl Store {
         };
         query.execute(&mut *conn).await?;
         Ok(())
+    }
+
+    /// The build `buildid` as its reports describe it: builder, number, result, properties and
+    /// the source stamps of its buildset.
+    pub async fn reported_build(&self, buildid: i64) -> Result<ReportedBuild> {
+        let mut conn = self.read.acquire().await?;
+        let row = sqlx::query(
+            "SELECT b.builderid, r.name, b.number, b.results, b.state_string, b.properties, q.buildsetid \
+             FROM builds b JOIN builders r ON r.id = b.builderid JOIN buildrequests q ON q.id = b.buildrequestid \
+             WHERE b.id = $1",
+        )
+        .bind(buildid)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("build {buildid}")))?;
+        let properties: String = row.try_get("properties")?;
+        let properties = serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let buildsetid = get_i64(&row, "buildsetid")?;
+        let stamps = sqlx::query(
+            "SELECT s.branch, s.revision, s.repository, s.project, s.codebase FROM buildset_sourcestamps bs \
+             JOIN sourcestamps s ON s.id = bs.sourcestampid WHERE bs.buildsetid = $1 ORDER BY s.codebase",
+        )
+        .bind(buildsetid)
+        .fetch_all(&mut *conn)
+        .await?;
+        let sourcestamps = stamps
+            .iter()
+            .map(|s| {
+                Ok(SourceStamp {
+                    branch: s.try_get("branch")?,
+                    revision: s.try_get("revision")?,
+                    repository: s.try_get("repository")?,
+                    project: s.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
+                    codebase: s.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ReportedBuild {
+            builderid: get_i64(&row, "builderid")?,
+            builder: row.try_get("name")?,
+            number: get_i64(&row, "number")?,
+            results: row.try_get::<Option<i64>, _>("results")?.and_then(Results::from_code),
+            state_string: row.try_get("state_string")?,
+            properties: Properties::from_json(&properties),
+            buildsetid,
+            sourcestamps,
+        })
     }
 
     /// Claims up to `limit` reports that are due, for `lease_ms`: pending, not claimed by a live
