@@ -37,6 +37,10 @@ const GOT_REVISION: &str = "kiln-got-revision: ";
 /// Buildbot's worker protocol, served on the worker port.
 struct BuildbotPort {
     master: Arc<Master>,
+    /// The leases of commands running now, by their secret token: a command's watchdog asks
+    /// for its lease and kills the command once it is gone (its session lost) or cannot be
+    /// asked for three heartbeats (the worker cut off from the master).
+    leases: Mutex<HashMap<String, String>>,
     /// Commands started on each worker and not seen to end, by worker name. A Buildbot worker
     /// keeps running its commands when its connection drops; they are interrupted when it
     /// connects again, before it gets new work.
@@ -45,12 +49,29 @@ struct BuildbotPort {
 
 /// The HTTP side of the protocol: Buildbot workers open a WebSocket on `/`.
 pub fn router(master: Arc<Master>) -> axum::Router {
-    let port = Arc::new(BuildbotPort { master, unfinished: Mutex::new(HashMap::new()) });
-    axum::Router::new().route("/", axum::routing::get(upgrade)).fallback(not_here).with_state(port)
+    let port =
+        Arc::new(BuildbotPort { master, leases: Mutex::new(HashMap::new()), unfinished: Mutex::new(HashMap::new()) });
+    axum::Router::new()
+        .route("/", axum::routing::get(upgrade))
+        .route("/lease/{token}", axum::routing::get(lease))
+        .fallback(not_here)
+        .with_state(port)
 }
 
 async fn not_here() -> Response {
     (StatusCode::NOT_FOUND, "this is Kiln's worker port: Buildbot workers open a WebSocket on /\n").into_response()
+}
+
+/// A command's lease: 200 while the session that started it lives, 410 once it is gone.
+async fn lease(
+    State(port): State<Arc<BuildbotPort>>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+) -> Response {
+    if port.leases.lock().expect("leases poisoned").contains_key(&token) {
+        (StatusCode::OK, "live\n").into_response()
+    } else {
+        (StatusCode::GONE, "gone\n").into_response()
+    }
 }
 
 /// The name and password of an `Authorization: Basic` header.
@@ -69,7 +90,7 @@ fn refuse(reason: &'static str) -> Response {
 
 async fn upgrade(
     State(port): State<Arc<BuildbotPort>>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(Peer { addr: peer, tls }): ConnectInfo<Peer>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -102,7 +123,10 @@ async fn upgrade(
         warn!(worker = %name, %peer, "refused a Buildbot worker: unknown name or wrong password (workers.buildbot)");
         return refuse("unknown worker name or wrong password\n");
     };
-    ws.on_upgrade(move |socket| async move { port.serve(socket, name, config, peer).await })
+    // The address the worker reached this master at, for its commands' watchdogs.
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+    let lease_base = format!("{}://{host}/lease/", if tls { "https" } else { "http" });
+    ws.on_upgrade(move |socket| async move { port.serve(socket, name, config, peer, lease_base).await })
 }
 
 /// What a request this side sent was, to make sense of its response.
@@ -312,11 +336,54 @@ if [ "$mode" = full ]; then git clean -xdf --quiet; fi
 echo "kiln-got-revision: $(git rev-parse HEAD)"
 "#;
 
-/// Runs its arguments as a command and kills the command's whole process group when the
-/// worker process that started it dies. A Buildbot worker that is killed leaves its commands
-/// running (they are not its process group's leader's children any more); this keeps such an
-/// orphan from running on while its build is rerun elsewhere.
-const WATCHDOG_SCRIPT: &str = r#"worker=$PPID
+/// Where a connection's command watchdogs ask for their leases, and how long they may fail to.
+struct Watch {
+    lease_base: String,
+    silence_secs: f64,
+}
+
+/// One command's lease, for its watchdog.
+struct Lease {
+    url: String,
+    silence_secs: f64,
+}
+
+/// Runs a command and kills its whole process group (the worker runs each command in a group
+/// of its own) when the command's lease is gone, when it cannot be asked for `silence` seconds
+/// (the worker cut off from the master), or when the worker process that started it dies. A
+/// Buildbot worker does none of this itself: killed, cut off or frozen, it leaves its commands
+/// running while the master reruns their builds elsewhere.
+const WATCHDOG_PY: &str = r#"import os, signal, ssl, subprocess, sys, time, urllib.error, urllib.request
+url, silence, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+worker, last_ok = os.getppid(), time.monotonic()
+context = ssl._create_unverified_context() if url.startswith("https:") else None
+command = subprocess.Popen(argv)
+def end():
+    os.killpg(0, signal.SIGKILL)
+while True:
+    try:
+        code = command.wait(timeout=0.5)
+        sys.exit(code if code >= 0 else 128 - code)
+    except subprocess.TimeoutExpired:
+        pass
+    if os.getppid() != worker:
+        end()
+    try:
+        urllib.request.urlopen(url, timeout=1, context=context).close()
+        last_ok = time.monotonic()
+    except urllib.error.HTTPError as error:
+        if error.code == 410:
+            end()
+    except Exception:
+        if time.monotonic() - last_ok > silence:
+            end()
+"#;
+
+/// The watchdog without Python: it ends the command when the worker process dies only.
+const WATCHDOG_SH: &str = r#"py=$1 url=$2 silence=$3
+shift 3
+if command -v python3 >/dev/null 2>&1; then exec python3 -c "$py" "$url" "$silence" "$@"; fi
+worker=$PPID
 "$@" &
 command=$!
 (
@@ -332,28 +399,35 @@ kill "$watcher" 2>/dev/null
 exit "$status"
 "#;
 
-/// The argv that runs `argv` under [`WATCHDOG_SCRIPT`].
-fn watched(argv: Vec<String>) -> Vec<String> {
-    let mut wrapped =
-        vec!["/bin/sh".to_owned(), "-c".to_owned(), WATCHDOG_SCRIPT.to_owned(), "kiln-watchdog".to_owned()];
+/// The argv that runs `argv` under the watchdog, when there is a lease to watch.
+fn watched(lease: Option<&Lease>, argv: Vec<String>) -> Vec<String> {
+    let Some(lease) = lease else { return argv };
+    let mut wrapped = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        WATCHDOG_SH.to_owned(),
+        "kiln-watchdog".to_owned(),
+        WATCHDOG_PY.to_owned(),
+        lease.url.clone(),
+        format!("{:.1}", lease.silence_secs),
+    ];
     wrapped.extend(argv);
     wrapped
 }
 
-/// The `start_command` of a Kiln command: Buildbot's command name and its arguments. On a POSIX
-/// worker, commands run under a watchdog that ends them when the worker process dies.
-fn start_args(basedir: &str, posix: bool, command: Command) -> (&'static str, Vec<(&'static str, Mp)>) {
+/// The `start_command` of a Kiln command: Buildbot's command name and its arguments. With a
+/// lease (a POSIX worker), shell commands and checkouts run under the watchdog.
+fn start_args(basedir: &str, lease: Option<&Lease>, command: Command) -> (&'static str, Vec<(&'static str, Mp)>) {
     let strings = |items: Vec<String>| Mp::Array(items.into_iter().map(Mp::from).collect());
     let seconds = |s: u32| if s == 0 { Mp::Nil } else { Mp::from(s) };
     match command {
         Command::Shell(shell) => {
-            let command = match (shell.script, posix) {
-                (Some(script), false) if shell.argv.is_empty() => Mp::from(script),
-                (Some(script), true) if shell.argv.is_empty() => {
-                    strings(watched(vec!["/bin/sh".into(), "-c".into(), script]))
+            let command = match (shell.script, lease) {
+                (Some(script), None) if shell.argv.is_empty() => Mp::from(script),
+                (Some(script), Some(_)) if shell.argv.is_empty() => {
+                    strings(watched(lease, vec!["/bin/sh".into(), "-c".into(), script]))
                 }
-                (_, true) => strings(watched(shell.argv)),
-                (_, false) => strings(shell.argv),
+                (_, _) => strings(watched(lease, shell.argv)),
             };
             let env = Mp::Map(shell.env.into_iter().map(|(k, v)| (Mp::from(k), Mp::from(v))).collect());
             (
@@ -372,7 +446,7 @@ fn start_args(basedir: &str, posix: bool, command: Command) -> (&'static str, Ve
                 ],
             )
         }
-        Command::Git(git) => checkout_args(basedir, git),
+        Command::Git(git) => checkout_args(basedir, lease, git),
         Command::Mkdir { paths } => {
             ("mkdir", vec![("paths", strings(paths.iter().map(|p| absolute(basedir, p)).collect()))])
         }
@@ -407,17 +481,20 @@ fn start_args(basedir: &str, posix: bool, command: Command) -> (&'static str, Ve
     }
 }
 
-fn checkout_args(basedir: &str, git: GitCommand) -> (&'static str, Vec<(&'static str, Mp)>) {
-    let argv = watched(vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        CHECKOUT_SCRIPT.to_owned(),
-        "kiln-checkout".to_owned(),
-        git.repourl,
-        git.branch.unwrap_or_default(),
-        git.revision.unwrap_or_default(),
-        git.mode,
-    ]);
+fn checkout_args(basedir: &str, lease: Option<&Lease>, git: GitCommand) -> (&'static str, Vec<(&'static str, Mp)>) {
+    let argv = watched(
+        lease,
+        vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            CHECKOUT_SCRIPT.to_owned(),
+            "kiln-checkout".to_owned(),
+            git.repourl,
+            git.branch.unwrap_or_default(),
+            git.revision.unwrap_or_default(),
+            git.mode,
+        ],
+    );
     (
         "shell",
         vec![
@@ -475,7 +552,14 @@ fn decode_update(key: &str, value: &Mp) -> Option<Update> {
 impl BuildbotPort {
     /// Runs one worker's connection: learns what it is, attaches it, then relays until either
     /// side ends.
-    async fn serve(self: Arc<Self>, socket: WebSocket, name: String, config: BuildbotWorkerConfig, peer: SocketAddr) {
+    async fn serve(
+        self: Arc<Self>,
+        socket: WebSocket,
+        name: String,
+        config: BuildbotWorkerConfig,
+        peer: SocketAddr,
+        lease_base: String,
+    ) {
         let mut conn = Connection { socket, next_seq: 0, asked: HashMap::new() };
         if !conn.request("get_worker_info", Vec::new(), Asked::WorkerInfo).await {
             return;
@@ -528,7 +612,10 @@ impl BuildbotPort {
             conn.request("interrupt_command", fields, Asked::Other("interrupt_command")).await;
         }
         let mut running: HashMap<String, Running> = HashMap::new();
-        self.relay(&mut conn, &session, rx, &mut running).await;
+        let watch = Watch { lease_base, silence_secs: (self.master.heartbeat * 3).as_secs_f64() };
+        self.relay(&mut conn, &session, rx, &mut running, &watch).await;
+        // The session is gone: every lease of it with it, so the commands' watchdogs kill them.
+        self.leases.lock().expect("leases poisoned").retain(|_, command| !running.contains_key(command));
         let left: Vec<String> = running.into_keys().collect();
         if !left.is_empty() {
             self.unfinished.lock().expect("unfinished poisoned").insert(session.name().to_owned(), left);
@@ -543,6 +630,7 @@ impl BuildbotPort {
         session: &Arc<WorkerSession>,
         mut outbound: mpsc::Receiver<ToWorker>,
         running: &mut HashMap<String, Running>,
+        watch: &Watch,
     ) {
         let heartbeat = self.master.heartbeat;
         let silence = heartbeat * 3;
@@ -553,7 +641,7 @@ impl BuildbotPort {
             tokio::select! {
                 message = outbound.recv() => {
                     let Some(message) = message else { return };
-                    if !self.on_master_message(conn, session, running, message).await {
+                    if !self.on_master_message(conn, session, running, watch, message).await {
                         info!(worker = session.name(), "the Buildbot worker's connection ended");
                         return;
                     }
@@ -588,6 +676,7 @@ impl BuildbotPort {
         conn: &mut Connection,
         session: &Arc<WorkerSession>,
         running: &mut HashMap<String, Running>,
+        watch: &Watch,
         message: ToWorker,
     ) -> bool {
         match message {
@@ -599,7 +688,11 @@ impl BuildbotPort {
             ToWorker::Start { command_id, builder_name, command, .. } => {
                 let git = matches!(command, Command::Git(_));
                 let posix = session.info.details.get("system").and_then(|s| s.as_str()) == Some("posix");
-                let (name, args) = start_args(&session.info.basedir, posix, command);
+                let token = format!("{:032x}", rand::random::<u128>());
+                self.leases.lock().expect("leases poisoned").insert(token.clone(), command_id.clone());
+                let lease = posix
+                    .then(|| Lease { url: format!("{}{token}", watch.lease_base), silence_secs: watch.silence_secs });
+                let (name, args) = start_args(&session.info.basedir, lease.as_ref(), command);
                 running.insert(command_id.clone(), Running { git, ..Default::default() });
                 let fields = vec![
                     ("command_id", Mp::from(command_id.clone())),
@@ -647,6 +740,7 @@ impl BuildbotPort {
                 match seq.as_i64().and_then(|seq| conn.asked.remove(&seq)) {
                     Some(Asked::Start(id)) if failed => {
                         running.remove(&id);
+                        self.leases.lock().expect("leases poisoned").retain(|_, command| *command != id);
                         let error = format!("the worker could not start the command: {}", json_text(&result));
                         session.on_message(FromWorker::Complete { command_id: id, error: Some(error) }).await;
                     }
@@ -678,6 +772,7 @@ impl BuildbotPort {
             }
             "complete" => {
                 running.remove(&command_id);
+                self.leases.lock().expect("leases poisoned").retain(|_, command| *command != command_id);
                 let error = get(&message, "args").and_then(Mp::as_str).map(str::to_owned);
                 session.on_message(FromWorker::Complete { command_id: command_id.clone(), error }).await;
                 conn.respond(seq, Ok(Mp::Nil)).await
@@ -807,13 +902,13 @@ mod tests {
             timeout_secs: 60,
             ..Default::default()
         });
-        let (name, args) = start_args("/var/lib/worker", false, shell);
+        let (name, args) = start_args("/var/lib/worker", None, shell);
         assert_eq!(name, "shell");
         let args = map(args);
         assert_eq!(get_str(&args, "workdir"), Some("/var/lib/worker/app/build"));
         assert_eq!(get(&args, "timeout").and_then(Mp::as_u64), Some(60));
         assert_eq!(get(&args, "maxTime"), Some(&Mp::Nil));
-        let (name, args) = start_args("/w", true, Command::Mkdir { paths: vec!["a".into(), "/abs".into()] });
+        let (name, args) = start_args("/w", None, Command::Mkdir { paths: vec!["a".into(), "/abs".into()] });
         assert_eq!(name, "mkdir");
         assert_eq!(to_json(&map(args))["paths"], serde_json::json!(["/w/a", "/abs"]));
     }

@@ -29,32 +29,37 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 pub struct WebSocketListener {
     connections: mpsc::Receiver<(Box<dyn Io>, SocketAddr)>,
     local: SocketAddr,
+    tls: bool,
 }
 
 impl axum::serve::Listener for WebSocketListener {
     type Io = Box<dyn Io>;
-    type Addr = SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.connections.recv().await {
-            Some(connection) => connection,
+            Some((io, addr)) => (io, Peer { addr, tls: self.tls }),
             // The accept loop only ends with the runtime.
             None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(Peer { addr: self.local, tls: self.tls })
     }
 }
 
-/// The address of a WebSocket client, for handlers (`ConnectInfo<Peer>`).
+/// The address of a WebSocket client and whether it came over TLS, for handlers
+/// (`ConnectInfo<Peer>`).
 #[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, WebSocketListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, WebSocketListener>) -> Self {
-        Peer(*stream.remote_addr())
+        *stream.remote_addr()
     }
 }
 
@@ -155,7 +160,7 @@ pub fn plain(listener: TcpListener) -> io::Result<(mpsc::Receiver<TcpStream>, We
             });
         }
     });
-    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local }))
+    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local, tls: false }))
 }
 
 /// Splits a TLS worker port: after the handshake, clients that agreed on HTTP/2 are gRPC; the
@@ -208,7 +213,7 @@ pub fn tls(
             });
         }
     });
-    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local }))
+    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local, tls: true }))
 }
 
 async fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {

@@ -522,3 +522,48 @@ schedulers:
     assert_eq!(builds_of(&client, &master, brid).await.pop().unwrap()["results"], 0);
     master.signal(libc::SIGTERM);
 }
+
+/// A Buildbot worker cut off from the master (frozen with SIGSTOP and left so, as a network
+/// partition leaves it) keeps its process and its command: the command's watchdog finds its
+/// lease gone once the master lost the session, and kills it before it can finish beside the
+/// rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_buildbot_workers_command_is_killed_before_it_can_finish_beside_the_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let body = format!(
+        r#"builders:
+  - name: mixed
+    workernames: [bb1, kw1]
+    steps:
+      - shell: {{name: work, command: "echo started; sleep 8; echo %(prop:workername)s >> {ledger}"}}
+schedulers:
+  - {{type: force, name: force, builderNames: [mixed]}}
+"#,
+        ledger = ledger.display()
+    );
+    let master = master(dir.path(), &body).await;
+    let client = reqwest::Client::new();
+    let bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+    wait_workers(&client, &master, &["bb1"]).await;
+    let brid = force(&client, &master, "mixed", json!({})).await;
+    eventually("the build running on bb1", MINUTE, || async {
+        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
+        let buildid = builds["builds"][0]["buildid"].as_i64()?;
+        log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
+    })
+    .await;
+    let pid = bb1.pid().expect("bb1 runs") as i32;
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
+    let builds = builds_of(&client, &master, brid).await;
+    let results: Vec<i64> = builds.iter().map(|b| b["results"].as_i64().unwrap()).collect();
+    assert_eq!(results, [5, 0], "RETRY on the cut-off worker, then SUCCESS: {builds:?}");
+    real_sleep(Duration::from_secs(10)).await;
+    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(ran.lines().collect::<Vec<_>>(), ["kw1"], "the cut-off worker's command never finished");
+    master.signal(libc::SIGTERM);
+}
