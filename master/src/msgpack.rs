@@ -353,36 +353,52 @@ struct Lease {
 /// (the worker cut off from the master), or when the worker process that started it dies. A
 /// Buildbot worker does none of this itself: killed, cut off or frozen, it leaves its commands
 /// running while the master reruns their builds elsewhere.
-const WATCHDOG_PY: &str = r#"import os, signal, ssl, subprocess, sys, time, urllib.error, urllib.request
+const WATCHDOG_PY: &str = r#"import os, signal, sys, time
 url, silence, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-worker, last_ok = os.getppid(), time.monotonic()
-context = ssl._create_unverified_context() if url.startswith("https:") else None
-command = subprocess.Popen(argv)
+worker = os.getppid()
+child = os.fork()
+if child == 0:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as error:
+        sys.stderr.write("%s: %s\n" % (argv[0], error))
+        os._exit(127)
 def end():
     os.killpg(0, signal.SIGKILL)
+started = last_ok = time.monotonic()
+next_ask = started + 0.5
 while True:
-    try:
-        code = command.wait(timeout=0.5)
+    done, status = os.waitpid(child, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
         sys.exit(code if code >= 0 else 128 - code)
-    except subprocess.TimeoutExpired:
-        pass
     if os.getppid() != worker:
         end()
-    try:
-        urllib.request.urlopen(url, timeout=1, context=context).close()
-        last_ok = time.monotonic()
-    except urllib.error.HTTPError as error:
-        if error.code == 410:
-            end()
-    except Exception:
-        if time.monotonic() - last_ok > silence:
-            end()
+    now = time.monotonic()
+    if now >= next_ask:
+        import ssl, urllib.error, urllib.request
+        next_ask = now + 0.5
+        try:
+            context = ssl._create_unverified_context() if url.startswith("https:") else None
+            urllib.request.urlopen(url, timeout=1, context=context).close()
+            last_ok = time.monotonic()
+        except urllib.error.HTTPError as error:
+            if error.code == 410:
+                end()
+        except Exception:
+            if time.monotonic() - last_ok > silence:
+                end()
+    time.sleep(0.005 if now - started < 1 else 0.1)
 "#;
 
-/// The watchdog without Python: it ends the command when the worker process dies only.
+/// Starts the watchdog with Python; without Python, it ends the command when the worker
+/// process dies only.
 const WATCHDOG_SH: &str = r#"py=$1 url=$2 silence=$3
 shift 3
-if command -v python3 >/dev/null 2>&1; then exec python3 -c "$py" "$url" "$silence" "$@"; fi
+# The worker's own interpreter where the system shows it (Linux), else the first python3.
+python=$(readlink "/proc/$PPID/exe" 2>/dev/null)
+case "$python" in */python*) ;; *) python=$(command -v python3 2>/dev/null) ;; esac
+if [ -n "$python" ]; then exec "$python" -I -S -c "$py" "$url" "$silence" "$@"; fi
 worker=$PPID
 "$@" &
 command=$!
