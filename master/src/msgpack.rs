@@ -58,7 +58,8 @@ pub fn router(master: Arc<Master>) -> axum::Router {
         .with_state(port)
 }
 
-async fn not_here() -> Response {
+async fn not_here(ConnectInfo(Peer { addr, .. }): ConnectInfo<Peer>, uri: axum::http::Uri) -> Response {
+    warn!(peer = %addr, path = %uri.path(), "a client asked the worker port for another path: Buildbot workers open a WebSocket on / (msgpack_experimental_v7)");
     (StatusCode::NOT_FOUND, "this is Kiln's worker port: Buildbot workers open a WebSocket on /\n").into_response()
 }
 
@@ -102,6 +103,13 @@ async fn upgrade(
         )
             .into_response();
     };
+    // Buildbot's msgpack_experimental_v7 asks for no WebSocket subprotocol; a worker that asks
+    // for one speaks something else.
+    if let Some(asked) = headers.get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok()) {
+        warn!(%peer, protocol = asked, "a worker asked for a protocol Kiln does not speak: Kiln speaks msgpack_experimental_v7 (buildbot-worker 4.x, protocol = 'msgpack_experimental_v7')");
+        let reason = format!("Kiln speaks msgpack_experimental_v7, not {asked}\n");
+        return (StatusCode::BAD_REQUEST, reason).into_response();
+    }
     let Some((name, password)) = basic_credentials(&headers) else {
         warn!(%peer, "refused a Buildbot worker: it sent no name and password");
         return refuse("a worker name and password are required\n");

@@ -298,6 +298,24 @@ async fn a_wrong_password_and_a_pb_worker_are_refused_at_once_with_a_clear_line(
             .all(|w| w["connected_to"].as_array().is_none_or(|c| c.is_empty())),
         "{workers}"
     );
+    // A WebSocket asking for a protocol Kiln does not speak is refused with a reason and a line.
+    let other = client
+        .get(format!("http://{address}/"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Protocol", "msgpack_experimental_v8")
+        .basic_auth("bb1", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 400);
+    assert!(other.text().await.unwrap().contains("Kiln speaks msgpack_experimental_v7, not msgpack_experimental_v8"));
+    eventually("the line for the unknown protocol", MINUTE, || async {
+        master.log().contains("a worker asked for a protocol Kiln does not speak").then_some(())
+    })
+    .await;
     master.signal(libc::SIGTERM);
 }
 
