@@ -224,43 +224,82 @@ schedulers:
     master.signal(libc::SIGTERM);
 }
 
+/// A build of builder `mixed` (workers bb1 and kw1) running on the Buildbot worker bb1, its one
+/// step `work` past its first line: it sleeps `seconds`, then appends the name of the worker it
+/// ran on to a ledger. Only bb1 runs yet.
+struct MidBuild {
+    master: MasterNode,
+    client: reqwest::Client,
+    bb1: BuildbotWorker,
+    brid: i64,
+    ledger: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl MidBuild {
+    async fn start(seconds: u32) -> MidBuild {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger");
+        let body = format!(
+            r#"builders:
+  - name: mixed
+    workernames: [bb1, kw1]
+    steps:
+      - shell: {{name: work, command: "echo started; sleep {seconds}; echo %(prop:workername)s >> {ledger}"}}
+schedulers:
+  - {{type: force, name: force, builderNames: [mixed]}}
+"#,
+            ledger = ledger.display()
+        );
+        let master = master(dir.path(), &body).await;
+        let client = reqwest::Client::new();
+        let bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
+        wait_workers(&client, &master, &["bb1"]).await;
+        let brid = force(&client, &master, "mixed", json!({})).await;
+        eventually("the build running on bb1", MINUTE, || async {
+            let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
+            let buildid = builds["builds"][0]["buildid"].as_i64()?;
+            log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
+        })
+        .await;
+        MidBuild { master, client, bb1, brid, ledger, dir }
+    }
+
+    /// Starts the kiln-worker kw1, which can take the build's rerun.
+    fn spawn_kiln_worker(&self) -> kiln_tests::system::TestWorker {
+        spawn_worker(&self.master.grpc_url(), "kw1", TOKEN, self.dir.path())
+    }
+
+    /// Sends `signal` to the buildbot-worker process.
+    fn signal_bb1(&self, signal: i32) {
+        let pid = self.bb1.pid().expect("bb1 runs") as i32;
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// The results of the request's builds, once it is complete.
+    async fn results(&self) -> Vec<i64> {
+        let builds = builds_of(&self.client, &self.master, self.brid).await;
+        builds.iter().map(|b| b["results"].as_i64().unwrap()).collect()
+    }
+
+    /// The workers whose run of the step got to its end, in order.
+    fn ledger(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.ledger).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+}
+
 /// A Buildbot worker SIGKILLed mid-build: the build ends RETRY and its request runs again on
 /// the kiln-worker of the same builder, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buildbot_worker_killed_mid_build_has_its_build_rerun_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger");
-    let body = format!(
-        r#"builders:
-  - name: mixed
-    workernames: [bb1, kw1]
-    steps:
-      - shell: {{name: work, command: "echo started; sleep 3; echo %(prop:workername)s >> {ledger}"}}
-schedulers:
-  - {{type: force, name: force, builderNames: [mixed]}}
-"#,
-        ledger = ledger.display()
-    );
-    let master = master(dir.path(), &body).await;
-    let client = reqwest::Client::new();
-    let mut bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
-    wait_workers(&client, &master, &["bb1"]).await;
-    let brid = force(&client, &master, "mixed", json!({})).await;
-    eventually("the build running on bb1", MINUTE, || async {
-        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
-        let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
-    })
-    .await;
-    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
-    bb1.kill().await;
-    let builds = builds_of(&client, &master, brid).await;
-    let results: Vec<i64> = builds.iter().map(|b| b["results"].as_i64().unwrap()).collect();
-    assert_eq!(results, [5, 0], "RETRY on the killed worker, then SUCCESS: {builds:?}");
+    let mut build = MidBuild::start(3).await;
+    let _kw1 = build.spawn_kiln_worker();
+    build.bb1.kill().await;
+    assert_eq!(build.results().await, [5, 0], "RETRY on the killed worker, then SUCCESS");
     real_sleep(Duration::from_secs(5)).await;
-    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
-    assert_eq!(ran.lines().collect::<Vec<_>>(), ["kw1"], "the killed worker's command died with it");
-    master.signal(libc::SIGTERM);
+    assert_eq!(build.ledger(), ["kw1"], "the killed worker's command died with it");
+    build.master.signal(libc::SIGTERM);
 }
 
 /// A wrong password gets 401 at once and the worker says it was refused; a worker still on PB
@@ -356,54 +395,25 @@ async fn a_builder_of_both_kinds_of_worker_runs_100_requests_each_exactly_once()
 /// it reconnects, and the master interrupts the command it left running before it can finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_buildbot_worker_has_the_command_it_left_running_interrupted() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger");
-    let body = format!(
-        r#"builders:
-  - name: mixed
-    workernames: [bb1, kw1]
-    steps:
-      - shell: {{name: work, command: "echo started; sleep 10; echo %(prop:workername)s >> {ledger}"}}
-schedulers:
-  - {{type: force, name: force, builderNames: [mixed]}}
-"#,
-        ledger = ledger.display()
-    );
-    let master = master(dir.path(), &body).await;
-    let client = reqwest::Client::new();
-    let bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
-    wait_workers(&client, &master, &["bb1"]).await;
-    let brid = force(&client, &master, "mixed", json!({})).await;
-    eventually("the build running on bb1", MINUTE, || async {
-        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
-        let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
-    })
-    .await;
-    let pid = bb1.pid().expect("bb1 runs") as i32;
-    // SAFETY: kill(2) on our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let build = MidBuild::start(10).await;
+    build.signal_bb1(libc::SIGSTOP);
     eventually("bb1's session lost", MINUTE, || async {
-        let workers = get(&client, &master, "/api/v2/workers?name=bb1").await;
+        let workers = get(&build.client, &build.master, "/api/v2/workers?name=bb1").await;
         workers["workers"][0]["connected_to"].as_array().is_some_and(|c| c.is_empty()).then_some(())
     })
     .await;
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
-    let builds = builds_of(&client, &master, brid).await;
-    let results: Vec<i64> = builds.iter().map(|b| b["results"].as_i64().unwrap()).collect();
-    assert_eq!(results, [5, 0], "RETRY on the frozen worker, then SUCCESS: {builds:?}");
-    wait_workers(&client, &master, &["bb1"]).await;
+    build.signal_bb1(libc::SIGCONT);
+    let _kw1 = build.spawn_kiln_worker();
+    assert_eq!(build.results().await, [5, 0], "RETRY on the frozen worker, then SUCCESS");
+    wait_workers(&build.client, &build.master, &["bb1"]).await;
     eventually("the left command interrupted", MINUTE, || async {
-        bb1.log().contains("asked to interrupt current command").then_some(())
+        build.bb1.log().contains("asked to interrupt current command").then_some(())
     })
     .await;
     real_sleep(Duration::from_secs(12)).await;
-    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
     // The rerun may have gone to either worker; the command bb1 was left with never finished.
-    assert_eq!(ran.lines().count(), 1, "one run finished: {ran}\n{}", bb1.log());
-    master.signal(libc::SIGTERM);
+    assert_eq!(build.ledger().len(), 1, "one run finished: {:?}\n{}", build.ledger(), build.bb1.log());
+    build.master.signal(libc::SIGTERM);
 }
 
 /// Every remote command Kiln has, sent straight through a Buildbot worker's session: a file
@@ -547,41 +557,13 @@ schedulers:
 /// rerun.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_buildbot_workers_command_is_killed_before_it_can_finish_beside_the_rerun() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger");
-    let body = format!(
-        r#"builders:
-  - name: mixed
-    workernames: [bb1, kw1]
-    steps:
-      - shell: {{name: work, command: "echo started; sleep 8; echo %(prop:workername)s >> {ledger}"}}
-schedulers:
-  - {{type: force, name: force, builderNames: [mixed]}}
-"#,
-        ledger = ledger.display()
-    );
-    let master = master(dir.path(), &body).await;
-    let client = reqwest::Client::new();
-    let bb1 = start_buildbot_worker(dir.path(), &master, "bb1");
-    wait_workers(&client, &master, &["bb1"]).await;
-    let brid = force(&client, &master, "mixed", json!({})).await;
-    eventually("the build running on bb1", MINUTE, || async {
-        let builds = get(&client, &master, &format!("/api/v2/buildrequests/{brid}/builds")).await;
-        let buildid = builds["builds"][0]["buildid"].as_i64()?;
-        log_text(&client, &master, buildid, "work").await.contains("ostarted").then_some(())
-    })
-    .await;
-    let pid = bb1.pid().expect("bb1 runs") as i32;
-    // SAFETY: kill(2) on our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let _kw1 = spawn_worker(&master.grpc_url(), "kw1", TOKEN, dir.path());
-    let builds = builds_of(&client, &master, brid).await;
-    let results: Vec<i64> = builds.iter().map(|b| b["results"].as_i64().unwrap()).collect();
-    assert_eq!(results, [5, 0], "RETRY on the cut-off worker, then SUCCESS: {builds:?}");
+    let build = MidBuild::start(8).await;
+    build.signal_bb1(libc::SIGSTOP);
+    let _kw1 = build.spawn_kiln_worker();
+    assert_eq!(build.results().await, [5, 0], "RETRY on the cut-off worker, then SUCCESS");
     real_sleep(Duration::from_secs(10)).await;
-    let ran = std::fs::read_to_string(&ledger).unwrap_or_default();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert_eq!(ran.lines().collect::<Vec<_>>(), ["kw1"], "the cut-off worker's command never finished");
-    master.signal(libc::SIGTERM);
+    let ran = build.ledger();
+    build.signal_bb1(libc::SIGCONT);
+    assert_eq!(ran, ["kw1"], "the cut-off worker's command never finished");
+    build.master.signal(libc::SIGTERM);
 }
