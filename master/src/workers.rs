@@ -167,7 +167,12 @@ impl WorkerRegistry {
             }
         }
         if let Err(error) = self.store.worker_disconnected(session.workerid, self.masterid).await {
-            warn!(worker = session.name(), %error, "could not record the disconnection");
+            if self.signals.is_shutting_down() {
+                // The master's stop records every worker of it as disconnected at once.
+                tracing::debug!(worker = session.name(), %error, "disconnection left to the master's stop");
+            } else {
+                warn!(worker = session.name(), %error, "could not record the disconnection");
+            }
         }
         info!(worker = session.name(), "worker disconnected");
         crate::telemetry::worker_disconnected();
