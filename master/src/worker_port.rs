@@ -134,33 +134,44 @@ fn refuse(peer: SocketAddr, spoken: Spoken, tls: bool) {
     }
 }
 
-/// Splits a plain-text worker port: gRPC connections on the first receiver, WebSocket ones on
-/// the listener.
-pub fn plain(listener: TcpListener) -> io::Result<(mpsc::Receiver<TcpStream>, WebSocketListener)> {
+/// Where a connection goes once it is told apart: to gRPC, or to the WebSocket side.
+type Routes<G> = (mpsc::Sender<G>, mpsc::Sender<(Box<dyn Io>, SocketAddr)>);
+
+/// Accepts connections on `listener` and hands each to `route` on a task of its own, until the
+/// gRPC server has ended (then the loop, and with it the listening socket, ends).
+fn split<G, F, Fut>(listener: TcpListener, tls: bool, route: F) -> io::Result<(mpsc::Receiver<G>, WebSocketListener)>
+where
+    G: Send + 'static,
+    F: Fn(TcpStream, SocketAddr, u16, Routes<G>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let local = listener.local_addr()?;
     let (grpc_tx, grpc_rx) = mpsc::channel(64);
     let (ws_tx, ws_rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            // The loop (and with it the listening socket) ends when the gRPC server has ended.
             let accepted = tokio::select! {
                 accepted = accept(&listener) => accepted,
                 _ = grpc_tx.closed() => return,
             };
             let Some((tcp, peer)) = accepted else { continue };
-            let (grpc, ws) = (grpc_tx.clone(), ws_tx.clone());
-            tokio::spawn(async move {
-                let mut tcp = tcp;
-                match peek(&tcp).await.map(|bytes| classify(&bytes)) {
-                    Some(Spoken::Http2) => drop(grpc.send(tcp).await),
-                    Some(Spoken::Http1) => drop(ws.send((Box::new(tcp) as Box<dyn Io>, peer)).await),
-                    None => refuse_pb(&mut tcp, peer, local.port()).await,
-                    Some(other) => refuse(peer, other, false),
-                }
-            });
+            tokio::spawn(route(tcp, peer, local.port(), (grpc_tx.clone(), ws_tx.clone())));
         }
     });
-    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local, tls: false }))
+    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local, tls }))
+}
+
+/// Splits a plain-text worker port: gRPC connections on the first receiver, WebSocket ones on
+/// the listener.
+pub fn plain(listener: TcpListener) -> io::Result<(mpsc::Receiver<TcpStream>, WebSocketListener)> {
+    split(listener, false, |mut tcp, peer, port, (grpc, ws)| async move {
+        match peek(&tcp).await.map(|bytes| classify(&bytes)) {
+            Some(Spoken::Http2) => drop(grpc.send(tcp).await),
+            Some(Spoken::Http1) => drop(ws.send((Box::new(tcp) as Box<dyn Io>, peer)).await),
+            None => refuse_pb(&mut tcp, peer, port).await,
+            Some(other) => refuse(peer, other, false),
+        }
+    })
 }
 
 /// Splits a TLS worker port: after the handshake, clients that agreed on HTTP/2 are gRPC; the
@@ -169,51 +180,36 @@ pub fn tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
 ) -> io::Result<(mpsc::Receiver<TlsStream<TcpStream>>, WebSocketListener)> {
-    let local = listener.local_addr()?;
-    let (grpc_tx, grpc_rx) = mpsc::channel(64);
-    let (ws_tx, ws_rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            // The loop (and with it the listening socket) ends when the gRPC server has ended.
-            let accepted = tokio::select! {
-                accepted = accept(&listener) => accepted,
-                _ = grpc_tx.closed() => return,
+    split(listener, true, move |mut tcp, peer, port, (grpc, ws)| {
+        let acceptor = acceptor.clone();
+        async move {
+            match peek(&tcp).await.map(|bytes| classify(&bytes)) {
+                Some(Spoken::Tls) => {}
+                None => return refuse_pb(&mut tcp, peer, port).await,
+                Some(other) => return refuse(peer, other, true),
+            }
+            let mut stream = match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => return debug!(%peer, "TLS handshake timed out"),
             };
-            let Some((tcp, peer)) = accepted else { continue };
-            let (acceptor, grpc, ws) = (acceptor.clone(), grpc_tx.clone(), ws_tx.clone());
-            tokio::spawn(async move {
-                let mut tcp = tcp;
-                match peek(&tcp).await.map(|bytes| classify(&bytes)) {
-                    Some(Spoken::Tls) => {}
-                    None => return refuse_pb(&mut tcp, peer, local.port()).await,
-                    Some(other) => return refuse(peer, other, true),
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let _ = grpc.send(stream).await;
+                return;
+            }
+            let mut first = [0u8; 4];
+            let read = tokio::time::timeout(SILENCE, stream.read(&mut first)).await;
+            match read {
+                Err(_) => refuse_pb(&mut stream, peer, port).await,
+                Ok(Ok(n)) if n > 0 && (classify(&first[..n]) == Spoken::Http1 || b"GET ".starts_with(&first[..n])) => {
+                    let prefixed = Prefixed { prefix: first[..n].to_vec(), inner: stream };
+                    let _ = ws.send((Box::new(prefixed) as Box<dyn Io>, peer)).await;
                 }
-                let mut stream = match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
-                };
-                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    let _ = grpc.send(stream).await;
-                    return;
-                }
-                let mut first = [0u8; 4];
-                let read = tokio::time::timeout(SILENCE, stream.read(&mut first)).await;
-                match read {
-                    Err(_) => refuse_pb(&mut stream, peer, local.port()).await,
-                    Ok(Ok(n))
-                        if classify(&first[..n]) == Spoken::Http1 || (n > 0 && b"GET ".starts_with(&first[..n])) =>
-                    {
-                        let prefixed = Prefixed { prefix: first[..n].to_vec(), inner: stream };
-                        let _ = ws.send((Box::new(prefixed) as Box<dyn Io>, peer)).await;
-                    }
-                    Ok(Ok(n)) => refuse(peer, classify(&first[..n]), false),
-                    Ok(Err(error)) => debug!(%peer, %error, "a TLS client's connection failed"),
-                }
-            });
+                Ok(Ok(n)) => refuse(peer, classify(&first[..n]), false),
+                Ok(Err(error)) => debug!(%peer, %error, "a TLS client's connection failed"),
+            }
         }
-    });
-    Ok((grpc_rx, WebSocketListener { connections: ws_rx, local, tls: true }))
+    })
 }
 
 async fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {

@@ -117,7 +117,13 @@ pub fn cpu_seconds_of(pid: u32) -> f64 {
 
 /// Forces a build through the `force` scheduler of the master at `base`; returns the request id.
 pub async fn force(client: &reqwest::Client, base: &str) -> i64 {
-    let body = serde_json::json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": {} });
+    force_with(client, base, serde_json::json!({})).await
+}
+
+/// Forces a build through the `force` scheduler of the master at `base` with `params`; returns
+/// the (first) request's id.
+pub async fn force_with(client: &reqwest::Client, base: &str, params: serde_json::Value) -> i64 {
+    let body = serde_json::json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": params });
     let reply: serde_json::Value = client
         .post(format!("{base}/api/v2/forceschedulers/force"))
         .json(&body)

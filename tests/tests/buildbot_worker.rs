@@ -64,17 +64,7 @@ async fn wait_workers(client: &reqwest::Client, master: &MasterNode, names: &[&s
 async fn force(client: &reqwest::Client, master: &MasterNode, builder: &str, params: Value) -> i64 {
     let mut params = params;
     params["builderNames"] = json!([builder]);
-    let body = json!({ "jsonrpc": "2.0", "method": "force", "id": 1, "params": params });
-    let reply: Value = client
-        .post(format!("{}/api/v2/forceschedulers/force", master.base()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    reply["result"][1].as_object().and_then(|m| m.values().next()).and_then(Value::as_i64).expect("a request id")
+    kiln_tests::process::force_with(client, &master.base(), params).await
 }
 
 /// The builds of request `brid` once it is complete.

@@ -49,6 +49,23 @@ async fn pods(master: &TestMaster, fake: &FakeKube, names: &[&str]) -> Vec<TestW
     workers
 }
 
+/// The idle pods have the lowest deletion cost; the busy one stays above them (at 10 + seconds
+/// busy when its build was already running at the decision, or unannotated, which counts as 0).
+fn assert_the_busy_pod_is_spared(fake: &FakeKube, busy: &str) {
+    let costs = fake.deletion_costs();
+    let calls: Vec<String> =
+        fake.patches().iter().map(|c| format!("{:.3} {} {}", c.at.elapsed().as_secs_f64(), c.path, c.body)).collect();
+    for (pod, cost) in &costs {
+        let cost: i64 = cost.as_deref().unwrap_or("0").parse().unwrap();
+        if pod == busy {
+            assert!(cost == 0 || cost >= 10, "busy {busy}: {costs:?}\n{}", calls.join("\n"));
+        } else {
+            assert_eq!(cost, -1000, "busy {busy}: {costs:?}\n{}", calls.join("\n"));
+        }
+    }
+    assert_ne!(fake.lowest_cost_pod().as_deref(), Some(busy));
+}
+
 async fn force(master: &TestMaster, builders: &[&str]) -> Vec<i64> {
     let (status, reply) = master.force("force", json!({ "builderNames": builders })).await;
     assert_eq!(status, 200, "{reply}");
@@ -137,23 +154,7 @@ async fn a_scale_down_removes_idle_pods_and_the_busy_one_is_spared() {
             calls.join("\n")
         );
     }
-    // The idle pods get the lowest cost; the busy one stays above them (at 10 + seconds busy
-    // when its build was already running at the decision, or unannotated, which counts as 0).
-    let costs = fake.deletion_costs();
-    for (pod, cost) in &costs {
-        let cost: i64 = cost.as_deref().unwrap_or("0").parse().unwrap();
-        let calls: Vec<String> = fake
-            .patches()
-            .iter()
-            .map(|c| format!("{:.3} {} {}", c.at.elapsed().as_secs_f64(), c.path, c.body))
-            .collect();
-        if *pod == busy {
-            assert!(cost == 0 || cost >= 10, "busy {busy}: {costs:?}\n{}", calls.join("\n"));
-        } else {
-            assert_eq!(cost, -1000, "busy {busy}: {costs:?}\n{}", calls.join("\n"));
-        }
-    }
-    assert_ne!(fake.lowest_cost_pod().as_deref(), Some(busy.as_str()));
+    assert_the_busy_pod_is_spared(&fake, &busy);
     // The ReplicaSet removes the two cheapest pods; their workers get SIGTERM and exit idle.
     for worker in &workers {
         if worker.name != busy {
@@ -374,16 +375,7 @@ async fn a_pool_of_buildbot_workers_scales_down_by_its_idle_pods() {
     })
     .await;
     eventually("one replica", MINUTE, || async { (fake.replicas() == 1).then_some(()) }).await;
-    let costs = fake.deletion_costs();
-    for (pod, cost) in &costs {
-        let cost: i64 = cost.as_deref().unwrap_or("0").parse().unwrap();
-        if *pod == busy {
-            assert!(cost == 0 || cost >= 10, "busy {busy}: {costs:?}");
-        } else {
-            assert_eq!(cost, -1000, "busy {busy}: {costs:?}");
-        }
-    }
-    assert_ne!(fake.lowest_cost_pod().as_deref(), Some(busy.as_str()));
+    assert_the_busy_pod_is_spared(&fake, &busy);
     for (worker, name) in workers.iter_mut().zip(names) {
         if name != busy {
             fake.delete_pod(name);
