@@ -3,7 +3,8 @@
 //! UI subscribes. It reports event latency (a build's completion committed → its `finished`
 //! message read by each client), the master's CPU and resident memory under a paced load of R
 //! builds per second with and without the clients, and burst dispatch throughput with and
-//! without them.
+//! without them: bursts alone and with the clients alternate, so that the machine's drift
+//! between runs falls on both sides, and the medians are compared.
 //!
 //! ```sh
 //! cargo build --release --bins && cargo bench -p kiln-tests --bench events -- --clients 200 --rate 100
@@ -35,6 +36,9 @@ struct Args {
     /// Builds in each burst (with and without the clients).
     #[arg(long, default_value_t = 1000)]
     builds: usize,
+    /// Bursts alone and with the clients, alternating.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Local workers.
     #[arg(long, default_value_t = 8)]
     workers: u32,
@@ -142,6 +146,31 @@ async fn paced(master: &MasterProcess, rate: u32, seconds: u32) -> f64 {
     (master.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64()
 }
 
+/// Connects `count` clients subscribed as Buildbot's UI subscribes, each read on its own task
+/// until `stop` is set.
+async fn connect_clients(
+    http: std::net::SocketAddr,
+    count: usize,
+    stop: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Received>> {
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        let mut client = EventClient::connect(http).await;
+        for path in ["builds/*/*", "steps/*/*", "logs/*/*"] {
+            client.subscribe(path).await;
+        }
+        clients.push(client);
+    }
+    let limit = Duration::from_secs(600);
+    clients.into_iter().map(|c| tokio::spawn(read(c, Arc::clone(stop), limit))).collect()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    percentile(&sorted, 50.0)
+}
+
 /// The highest id in `table` (`builds` or `buildrequests`), 0 when it is empty.
 async fn last_id(database: &str, table: &str) -> i64 {
     let statement = match table {
@@ -178,21 +207,11 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let (throughput_alone, cpu_per_build_alone, own_alone) = burst(&master, &database, args.builds).await;
     let cores_alone = paced(&master, args.rate, args.seconds).await;
     let rss_alone = master.rss_mib();
 
-    let mut clients = Vec::new();
-    for _ in 0..args.clients {
-        let mut client = EventClient::connect(http).await;
-        for path in ["builds/*/*", "steps/*/*", "logs/*/*"] {
-            client.subscribe(path).await;
-        }
-        clients.push(client);
-    }
     let stop = Arc::new(AtomicUsize::new(0));
-    let limit = Duration::from_secs(600);
-    let readers: Vec<_> = clients.into_iter().map(|c| tokio::spawn(read(c, Arc::clone(&stop), limit))).collect();
+    let readers = connect_clients(http, args.clients, &stop).await;
     let builds_before = last_id(&database, "builds").await;
     let cores_with = paced(&master, args.rate, args.seconds).await;
     let rss_with = master.rss_mib();
@@ -200,11 +219,7 @@ async fn main() {
         finished_builds(&database, builds_before).await.into_iter().map(|(id, _, done)| (id, done)).collect();
     // The last `finished` messages are on their way when the requests read as complete.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (throughput_with, cpu_per_build_with, own_with) = burst(&master, &database, args.builds).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_burst_with = master.rss_mib();
     stop.store(1, Ordering::Relaxed);
-
     let mut latencies = Vec::new();
     let (mut frames, mut closed, mut missing) = (0u64, 0usize, 0usize);
     for reader in readers {
@@ -218,6 +233,35 @@ async fn main() {
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
 
+    // Bursts, alone and with a fresh set of clients, alternating.
+    let (mut alone, mut with) = (Vec::new(), Vec::new());
+    let mut burst_closed = 0usize;
+    for _ in 0..args.rounds {
+        alone.push(burst(&master, &database, args.builds).await);
+        let stop = Arc::new(AtomicUsize::new(0));
+        let readers = connect_clients(http, args.clients, &stop).await;
+        with.push(burst(&master, &database, args.builds).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(1, Ordering::Relaxed);
+        for reader in readers {
+            let got = reader.await.unwrap();
+            frames += got.frames;
+            burst_closed += usize::from(got.closed);
+        }
+    }
+    let rss_burst_with = master.rss_mib();
+    let column = |runs: &[(f64, f64, f64)], pick: fn(&(f64, f64, f64)) -> f64, scale: f64| {
+        let values: Vec<f64> = runs.iter().map(|r| pick(r) * scale).collect();
+        let listed = values.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(", ");
+        (median(&values), listed)
+    };
+    let (throughput_alone, each_alone) = column(&alone, |r| r.0, 1.0);
+    let (throughput_with, each_with) = column(&with, |r| r.0, 1.0);
+    let (cpu_alone, cpu_each_alone) = column(&alone, |r| r.1, 1000.0);
+    let (cpu_with, cpu_each_with) = column(&with, |r| r.1, 1000.0);
+    let (own_alone, _) = column(&alone, |r| r.2, 1000.0);
+    let (own_with, _) = column(&with, |r| r.2, 1000.0);
+
     println!(
         "event latency, commit → client ({} builds × {} clients)   p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
         paced_builds.len(),
@@ -227,27 +271,27 @@ async fn main() {
         latencies.last().copied().unwrap_or(f64::NAN)
     );
     println!("messages read by the clients             {frames}");
-    println!("clients closed by the master             {closed}   finished messages missing {missing}");
+    println!(
+        "clients closed by the master             {closed} (paced), {burst_closed} (bursts)   finished messages missing {missing}"
+    );
     println!(
         "master CPU at {} builds/s                 {:.2} cores alone, {:.2} cores with the clients",
         args.rate, cores_alone, cores_with
     );
     println!(
-        "master RSS                               {rss_alone:.1} MiB alone, {rss_with:.1} MiB with the clients (paced), {rss_burst_with:.1} MiB after the burst"
+        "master RSS                               {rss_alone:.1} MiB alone, {rss_with:.1} MiB with the clients (paced), {rss_burst_with:.1} MiB after the bursts"
     );
     println!(
-        "burst throughput                         {throughput_alone:.0} builds/s alone, {throughput_with:.0} builds/s with the clients ({:+.1} %)",
+        "burst throughput, median of {}           {throughput_alone:.0} builds/s alone, {throughput_with:.0} builds/s with the clients ({:+.1} %)",
+        args.rounds,
         (throughput_with / throughput_alone - 1.0) * 100.0
     );
+    println!("  each burst, builds/s                   alone {each_alone}; with the clients {each_with}");
     println!(
-        "master CPU per build, burst              {:.2} ms alone, {:.2} ms with the clients",
-        cpu_per_build_alone * 1000.0,
-        cpu_per_build_with * 1000.0
+        "master CPU per build, burst (median)     {cpu_alone:.2} ms alone, {cpu_with:.2} ms with the clients (each: {cpu_each_alone}; {cpu_each_with})"
     );
     println!(
-        "benchmark's own CPU per build, burst     {:.2} ms alone, {:.2} ms with the clients (on the same cores)",
-        own_alone * 1000.0,
-        own_with * 1000.0
+        "benchmark's own CPU per build, burst     {own_alone:.2} ms alone, {own_with:.2} ms with the clients (on the same cores)"
     );
     master.stop().await;
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
@@ -23,9 +23,9 @@ use crate::events::{Event, Origin, Topic};
 use crate::master::Master;
 use crate::store::{Backend, Filter, ListQuery, Op, Resource};
 
-/// Messages the broadcast holds for connections not yet caught up; one that falls further
-/// behind is closed.
-const BACKLOG: usize = 16_384;
+/// Rounds of messages the broadcast holds for connections not yet caught up (the publisher
+/// makes at most a few hundred a second); one that falls further behind is closed.
+const BACKLOG: usize = 2_048;
 /// How long a client may leave a message unread before its connection is closed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subscriptions one connection may hold (the UI holds a few dozen).
@@ -38,18 +38,43 @@ const GATHER: Duration = Duration::from_millis(5);
 const READ_BUFFER: usize = 4 * 1024;
 /// Objects read per statement when the publisher fetches what changed.
 const FETCH_CHUNK: usize = 200;
+/// The shortest time between two writes to one connection. A message for an idle connection
+/// is written at once; while events keep coming, each connection gets them in one write per
+/// interval, so 200 browsers cost 200 writes per interval, not 200 per publisher round.
+const FLUSH_EVERY: Duration = Duration::from_millis(15);
 
 /// One message of the stream, under one routing key.
 #[derive(Debug)]
 pub struct Message {
     key: String,
+    /// Where each segment of the key ends: every connection matches every message against its
+    /// subscriptions, so the key is split once, here.
+    ends: Vec<u16>,
     frame: Utf8Bytes,
 }
+
+impl Message {
+    fn new(key: String, frame: String) -> Message {
+        let mut ends: Vec<u16> = key.match_indices('/').map(|(i, _)| i as u16).collect();
+        ends.push(key.len() as u16);
+        Message { key, ends, frame: Utf8Bytes::from(frame) }
+    }
+
+    /// The key's segments, in order.
+    fn segments(&self) -> impl Iterator<Item = &str> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|end| *end as usize + 1));
+        starts.zip(&self.ends).map(|(start, end)| &self.key[start..*end as usize])
+    }
+}
+
+/// The messages of one round of the publisher, broadcast together so that a connection wakes
+/// once per round, not once per message.
+type Round = Arc<Vec<Message>>;
 
 /// The broadcast of the stream, shared by the publisher and the connections.
 #[derive(Debug)]
 pub struct Hub {
-    messages: broadcast::Sender<Arc<Message>>,
+    messages: broadcast::Sender<Round>,
 }
 
 impl Hub {
@@ -90,12 +115,14 @@ async fn publish(master: Arc<Master>, hub: Arc<Hub>) {
             let mut seen = HashSet::new();
             let unique: Vec<Event> = batch.iter().map(|(e, _)| *e).filter(|e| seen.insert(*e)).collect();
             let objects = fetch(&master, &unique).await;
+            let mut round = Vec::new();
             for event in &unique {
                 let Some(object) = objects.get(&(resource(event.topic), event.id)) else { continue };
-                for message in messages(event, object) {
-                    // No receiver left is not an error: the next batch checks again.
-                    let _ = hub.messages.send(Arc::new(message));
-                }
+                round.extend(messages(event, object));
+            }
+            if !round.is_empty() {
+                // No receiver left is not an error: the next batch checks again.
+                let _ = hub.messages.send(Arc::new(round));
             }
         };
         tokio::join!(share, deliver);
@@ -220,7 +247,7 @@ fn messages(event: &Event, object: &Map<String, Value>) -> Vec<Message> {
         .map(|path| {
             let key = format!("{path}/{}", event.name);
             let frame = format!("{{\"k\":{},\"m\":{body}}}", Value::String(key.clone()));
-            Message { key, frame: Utf8Bytes::from(frame) }
+            Message::new(key, frame)
         })
         .collect()
 }
@@ -252,17 +279,12 @@ impl Pattern {
         Ok(Pattern(segments))
     }
 
-    fn matches(&self, key: &str) -> bool {
-        let mut parts = key.split('/');
-        for segment in &self.0 {
-            match (segment, parts.next()) {
-                (_, None) => return false,
-                (Segment::Any, Some(_)) => {}
-                (Segment::Exactly(want), Some(part)) if want == part => {}
-                _ => return false,
-            }
-        }
-        parts.next().is_none()
+    fn matches(&self, message: &Message) -> bool {
+        message.ends.len() == self.0.len()
+            && self.0.iter().zip(message.segments()).all(|(segment, part)| match segment {
+                Segment::Any => true,
+                Segment::Exactly(want) => want == part,
+            })
     }
 }
 
@@ -335,28 +357,76 @@ enum Ending {
     Close(u16, &'static str),
 }
 
+/// Adds `first` (when given) and the rounds already waiting to `rounds`, up to 16 in all; or says
+/// why the connection ends.
+fn take_waiting(
+    messages: &mut broadcast::Receiver<Round>,
+    first: Option<std::result::Result<Round, broadcast::error::RecvError>>,
+    rounds: &mut Vec<Round>,
+) -> Option<Ending> {
+    use broadcast::error::{RecvError, TryRecvError};
+    let mut next = first;
+    while rounds.len() < 16 {
+        let received = match next.take() {
+            Some(received) => received,
+            None => match messages.try_recv() {
+                Ok(round) => Ok(round),
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                Err(TryRecvError::Empty) => return None,
+            },
+        };
+        match received {
+            Ok(round) => rounds.push(round),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::info!(missed, "closing an event stream client that fell behind");
+                crate::telemetry::websocket_client_dropped();
+                return Some(Ending::Close(1008, "too slow: events were missed; reload"));
+            }
+            Err(RecvError::Closed) => return Some(Ending::Close(1001, "master stopping")),
+        }
+    }
+    None
+}
+
+/// Writes the messages of `rounds` that the subscriptions match, in one write; returns how many,
+/// or None when the client did not take them in time. Feeding writes too once the socket's
+/// buffer is full, so the whole is bounded in time: a client that stops reading is let go.
+async fn write(socket: &mut WebSocket, subscriptions: &[(String, Pattern)], rounds: &[Round]) -> Option<usize> {
+    let written = tokio::time::timeout(SEND_TIMEOUT, async {
+        let mut fed = 0usize;
+        for message in rounds.iter().flat_map(|r| r.iter()) {
+            if subscriptions.iter().any(|(_, p)| p.matches(message)) {
+                socket.feed(Frame::Text(message.frame.clone())).await?;
+                fed += 1;
+            }
+        }
+        if fed > 0 {
+            socket.flush().await?;
+        }
+        Ok::<_, axum::Error>(fed)
+    });
+    written.await.ok()?.ok()
+}
+
 async fn serve(
-    socket: WebSocket,
-    mut messages: broadcast::Receiver<Arc<Message>>,
+    mut socket: WebSocket,
+    mut messages: broadcast::Receiver<Round>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     crate::telemetry::websocket_client(true);
-    let (mut sink, mut stream) = socket.split();
     let mut subscriptions: Vec<(String, Pattern)> = Vec::new();
-    let send = async |sink: &mut futures::stream::SplitSink<WebSocket, Frame>, frame: Frame, flush: bool| {
-        let sent = if flush {
-            tokio::time::timeout(SEND_TIMEOUT, sink.send(frame)).await
-        } else {
-            tokio::time::timeout(SEND_TIMEOUT, sink.feed(frame)).await
-        };
-        matches!(sent, Ok(Ok(())))
-    };
+    // A connection written to less than FLUSH_EVERY ago holds what comes meanwhile, without
+    // looking at the broadcast again, and writes it all when the interval is over.
+    let mut held: Vec<Round> = Vec::new();
+    let mut last_write = tokio::time::Instant::now() - FLUSH_EVERY;
     let ending = loop {
         tokio::select! {
-            incoming = stream.next() => match incoming {
+            incoming = socket.recv() => match incoming {
                 Some(Ok(Frame::Text(text))) => {
                     let reply = answer(text.as_str(), &mut subscriptions);
-                    if !send(&mut sink, Frame::Text(reply.to_string().into()), true).await {
+                    let sent = tokio::time::timeout(SEND_TIMEOUT, socket.send(Frame::Text(reply.to_string().into())));
+                    if !matches!(sent.await, Ok(Ok(()))) {
                         break Ending::Gone;
                     }
                 }
@@ -364,41 +434,29 @@ async fn serve(
                 Some(Ok(Frame::Ping(_) | Frame::Pong(_))) => {}
                 Some(Ok(Frame::Close(_))) | Some(Err(_)) | None => break Ending::Gone,
             },
-            received = messages.recv() => {
-                let mut next = received;
-                let mut fed = 0usize;
-                let ending = loop {
-                    match next {
-                        Ok(message) => {
-                            if subscriptions.iter().any(|(_, p)| p.matches(&message.key)) {
-                                if !send(&mut sink, Frame::Text(message.frame.clone()), false).await {
-                                    break Some(Ending::Stalled);
-                                }
-                                fed += 1;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::info!(missed, "closing an event stream client that fell behind");
-                            crate::telemetry::websocket_client_dropped();
-                            break Some(Ending::Close(1008, "too slow: events were missed; reload"));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break Some(Ending::Close(1001, "master stopping")),
-                    }
-                    // Send what is already waiting in one write, a bounded number at a time.
-                    if fed >= 256 {
-                        break None;
-                    }
-                    match messages.try_recv() {
-                        Ok(message) => next = Ok(message),
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => next = Err(broadcast::error::RecvError::Lagged(n)),
-                        Err(_) => break None,
-                    }
-                };
-                if let Some(ending) = ending {
+            _ = tokio::time::sleep_until(last_write + FLUSH_EVERY), if !held.is_empty() => {
+                if let Some(ending) = take_waiting(&mut messages, None, &mut held) {
                     break ending;
                 }
-                if fed > 0 && !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await, Ok(Ok(()))) {
-                    break Ending::Stalled;
+                match write(&mut socket, &subscriptions, &held).await {
+                    Some(written) if written > 0 => last_write = tokio::time::Instant::now(),
+                    Some(_) => {}
+                    None => break Ending::Stalled,
+                }
+                held.clear();
+            },
+            received = messages.recv(), if held.is_empty() => {
+                if let Some(ending) = take_waiting(&mut messages, Some(received), &mut held) {
+                    break ending;
+                }
+                // An idle connection is written to at once; a busy one when its interval is over.
+                if last_write.elapsed() >= FLUSH_EVERY {
+                    match write(&mut socket, &subscriptions, &held).await {
+                        Some(written) if written > 0 => last_write = tokio::time::Instant::now(),
+                        Some(_) => {}
+                        None => break Ending::Stalled,
+                    }
+                    held.clear();
                 }
             },
             _ = shutdown.changed() => break Ending::Close(1001, "master stopping"),
@@ -407,7 +465,7 @@ async fn serve(
     match ending {
         Ending::Close(code, reason) => {
             let close = Frame::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
-            let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
         }
         Ending::Stalled => {
             tracing::info!("closing an event stream client that stopped reading");
@@ -424,14 +482,16 @@ mod tests {
 
     #[test]
     fn a_star_matches_exactly_one_segment() {
+        let key = |key: &str| Message::new(key.to_owned(), String::new());
         let pattern = Pattern::parse("builds/*/*").unwrap();
-        assert!(pattern.matches("builds/7/new"));
-        assert!(!pattern.matches("builds/7/steps/3/new"));
-        assert!(!pattern.matches("builds/7"));
-        assert!(!pattern.matches("builders/7/new"));
+        assert!(pattern.matches(&key("builds/7/new")));
+        assert!(!pattern.matches(&key("builds/7/steps/3/new")));
+        assert!(!pattern.matches(&key("builds/7")));
+        assert!(!pattern.matches(&key("builders/7/new")));
         let pattern = Pattern::parse("builds/7/steps/*/*").unwrap();
-        assert!(pattern.matches("builds/7/steps/25/started"));
-        assert!(!pattern.matches("builds/8/steps/25/started"));
+        assert!(pattern.matches(&key("builds/7/steps/25/started")));
+        assert!(!pattern.matches(&key("builds/8/steps/25/started")));
+        assert_eq!(key("logs/3/append").segments().collect::<Vec<_>>(), ["logs", "3", "append"]);
         assert!(Pattern::parse("").is_err());
         assert!(Pattern::parse("builds//new").is_err());
     }
