@@ -13,7 +13,7 @@ use crate::config::{ForgeStatusConfig, GithubCommentConfig, HttpPushConfig, Serv
 use crate::domain::SourceStamp;
 use crate::properties::{Properties, SourceView};
 use crate::results::Results;
-use crate::store::{ClaimedReport, Filter, ListQuery, Op, Resource, Settled};
+use crate::store::{ClaimedReport, Filter, ListQuery, Op, ReportedBuild, Resource, Settled};
 
 /// Reports being sent at once.
 const IN_FLIGHT: usize = 64;
@@ -69,20 +69,45 @@ impl Master {
         let mut queue = self.signals.queue_events();
         let mut in_flight: tokio::task::JoinSet<Option<i64>> = tokio::task::JoinSet::new();
         let mut last_claim = tokio::time::Instant::now();
+        // Sent reports not yet recorded as sent.
+        let mut sent: Vec<i64> = Vec::new();
         loop {
+            // Records the sends that ended in one statement, then claims as many as there is
+            // room for in another: the writer is the builds' too, so the loop writes at most
+            // twice per CLAIM_EVERY however many reports come and go meanwhile.
+            while let Some(done) = in_flight.try_join_next() {
+                sent.extend(done.ok().flatten());
+            }
+            if !sent.is_empty() {
+                if let Err(error) = self.store.settle_reports_sent(&sent, self.masterid).await {
+                    // The claims lapse and the reports go out again: at least once, never lost.
+                    warn!(%error, reports = sent.len(), "cannot record that reports were sent");
+                }
+                sent.clear();
+            }
             let room = IN_FLIGHT - in_flight.len();
             if room > 0 {
-                // Wake-ups come with every build event: claim at most every CLAIM_EVERY, so a
-                // burst of builds costs the writer a claim per moment, not one per event.
-                tokio::time::sleep_until(last_claim + CLAIM_EVERY).await;
                 last_claim = tokio::time::Instant::now();
                 match self.store.claim_reports(self.masterid, CLAIM_MS, room as i64).await {
-                    Ok(claimed) => {
+                    Ok(claimed) if !claimed.is_empty() => {
+                        // What the reports say is read for the whole claim at once.
+                        let mut buildids: Vec<i64> = claimed.iter().map(|r| r.buildid).collect();
+                        buildids.sort_unstable();
+                        buildids.dedup();
+                        let builds = self.store.reported_builds(&buildids).await.map_err(|e| e.to_string());
                         for report in claimed {
+                            let build = match &builds {
+                                Ok(builds) => builds
+                                    .get(&report.buildid)
+                                    .cloned()
+                                    .ok_or_else(|| format!("no build {}", report.buildid)),
+                                Err(error) => Err(error.clone()),
+                            };
                             let (master, clients) = (Arc::clone(&self), Arc::clone(&clients));
-                            in_flight.spawn(async move { master.send_report(&clients, report).await });
+                            in_flight.spawn(async move { master.send_report(&clients, report, build).await });
                         }
                     }
+                    Ok(_) => {}
                     Err(error) => warn!(%error, "reporters: cannot claim reports; trying again"),
                 }
             }
@@ -92,31 +117,24 @@ impl Master {
                     _ = queue.changed() => {}
                     _ = shutdown.changed() => return,
                 }
-                continue;
             }
-            // Wait for a send to end (or for new reports while there is room), then settle
-            // every send that has ended in one statement: the writer is the builds' too.
-            let first = tokio::select! {
-                done = in_flight.join_next() => done,
-                _ = queue.changed(), if in_flight.len() < IN_FLIGHT => None,
+            // Wake-ups come with every build event: the next round is at least CLAIM_EVERY after
+            // this one, so a burst of builds costs the writer a claim per moment, not one per event.
+            tokio::select! {
+                _ = tokio::time::sleep_until(last_claim + CLAIM_EVERY) => {}
                 _ = shutdown.changed() => return,
-            };
-            let mut sent: Vec<i64> = first.and_then(Result::ok).flatten().into_iter().collect();
-            while let Some(done) = in_flight.try_join_next() {
-                sent.extend(done.ok().flatten());
-            }
-            if !sent.is_empty()
-                && let Err(error) = self.store.settle_reports_sent(&sent, self.masterid).await
-            {
-                // The claims lapse and the reports go out again: at least once, never lost.
-                warn!(%error, reports = sent.len(), "cannot record that reports were sent");
             }
         }
     }
 
     /// Sends one report and records what became of it, but for a report sent: returns its id
     /// for the caller to settle with the others.
-    async fn send_report(&self, clients: &Clients, report: ClaimedReport) -> Option<i64> {
+    async fn send_report(
+        &self,
+        clients: &Clients,
+        report: ClaimedReport,
+        build: Result<ReportedBuild, String>,
+    ) -> Option<i64> {
         let Some(service) = self.config.services.iter().find(|s| s.name() == report.reporter) else {
             // A reporter removed from the configuration since: nobody will send it.
             let _ = self.store.settle_report(report.id, self.masterid, Settled::Skipped, "no such reporter").await;
@@ -124,7 +142,7 @@ impl Master {
         };
         let outcome = match (
             clients.get(&service.ca_file().map(std::path::Path::to_path_buf)),
-            self.build_facts(report.buildid, service).await,
+            self.build_facts(report.buildid, build, service).await,
         ) {
             (Some(client), Ok(facts)) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
             (None, _) => {
@@ -161,8 +179,13 @@ impl Master {
         None
     }
 
-    async fn build_facts(&self, buildid: i64, service: &ServiceConfig) -> Result<BuildFacts, String> {
-        let build = self.store.reported_build(buildid).await.map_err(|e| e.to_string())?;
+    async fn build_facts(
+        &self,
+        buildid: i64,
+        build: Result<ReportedBuild, String>,
+        service: &ServiceConfig,
+    ) -> Result<BuildFacts, String> {
+        let build = build?;
         let previous = if service.coverage().needs_previous() {
             self.store.previous_build_results(build.builderid, build.number).await.map_err(|e| e.to_string())?
         } else {

@@ -1,6 +1,8 @@
 //! The reporters' outbox: reports owed for builds, written with the builds' state changes,
 //! claimed by one master at a time, settled or retried.
 
+use std::collections::HashMap;
+
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{Result, Store, StoreError, get_i64};
@@ -73,32 +75,33 @@ impl Settled {
 }
 
 impl Store {
-    /// Writes a starting build's `reports` inside the caller's transaction: those of its start
-    /// due now, those of its end held until it ends (whoever ends it: its master, or another
-    /// taking back a dead master's claim).
+    /// Writes a starting build's `reports` inside the caller's transaction, in one statement:
+    /// those of its start due now, those of its end held until it ends (whoever ends it: its
+    /// master, or another taking back a dead master's claim).
     pub(super) async fn insert_reports(
         conn: &mut sqlx::AnyConnection,
         buildid: i64,
         reports: &[NewReport],
         now: i64,
     ) -> Result<()> {
-        for report in reports {
-            let (event, state) = match report.event {
-                ReportEvent::Started => ("started", "pending"),
-                ReportEvent::Finished => ("finished", "held"),
-            };
-            sqlx::query(
-                "INSERT INTO reports (reporter, buildid, event, order_key, state, next_attempt_at, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $6)",
-            )
-            .bind(&report.reporter)
-            .bind(buildid)
-            .bind(event)
-            .bind(&report.order_key)
-            .bind(state)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+        // A build owes a few reports, one or two per reporter: a statement of that many rows.
+        for chunk in reports.chunks(100) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, $1, ${}, ${}, ${}, $2, $2)", 3 + 4 * i, 4 + 4 * i, 5 + 4 * i, 6 + 4 * i))
+                .collect();
+            let sql = format!(
+                "INSERT INTO reports (reporter, buildid, event, order_key, state, next_attempt_at, created_at) VALUES {}",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(buildid).bind(now);
+            for report in chunk {
+                let (event, state) = match report.event {
+                    ReportEvent::Started => ("started", "pending"),
+                    ReportEvent::Finished => ("finished", "held"),
+                };
+                query = query.bind(&report.reporter).bind(event).bind(&report.order_key).bind(state);
+            }
+            query.execute(&mut *conn).await?;
         }
         Ok(())
     }
@@ -125,51 +128,61 @@ impl Store {
         Ok(())
     }
 
-    /// The build `buildid` as its reports describe it: builder, number, result, properties and
-    /// the source stamps of its buildset.
-    pub async fn reported_build(&self, buildid: i64) -> Result<ReportedBuild> {
+    /// The builds `buildids` as their reports describe them: builder, number, result, properties
+    /// and the source stamps of their buildsets, in two statements for the lot. A build not
+    /// found is left out.
+    pub async fn reported_builds(&self, buildids: &[i64]) -> Result<HashMap<i64, ReportedBuild>> {
+        let mut builds = HashMap::new();
         let mut conn = self.read.acquire().await?;
-        let row = sqlx::query(
-            "SELECT b.builderid, r.name, b.number, b.results, b.state_string, b.properties, q.buildsetid \
-             FROM builds b JOIN builders r ON r.id = b.builderid JOIN buildrequests q ON q.id = b.buildrequestid \
-             WHERE b.id = $1",
-        )
-        .bind(buildid)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("build {buildid}")))?;
-        let properties: String = row.try_get("properties")?;
-        let properties = serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let buildsetid = get_i64(&row, "buildsetid")?;
-        let stamps = sqlx::query(
-            "SELECT s.branch, s.revision, s.repository, s.project, s.codebase FROM buildset_sourcestamps bs \
-             JOIN sourcestamps s ON s.id = bs.sourcestampid WHERE bs.buildsetid = $1 ORDER BY s.codebase",
-        )
-        .bind(buildsetid)
-        .fetch_all(&mut *conn)
-        .await?;
-        let sourcestamps = stamps
-            .iter()
-            .map(|s| {
-                Ok(SourceStamp {
-                    branch: s.try_get("branch")?,
-                    revision: s.try_get("revision")?,
-                    repository: s.try_get("repository")?,
-                    project: s.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
-                    codebase: s.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ReportedBuild {
-            builderid: get_i64(&row, "builderid")?,
-            builder: row.try_get("name")?,
-            number: get_i64(&row, "number")?,
-            results: row.try_get::<Option<i64>, _>("results")?.and_then(Results::from_code),
-            state_string: row.try_get("state_string")?,
-            properties: Properties::from_json(&properties),
-            buildsetid,
-            sourcestamps,
-        })
+        // Ids are integers formatted here, never caller text; a claim is a few dozen.
+        for chunk in buildids.chunks(500) {
+            let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT b.id, b.builderid, r.name, b.number, b.results, b.state_string, b.properties, q.buildsetid \
+                 FROM builds b JOIN builders r ON r.id = b.builderid JOIN buildrequests q ON q.id = b.buildrequestid \
+                 WHERE b.id IN ({list})"
+            )))
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut stamps: HashMap<i64, Vec<SourceStamp>> = HashMap::new();
+            let buildsets: Vec<i64> = rows.iter().map(|row| get_i64(row, "buildsetid")).collect::<Result<_>>()?;
+            if !buildsets.is_empty() {
+                let list = buildsets.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let rows = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT bs.buildsetid, s.branch, s.revision, s.repository, s.project, s.codebase \
+                     FROM buildset_sourcestamps bs JOIN sourcestamps s ON s.id = bs.sourcestampid \
+                     WHERE bs.buildsetid IN ({list}) ORDER BY bs.buildsetid, s.codebase"
+                )))
+                .fetch_all(&mut *conn)
+                .await?;
+                for s in &rows {
+                    stamps.entry(get_i64(s, "buildsetid")?).or_default().push(SourceStamp {
+                        branch: s.try_get("branch")?,
+                        revision: s.try_get("revision")?,
+                        repository: s.try_get("repository")?,
+                        project: s.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
+                        codebase: s.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
+                    });
+                }
+            }
+            for row in &rows {
+                let properties: String = row.try_get("properties")?;
+                let properties = serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let buildsetid = get_i64(row, "buildsetid")?;
+                let build = ReportedBuild {
+                    builderid: get_i64(row, "builderid")?,
+                    builder: row.try_get("name")?,
+                    number: get_i64(row, "number")?,
+                    results: row.try_get::<Option<i64>, _>("results")?.and_then(Results::from_code),
+                    state_string: row.try_get("state_string")?,
+                    properties: Properties::from_json(&properties),
+                    buildsetid,
+                    sourcestamps: stamps.get(&buildsetid).cloned().unwrap_or_default(),
+                };
+                builds.insert(get_i64(row, "id")?, build);
+            }
+        }
+        Ok(builds)
     }
 
     /// Claims up to `limit` reports that are due, for `lease_ms`: pending, not claimed by a live
