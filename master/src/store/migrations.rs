@@ -92,6 +92,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0013_reports.sql"),
         postgres: include_str!("../../migrations/postgres/0013_reports.sql"),
     },
+    Migration {
+        version: 14,
+        description: "indexes of the open requests",
+        sqlite: include_str!("../../migrations/sqlite/0014_open_requests.sql"),
+        postgres: include_str!("../../migrations/postgres/0014_open_requests.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.
