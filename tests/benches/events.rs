@@ -165,6 +165,17 @@ async fn connect_clients(
     clients.into_iter().map(|c| tokio::spawn(read(c, Arc::clone(stop), limit))).collect()
 }
 
+/// The master's count of connected event stream clients, a second after they disconnect (NaN
+/// when its metrics do not say).
+async fn connected_clients(base: &str) -> f64 {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("kiln_websocket_clients "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -236,6 +247,8 @@ async fn main() {
     // Bursts, alone and with a fresh set of clients, alternating.
     let (mut alone, mut with) = (Vec::new(), Vec::new());
     let mut burst_closed = 0usize;
+    // Connections the master still counts once a round's clients have gone.
+    let mut lingering = Vec::new();
     for _ in 0..args.rounds {
         alone.push(burst(&master, &database, args.builds).await);
         let stop = Arc::new(AtomicUsize::new(0));
@@ -248,6 +261,7 @@ async fn main() {
             frames += got.frames;
             burst_closed += usize::from(got.closed);
         }
+        lingering.push(connected_clients(&master.base).await);
     }
     let rss_burst_with = master.rss_mib();
     let column = |runs: &[(f64, f64, f64)], pick: fn(&(f64, f64, f64)) -> f64, scale: f64| {
@@ -274,6 +288,7 @@ async fn main() {
     println!(
         "clients closed by the master             {closed} (paced), {burst_closed} (bursts)   finished messages missing {missing}"
     );
+    println!("connections the master still held a second after each round's clients left   {lingering:?}");
     println!(
         "master CPU at {} builds/s                 {:.2} cores alone, {:.2} cores with the clients",
         args.rate, cores_alone, cores_with
