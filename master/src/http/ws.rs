@@ -389,13 +389,19 @@ fn take_waiting(
     None
 }
 
-/// Writes the messages of `rounds` that the subscriptions match, in one write; returns how many,
-/// or None when the client did not take them in time. Feeding writes too once the socket's
-/// buffer is full, so the whole is bounded in time: a client that stops reading is let go.
-async fn write(socket: &mut WebSocket, subscriptions: &[(String, Pattern)], rounds: &[Round]) -> Option<usize> {
+/// Writes the messages of the `held` rounds that the subscriptions match, in one write, and
+/// empties `held`; `last_write` moves when something was written. False when the client did not
+/// take them in time: feeding writes too once the socket's buffer is full, so the whole is
+/// bounded in time and a client that stops reading is let go.
+async fn write(
+    socket: &mut WebSocket,
+    subscriptions: &[(String, Pattern)],
+    held: &mut Vec<Round>,
+    last_write: &mut tokio::time::Instant,
+) -> bool {
     let written = tokio::time::timeout(SEND_TIMEOUT, async {
         let mut fed = 0usize;
-        for message in rounds.iter().flat_map(|r| r.iter()) {
+        for message in held.iter().flat_map(|r| r.iter()) {
             if subscriptions.iter().any(|(_, p)| p.matches(message)) {
                 socket.feed(Frame::Text(message.frame.clone())).await?;
                 fed += 1;
@@ -406,7 +412,17 @@ async fn write(socket: &mut WebSocket, subscriptions: &[(String, Pattern)], roun
         }
         Ok::<_, axum::Error>(fed)
     });
-    written.await.ok()?.ok()
+    let written = written.await;
+    held.clear();
+    match written {
+        Ok(Ok(fed)) => {
+            if fed > 0 {
+                *last_write = tokio::time::Instant::now();
+            }
+            true
+        }
+        _ => false,
+    }
 }
 
 async fn serve(
@@ -438,25 +454,17 @@ async fn serve(
                 if let Some(ending) = take_waiting(&mut messages, None, &mut held) {
                     break ending;
                 }
-                match write(&mut socket, &subscriptions, &held).await {
-                    Some(written) if written > 0 => last_write = tokio::time::Instant::now(),
-                    Some(_) => {}
-                    None => break Ending::Stalled,
+                if !write(&mut socket, &subscriptions, &mut held, &mut last_write).await {
+                    break Ending::Stalled;
                 }
-                held.clear();
             },
             received = messages.recv(), if held.is_empty() => {
                 if let Some(ending) = take_waiting(&mut messages, Some(received), &mut held) {
                     break ending;
                 }
                 // An idle connection is written to at once; a busy one when its interval is over.
-                if last_write.elapsed() >= FLUSH_EVERY {
-                    match write(&mut socket, &subscriptions, &held).await {
-                        Some(written) if written > 0 => last_write = tokio::time::Instant::now(),
-                        Some(_) => {}
-                        None => break Ending::Stalled,
-                    }
-                    held.clear();
+                if last_write.elapsed() >= FLUSH_EVERY && !write(&mut socket, &subscriptions, &mut held, &mut last_write).await {
+                    break Ending::Stalled;
                 }
             },
             _ = shutdown.changed() => break Ending::Close(1001, "master stopping"),

@@ -68,10 +68,11 @@ impl Master {
         // Builds starting and ending write reports: look again at once.
         let mut queue = self.signals.queue_events();
         let mut in_flight: tokio::task::JoinSet<Option<i64>> = tokio::task::JoinSet::new();
-        let mut last_claim = tokio::time::Instant::now();
         // Sent reports not yet recorded as sent.
         let mut sent: Vec<i64> = Vec::new();
         loop {
+            // When this round began: the next begins at least CLAIM_EVERY later, room or not.
+            let round = tokio::time::Instant::now();
             // Records the sends that ended in one statement, then claims as many as there is
             // room for in another: the writer is the builds' too, so the loop writes at most
             // twice per CLAIM_EVERY however many reports come and go meanwhile.
@@ -87,7 +88,6 @@ impl Master {
             }
             let room = IN_FLIGHT - in_flight.len();
             if room > 0 {
-                last_claim = tokio::time::Instant::now();
                 match self.store.claim_reports(self.masterid, CLAIM_MS, room as i64).await {
                     Ok(claimed) if !claimed.is_empty() => {
                         // What the reports say is read for the whole claim at once.
@@ -121,7 +121,7 @@ impl Master {
             // Wake-ups come with every build event: the next round is at least CLAIM_EVERY after
             // this one, so a burst of builds costs the writer a claim per moment, not one per event.
             tokio::select! {
-                _ = tokio::time::sleep_until(last_claim + CLAIM_EVERY) => {}
+                _ = tokio::time::sleep_until(round + CLAIM_EVERY) => {}
                 _ = shutdown.changed() => return,
             }
         }
