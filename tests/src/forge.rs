@@ -40,6 +40,8 @@ struct Shared {
     /// When each accepted status arrived (ms since the epoch).
     arrived: Vec<i64>,
     comments: Vec<(String, u64, String)>,
+    /// Connections accepted.
+    connections: usize,
 }
 
 /// The fake's handle: its base URL and what it saw.
@@ -69,8 +71,9 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
+    fn serve(&mut self, listener: tokio::net::TcpListener, shared: &Arc<Mutex<Shared>>) {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shared = Arc::clone(shared);
         let app = self.app.clone();
         self.stop = Some(stop);
         let stopped = async move {
@@ -78,13 +81,36 @@ impl Server {
         };
         self.running = Some(match self.tls.clone() {
             None => tokio::spawn(async move {
+                let listener = Counted { inner: listener, shared };
                 let _ = axum::serve(listener, app).with_graceful_shutdown(stopped).await;
             }),
             Some(acceptor) => tokio::spawn(async move {
                 let listener = kiln_master::tls::TlsListener::new(listener, acceptor).unwrap();
+                let listener = Counted { inner: listener, shared };
                 let _ = axum::serve(listener, app).with_graceful_shutdown(stopped).await;
             }),
         });
+    }
+}
+
+/// A listener counting the connections it accepts.
+struct Counted<L> {
+    inner: L,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl<L: axum::serve::Listener> axum::serve::Listener for Counted<L> {
+    type Io = L::Io;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let accepted = self.inner.accept().await;
+        self.shared.lock().unwrap().connections += 1;
+        accepted
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
     }
 }
 
@@ -120,7 +146,7 @@ impl FakeForge {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let mut server = Server { address, app, tls, stop: None, running: None };
-        server.serve(listener);
+        server.serve(listener, &shared);
         FakeForge { base_url: format!("http://{address}"), shared, hold, server: Arc::new(Mutex::new(server)) }
     }
 
@@ -144,7 +170,7 @@ impl FakeForge {
     pub async fn come_back(&self) {
         let address = self.server.lock().unwrap().address;
         let listener = tokio::net::TcpListener::bind(address).await.unwrap();
-        self.server.lock().unwrap().serve(listener);
+        self.server.lock().unwrap().serve(listener, &self.shared);
     }
 
     /// While held, requests wait unanswered (as a forge that hangs); when let go, those that
@@ -194,6 +220,11 @@ impl FakeForge {
 
     pub fn requests(&self) -> usize {
         self.shared.lock().unwrap().requests
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().unwrap().connections
     }
 }
 

@@ -76,6 +76,8 @@ async fn a_build_marks_its_commit_pending_then_success_and_a_failing_one_failure
     assert_eq!((success.owner.as_str(), success.repo.as_str()), ("kiln-ci", "app"));
     assert!(success.target_url.ends_with("/#/builders/1/builds/1"), "{}", success.target_url);
     assert!(github.malformed().is_empty(), "{:?}", github.malformed());
+    // Connections are kept for the next status (at most two of these sends overlap).
+    assert!(github.connections() <= 2, "{} connections for {} statuses", github.connections(), github.requests());
 
     // The master records a send just after the forge answered it.
     let reports = eventually("the four reports recorded as sent", MINUTE, || async {
@@ -471,7 +473,11 @@ async fn a_refused_report_is_failed_once_and_not_retried() {
     assert_eq!(github.requests(), 2, "each report was tried once");
     let failed = master.get("/api/v2/reports?state=failed").await;
     for report in failed["reports"].as_array().unwrap() {
-        assert_eq!((report["last_answer"].as_str(), report["attempts"].as_i64()), (Some("401"), Some(1)), "{report}");
+        assert_eq!(
+            (report["last_answer"].as_str(), report["attempts"].as_i64()),
+            (Some("401: Bad credentials"), Some(1)),
+            "{report}"
+        );
     }
     assert!(github.accepted().is_empty());
     master.stop().await;

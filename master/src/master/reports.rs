@@ -28,6 +28,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(500);
 /// A report still failing after this long is abandoned.
 const MAX_AGE_MS: i64 = 24 * 3600 * 1000;
+/// The most of a forge's answer read (its message is kept with a failed report).
+const ANSWER_LIMIT: usize = 64 * 1024;
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -315,8 +317,45 @@ async fn send(
         }
     };
     match request.send().await {
-        Ok(response) => answer(response.status().as_u16(), response.headers()),
+        Ok(response) => {
+            let outcome = answer(response.status().as_u16(), response.headers());
+            // What the forge said is kept with a report it refused or failed; an answer read to
+            // its end also leaves its connection to the pool for the next report.
+            let body = read_answer(response).await;
+            match outcome {
+                Outcome::Refused(status) => Outcome::Refused(with_message(status, &body)),
+                Outcome::Retry(after, status) => Outcome::Retry(after, with_message(status, &body)),
+                outcome => outcome,
+            }
+        }
         Err(error) => Outcome::Retry(backoff(report.attempts), format!("no answer: {}", error_chain(&error))),
+    }
+}
+
+/// The body of a forge's answer, up to [`ANSWER_LIMIT`] (a longer one is left unread).
+async fn read_answer(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        if body.len() + chunk.len() > ANSWER_LIMIT {
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    body
+}
+
+/// `status` with what the forge said of it: the `message` (GitHub, GitLab) or `error` of a JSON
+/// answer, shortened.
+fn with_message(status: String, body: &[u8]) -> String {
+    let said = serde_json::from_slice::<Value>(body).ok().and_then(|answer| {
+        ["message", "error"].iter().find_map(|field| answer.get(*field).and_then(Value::as_str).map(str::to_owned))
+    });
+    match said {
+        Some(message) if !message.trim().is_empty() => {
+            let message: String = message.trim().chars().take(200).collect();
+            format!("{status}: {message}")
+        }
+        _ => status,
     }
 }
 
@@ -523,6 +562,9 @@ mod tests {
         assert_eq!(answer(403, &limited), Outcome::Retry(Duration::from_secs(7), "403: rate limited".into()));
         assert_eq!(answer(429, &limited), Outcome::Retry(Duration::from_secs(7), "429: rate limited".into()));
         assert_eq!(backoff(0), Duration::from_secs(2));
+        assert_eq!(with_message("401".into(), br#"{"message": "Bad credentials"}"#), "401: Bad credentials");
+        assert_eq!(with_message("404".into(), br#"{"error": "404 Project Not Found"}"#), "404: 404 Project Not Found");
+        assert_eq!(with_message("502".into(), b"<html>Bad gateway</html>"), "502");
         assert_eq!(backoff(40), MAX_BACKOFF);
     }
 }
