@@ -19,7 +19,7 @@ use kiln_tests::process::{
     MasterProcess, bench_database, completed, cpu_seconds_of, finished_builds, force, percentile, timings,
     wait_completed,
 };
-use kiln_tests::ws::{EventClient, Frame};
+use kiln_tests::ws::EventClient;
 use sqlx::Row;
 
 #[derive(Debug, Parser)]
@@ -73,21 +73,22 @@ async fn read(mut client: EventClient, stop: Arc<AtomicUsize>, limit: Duration) 
     let mut got = Received::default();
     while stop.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() < deadline {
         let slice = (tokio::time::Instant::now() + Duration::from_millis(200)).min(deadline);
-        let frame = match client.next_frame(slice).await {
-            Frame::Text(frame) => frame,
-            Frame::Quiet => continue,
-            Frame::Ended => {
-                got.closed = true;
-                break;
-            }
-        };
-        got.frames += 1;
-        let Some(rest) = frame.strip_prefix("{\"k\":\"builds/") else { continue };
-        let Some((id, event)) = rest.split_once('/') else { continue };
-        if event.starts_with("finished\"")
-            && let Ok(id) = id.parse::<i64>()
-        {
-            got.finished.push((id, now_ms()));
+        let ended = client
+            .read_frames(slice, |frame| {
+                got.frames += 1;
+                if let Some(rest) = frame.strip_prefix("{\"k\":\"builds/")
+                    && let Some((id, event)) = rest.split_once('/')
+                    && event.starts_with("finished\"")
+                    && let Ok(id) = id.parse::<i64>()
+                {
+                    got.finished.push((id, now_ms()));
+                }
+                stop.load(Ordering::Relaxed) == 0
+            })
+            .await;
+        if ended {
+            got.closed = true;
+            break;
         }
     }
     got

@@ -75,14 +75,69 @@ type Round = Arc<Vec<Message>>;
 #[derive(Debug)]
 pub struct Hub {
     messages: broadcast::Sender<Round>,
+    interest: Arc<Interest>,
 }
 
 impl Hub {
     /// Starts the publisher of `master`'s events; it runs until the master shuts down.
     pub fn start(master: Arc<Master>) -> Arc<Hub> {
-        let hub = Arc::new(Hub { messages: broadcast::channel(BACKLOG).0 });
+        let hub = Arc::new(Hub { messages: broadcast::channel(BACKLOG).0, interest: Arc::default() });
         tokio::spawn(publish(master, Arc::clone(&hub)));
         hub
+    }
+}
+
+/// The patterns consumed by any connection, each with how many connections consume it: the
+/// publisher reads and frames only what one of them matches. A connection registers a pattern
+/// before it acknowledges the subscription, and the publisher looks at them after it has taken
+/// its batch, so every event committed after the acknowledgement finds the pattern.
+#[derive(Debug, Default)]
+struct Interest(std::sync::Mutex<HashMap<Pattern, usize>>);
+
+impl Interest {
+    fn add(&self, pattern: &Pattern) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(pattern.clone()).or_default() += 1;
+    }
+
+    fn remove(&self, pattern: &Pattern) {
+        let mut patterns = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = patterns.get_mut(pattern) {
+            *count -= 1;
+            if *count == 0 {
+                patterns.remove(pattern);
+            }
+        }
+    }
+
+    /// The distinct patterns consumed now.
+    fn patterns(&self) -> Vec<Pattern> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+}
+
+/// One connection's subscriptions (path as given, and its pattern), registered with the hub's
+/// [`Interest`] for as long as the connection holds them.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    list: Vec<(String, Pattern)>,
+    interest: Arc<Interest>,
+}
+
+impl Subscriptions {
+    fn new(interest: Arc<Interest>) -> Subscriptions {
+        Subscriptions { list: Vec::new(), interest }
+    }
+
+    fn matches(&self, message: &Message) -> bool {
+        self.list.iter().any(|(_, p)| p.matches(message))
+    }
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        for (_, pattern) in &self.list {
+            self.interest.remove(pattern);
+        }
     }
 }
 
@@ -109,16 +164,22 @@ async fn publish(master: Arc<Master>, hub: Arc<Hub>) {
             }
         };
         let deliver = async {
-            if hub.messages.receiver_count() == 0 {
+            let patterns = hub.interest.patterns();
+            if hub.messages.receiver_count() == 0 || patterns.is_empty() {
                 return;
             }
+            // Only the events some connection may want are read and framed.
             let mut seen = HashSet::new();
-            let unique: Vec<Event> = batch.iter().map(|(e, _)| *e).filter(|e| seen.insert(*e)).collect();
+            let unique: Vec<Event> = batch
+                .iter()
+                .map(|(e, _)| *e)
+                .filter(|e| seen.insert(*e) && patterns.iter().any(|p| p.may_match(e)))
+                .collect();
             let objects = fetch(&master, &unique).await;
             let mut round = Vec::new();
             for event in &unique {
                 let Some(object) = objects.get(&(resource(event.topic), event.id)) else { continue };
-                round.extend(messages(event, object));
+                round.extend(messages(event, object, &patterns));
             }
             if !round.is_empty() {
                 // No receiver left is not an error: the next batch checks again.
@@ -195,72 +256,81 @@ async fn fetch(master: &Master, events: &[Event]) -> HashMap<(Resource, i64), Ma
     objects
 }
 
-/// The messages of one event: its object under each path Buildbot publishes it under.
-fn messages(event: &Event, object: &Map<String, Value>) -> Vec<Message> {
-    let int = |name: &str| object.get(name).and_then(Value::as_i64);
-    let id = event.id;
-    let (paths, body): (Vec<String>, Value) = match event.topic {
-        Topic::BuildProperties => {
-            let properties = object.get("properties").cloned().unwrap_or_else(|| json!({}));
-            (vec![format!("builds/{id}/properties")], properties)
+/// The paths Buildbot publishes an event of each topic under, each `{field}` filled from the
+/// event's object (a path whose field the object lacks is left out); the key adds the event name.
+fn paths(topic: Topic) -> &'static [&'static str] {
+    match topic {
+        Topic::Builds => {
+            &["builders/{builderid}/builds/{number}", "builds/{buildid}", "workers/{workerid}/builds/{buildid}"]
         }
-        topic => {
-            let mut paths = Vec::with_capacity(3);
-            match topic {
-                Topic::Builds => {
-                    if let (Some(builderid), Some(number)) = (int("builderid"), int("number")) {
-                        paths.push(format!("builders/{builderid}/builds/{number}"));
-                    }
-                    paths.push(format!("builds/{id}"));
-                    if let Some(workerid) = int("workerid") {
-                        paths.push(format!("workers/{workerid}/builds/{id}"));
-                    }
-                }
-                Topic::BuildRequests => {
-                    if let (Some(bsid), Some(builderid)) = (int("buildsetid"), int("builderid")) {
-                        paths.push(format!("buildsets/{bsid}/builders/{builderid}/buildrequests/{id}"));
-                        paths.push(format!("builders/{builderid}/buildrequests/{id}"));
-                    }
-                    paths.push(format!("buildrequests/{id}"));
-                }
-                Topic::Steps => {
-                    if let Some(buildid) = int("buildid") {
-                        paths.push(format!("builds/{buildid}/steps/{id}"));
-                    }
-                    paths.push(format!("steps/{id}"));
-                }
-                Topic::Logs => {
-                    if let (Some(stepid), Some(slug)) = (int("stepid"), object.get("slug").and_then(Value::as_str)) {
-                        paths.push(format!("steps/{stepid}/logs/{slug}"));
-                    }
-                    paths.push(format!("logs/{id}"));
-                }
-                other => paths.push(format!("{}/{id}", resource(other).plural())),
-            }
-            let shaped = super::rest::shape(resource(topic), object.clone(), &super::rest::Params::default());
-            (paths, shaped)
+        Topic::BuildProperties => &["builds/{buildid}/properties"],
+        Topic::BuildRequests => &[
+            "buildsets/{buildsetid}/builders/{builderid}/buildrequests/{buildrequestid}",
+            "builders/{builderid}/buildrequests/{buildrequestid}",
+            "buildrequests/{buildrequestid}",
+        ],
+        Topic::Buildsets => &["buildsets/{bsid}"],
+        Topic::Steps => &["builds/{buildid}/steps/{stepid}", "steps/{stepid}"],
+        Topic::Logs => &["steps/{stepid}/logs/{slug}", "logs/{logid}"],
+        Topic::Changes => &["changes/{changeid}"],
+        Topic::Workers => &["workers/{workerid}"],
+        Topic::Builders => &["builders/{builderid}"],
+        Topic::Schedulers => &["schedulers/{schedulerid}"],
+        Topic::Masters => &["masters/{masterid}"],
+    }
+}
+
+/// The field a path segment is filled from, if it is a `{field}`.
+fn placeholder(segment: &str) -> Option<&str> {
+    segment.strip_prefix('{')?.strip_suffix('}')
+}
+
+/// The messages of one event that one of `patterns` matches: its object under each of its paths.
+fn messages(event: &Event, object: &Map<String, Value>, patterns: &[Pattern]) -> Vec<Message> {
+    let mut keys = Vec::new();
+    'paths: for path in paths(event.topic) {
+        let mut key = String::with_capacity(path.len() + 16);
+        for segment in path.split('/') {
+            let filled = match placeholder(segment) {
+                None => segment.to_owned(),
+                Some(field) => match object.get(field) {
+                    Some(Value::Number(n)) => n.to_string(),
+                    Some(Value::String(s)) if !s.is_empty() && !s.contains('/') => s.clone(),
+                    _ => continue 'paths,
+                },
+            };
+            key.push_str(&filled);
+            key.push('/');
         }
-    };
-    let body = body.to_string();
-    paths
-        .into_iter()
-        .map(|path| {
-            let key = format!("{path}/{}", event.name);
-            let frame = format!("{{\"k\":{},\"m\":{body}}}", Value::String(key.clone()));
-            Message::new(key, frame)
-        })
-        .collect()
+        key.push_str(event.name);
+        let message = Message::new(key, String::new());
+        if patterns.iter().any(|p| p.matches(&message)) {
+            keys.push(message);
+        }
+    }
+    if keys.is_empty() {
+        return keys;
+    }
+    let body = match event.topic {
+        Topic::BuildProperties => object.get("properties").cloned().unwrap_or_else(|| json!({})),
+        topic => super::rest::shape(resource(topic), object.clone(), &super::rest::Params::default()),
+    }
+    .to_string();
+    for message in &mut keys {
+        message.frame = Utf8Bytes::from(format!("{{\"k\":{},\"m\":{body}}}", Value::String(message.key.clone())));
+    }
+    keys
 }
 
 /// One segment of a subscription's path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Segment {
     Any,
     Exactly(String),
 }
 
 /// A subscription: a path pattern, `*` matching exactly one segment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Pattern(Vec<Segment>);
 
 impl Pattern {
@@ -286,6 +356,22 @@ impl Pattern {
                 Segment::Exactly(want) => want == part,
             })
     }
+
+    /// Whether the pattern may match a message of `event`, before its object is read: a path's
+    /// `{field}` matches any segment, but the event's own id.
+    fn may_match(&self, event: &Event) -> bool {
+        let id = event.id.to_string();
+        let own = id_field(resource(event.topic));
+        paths(event.topic).iter().any(|path| {
+            let segments = path.split('/').chain(std::iter::once(event.name));
+            path.split('/').count() + 1 == self.0.len()
+                && self.0.iter().zip(segments).all(|(want, segment)| match (want, placeholder(segment)) {
+                    (Segment::Any, _) => true,
+                    (Segment::Exactly(want), None) => want == segment,
+                    (Segment::Exactly(want), Some(field)) => field != own || *want == id,
+                })
+        })
+    }
 }
 
 /// What a client asks.
@@ -298,7 +384,7 @@ struct Command {
 }
 
 /// Answers one command, changing the connection's subscriptions.
-fn answer(text: &str, subscriptions: &mut Vec<(String, Pattern)>) -> Value {
+fn answer(text: &str, subscriptions: &mut Subscriptions) -> Value {
     let command: Command = match serde_json::from_str(text) {
         Ok(command) => command,
         Err(error) => return json!({ "error": format!("invalid command: {error}"), "code": 400, "_id": null }),
@@ -310,17 +396,20 @@ fn answer(text: &str, subscriptions: &mut Vec<(String, Pattern)>) -> Value {
         Some(cmd @ ("startConsuming" | "stopConsuming")) => {
             let Some(path) = command.path else { return error(400, "missing path".into()) };
             if cmd == "stopConsuming" {
-                let before = subscriptions.len();
-                subscriptions.retain(|(p, _)| *p != path);
-                if subscriptions.len() == before {
+                let Some(at) = subscriptions.list.iter().position(|(p, _)| *p == path) else {
                     return error(400, format!("{path:?} is not consumed"));
-                }
-            } else if !subscriptions.iter().any(|(p, _)| *p == path) {
-                if subscriptions.len() >= MAX_SUBSCRIPTIONS {
+                };
+                let (_, pattern) = subscriptions.list.remove(at);
+                subscriptions.interest.remove(&pattern);
+            } else if !subscriptions.list.iter().any(|(p, _)| *p == path) {
+                if subscriptions.list.len() >= MAX_SUBSCRIPTIONS {
                     return error(400, format!("at most {MAX_SUBSCRIPTIONS} paths may be consumed at once"));
                 }
                 match Pattern::parse(&path) {
-                    Ok(pattern) => subscriptions.push((path, pattern)),
+                    Ok(pattern) => {
+                        subscriptions.interest.add(&pattern);
+                        subscriptions.list.push((path, pattern));
+                    }
                     Err(reason) => return error(400, reason),
                 }
             }
@@ -343,7 +432,7 @@ pub async fn upgrade(
     let ws = ws.read_buffer_size(READ_BUFFER).max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE);
     ws.on_upgrade(move |socket| {
         let messages = hub.messages.subscribe();
-        serve(socket, messages, shutdown)
+        serve(socket, messages, Arc::clone(&hub.interest), shutdown)
     })
 }
 
@@ -395,14 +484,14 @@ fn take_waiting(
 /// bounded in time and a client that stops reading is let go.
 async fn write(
     socket: &mut WebSocket,
-    subscriptions: &[(String, Pattern)],
+    subscriptions: &Subscriptions,
     held: &mut Vec<Round>,
     last_write: &mut tokio::time::Instant,
 ) -> bool {
     let written = tokio::time::timeout(SEND_TIMEOUT, async {
         let mut fed = 0usize;
         for message in held.iter().flat_map(|r| r.iter()) {
-            if subscriptions.iter().any(|(_, p)| p.matches(message)) {
+            if subscriptions.matches(message) {
                 socket.feed(Frame::Text(message.frame.clone())).await?;
                 fed += 1;
             }
@@ -428,10 +517,11 @@ async fn write(
 async fn serve(
     mut socket: WebSocket,
     mut messages: broadcast::Receiver<Round>,
+    interest: Arc<Interest>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     crate::telemetry::websocket_client(true);
-    let mut subscriptions: Vec<(String, Pattern)> = Vec::new();
+    let mut subscriptions = Subscriptions::new(interest);
     // A connection written to less than FLUSH_EVERY ago holds what comes meanwhile, without
     // looking at the broadcast again, and writes it all when the interval is over.
     let mut held: Vec<Round> = Vec::new();
@@ -506,36 +596,71 @@ mod tests {
 
     #[test]
     fn commands_are_answered_as_buildbot_answers_them() {
-        let mut subs = Vec::new();
+        let interest = Arc::new(Interest::default());
+        let mut subs = Subscriptions::new(Arc::clone(&interest));
         let ok = answer(r#"{"cmd":"startConsuming","path":"builds/*/*","_id":1}"#, &mut subs);
         assert_eq!(ok, json!({"msg": "OK", "code": 200, "_id": 1}));
-        assert_eq!(subs.len(), 1);
+        assert_eq!(subs.list.len(), 1);
         // Subscribing twice keeps one subscription.
         answer(r#"{"cmd":"startConsuming","path":"builds/*/*","_id":2}"#, &mut subs);
-        assert_eq!(subs.len(), 1);
+        assert_eq!(subs.list.len(), 1);
+        assert_eq!(interest.patterns(), [Pattern::parse("builds/*/*").unwrap()]);
         let pong = answer(r#"{"cmd":"ping","_id":3}"#, &mut subs);
         assert_eq!(pong, json!({"msg": "pong", "code": 200, "_id": 3}));
         let ok = answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":4}"#, &mut subs);
         assert_eq!(ok["code"], 200);
-        assert!(subs.is_empty());
+        assert!(subs.list.is_empty());
+        assert!(interest.patterns().is_empty());
         let again = answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":5}"#, &mut subs);
         assert_eq!(again["code"], 400);
         assert_eq!(answer(r#"{"cmd":"dance","_id":6}"#, &mut subs)["code"], 404);
         assert_eq!(answer("not json", &mut subs)["code"], 400);
         assert_eq!(answer(r#"{"cmd":"startConsuming","_id":7}"#, &mut subs)["code"], 400);
+        // A connection's patterns leave the hub with it; another's stay.
+        let mut other = Subscriptions::new(Arc::clone(&interest));
+        answer(r#"{"cmd":"startConsuming","path":"steps/*/*","_id":8}"#, &mut subs);
+        answer(r#"{"cmd":"startConsuming","path":"steps/*/*","_id":9}"#, &mut other);
+        drop(subs);
+        assert_eq!(interest.patterns(), [Pattern::parse("steps/*/*").unwrap()]);
+        drop(other);
+        assert!(interest.patterns().is_empty());
+    }
+
+    #[test]
+    fn only_events_a_pattern_may_match_are_read() {
+        let pattern = |p: &str| Pattern::parse(p).unwrap();
+        let build = Event::new(Topic::Builds, 7, "finished");
+        assert!(pattern("builds/*/*").may_match(&build));
+        assert!(pattern("builds/7/finished").may_match(&build));
+        assert!(!pattern("builds/8/*").may_match(&build));
+        assert!(pattern("builders/2/builds/*/*").may_match(&build), "the builder is known once read");
+        assert!(!pattern("steps/*/*").may_match(&build));
+        assert!(!pattern("builds/*/*").may_match(&Event::new(Topic::BuildRequests, 7, "new")));
+        assert!(pattern("builds/7/steps/*/*").may_match(&Event::new(Topic::Steps, 30, "started")));
+        assert!(pattern("steps/30/logs/*/*").may_match(&Event::new(Topic::Logs, 4, "append")));
+        assert!(pattern("builds/*/properties/*").may_match(&Event::new(Topic::BuildProperties, 7, "update")));
     }
 
     #[test]
     fn a_build_is_published_under_each_of_buildbots_paths() {
         let object = json!({"buildid": 7, "builderid": 2, "number": 3, "workerid": 5, "properties": {"a": [1, "x"]}});
         let Value::Object(object) = object else { unreachable!() };
+        let all: Vec<Pattern> =
+            ["builders/*/builds/*/*", "builds/*/*", "workers/*/builds/*/*", "builds/*/properties/*"]
+                .iter()
+                .map(|p| Pattern::parse(p).unwrap())
+                .collect();
         let keys: Vec<String> =
-            messages(&Event::new(Topic::Builds, 7, "new"), &object).into_iter().map(|m| m.key).collect();
+            messages(&Event::new(Topic::Builds, 7, "new"), &object, &all).into_iter().map(|m| m.key).collect();
         assert_eq!(keys, ["builders/2/builds/3/new", "builds/7/new", "workers/5/builds/7/new"]);
-        let properties = messages(&Event::new(Topic::BuildProperties, 7, "update"), &object);
+        // Only the paths some connection consumes are framed.
+        let some = messages(&Event::new(Topic::Builds, 7, "new"), &object, &all[1..2]);
+        assert_eq!(some.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(), ["builds/7/new"]);
+        assert!(messages(&Event::new(Topic::Builds, 7, "new"), &object, &[]).is_empty());
+        let properties = messages(&Event::new(Topic::BuildProperties, 7, "update"), &object, &all);
         assert_eq!(properties[0].key, "builds/7/properties/update");
         assert_eq!(properties[0].frame.as_str(), r#"{"k":"builds/7/properties/update","m":{"a":[1,"x"]}}"#);
-        let build = messages(&Event::new(Topic::Builds, 7, "finished"), &object);
+        let build = messages(&Event::new(Topic::Builds, 7, "finished"), &object, &all);
         let frame: Value = serde_json::from_str(build[1].frame.as_str()).unwrap();
         assert_eq!(frame["m"]["properties"], json!({}), "events carry no properties, as in Buildbot");
     }
