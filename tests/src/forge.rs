@@ -179,6 +179,11 @@ impl FakeForge {
         self.hold.send_replace(held);
     }
 
+    /// Accepts `token` from now on, and no longer the one before (a rotated token).
+    pub fn accept_token(&self, token: &str) {
+        self.shared.lock().unwrap().token = token.to_owned();
+    }
+
     /// Makes every answer take `delay`.
     pub fn answer_after(&self, delay: std::time::Duration) {
         self.shared.lock().unwrap().delay = delay;

@@ -483,6 +483,37 @@ async fn a_refused_report_is_failed_once_and_not_retried() {
     master.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_is_used_without_losing_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let github = FakeForge::github(TOKEN).await;
+    let master = master(dir.path(), &github).await;
+    let _worker = master.spawn_worker("w1");
+    master.wait_workers(1).await;
+    let first = master.force_request("force", force_params(1, "1111aaaa")).await;
+    master.wait_build_of_request(first, MINUTE).await;
+    eventually("the first build's statuses", MINUTE, || async {
+        (github.states("1111aaaa", "buildbot/ok").len() == 2).then_some(())
+    })
+    .await;
+
+    // The token is replaced at the forge and in the file at once: the master holds the old one
+    // for a while, is refused with it, and sends again with the new one.
+    github.accept_token("the-rotated-token");
+    std::fs::write(dir.path().join("gh-token"), "the-rotated-token\n").unwrap();
+    let second = master.force_request("force", force_params(1, "2222bbbb")).await;
+    master.wait_build_of_request(second, MINUTE).await;
+    eventually("the second build's statuses", MINUTE, || async {
+        (github.states("2222bbbb", "buildbot/ok") == ["pending", "success"]).then_some(())
+    })
+    .await;
+    // The old token was refused at least once on the way.
+    assert!(github.requests() > github.accepted().len(), "{} requests", github.requests());
+    let failed = master.get("/api/v2/reports?state=failed").await;
+    assert_eq!(failed["meta"]["total"], 0, "{failed}");
+    master.stop().await;
+}
+
 /// From GitHub's own deliveries (signed, in the published payload shapes): a push marks its head
 /// commit, a pull request its head commit — the commit that was built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,7 @@ const FETCH_CHUNK: usize = 200;
 /// The shortest time between two writes to one connection. A message for an idle connection
 /// is written at once; while events keep coming, each connection gets them in one write per
 /// interval, so 200 browsers cost 200 writes per interval, not 200 per publisher round.
-const FLUSH_EVERY: Duration = Duration::from_millis(15);
+const FLUSH_EVERY: Duration = Duration::from_millis(25);
 
 /// One message of the stream, under one routing key.
 #[derive(Debug)]

@@ -21,6 +21,8 @@ const IN_FLIGHT: usize = 64;
 const CLAIM_EVERY: Duration = Duration::from_millis(25);
 /// How long a claim lasts before another master may take the report (longer than a send).
 const CLAIM_MS: i64 = 60_000;
+/// How long a reporter's token, once read, is used before it is read again.
+const TOKEN_FOR: Duration = Duration::from_secs(10);
 /// How long one send may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the loop looks for due reports when nothing wakes it (retries coming due, reports
@@ -65,7 +67,7 @@ impl Master {
                 Err(error) => warn!(reporter = service.name(), %error, "reporters: cannot make an HTTP client"),
             }
         }
-        let clients = Arc::new(clients);
+        let clients = Arc::new(Senders { http: clients, tokens: Tokens::default() });
         let mut shutdown = self.signals.shutdown();
         // Builds starting and ending write reports: look again at once.
         let mut queue = self.signals.queue_events();
@@ -133,7 +135,7 @@ impl Master {
     /// for the caller to settle with the others.
     async fn send_report(
         &self,
-        clients: &Clients,
+        senders: &Senders,
         report: ClaimedReport,
         build: Result<ReportedBuild, String>,
     ) -> Option<i64> {
@@ -143,10 +145,12 @@ impl Master {
             return None;
         };
         let outcome = match (
-            clients.get(&service.ca_file().map(std::path::Path::to_path_buf)),
+            senders.http.get(&service.ca_file().map(std::path::Path::to_path_buf)),
             self.build_facts(report.buildid, build, service).await,
         ) {
-            (Some(client), Ok(facts)) => send(client, service, &report, &facts, &self.config.buildbot_url()).await,
+            (Some(client), Ok(facts)) => {
+                send(client, &senders.tokens, service, &report, &facts, &self.config.buildbot_url()).await
+            }
             (None, _) => {
                 Outcome::Retry(Duration::from_secs(60), "no HTTP client: its ca_file could not be read".into())
             }
@@ -227,8 +231,43 @@ impl Master {
     }
 }
 
-/// The HTTP clients of the reporters, by the extra authorities they trust.
-type Clients = std::collections::HashMap<Option<std::path::PathBuf>, reqwest::Client>;
+/// What the reporters send with: HTTP clients by the extra authorities they trust, and tokens.
+struct Senders {
+    http: std::collections::HashMap<Option<std::path::PathBuf>, reqwest::Client>,
+    tokens: Tokens,
+}
+
+/// The reporters' tokens, each read from its file or environment at most once per
+/// [`TOKEN_FOR`]: a rotated token file is in use within that, and a report the forge refuses
+/// with the old token is retried with the new one.
+#[derive(Debug, Default)]
+struct Tokens(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>);
+
+impl Tokens {
+    /// The reporter's token, read again when the copy held is older than [`TOKEN_FOR`].
+    fn get(&self, service: &ServiceConfig) -> Option<String> {
+        let mut tokens = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((read_at, token)) = tokens.get(service.name())
+            && read_at.elapsed() < TOKEN_FOR
+        {
+            return token.clone();
+        }
+        let token = service.credential();
+        tokens.insert(service.name().to_owned(), (std::time::Instant::now(), token.clone()));
+        token
+    }
+
+    /// Reads the reporter's token again; true when it is no longer `used`.
+    fn changed(&self, service: &ServiceConfig, used: &str) -> bool {
+        let token = service.credential();
+        let changed = token.as_deref() != Some(used);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(service.name().to_owned(), (std::time::Instant::now(), token));
+        changed
+    }
+}
 
 /// An HTTP client trusting the system's authorities and those in `ca_file`.
 fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
@@ -273,6 +312,7 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
 
 async fn send(
     client: &reqwest::Client,
+    tokens: &Tokens,
     service: &ServiceConfig,
     report: &ClaimedReport,
     facts: &BuildFacts,
@@ -287,7 +327,7 @@ async fn send(
     }
     let url = build_url(base_url, facts);
     let Some(credential) =
-        service.credential().or_else(|| matches!(service, ServiceConfig::HttpPush(_)).then(String::new))
+        tokens.get(service).or_else(|| matches!(service, ServiceConfig::HttpPush(_)).then(String::new))
     else {
         return Outcome::Retry(Duration::from_secs(60), "the reporter's token cannot be read".into());
     };
@@ -297,7 +337,7 @@ async fn send(
             Err(skip) => return skip,
         },
         ServiceConfig::GitlabStatus(forge) => match commit_status(Forge::Gitlab, forge, report, facts, &url) {
-            Ok((endpoint, body)) => client.post(endpoint).header("PRIVATE-TOKEN", credential).json(&body),
+            Ok((endpoint, body)) => client.post(endpoint).header("PRIVATE-TOKEN", credential.as_str()).json(&body),
             Err(skip) => return skip,
         },
         ServiceConfig::GithubComment(comment) => match pull_request_comment(comment, facts, &url) {
@@ -323,6 +363,10 @@ async fn send(
             // its end also leaves its connection to the pool for the next report.
             let body = read_answer(response).await;
             match outcome {
+                Outcome::Refused(status) if status == "401" && tokens.changed(service, &credential) => Outcome::Retry(
+                    Duration::from_secs(1),
+                    "401 with a token replaced since: retrying with the new one".into(),
+                ),
                 Outcome::Refused(status) => Outcome::Refused(with_message(status, &body)),
                 Outcome::Retry(after, status) => Outcome::Retry(after, with_message(status, &body)),
                 outcome => outcome,
