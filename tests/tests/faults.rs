@@ -463,3 +463,59 @@ async fn a_stop_of_a_build_whose_master_died_takes_effect() {
     real_sleep(Duration::from_secs(2)).await;
     assert_eq!(ledger.runs()["orphan"].starts, 1, "the stopped build ran again");
 }
+
+/// A change stored by a master that is killed before any scheduler acted on it — a lock held on
+/// `buildsets` keeps its submission waiting — is built after the restart, once.
+#[tokio::test]
+async fn a_change_whose_master_died_before_scheduling_it_builds_once() {
+    use sqlx::{Connection, Row};
+    let _serial = one_at_a_time().await;
+    let dir = tempfile::tempdir().unwrap();
+    let database = pg::fresh_database().await;
+    let ledger = Ledger::new(dir.path());
+    let client = reqwest::Client::new();
+    let body = format!(
+        "{}  - {{type: single_branch, name: main, branch: main, builderNames: [ledger]}}\n",
+        ledger.builders(0.2)
+    );
+    let mut master = MasterNode::start(dir.path(), "m1", &database, LEASE, &body).await;
+    let _workers = workers(&master, dir.path(), &["w1"]);
+    let change = [
+        ("author", "dev <dev@example.com>"),
+        ("branch", "main"),
+        ("revision", "4f1c2d3e"),
+        ("repository", "https://git.example/app.git"),
+        ("properties", r#"{"job": "pushed"}"#),
+    ];
+    let form: Vec<String> = change.iter().map(|(k, v)| format!("{k}={}", kiln_tests::system::urlencode(v))).collect();
+    let hook = client
+        .post(format!("{}/change_hook/base", master.base()))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form.join("&"))
+        .send();
+
+    let mut holder = sqlx::PgConnection::connect(&database).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE buildsets IN EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
+    let hook = tokio::spawn(hook);
+    eventually("the change to be stored", MINUTE, || async {
+        let changes: Value =
+            client.get(format!("{}/api/v2/changes", master.base())).send().await.ok()?.json().await.ok()?;
+        (changes["meta"]["total"] == 1).then_some(())
+    })
+    .await;
+    master.kill().await;
+    assert!(hook.await.unwrap().is_err(), "the hook was answered before its change was scheduled");
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    let buildsets = sqlx::query("SELECT COUNT(*) AS n FROM buildsets").fetch_one(&mut holder).await.unwrap();
+    assert_eq!(buildsets.get::<i64, _>("n"), 0, "the killed master's submission was not rolled back");
+
+    master.restart().await;
+    wait_running(&ledger, 1).await;
+    wait_all_complete(&client, &master.base(), 1, MINUTE).await;
+    assert!(master.log().contains("a change was stored but not scheduled"), "{}", master.log());
+    // Housekeeping rounds after it schedule nothing more.
+    real_sleep(Duration::from_secs(4)).await;
+    let buildsets = sqlx::query("SELECT COUNT(*) AS n FROM buildsets").fetch_one(&mut holder).await.unwrap();
+    assert_eq!(buildsets.get::<i64, _>("n"), 1);
+    settle("master killed between storing a change and scheduling it (PostgreSQL)", &ledger, &["pushed".to_owned()]);
+}

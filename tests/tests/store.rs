@@ -43,6 +43,7 @@ conformance!(
     a_build_ended_by_another_master_still_owes_its_end_reports,
     shortened_claims_expire_early_and_only_for_their_master,
     a_webhook_delivery_is_stored_once_until_forgotten,
+    a_change_scheduled_again_gets_each_schedulers_action_once,
     a_shared_key_is_made_once_and_kept,
     builds_are_numbered_per_builder,
     the_previous_build_is_the_last_finished_one_not_retried,
@@ -264,11 +265,39 @@ async fn a_webhook_delivery_is_stored_once_until_forgotten(store: Store) {
     let elsewhere = Delivery { source: "gitlab".into(), id: delivery.id.clone() };
     assert!(store.add_delivered_changes(&elsewhere, &changes[..1]).await.unwrap().is_some(), "ids are per source");
     assert_eq!(store.list(Resource::Changes, &ListQuery::default()).await.unwrap().1, 3);
-    store.forget_delivery(&delivery).await.unwrap();
-    assert!(store.add_delivered_changes(&delivery, &changes[..1]).await.unwrap().is_some(), "forgotten");
     assert_eq!(store.forget_deliveries_before(store.now_ms() - 60_000).await.unwrap(), 0, "all are recent");
     assert_eq!(store.forget_deliveries_before(store.now_ms() + 1).await.unwrap(), 2);
     assert!(store.add_delivered_changes(&delivery, &changes[..1]).await.unwrap().is_some());
+}
+
+async fn a_change_scheduled_again_gets_each_schedulers_action_once(store: Store) {
+    let b = builder(&store, "b").await;
+    let change = NewChange { author: "a".into(), branch: Some("main".into()), ..Default::default() };
+    let stored = store.add_change(&change).await.unwrap();
+    let later = store.now_ms() + 1;
+    let left: Vec<i64> = store.unscheduled_changes(later, 10).await.unwrap().iter().map(|c| c.changeid).collect();
+    assert_eq!(left, [stored.changeid], "a change is unscheduled until every scheduler has acted");
+    assert!(store.unscheduled_changes(store.now_ms() - 60_000, 10).await.unwrap().is_empty(), "only old ones");
+
+    let first = store.add_buildset_for_change(&buildset(vec![b], 0), stored.changeid, "main").await.unwrap();
+    assert!(first.is_some());
+    let again = store.add_buildset_for_change(&buildset(vec![b], 0), stored.changeid, "main").await.unwrap();
+    assert_eq!(again, None, "a scheduler acts once on a change");
+    assert!(store.add_buildset_for_change(&buildset(vec![b], 0), stored.changeid, "other").await.unwrap().is_some());
+    assert_eq!(store.list(Resource::Buildsets, &ListQuery::default()).await.unwrap().1, 2);
+    store.remember_change("nightly", stored.changeid, true).await.unwrap();
+    store.remember_change("nightly", stored.changeid, true).await.unwrap();
+    let fire = |_| Some(later + 60_000);
+    store.classify_change("stable", "main", stored.changeid, true, fire).await.unwrap();
+    store
+        .classify_change("stable", "main", stored.changeid, true, |_| panic!("the timer is not moved again"))
+        .await
+        .unwrap();
+
+    store.change_scheduled(stored.changeid).await.unwrap();
+    assert!(store.unscheduled_changes(later, 10).await.unwrap().is_empty());
+    assert_eq!(store.forget_change_schedulings_before(store.now_ms() - 60_000).await.unwrap(), 0, "all are recent");
+    assert_eq!(store.forget_change_schedulings_before(store.now_ms() + 1).await.unwrap(), 4);
 }
 
 async fn shortened_claims_expire_early_and_only_for_their_master(store: Store) {

@@ -110,6 +110,7 @@ impl Master {
                     continue;
                 }
             }
+            self.schedule_left_changes().await;
             match self.store.stops_requested(self.masterid).await {
                 Ok(brids) => {
                     for brid in brids {
@@ -181,6 +182,11 @@ impl Master {
                 Ok(0) => {}
                 Ok(count) => debug!(deliveries = count, "forgot old webhook deliveries"),
                 Err(error) => warn!(%error, "could not forget old webhook deliveries"),
+            }
+            if let Err(error) =
+                self.store.forget_change_schedulings_before(now - DELIVERY_MEMORY.as_millis() as i64).await
+            {
+                warn!(%error, "could not forget which schedulers acted on old changes");
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(read_at + every) => {}

@@ -13,6 +13,10 @@ use crate::store::StoreError;
 
 use super::Master;
 
+/// How old a change still unscheduled must be before housekeeping schedules it: its own master
+/// schedules it within milliseconds of storing it, unless it died.
+const LEFT_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why a build could not be submitted.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -81,9 +85,10 @@ impl Master {
     }
 
     /// Stores the changes of one webhook delivery — unless the same delivery was stored before,
-    /// by this master or another — then lets the schedulers act on each. When they cannot, the
-    /// delivery is forgotten again, so that its redelivery (the sender's answer to a 5xx) is
-    /// acted on rather than taken for a duplicate.
+    /// by this master or another — then lets the schedulers act on each. A change stored is
+    /// built even when its scheduling fails here: housekeeping schedules it again (see
+    /// [`Master::schedule_left_changes`]), so the delivery stays remembered and its redelivery
+    /// (the sender's answer to the 5xx) stores nothing more.
     pub async fn add_delivered_changes(
         &self,
         delivery: &Delivery,
@@ -94,18 +99,15 @@ impl Master {
             return Ok(Delivered::Before);
         };
         for change in &stored {
-            if let Err(error) = self.schedule_change(change).await {
-                if let Err(forget) = self.store.forget_delivery(delivery).await {
-                    warn!(error = %forget, delivery = %delivery.id, "could not forget a delivery whose changes were not scheduled");
-                }
-                return Err(error);
-            }
+            self.schedule_change(change).await?;
         }
         Ok(Delivered::Now(stored))
     }
 
     /// Lets every change scheduler act on a stored change: build it now, or classify it under a
-    /// tree-stable timer.
+    /// tree-stable timer. Each scheduler acts at most once on a change, in the transaction that
+    /// records it, so scheduling a change again after a master died midway does nothing twice;
+    /// the change counts as scheduled once all have acted.
     pub(super) async fn schedule_change(&self, stored: &Change) -> Result<(), SubmitError> {
         let change = &stored.change;
         info!(changeid = stored.changeid, branch = ?change.branch, revision = ?change.revision, "change added");
@@ -118,7 +120,7 @@ impl Master {
             match scheduler.compiled.tree_stable_ms {
                 None if classification == Classification::Important => {
                     let buildset = self.buildset_for(scheduler, std::slice::from_ref(stored));
-                    self.submit(&buildset).await?;
+                    self.submit_for_change(&buildset, stored.changeid, &scheduler.compiled.name).await?;
                 }
                 None => {}
                 Some(stable_ms) => {
@@ -143,7 +145,32 @@ impl Master {
                 self.store.remember_change(&timed.config.name, stored.changeid, important).await?;
             }
         }
+        self.store.change_scheduled(stored.changeid).await?;
         Ok(())
+    }
+
+    /// Schedules the changes a master stored but did not finish scheduling (it was killed, or
+    /// its database went away, in between), once they are older than [`LEFT_AFTER`]: a live
+    /// master schedules its changes within milliseconds.
+    pub(super) async fn schedule_left_changes(&self) {
+        let before = self.store.now_ms() - LEFT_AFTER.as_millis() as i64;
+        let left = match self.store.unscheduled_changes(before, 100).await {
+            Ok(left) => left,
+            Err(error) => {
+                warn!(%error, "cannot read the changes left unscheduled");
+                return;
+            }
+        };
+        for change in &left {
+            warn!(
+                changeid = change.changeid,
+                "a change was stored but not scheduled (its master stopped midway); scheduling it now"
+            );
+            if let Err(error) = self.schedule_change(change).await {
+                warn!(changeid = change.changeid, %error, "cannot schedule a change left unscheduled; trying again later");
+                return;
+            }
+        }
     }
 
     /// The buildset a change scheduler submits for `changes` (oldest first).
@@ -290,10 +317,31 @@ impl Master {
         let mut buildset = buildset.clone();
         buildset.collapse_builderids = self.collapsing(&buildset.builderids);
         let submitted = self.store.add_buildset(&buildset).await?;
+        self.submitted(&submitted).await;
+        Ok(submitted)
+    }
+
+    /// [`Master::submit`] for `scheduler` acting on a change; nothing when it acted on it before.
+    async fn submit_for_change(
+        &self,
+        buildset: &NewBuildset,
+        changeid: i64,
+        scheduler: &str,
+    ) -> Result<(), StoreError> {
+        let mut buildset = buildset.clone();
+        buildset.collapse_builderids = self.collapsing(&buildset.builderids);
+        match self.store.add_buildset_for_change(&buildset, changeid, scheduler).await? {
+            Some(submitted) => self.submitted(&submitted).await,
+            None => debug!(changeid, scheduler, "the scheduler acted on this change before"),
+        }
+        Ok(())
+    }
+
+    /// Counts a stored buildset and wakes whoever dispatches its requests.
+    async fn submitted(&self, submitted: &Submitted) {
         crate::telemetry::request_submitted(submitted.requests.len());
         debug!(bsid = submitted.bsid, requests = submitted.requests.len(), "buildset submitted");
         self.store.notify_queue().await;
         self.signals.wake();
-        Ok(submitted)
     }
 }

@@ -23,6 +23,28 @@ impl Store {
         Ok(submitted)
     }
 
+    /// [`Store::add_buildset`] for a scheduler acting on a change, in one transaction with the
+    /// record that it acted; `None` (and nothing stored) when it acted on that change before.
+    pub async fn add_buildset_for_change(
+        &self,
+        buildset: &NewBuildset,
+        changeid: i64,
+        scheduler: &str,
+    ) -> Result<Option<Submitted>> {
+        let now = self.now_ms();
+        let mut tx = self.write.begin().await?;
+        if !Self::acting_on(&mut tx, changeid, scheduler, now).await? {
+            return Ok(None);
+        }
+        let mut collapsed = 0;
+        let mut events = Vec::new();
+        let submitted = Self::add_buildset_in(&mut tx, buildset, now, &mut collapsed, &mut events).await?;
+        tx.commit().await?;
+        self.published(events);
+        crate::telemetry::requests_collapsed(collapsed);
+        Ok(Some(submitted))
+    }
+
     /// [`Store::add_buildset`] inside a transaction; adds the number of requests it collapsed
     /// to `collapsed`, for the caller to count once the transaction commits.
     pub(super) async fn add_buildset_in(

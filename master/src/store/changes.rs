@@ -74,17 +74,6 @@ impl Store {
         Ok(Some(stored))
     }
 
-    /// Forgets a delivery, so that its redelivery is acted on: for a delivery whose changes were
-    /// stored but could not be scheduled.
-    pub async fn forget_delivery(&self, delivery: &Delivery) -> Result<()> {
-        sqlx::query("DELETE FROM hook_deliveries WHERE source = $1 AND delivery = $2")
-            .bind(&delivery.source)
-            .bind(&delivery.id)
-            .execute(&self.write)
-            .await?;
-        Ok(())
-    }
-
     /// Forgets deliveries received before `before` (ms); returns how many.
     pub async fn forget_deliveries_before(&self, before: i64) -> Result<u64> {
         let done =
@@ -123,9 +112,60 @@ impl Store {
             .bind(ssid)
             .fetch_one(&mut *tx)
             .await?;
-            stored.push(Change { changeid: get_i64(&row, "changeid")?, sourcestampid: ssid, change: change.clone() });
+            let changeid = get_i64(&row, "changeid")?;
+            sqlx::query("INSERT INTO unscheduled_changes (changeid, stored_at) VALUES ($1, $2)")
+                .bind(changeid)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            stored.push(Change { changeid, sourcestampid: ssid, change: change.clone() });
         }
         Ok(stored)
+    }
+
+    /// Records that `scheduler` acts on `changeid` now, inside the transaction that acts; false
+    /// when it acted on it before (the change is being scheduled again), and it must not act
+    /// twice.
+    pub(super) async fn acting_on(conn: &mut AnyConnection, changeid: i64, scheduler: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO change_schedulings (changeid, scheduler, acted_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(changeid)
+        .bind(scheduler)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records that every scheduler has acted on a change.
+    pub async fn change_scheduled(&self, changeid: i64) -> Result<()> {
+        sqlx::query("DELETE FROM unscheduled_changes WHERE changeid = $1").bind(changeid).execute(&self.write).await?;
+        Ok(())
+    }
+
+    /// Up to `limit` changes stored before `stored_before` (ms) that the schedulers have not all
+    /// acted on: their master stopped while scheduling them. Oldest first.
+    pub async fn unscheduled_changes(&self, stored_before: i64, limit: i64) -> Result<Vec<Change>> {
+        let rows = sqlx::query(
+            "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
+             c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid \
+             FROM unscheduled_changes u JOIN changes c ON c.changeid = u.changeid \
+             WHERE u.stored_at < $1 ORDER BY c.changeid LIMIT $2",
+        )
+        .bind(stored_before)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(change_from_row).collect()
+    }
+
+    /// Forgets which schedulers acted on changes before `before` (ms): a change is scheduled
+    /// again within seconds of its master's death, never days later.
+    pub async fn forget_change_schedulings_before(&self, before: i64) -> Result<u64> {
+        let done =
+            sqlx::query("DELETE FROM change_schedulings WHERE acted_at < $1").bind(before).execute(&self.write).await?;
+        Ok(done.rows_affected())
     }
 }
 

@@ -98,6 +98,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0014_open_requests.sql"),
         postgres: include_str!("../../migrations/postgres/0014_open_requests.sql"),
     },
+    Migration {
+        version: 15,
+        description: "changes scheduled exactly once, even across a master's death",
+        sqlite: include_str!("../../migrations/sqlite/0015_change_scheduling.sql"),
+        postgres: include_str!("../../migrations/postgres/0015_change_scheduling.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -20,6 +20,9 @@ impl Store {
         fire_at: impl FnOnce(Option<i64>) -> Option<i64>,
     ) -> Result<()> {
         let mut tx = self.write.begin().await?;
+        if !Self::acting_on(&mut tx, changeid, scheduler, self.now_ms()).await? {
+            return Ok(());
+        }
         let running = sqlx::query("SELECT fire_at FROM scheduler_timers WHERE scheduler = $1 AND timer_key = $2")
             .bind(scheduler)
             .bind(timer_key)
@@ -29,6 +32,7 @@ impl Store {
             .transpose()?;
         let Some(fire_at) = fire_at(running) else {
             // An unimportant change with no timer running is not remembered, as in Buildbot.
+            tx.commit().await?;
             return Ok(());
         };
         sqlx::query(
@@ -57,6 +61,10 @@ impl Store {
     /// Remembers a change for a scheduler that builds only if something changed (Nightly and
     /// Periodic with `onlyIfChanged`).
     pub async fn remember_change(&self, scheduler: &str, changeid: i64, important: bool) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        if !Self::acting_on(&mut tx, changeid, scheduler, self.now_ms()).await? {
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO scheduler_changes (scheduler, timer_key, changeid, important) VALUES ($1, '', $2, $3) \
              ON CONFLICT (scheduler, changeid) DO NOTHING",
@@ -64,8 +72,9 @@ impl Store {
         .bind(scheduler)
         .bind(changeid)
         .bind(i64::from(important))
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
