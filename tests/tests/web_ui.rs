@@ -71,11 +71,14 @@ async fn a_build_forced_from_the_dialog_runs_live_to_success() {
     browser.click("button", "force").await;
     browser.click(".modal button", "Start build").await;
     browser.wait_for("the build's page", "location.hash.endsWith('/builds/1')", MINUTE).await;
+    // The output lines as the log view shows them, each a line of its own: the step's summary
+    // and the log's header both quote the command, which names both.
     let text = browser
         .wait_for(
             "the first log line while the step runs",
             &format!(
-                "(t => t.includes('first-line') && t.includes('(running)') && !t.includes('second-line') ? t : '')({})",
+                "(t => {{ const lines = t.split('\\n').map(l => l.trim()); \
+                 return lines.includes('first-line') && t.includes('(running)') && !lines.includes('second-line') ? t : ''; }})({})",
                 page_text()
             ),
             MINUTE,
@@ -98,7 +101,8 @@ async fn a_build_forced_from_the_dialog_runs_live_to_success() {
     })
     .await;
     browser.navigate(&master.url("/#/builders/1/builds/2")).await;
-    browser.wait_for("the first log line", &format!("({}).includes('first-line')", page_text()), MINUTE).await;
+    let first_line = format!("({}).split('\\n').map(l => l.trim()).includes('first-line')", page_text());
+    browser.wait_for("the first log line", &first_line, MINUTE).await;
     browser.click("button", "Stop").await;
     browser.wait_for("CANCELLED on screen", &format!("({}).includes('CANCELLED')", page_text()), MINUTE).await;
     assert_eq!(master.get("/api/v2/builds/2").await["builds"][0]["results"], 6);
