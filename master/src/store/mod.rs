@@ -138,7 +138,10 @@ impl Store {
             } else {
                 format!("{url}?mode=rwc")
             };
+            // An embedded database's connection cannot be lost the way a server's can: sqlx's
+            // ping before every acquire (a round trip to the connection's thread) buys nothing.
             let write = pool_options(clock, SQLITE_ACQUIRE)
+                .test_before_acquire(false)
                 .max_connections(1)
                 .after_connect(sqlite_pragmas)
                 .connect(&url)
@@ -149,6 +152,7 @@ impl Store {
                 write.clone()
             } else {
                 pool_options(clock, SQLITE_ACQUIRE)
+                    .test_before_acquire(false)
                     .max_connections(4)
                     .after_connect(sqlite_pragmas)
                     .connect(&url)
