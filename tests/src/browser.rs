@@ -60,7 +60,12 @@ pub struct Browser {
     replies: Replies,
     next_id: u64,
     errors: Arc<Mutex<Vec<PageError>>>,
+    /// The page's recent traffic: requests it made and WebSocket frames, oldest first.
+    traffic: Arc<Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// Entries of the page's traffic kept for a failure's report.
+const TRAFFIC_KEPT: usize = 4_000;
 
 impl Browser {
     /// Starts headless Chromium with a fresh profile and attaches to its first page.
@@ -110,7 +115,8 @@ impl Browser {
         });
         let replies: Replies = Default::default();
         let errors: Arc<Mutex<Vec<PageError>>> = Default::default();
-        let (replies_in, errors_in) = (Arc::clone(&replies), Arc::clone(&errors));
+        let traffic: Arc<Mutex<std::collections::VecDeque<String>>> = Default::default();
+        let (replies_in, errors_in, traffic_in) = (Arc::clone(&replies), Arc::clone(&errors), Arc::clone(&traffic));
         tokio::spawn(async move {
             while let Some(Ok(message)) = stream.next().await {
                 let Ok(text) = message.to_text() else { continue };
@@ -121,11 +127,17 @@ impl Browser {
                     }
                 } else if let Some(error) = page_error(&message) {
                     errors_in.lock().unwrap().push(error);
+                } else if let Some(entry) = traffic_entry(&message) {
+                    let mut traffic = traffic_in.lock().unwrap();
+                    if traffic.len() == TRAFFIC_KEPT {
+                        traffic.pop_front();
+                    }
+                    traffic.push_back(entry);
                 }
             }
         });
-        let mut browser = Browser { process, _profile: profile, commands, replies, next_id: 1, errors };
-        for domain in ["Page.enable", "Runtime.enable", "Log.enable"] {
+        let mut browser = Browser { process, _profile: profile, commands, replies, next_id: 1, errors, traffic };
+        for domain in ["Page.enable", "Runtime.enable", "Log.enable", "Network.enable"] {
             browser.call(domain, json!({})).await;
         }
         browser
@@ -219,6 +231,20 @@ impl Browser {
         std::fs::write(path, bytes).expect("write screenshot");
     }
 
+    /// The page's recent requests and WebSocket frames that contain `needle`, in order, one per
+    /// line: what a failure's report shows of what the page was told.
+    pub fn traffic_with(&self, needle: &str) -> String {
+        let traffic = self.traffic.lock().unwrap();
+        traffic.iter().filter(|entry| entry.contains(needle)).cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// The page's last `count` requests and WebSocket frames, one per line.
+    pub fn traffic_tail(&self, count: usize) -> String {
+        let traffic = self.traffic.lock().unwrap();
+        let skip = traffic.len().saturating_sub(count);
+        traffic.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
+    }
+
     /// The console errors and uncaught exceptions so far, taking them.
     pub fn take_errors(&self) -> Vec<PageError> {
         std::mem::take(&mut self.errors.lock().unwrap())
@@ -229,6 +255,26 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
+    }
+}
+
+/// One line of the page's traffic, from a DevTools Network event: the time (s), then what.
+fn traffic_entry(message: &Value) -> Option<String> {
+    let params = &message["params"];
+    let at = params["timestamp"].as_f64().unwrap_or_default();
+    match message["method"].as_str()? {
+        "Network.requestWillBeSent" => Some(format!(
+            "{at:.3} http {} {}",
+            params["request"]["method"].as_str().unwrap_or_default(),
+            params["request"]["url"].as_str().unwrap_or_default()
+        )),
+        "Network.webSocketFrameReceived" => {
+            Some(format!("{at:.3} ws<- {}", params["response"]["payloadData"].as_str().unwrap_or_default()))
+        }
+        "Network.webSocketFrameSent" => {
+            Some(format!("{at:.3} ws-> {}", params["response"]["payloadData"].as_str().unwrap_or_default()))
+        }
+        _ => None,
     }
 }
 

@@ -116,7 +116,12 @@ async fn a_build_forced_from_the_dialog_runs_live_to_success() {
         let build = master.get("/api/v2/builds/3").await;
         let steps = master.get("/api/v2/builds/3/steps").await;
         let worker_log = std::fs::read_to_string(dir.path().join("w1.log")).unwrap_or_default();
-        panic!("{failure}\nthe API's build: {build}\nits steps: {steps}\nthe worker's log:\n{worker_log}");
+        let traffic = browser.traffic_with("builds/3");
+        let rest = browser.traffic_tail(80);
+        panic!(
+            "{failure}\nthe API's build: {build}\nits steps: {steps}\nthe worker's log:\n{worker_log}\n\
+             what the page was told of build 3:\n{traffic}\nits last requests and frames:\n{rest}"
+        );
     }
     let errors = browser.take_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");

@@ -42,6 +42,8 @@ const FETCH_CHUNK: usize = 200;
 /// is written at once; while events keep coming, each connection gets them in one write per
 /// interval, so 200 browsers cost 200 writes per interval, not 200 per publisher round.
 const FLUSH_EVERY: Duration = Duration::from_millis(25);
+/// How long a path a client stopped consuming is still delivered (see [`Subscriptions`]).
+const LINGER: Duration = Duration::from_secs(1);
 
 /// One message of the stream, under one routing key.
 #[derive(Debug)]
@@ -116,26 +118,74 @@ impl Interest {
 }
 
 /// One connection's subscriptions (path as given, and its pattern), registered with the hub's
-/// [`Interest`] for as long as the connection holds them.
+/// [`Interest`] for as long as the connection holds them — and, for [`LINGER`] after it stops
+/// consuming a path, still delivered.
+///
+/// Buildbot's UI stops and starts the same paths when it draws a page again, a few milliseconds
+/// apart; an event between the two would be lost to it for good, because its collections keep
+/// an object's state from an event over the REST answer that follows. A path that lingers is
+/// delivered as if it had never stopped (the UI ignores what none of its collections listens to).
 #[derive(Debug, Default)]
 struct Subscriptions {
     list: Vec<(String, Pattern)>,
+    /// Paths stopped, still delivered until the instant given.
+    lingering: Vec<(String, Pattern, tokio::time::Instant)>,
     interest: Arc<Interest>,
 }
 
 impl Subscriptions {
     fn new(interest: Arc<Interest>) -> Subscriptions {
-        Subscriptions { list: Vec::new(), interest }
+        Subscriptions { list: Vec::new(), lingering: Vec::new(), interest }
     }
 
     fn matches(&self, message: &Message) -> bool {
-        self.list.iter().any(|(_, p)| p.matches(message))
+        self.list.iter().any(|(_, p)| p.matches(message)) || self.lingering.iter().any(|(_, p, _)| p.matches(message))
+    }
+
+    /// Starts consuming `path`: false when it holds as many paths as it may.
+    fn start(&mut self, path: String, pattern: Pattern) -> bool {
+        if self.list.iter().any(|(p, _)| *p == path) {
+            return true;
+        }
+        if let Some(at) = self.lingering.iter().position(|(p, _, _)| *p == path) {
+            // Counted with the hub still: it only moves back.
+            let (path, pattern, _) = self.lingering.remove(at);
+            self.list.push((path, pattern));
+            return true;
+        }
+        if self.list.len() + self.lingering.len() >= MAX_SUBSCRIPTIONS {
+            return false;
+        }
+        self.interest.add(&pattern);
+        self.list.push((path, pattern));
+        true
+    }
+
+    /// Stops consuming `path`; it lingers for [`LINGER`]. False when it was not consumed.
+    fn stop(&mut self, path: &str) -> bool {
+        let Some(at) = self.list.iter().position(|(p, _)| p == path) else { return false };
+        let (path, pattern) = self.list.remove(at);
+        self.lingering.push((path, pattern, tokio::time::Instant::now() + LINGER));
+        true
+    }
+
+    /// Forgets the paths whose linger is over.
+    fn expire(&mut self) {
+        let now = tokio::time::Instant::now();
+        let interest = &self.interest;
+        self.lingering.retain(|(_, pattern, until)| {
+            let keep = *until > now;
+            if !keep {
+                interest.remove(pattern);
+            }
+            keep
+        });
     }
 }
 
 impl Drop for Subscriptions {
     fn drop(&mut self) {
-        for (_, pattern) in &self.list {
+        for pattern in self.list.iter().map(|(_, p)| p).chain(self.lingering.iter().map(|(_, p, _)| p)) {
             self.interest.remove(pattern);
         }
     }
@@ -395,22 +445,18 @@ fn answer(text: &str, subscriptions: &mut Subscriptions) -> Value {
         Some("ping") => json!({ "msg": "pong", "code": 200, "_id": id }),
         Some(cmd @ ("startConsuming" | "stopConsuming")) => {
             let Some(path) = command.path else { return error(400, "missing path".into()) };
+            subscriptions.expire();
             if cmd == "stopConsuming" {
-                let Some(at) = subscriptions.list.iter().position(|(p, _)| *p == path) else {
+                if !subscriptions.stop(&path) {
                     return error(400, format!("{path:?} is not consumed"));
-                };
-                let (_, pattern) = subscriptions.list.remove(at);
-                subscriptions.interest.remove(&pattern);
-            } else if !subscriptions.list.iter().any(|(p, _)| *p == path) {
-                if subscriptions.list.len() >= MAX_SUBSCRIPTIONS {
-                    return error(400, format!("at most {MAX_SUBSCRIPTIONS} paths may be consumed at once"));
                 }
-                match Pattern::parse(&path) {
-                    Ok(pattern) => {
-                        subscriptions.interest.add(&pattern);
-                        subscriptions.list.push((path, pattern));
-                    }
+            } else {
+                let pattern = match Pattern::parse(&path) {
+                    Ok(pattern) => pattern,
                     Err(reason) => return error(400, reason),
+                };
+                if !subscriptions.start(path, pattern) {
+                    return error(400, format!("at most {MAX_SUBSCRIPTIONS} paths may be consumed at once"));
                 }
             }
             json!({ "msg": "OK", "code": 200, "_id": id })
@@ -484,10 +530,11 @@ fn take_waiting(
 /// bounded in time and a client that stops reading is let go.
 async fn write(
     socket: &mut WebSocket,
-    subscriptions: &Subscriptions,
+    subscriptions: &mut Subscriptions,
     held: &mut Vec<Round>,
     last_write: &mut tokio::time::Instant,
 ) -> bool {
+    subscriptions.expire();
     let written = tokio::time::timeout(SEND_TIMEOUT, async {
         let mut fed = 0usize;
         for message in held.iter().flat_map(|r| r.iter()) {
@@ -544,7 +591,7 @@ async fn serve(
                 if let Some(ending) = take_waiting(&mut messages, None, &mut held) {
                     break ending;
                 }
-                if !write(&mut socket, &subscriptions, &mut held, &mut last_write).await {
+                if !write(&mut socket, &mut subscriptions, &mut held, &mut last_write).await {
                     break Ending::Stalled;
                 }
             },
@@ -553,7 +600,7 @@ async fn serve(
                     break ending;
                 }
                 // An idle connection is written to at once; a busy one when its interval is over.
-                if last_write.elapsed() >= FLUSH_EVERY && !write(&mut socket, &subscriptions, &mut held, &mut last_write).await {
+                if last_write.elapsed() >= FLUSH_EVERY && !write(&mut socket, &mut subscriptions, &mut held, &mut last_write).await {
                     break Ending::Stalled;
                 }
             },
@@ -610,7 +657,6 @@ mod tests {
         let ok = answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":4}"#, &mut subs);
         assert_eq!(ok["code"], 200);
         assert!(subs.list.is_empty());
-        assert!(interest.patterns().is_empty());
         let again = answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":5}"#, &mut subs);
         assert_eq!(again["code"], 400);
         assert_eq!(answer(r#"{"cmd":"dance","_id":6}"#, &mut subs)["code"], 404);
@@ -623,6 +669,28 @@ mod tests {
         drop(subs);
         assert_eq!(interest.patterns(), [Pattern::parse("steps/*/*").unwrap()]);
         drop(other);
+        assert!(interest.patterns().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_path_stopped_and_started_again_at_once_misses_nothing() {
+        let interest = Arc::new(Interest::default());
+        let mut subs = Subscriptions::new(Arc::clone(&interest));
+        let build = Message::new("builds/3/finished".into(), String::new());
+        answer(r#"{"cmd":"startConsuming","path":"builds/*/*","_id":1}"#, &mut subs);
+        answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":2}"#, &mut subs);
+        assert!(subs.matches(&build), "a path stopped a moment ago is still delivered");
+        assert_eq!(interest.patterns().len(), 1, "and still read by the publisher");
+        assert_eq!(answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":3}"#, &mut subs)["code"], 400);
+        answer(r#"{"cmd":"startConsuming","path":"builds/*/*","_id":4}"#, &mut subs);
+        assert_eq!((subs.list.len(), subs.lingering.len()), (1, 0), "started again, it is consumed once");
+        tokio::time::advance(LINGER * 2).await;
+        subs.expire();
+        assert!(subs.matches(&build));
+        answer(r#"{"cmd":"stopConsuming","path":"builds/*/*","_id":5}"#, &mut subs);
+        tokio::time::advance(LINGER + Duration::from_millis(1)).await;
+        subs.expire();
+        assert!(!subs.matches(&build), "past the linger, a stopped path is not delivered");
         assert!(interest.patterns().is_empty());
     }
 
