@@ -257,10 +257,11 @@ impl Tokens {
         token
     }
 
-    /// Reads the reporter's token again; true when it is no longer `used`.
+    /// Reads the reporter's token again; true when it is no longer `used` (an HTTP push without
+    /// a bearer token sends none, which never changes).
     fn changed(&self, service: &ServiceConfig, used: &str) -> bool {
         let token = service.credential();
-        let changed = token.as_deref() != Some(used);
+        let changed = token.as_deref().unwrap_or_default() != used;
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -592,6 +593,27 @@ mod tests {
         assert_eq!(repo_path("https://gitlab.example/g/sub/r.git"), Some(("g".into(), "sub/r".into())));
         assert_eq!(repo_path("https://github.com/o"), None);
         assert_eq!(repo_path("/srv/git/r.git"), None);
+    }
+
+    #[test]
+    fn a_refusal_is_retried_only_for_a_token_replaced_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "first\n").unwrap();
+        let github: ServiceConfig = serde_json::from_value(json!({
+            "type": "github_status", "name": "gh", "token_file": file, "base_url": "http://127.0.0.1:1"
+        }))
+        .unwrap();
+        let tokens = Tokens::default();
+        assert_eq!(tokens.get(&github).as_deref(), Some("first"));
+        std::fs::write(&file, "second\n").unwrap();
+        assert_eq!(tokens.get(&github).as_deref(), Some("first"), "held for a while");
+        assert!(!tokens.changed(&github, "second"));
+        assert!(tokens.changed(&github, "first"));
+        assert_eq!(tokens.get(&github).as_deref(), Some("second"), "read again when it changed");
+        let push: ServiceConfig =
+            serde_json::from_value(json!({ "type": "http_push", "name": "p", "url": "http://127.0.0.1:1/" })).unwrap();
+        assert!(!tokens.changed(&push, ""), "a push without a token has none to replace");
     }
 
     #[test]
