@@ -314,9 +314,7 @@ impl Master {
     }
 
     pub(super) async fn submit(&self, buildset: &NewBuildset) -> Result<Submitted, StoreError> {
-        let mut buildset = buildset.clone();
-        buildset.collapse_builderids = self.collapsing(&buildset.builderids);
-        let submitted = self.store.add_buildset(&buildset).await?;
+        let submitted = self.store.add_buildset(&self.collapsing_in(buildset)).await?;
         self.submitted(&submitted).await;
         Ok(submitted)
     }
@@ -328,13 +326,18 @@ impl Master {
         changeid: i64,
         scheduler: &str,
     ) -> Result<(), StoreError> {
-        let mut buildset = buildset.clone();
-        buildset.collapse_builderids = self.collapsing(&buildset.builderids);
-        match self.store.add_buildset_for_change(&buildset, changeid, scheduler).await? {
+        match self.store.add_buildset_for_change(&self.collapsing_in(buildset), changeid, scheduler).await? {
             Some(submitted) => self.submitted(&submitted).await,
             None => debug!(changeid, scheduler, "the scheduler acted on this change before"),
         }
         Ok(())
+    }
+
+    /// `buildset` with the builders whose older requests it collapses.
+    fn collapsing_in(&self, buildset: &NewBuildset) -> NewBuildset {
+        let mut buildset = buildset.clone();
+        buildset.collapse_builderids = self.collapsing(&buildset.builderids);
+        buildset
     }
 
     /// Counts a stored buildset and wakes whoever dispatches its requests.

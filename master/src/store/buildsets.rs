@@ -13,14 +13,10 @@ impl Store {
     /// Stores a buildset and one build request per builder, atomically, collapsing older
     /// compatible requests of the builders in `collapse_builderids` (they complete as SKIPPED).
     pub async fn add_buildset(&self, buildset: &NewBuildset) -> Result<Submitted> {
-        let mut tx = self.write.begin().await?;
-        let mut collapsed = 0;
-        let mut events = Vec::new();
-        let submitted = Self::add_buildset_in(&mut tx, buildset, self.now_ms(), &mut collapsed, &mut events).await?;
-        tx.commit().await?;
-        self.published(events);
-        crate::telemetry::requests_collapsed(collapsed);
-        Ok(submitted)
+        match self.store_buildset(buildset, None).await? {
+            Some(submitted) => Ok(submitted),
+            None => unreachable!("only a scheduler that acted on a change before stores nothing"),
+        }
     }
 
     /// [`Store::add_buildset`] for a scheduler acting on a change, in one transaction with the
@@ -31,9 +27,15 @@ impl Store {
         changeid: i64,
         scheduler: &str,
     ) -> Result<Option<Submitted>> {
+        self.store_buildset(buildset, Some((changeid, scheduler))).await
+    }
+
+    async fn store_buildset(&self, buildset: &NewBuildset, acting: Option<(i64, &str)>) -> Result<Option<Submitted>> {
         let now = self.now_ms();
         let mut tx = self.write.begin().await?;
-        if !Self::acting_on(&mut tx, changeid, scheduler, now).await? {
+        if let Some((changeid, scheduler)) = acting
+            && !Self::acting_on(&mut tx, changeid, scheduler, now).await?
+        {
             return Ok(None);
         }
         let mut collapsed = 0;

@@ -1,7 +1,7 @@
 //! Changes and the source stamps they point at.
 
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use super::{Result, Store, StoreError, get_i64};
 use crate::domain::{Change, Delivery, NewChange, SourceStamp};
@@ -147,12 +147,10 @@ impl Store {
     /// Up to `limit` changes stored before `stored_before` (ms) that the schedulers have not all
     /// acted on: their master stopped while scheduling them. Oldest first.
     pub async fn unscheduled_changes(&self, stored_before: i64, limit: i64) -> Result<Vec<Change>> {
-        let rows = sqlx::query(
-            "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
-             c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid \
-             FROM unscheduled_changes u JOIN changes c ON c.changeid = u.changeid \
-             WHERE u.stored_at < $1 ORDER BY c.changeid LIMIT $2",
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CHANGE_COLUMNS} FROM unscheduled_changes u JOIN changes c ON c.changeid = u.changeid \
+                 WHERE u.stored_at < $1 ORDER BY c.changeid LIMIT $2"
+        )))
         .bind(stored_before)
         .bind(limit)
         .fetch_all(&self.read)
@@ -168,6 +166,10 @@ impl Store {
         Ok(done.rows_affected())
     }
 }
+
+/// The columns of `changes` (as `c`) that [`change_from_row`] reads.
+pub(super) const CHANGE_COLUMNS: &str = "c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, \
+     c.when_timestamp, c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid";
 
 /// A stored change from a row of `changes`.
 pub(super) fn change_from_row(row: &AnyRow) -> Result<Change> {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use super::changes::change_from_row;
+use super::changes::{CHANGE_COLUMNS, change_from_row};
 use super::{Backend, Result, Store, get_i64};
 use crate::domain::{Change, Firing, NewBuildset, NewChange, Submitted};
 
@@ -147,12 +147,10 @@ impl Store {
         scheduler: &str,
         timer_key: &str,
     ) -> Result<Vec<(Change, bool)>> {
-        let rows = sqlx::query(
-            "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision, c.revlink, c.when_timestamp, \
-             c.category, c.repository, c.codebase, c.project, c.files, c.properties, c.sourcestampid, s.important \
-             FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
-             WHERE s.scheduler = $1 AND s.timer_key = $2 ORDER BY c.changeid",
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CHANGE_COLUMNS}, s.important FROM scheduler_changes s JOIN changes c ON c.changeid = s.changeid \
+             WHERE s.scheduler = $1 AND s.timer_key = $2 ORDER BY c.changeid"
+        )))
         .bind(scheduler)
         .bind(timer_key)
         .fetch_all(&mut *conn)
