@@ -42,7 +42,7 @@ impl MasterProcess {
         let child = Command::new(binary("kiln-master"))
             .arg("--config")
             .arg(&path)
-            .env("KILN_LOG", "warn")
+            .env("KILN_LOG", std::env::var("KILN_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -41,6 +41,7 @@ conformance!(
     a_released_request_returns_to_the_queue,
     expired_leases_are_reaped_and_their_builds_retried,
     a_build_ended_by_another_master_still_owes_its_end_reports,
+    a_report_claim_that_lapsed_is_claimed_again_and_a_live_one_is_not,
     shortened_claims_expire_early_and_only_for_their_master,
     a_webhook_delivery_is_stored_once_until_forgotten,
     a_change_scheduled_again_gets_each_schedulers_action_once,
@@ -247,6 +248,58 @@ async fn a_build_ended_by_another_master_still_owes_its_end_reports(store: Store
         [(stopped, "finished".to_owned())],
         "the cancelled build's end is due; the retried one's dropped"
     );
+}
+
+/// A report being sent is nobody else's to claim, and holds back the later reports of its commit
+/// and context; once its claim lapses (its master died mid-send) it is freed and claimed again.
+/// Reports sent are settled, and their builds read, in one statement for any number.
+async fn a_report_claim_that_lapsed_is_claimed_again_and_a_live_one_is_not(store: Store) {
+    use kiln_master::store::{NewReport, ReportEvent};
+    let (dead, alive) = (store.register_master("dead").await.unwrap(), store.register_master("alive").await.unwrap());
+    let worker = store.worker_connected("w", &json!({}), Some(dead), &[]).await.unwrap();
+    let b = builder(&store, "b").await;
+    let mut buildids = Vec::new();
+    for _ in 0..3 {
+        // Three builds of one commit and context: their reports go out in order.
+        let owed =
+            [NewReport { reporter: "github".into(), order_key: "github\nb\nabc".into(), event: ReportEvent::Started }];
+        store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+        let claim = store.claim_next(dead, None, LEASE).await.unwrap().unwrap();
+        buildids.push(store.new_build(b, claim.brid, worker, dead, &Properties::new(), &owed).await.unwrap().buildid);
+    }
+    let ids = |claimed: &[kiln_master::store::ClaimedReport]| claimed.iter().map(|r| r.buildid).collect::<Vec<_>>();
+
+    // The dead master claims the first with a claim that has already lapsed, the way a claim of
+    // a master killed mid-send does a minute later.
+    let first = store.claim_reports(dead, -1, 10).await.unwrap();
+    assert_eq!(ids(&first), [buildids[0]], "one at a time per commit and context");
+    assert_eq!(ids(&store.claim_reports(alive, LEASE, 10).await.unwrap()), Vec::<i64>::new(), "held back");
+    assert_eq!(store.release_expired_report_claims().await.unwrap(), 1);
+    let again = store.claim_reports(alive, LEASE, 10).await.unwrap();
+    assert_eq!(ids(&again), [buildids[0]], "the lapsed claim's report is claimed again");
+    assert_eq!(store.release_expired_report_claims().await.unwrap(), 0, "a live claim is not freed");
+    assert_eq!(ids(&store.claim_reports(dead, LEASE, 10).await.unwrap()), Vec::<i64>::new(), "nor claimed twice");
+    assert_eq!(store.settle_reports_sent(&[again[0].id], dead).await.unwrap(), 0, "only by the claim's holder");
+    assert_eq!(store.settle_reports_sent(&[again[0].id], alive).await.unwrap(), 1);
+
+    let next = store.claim_reports(alive, LEASE, 10).await.unwrap();
+    assert_eq!(ids(&next), [buildids[1]]);
+    assert_eq!(store.settle_reports_sent(&[next[0].id], alive).await.unwrap(), 1);
+    let last = store.claim_reports(alive, LEASE, 10).await.unwrap();
+    assert_eq!(ids(&last), [buildids[2]]);
+    assert_eq!(store.settle_reports_sent(&[last[0].id], alive).await.unwrap(), 1);
+    assert_eq!(store.settle_reports_sent(&[], alive).await.unwrap(), 0);
+
+    let read = store.reported_builds(&[buildids[0], buildids[2], 999_999]).await.unwrap();
+    assert_eq!(read.len(), 2, "a build not found is left out");
+    for id in [buildids[0], buildids[2]] {
+        let build = &read[&id];
+        assert_eq!((build.builder.as_str(), build.sourcestamps.len()), ("b", 1));
+        assert_eq!(build.sourcestamps[0].branch.as_deref(), Some("main"));
+    }
+    let states: Vec<String> =
+        store.list_reports(None, 10).await.unwrap().iter().map(|r| r["state"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(states, ["sent", "sent", "sent"]);
 }
 
 async fn a_shared_key_is_made_once_and_kept(store: Store) {

@@ -21,6 +21,8 @@ const IN_FLIGHT: usize = 64;
 const CLAIM_EVERY: Duration = Duration::from_millis(25);
 /// How long a claim lasts before another master may take the report (longer than a send).
 const CLAIM_MS: i64 = 60_000;
+/// How often lapsed claims (of a master that died sending) are freed for another claim.
+const FREE_LAPSED_EVERY: Duration = Duration::from_secs(5);
 /// How long a reporter's token, once read, is used before it is read again.
 const TOKEN_FOR: Duration = Duration::from_secs(10);
 /// How long one send may take.
@@ -74,6 +76,7 @@ impl Master {
         let mut in_flight: tokio::task::JoinSet<Option<i64>> = tokio::task::JoinSet::new();
         // Sent reports not yet recorded as sent.
         let mut sent: Vec<i64> = Vec::new();
+        let mut lapsed_freed_at: Option<tokio::time::Instant> = None;
         loop {
             // When this round began: the next begins at least CLAIM_EVERY later, room or not.
             let round = tokio::time::Instant::now();
@@ -89,6 +92,16 @@ impl Master {
                     warn!(%error, reports = sent.len(), "cannot record that reports were sent");
                 }
                 sent.clear();
+            }
+            if lapsed_freed_at.is_none_or(|at| at.elapsed() >= FREE_LAPSED_EVERY) {
+                lapsed_freed_at = Some(tokio::time::Instant::now());
+                match self.store.release_expired_report_claims().await {
+                    Ok(0) => {}
+                    Ok(freed) => {
+                        info!(reports = freed, "reports claimed by a master that stopped sending are claimed again")
+                    }
+                    Err(error) => warn!(%error, "reporters: cannot free lapsed claims; trying again"),
+                }
             }
             let room = IN_FLIGHT - in_flight.len();
             if room > 0 {

@@ -104,6 +104,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0015_change_scheduling.sql"),
         postgres: include_str!("../../migrations/postgres/0015_change_scheduling.sql"),
     },
+    Migration {
+        version: 16,
+        description: "the outbox's indexes of the reports each statement reads",
+        sqlite: include_str!("../../migrations/sqlite/0016_report_indexes.sql"),
+        postgres: include_str!("../../migrations/postgres/0016_report_indexes.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -209,6 +209,15 @@ impl Store {
         }
     }
 
+    /// `IN (…)` of the ids bound as the JSON array `$param` (see [`id_array`]): one statement
+    /// text for any number of ids, prepared once, instead of a new text per list.
+    pub(super) fn in_ids(&self, param: usize) -> String {
+        match self.backend {
+            Backend::Postgres => format!("IN (SELECT value::bigint FROM json_array_elements_text(${param}::json))"),
+            Backend::Sqlite => format!("IN (SELECT value FROM json_each(${param}))"),
+        }
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
@@ -287,6 +296,12 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Ids as the JSON array that [`Store::in_ids`] reads.
+pub(super) fn id_array(ids: &[i64]) -> String {
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!("[{}]", list.join(","))
 }
 
 /// `AND builderid IN (…)` for a set of builders (`None`: no condition). Ids are integers.

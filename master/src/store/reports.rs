@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Result, Store, StoreError, get_i64};
+use super::{Result, Store, StoreError, get_i64, id_array};
 use crate::domain::SourceStamp;
 use crate::properties::Properties;
 use crate::results::Results;
@@ -129,75 +129,72 @@ impl Store {
     }
 
     /// The builds `buildids` as their reports describe them: builder, number, result, properties
-    /// and the source stamps of their buildsets, in two statements for the lot. A build not
-    /// found is left out.
+    /// and the source stamps of their buildsets, in one statement for the lot (a row per source
+    /// stamp). A build not found is left out.
     pub async fn reported_builds(&self, buildids: &[i64]) -> Result<HashMap<i64, ReportedBuild>> {
-        let mut builds = HashMap::new();
-        let mut conn = self.read.acquire().await?;
-        // Ids are integers formatted here, never caller text; a claim is a few dozen.
-        for chunk in buildids.chunks(500) {
-            let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-            let rows = sqlx::query(AssertSqlSafe(format!(
-                "SELECT b.id, b.builderid, r.name, b.number, b.results, b.state_string, b.properties, q.buildsetid \
-                 FROM builds b JOIN builders r ON r.id = b.builderid JOIN buildrequests q ON q.id = b.buildrequestid \
-                 WHERE b.id IN ({list})"
-            )))
-            .fetch_all(&mut *conn)
-            .await?;
-            let mut stamps: HashMap<i64, Vec<SourceStamp>> = HashMap::new();
-            let buildsets: Vec<i64> = rows.iter().map(|row| get_i64(row, "buildsetid")).collect::<Result<_>>()?;
-            if !buildsets.is_empty() {
-                let list = buildsets.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-                let rows = sqlx::query(AssertSqlSafe(format!(
-                    "SELECT bs.buildsetid, s.branch, s.revision, s.repository, s.project, s.codebase \
-                     FROM buildset_sourcestamps bs JOIN sourcestamps s ON s.id = bs.sourcestampid \
-                     WHERE bs.buildsetid IN ({list}) ORDER BY bs.buildsetid, s.codebase"
-                )))
-                .fetch_all(&mut *conn)
-                .await?;
-                for s in &rows {
-                    stamps.entry(get_i64(s, "buildsetid")?).or_default().push(SourceStamp {
-                        branch: s.try_get("branch")?,
-                        revision: s.try_get("revision")?,
-                        repository: s.try_get("repository")?,
-                        project: s.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
-                        codebase: s.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
-                    });
+        let mut builds: HashMap<i64, ReportedBuild> = HashMap::new();
+        if buildids.is_empty() {
+            return Ok(builds);
+        }
+        let sql = format!(
+            "SELECT b.id, b.builderid, r.name, b.number, b.results, b.state_string, b.properties, q.buildsetid, \
+                    s.id AS ssid, s.branch, s.revision, s.repository, s.project, s.codebase \
+             FROM builds b JOIN builders r ON r.id = b.builderid JOIN buildrequests q ON q.id = b.buildrequestid \
+             LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = q.buildsetid \
+             LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid \
+             WHERE b.id {} ORDER BY b.id, s.codebase",
+            self.in_ids(1)
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(id_array(buildids)).fetch_all(&self.read).await?;
+        for row in &rows {
+            let id = get_i64(row, "id")?;
+            let build = match builds.entry(id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let properties: String = row.try_get("properties")?;
+                    let properties =
+                        serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    entry.insert(ReportedBuild {
+                        builderid: get_i64(row, "builderid")?,
+                        builder: row.try_get("name")?,
+                        number: get_i64(row, "number")?,
+                        results: row.try_get::<Option<i64>, _>("results")?.and_then(Results::from_code),
+                        state_string: row.try_get("state_string")?,
+                        properties: Properties::from_json(&properties),
+                        buildsetid: get_i64(row, "buildsetid")?,
+                        sourcestamps: Vec::new(),
+                    })
                 }
-            }
-            for row in &rows {
-                let properties: String = row.try_get("properties")?;
-                let properties = serde_json::from_str(&properties).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let buildsetid = get_i64(row, "buildsetid")?;
-                let build = ReportedBuild {
-                    builderid: get_i64(row, "builderid")?,
-                    builder: row.try_get("name")?,
-                    number: get_i64(row, "number")?,
-                    results: row.try_get::<Option<i64>, _>("results")?.and_then(Results::from_code),
-                    state_string: row.try_get("state_string")?,
-                    properties: Properties::from_json(&properties),
-                    buildsetid,
-                    sourcestamps: stamps.get(&buildsetid).cloned().unwrap_or_default(),
-                };
-                builds.insert(get_i64(row, "id")?, build);
+            };
+            // A buildset without source stamps gives one row of nulls.
+            if row.try_get::<Option<i64>, _>("ssid")?.is_some() {
+                build.sourcestamps.push(SourceStamp {
+                    branch: row.try_get("branch")?,
+                    revision: row.try_get("revision")?,
+                    repository: row.try_get("repository")?,
+                    project: row.try_get::<Option<String>, _>("project")?.unwrap_or_default(),
+                    codebase: row.try_get::<Option<String>, _>("codebase")?.unwrap_or_default(),
+                });
             }
         }
         Ok(builds)
     }
 
-    /// Claims up to `limit` reports that are due, for `lease_ms`: pending, not claimed by a live
-    /// claim, and first of their order key (an earlier report with the same key, still pending,
-    /// holds the later ones back). On PostgreSQL, rows another master is claiming are skipped.
+    /// Claims up to `limit` reports that are due, for `lease_ms`: pending, unclaimed, and first
+    /// of their order key (an earlier report with the same key, still pending, holds the later
+    /// ones back). Reports being sent are not read at all; a claim that lapsed (its master died
+    /// mid-send) is freed by [`Store::release_expired_report_claims`]. On PostgreSQL, rows
+    /// another master is claiming are skipped.
     pub async fn claim_reports(&self, masterid: i64, lease_ms: i64, limit: i64) -> Result<Vec<ClaimedReport>> {
         let now = self.now_ms();
         let lock = self.skip_locked();
         let sql = format!(
             "UPDATE reports SET claimed_by_masterid = $1, claim_expires_at = $2 WHERE id IN ( \
-               SELECT r.id FROM reports r WHERE r.state = 'pending' AND r.next_attempt_at <= $3 \
-                 AND (r.claim_expires_at IS NULL OR r.claim_expires_at < $3) \
+               SELECT r.id FROM reports r WHERE r.state = 'pending' AND r.claimed_by_masterid IS NULL \
+                 AND r.next_attempt_at <= $3 \
                  AND NOT EXISTS (SELECT 1 FROM reports e WHERE e.order_key = r.order_key AND e.state = 'pending' AND e.id < r.id) \
                ORDER BY r.id LIMIT $4 {lock}) \
-             AND state = 'pending' \
+             AND state = 'pending' AND claimed_by_masterid IS NULL \
              RETURNING id, reporter, buildid, event, attempts, created_at"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -244,20 +241,22 @@ impl Store {
     /// Settles reports this master claimed and sent, in one statement; returns how many it
     /// still held.
     pub async fn settle_reports_sent(&self, ids: &[i64], masterid: i64) -> Result<u64> {
-        let now = self.now_ms();
-        let mut settled = 0;
-        // Ids are integers formatted here, never caller text; a batch is a few dozen.
-        for chunk in ids.chunks(500) {
-            let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-            let sql = format!(
-                "UPDATE reports SET state = 'sent', settled_at = $1, last_answer = 'sent', attempts = attempts + 1, \
-                 claimed_by_masterid = NULL, claim_expires_at = NULL \
-                 WHERE id IN ({list}) AND claimed_by_masterid = $2 AND state = 'pending'"
-            );
-            let done = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(masterid).execute(&self.write).await?;
-            settled += done.rows_affected();
+        if ids.is_empty() {
+            return Ok(0);
         }
-        Ok(settled)
+        let sql = format!(
+            "UPDATE reports SET state = 'sent', settled_at = $1, last_answer = 'sent', attempts = attempts + 1, \
+             claimed_by_masterid = NULL, claim_expires_at = NULL \
+             WHERE id {} AND claimed_by_masterid = $2 AND state = 'pending'",
+            self.in_ids(3)
+        );
+        let done = sqlx::query(AssertSqlSafe(sql))
+            .bind(self.now_ms())
+            .bind(masterid)
+            .bind(id_array(ids))
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Puts a claimed report back for another attempt at `next_attempt_at` (ms).
@@ -279,7 +278,8 @@ impl Store {
     /// id's instance lock); returns how many.
     pub async fn release_report_claims(&self, masterid: i64) -> Result<u64> {
         let done = sqlx::query(
-            "UPDATE reports SET claimed_by_masterid = NULL, claim_expires_at = NULL              WHERE claimed_by_masterid = $1 AND state = 'pending'",
+            "UPDATE reports SET claimed_by_masterid = NULL, claim_expires_at = NULL \
+             WHERE claimed_by_masterid = $1 AND state = 'pending'",
         )
         .bind(masterid)
         .execute(&self.write)
@@ -287,12 +287,17 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// The soonest time (ms) a pending report is due, if any is pending.
-    pub async fn next_report_due(&self) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT MIN(next_attempt_at) AS due FROM reports WHERE state = 'pending'")
-            .fetch_one(&self.write)
-            .await?;
-        Ok(row.try_get::<Option<i64>, _>("due")?)
+    /// Frees the claims that lapsed (their master died or froze while sending), so that the
+    /// reports are claimed again; returns how many.
+    pub async fn release_expired_report_claims(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE reports SET claimed_by_masterid = NULL, claim_expires_at = NULL \
+             WHERE state = 'pending' AND claimed_by_masterid IS NOT NULL AND claim_expires_at < $1",
+        )
+        .bind(self.now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// The newest `limit` reports, optionally in one state, newest first, as the reports view
@@ -322,13 +327,5 @@ impl Store {
                 }))
             })
             .collect()
-    }
-
-    /// Counts of reports by state, for the reports view and tests.
-    pub async fn report_counts(&self) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM reports GROUP BY state ORDER BY state")
-            .fetch_all(&self.write)
-            .await?;
-        rows.iter().map(|r| Ok((r.try_get("state")?, get_i64(r, "n")?))).collect()
     }
 }
