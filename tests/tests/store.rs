@@ -154,6 +154,20 @@ async fn claims_respect_the_builders_a_worker_serves(store: Store) {
     assert!(store.claim_next(master, Some(&[]), LEASE).await.unwrap().is_none());
     let claim = store.claim_next(master, Some(&[b, a]), LEASE).await.unwrap().unwrap();
     assert_eq!(claim.brid, requests[0].brid);
+
+    // Among several builders: the highest priority of all first, then the oldest of all.
+    let c = builder(&store, "c").await;
+    let mut submitted = Vec::new();
+    for (builderid, priority) in [(a, 0), (b, 0), (c, 5), (b, 5), (a, 0)] {
+        submitted.push(store.add_buildset(&buildset(vec![builderid], priority)).await.unwrap().requests[0].brid);
+    }
+    let mut claimed = Vec::new();
+    while let Some(claim) = store.claim_next(master, Some(&[a, b, c]), LEASE).await.unwrap() {
+        claimed.push(claim.brid);
+        assert!(claimed.len() <= submitted.len());
+    }
+    let expected = [submitted[2], submitted[3], submitted[0], submitted[1], submitted[4]];
+    assert_eq!(claimed, expected, "priority first, then submission, across the builders");
 }
 
 async fn a_stale_claim_token_changes_nothing(store: Store) {

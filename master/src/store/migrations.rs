@@ -110,6 +110,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0016_report_indexes.sql"),
         postgres: include_str!("../../migrations/postgres/0016_report_indexes.sql"),
     },
+    Migration {
+        version: 17,
+        description: "each builder's claimable requests in claim order",
+        sqlite: include_str!("../../migrations/sqlite/0017_claimable_by_builder.sql"),
+        postgres: include_str!("../../migrations/postgres/0017_claimable_by_builder.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.
