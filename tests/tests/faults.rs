@@ -316,6 +316,14 @@ async fn a_worker_frozen_beyond_its_heartbeat_does_not_run_beside_the_retry() {
     wait_running(&ledger, 2).await;
     let (job, name) = ledger.running_on().into_iter().next().expect("a running job");
     let frozen = workers.iter().find(|w| w.name == name).expect("a worker of ours");
+    // The command runs under its supervisor, the small binary of its own.
+    let worker_pid = frozen.child.id().expect("a running worker");
+    let supervisors: Vec<String> = children_of(worker_pid)
+        .iter()
+        .filter_map(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+        .map(|exe| exe.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(supervisors, ["kiln-supervise"], "the worker's children while it runs one command");
     frozen.signal(libc::SIGSTOP);
     eventually(&format!("{job} to run again elsewhere"), MINUTE, || async {
         ledger.runs().get(&job).is_some_and(|r| r.starts >= 2).then_some(())
@@ -366,6 +374,16 @@ async fn builds_survive_a_database_outage_longer_than_a_lease() {
 async fn builds_survive_a_database_restarted_fast() {
     let _serial = one_at_a_time().await;
     database_outage("PostgreSQL stopped 1 s under load", Duration::from_secs(1)).await;
+}
+
+/// The processes whose parent is `pid` (from `/proc/<pid>/task/*/children`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
 }
 
 /// Waits up to `limit` for a worker process to exit; returns whether it did.

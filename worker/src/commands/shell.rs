@@ -31,7 +31,7 @@ pub struct ShellArgs {
 /// How a command is supervised.
 #[derive(Debug, Clone)]
 pub struct Supervision {
-    /// The `kiln-worker` binary, re-executed as the supervisor.
+    /// The supervisor: `kiln-supervise`, or the `kiln-worker` binary re-executed.
     pub program: PathBuf,
     /// The supervisor kills the command after this long without a feed.
     pub watchdog: Duration,
