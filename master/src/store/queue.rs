@@ -430,11 +430,14 @@ const STOPS_REQUESTED: &str =
 /// are one such walk each and the best of their firsts; PostgreSQL, which cannot lock the rows of
 /// a union, gets one statement and plans it from its statistics.
 fn next_claimable_sql(backend: Backend, builderids: Option<&[i64]>) -> String {
+    const UNION_BUILDERS: usize = 100;
     const CLAIMABLE: &str =
         "SELECT id, priority, submitted_at FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL";
     const ORDER: &str = "ORDER BY priority DESC, submitted_at, id LIMIT 1";
     match (backend, builderids) {
-        (Backend::Sqlite, Some(ids)) if ids.len() > 1 => {
+        // SQLite allows 500 terms in a compound statement; a worker serving more builders than
+        // the bound gets the one statement (its claim sorts those builders' requests).
+        (Backend::Sqlite, Some(ids)) if ids.len() > 1 && ids.len() <= UNION_BUILDERS => {
             let firsts: Vec<String> =
                 ids.iter().map(|id| format!("SELECT * FROM ({CLAIMABLE} AND builderid = {id} {ORDER})")).collect();
             format!("SELECT id FROM ({}) {ORDER}", firsts.join(" UNION ALL "))
@@ -497,5 +500,28 @@ mod tests {
                 "{sql}\nreads the whole table: {details:?}"
             );
         }
+    }
+
+    /// A claim walks an index in claim order and stops at the first row, for one builder, for
+    /// several and for all: it never sorts the claimable requests. Past the bound of a union,
+    /// one statement still claims.
+    #[tokio::test]
+    async fn a_claim_reads_the_queue_in_claim_order_without_sorting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("kiln.sqlite").display())).await.unwrap();
+        for builders in [None, Some(&[1_i64][..]), Some(&[1, 2, 3][..])] {
+            let sql = next_claimable_sql(Backend::Sqlite, builders);
+            let plan =
+                sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).fetch_all(&store.read).await.unwrap();
+            let details: Vec<String> = plan.iter().map(|row| row.try_get::<String, _>("detail").unwrap()).collect();
+            let walks = details.iter().filter(|d| d.contains("buildrequests_claimable")).count();
+            assert_eq!(walks, builders.map_or(1, <[i64]>::len), "{sql}\n{details:?}");
+            // Only the union's few firsts may be sorted, never the requests.
+            let sorts = details.iter().filter(|d| d.contains("TEMP B-TREE")).count();
+            assert_eq!(sorts, usize::from(builders.is_some_and(|b| b.len() > 1)), "{sql}\n{details:?}");
+        }
+        let master = store.register_master("m").await.unwrap();
+        let many: Vec<i64> = (1..=600).collect();
+        assert!(store.claim_next(master, Some(&many), 60_000).await.unwrap().is_none(), "a worker of 600 builders");
     }
 }
