@@ -2,7 +2,7 @@
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use super::{Backend, Result, Store, StoreError, builder_filter, get_i64};
+use super::{Backend, Result, Store, StoreError, builder_filter, get_i64, id_array};
 use crate::domain::{BuildOrigin, ClaimedRequest};
 use crate::events::{Event, Topic};
 use crate::results::Results;
@@ -34,7 +34,7 @@ impl Store {
         }
         let now = self.now_ms();
         let token: i64 = rand::random::<i64>() & i64::MAX;
-        let next = next_claimable_sql(self.backend, builderids);
+        let next = next_claimable_sql(self.backend, builderids, self.skip_locked());
         let sql = format!(
             "UPDATE buildrequests SET claimed_by_masterid = $1, claimed_at = $2, claim_token = $3, lease_expires_at = $4 \
              WHERE id = ({next}) AND complete = 0 AND claimed_by_masterid IS NULL \
@@ -74,22 +74,25 @@ impl Store {
         let now = self.now_ms();
         self.master_heartbeat(masterid).await?;
         let mut renewed = Vec::with_capacity(held.len());
-        // Ids are integers formatted here, never caller text; a few hundred per statement.
-        for batch in held.chunks(500) {
-            let ids = batch.iter().map(|(brid, _)| brid.to_string()).collect::<Vec<_>>().join(",");
-            let rows = sqlx::query(AssertSqlSafe(format!(
-                "UPDATE buildrequests SET lease_expires_at = $1 \
-                 WHERE claimed_by_masterid = $2 AND complete = 0 AND id IN ({ids}) RETURNING id, claim_token"
-            )))
+        if held.is_empty() {
+            return Ok(renewed);
+        }
+        let sql = format!(
+            "UPDATE buildrequests SET lease_expires_at = $1 \
+             WHERE claimed_by_masterid = $2 AND complete = 0 AND id {} RETURNING id, claim_token",
+            self.in_ids(3)
+        );
+        let ids: Vec<i64> = held.iter().map(|(brid, _)| *brid).collect();
+        let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(now + lease_ms)
             .bind(masterid)
+            .bind(id_array(&ids))
             .fetch_all(&self.write)
             .await?;
-            for row in rows {
-                let (brid, token) = (get_i64(&row, "id")?, row.try_get::<Option<i64>, _>("claim_token")?);
-                if batch.iter().any(|(b, t)| *b == brid && Some(*t) == token) {
-                    renewed.push(brid);
-                }
+        for row in rows {
+            let (brid, token) = (get_i64(&row, "id")?, row.try_get::<Option<i64>, _>("claim_token")?);
+            if held.iter().any(|(b, t)| *b == brid && Some(*t) == token) {
+                renewed.push(brid);
             }
         }
         Ok(renewed)
@@ -429,26 +432,25 @@ const STOPS_REQUESTED: &str =
 /// queue, which a deep one would make slow. On SQLite (one writer, no row locks) several builders
 /// are one such walk each and the best of their firsts; PostgreSQL, which cannot lock the rows of
 /// a union, gets one statement and plans it from its statistics.
-fn next_claimable_sql(backend: Backend, builderids: Option<&[i64]>) -> String {
+fn next_claimable_sql(backend: Backend, builderids: Option<&[i64]>, lock: &str) -> String {
     const UNION_BUILDERS: usize = 100;
-    const CLAIMABLE: &str =
-        "SELECT id, priority, submitted_at FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL";
+    const CLAIMABLE: &str = "FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL";
     const ORDER: &str = "ORDER BY priority DESC, submitted_at, id LIMIT 1";
     match (backend, builderids) {
         // SQLite allows 500 terms in a compound statement; a worker serving more builders than
         // the bound gets the one statement (its claim sorts those builders' requests).
         (Backend::Sqlite, Some(ids)) if ids.len() > 1 && ids.len() <= UNION_BUILDERS => {
-            let firsts: Vec<String> =
-                ids.iter().map(|id| format!("SELECT * FROM ({CLAIMABLE} AND builderid = {id} {ORDER})")).collect();
+            let firsts: Vec<String> = ids
+                .iter()
+                .map(|id| {
+                    format!(
+                        "SELECT * FROM (SELECT id, priority, submitted_at {CLAIMABLE} AND builderid = {id} {ORDER})"
+                    )
+                })
+                .collect();
             format!("SELECT id FROM ({}) {ORDER}", firsts.join(" UNION ALL "))
         }
-        (Backend::Sqlite, ids) => format!("SELECT id FROM ({CLAIMABLE} {} {ORDER})", builder_filter(ids)),
-        (Backend::Postgres, ids) => {
-            format!(
-                "SELECT id FROM buildrequests WHERE complete = 0 AND claimed_by_masterid IS NULL {} {ORDER} FOR UPDATE SKIP LOCKED",
-                builder_filter(ids)
-            )
-        }
+        (_, ids) => format!("SELECT id {CLAIMABLE} {} {ORDER} {lock}", builder_filter(ids)),
     }
 }
 
@@ -510,7 +512,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::connect(&format!("sqlite://{}", dir.path().join("kiln.sqlite").display())).await.unwrap();
         for builders in [None, Some(&[1_i64][..]), Some(&[1, 2, 3][..])] {
-            let sql = next_claimable_sql(Backend::Sqlite, builders);
+            let sql = next_claimable_sql(Backend::Sqlite, builders, "");
             let plan =
                 sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).fetch_all(&store.read).await.unwrap();
             let details: Vec<String> = plan.iter().map(|row| row.try_get::<String, _>("detail").unwrap()).collect();
