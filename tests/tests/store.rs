@@ -50,6 +50,7 @@ conformance!(
     the_previous_build_is_the_last_finished_one_not_retried,
     a_buildset_completes_with_the_worst_result,
     logs_round_trip_through_compressed_chunks,
+    a_build_write_tried_again_after_its_commit_is_recorded_once,
     the_data_api_filters_orders_and_pages_in_sql,
     compatible_older_requests_collapse_as_skipped,
     completed_buildsets_are_taken_from_the_outbox_once,
@@ -491,6 +492,37 @@ async fn logs_round_trip_through_compressed_chunks(store: Store) {
     assert_eq!(logs[0]["complete"], true);
     let (steps, _) = store.list(Resource::Steps, &ListQuery::by("stepid", step)).await.unwrap();
     assert_eq!((steps[0]["results"].as_i64(), steps[0]["complete"].as_bool()), (Some(0), Some(true)));
+}
+
+/// A build's write whose commit reached the database although its caller saw an error is tried
+/// again: a step is recorded once, and a log's lines written again with more that came meanwhile
+/// are stored once, the rest following.
+async fn a_build_write_tried_again_after_its_commit_is_recorded_once(store: Store) {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
+    let b = builder(&store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
+    let skipped = store.skip_step(build.buildid, 0, "first").await.unwrap();
+    assert_eq!(store.skip_step(build.buildid, 0, "first").await.unwrap(), skipped, "a step is recorded once");
+    let (step, log) = store.begin_step(build.buildid, 1, "s", "running").await.unwrap();
+    assert_eq!(store.begin_step(build.buildid, 1, "s", "running").await.unwrap(), (step, log));
+    let (steps, _) = store.list(Resource::Steps, &ListQuery::by("buildid", build.buildid)).await.unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(store.append_log(log, 0, "oone\notwo\n").await.unwrap(), 2);
+    // The writer saw the first write fail, so it writes its lines again with what came since.
+    assert_eq!(store.append_log(log, 0, "oone\notwo\nothree\n").await.unwrap(), 3);
+    assert_eq!(store.append_log(log, 0, "oone\notwo\nothree\n").await.unwrap(), 3, "and once more");
+    assert_eq!(store.append_log(log, 3, "ofour\n").await.unwrap(), 4);
+    let tail = LogTail { logid: log, first_line: 4, text: "hdone\n".into() };
+    store.finish_step(step, Results::Success, "done", &tail).await.unwrap();
+    // The step's end, tried again after a commit its caller did not hear of.
+    store.finish_step(step, Results::Success, "done", &tail).await.unwrap();
+    assert_eq!(store.log_lines(log, 0, None).await.unwrap(), "oone\notwo\nothree\nofour\nhdone\n");
+    assert_eq!(store.log_lines(log, 2, Some(2)).await.unwrap(), "othree\nofour\n");
+    let (logs, _) = store.list(Resource::Logs, &ListQuery::by("logid", log)).await.unwrap();
+    assert_eq!(logs[0]["num_lines"], 5);
 }
 
 async fn the_data_api_filters_orders_and_pages_in_sql(store: Store) {

@@ -168,11 +168,12 @@ impl Store {
         })
     }
 
-    /// Records a step that did not run.
+    /// Records a step that did not run. Like [`Store::begin_step`], it may be written again after
+    /// a commit its caller did not hear of, and then returns the step already recorded.
     pub async fn skip_step(&self, buildid: i64, number: i64, name: &str) -> Result<i64> {
         let row = sqlx::query(
             "INSERT INTO steps (number, name, buildid, complete_at, results, state_string) VALUES ($1, $2, $3, $4, $5, 'skipped') \
-             RETURNING id",
+             ON CONFLICT (buildid, number) DO UPDATE SET number = excluded.number RETURNING id",
         )
         .bind(number)
         .bind(name)
@@ -187,10 +188,15 @@ impl Store {
     }
 
     /// Starts a step together with its `stdio` log; returns the step and log ids.
+    ///
+    /// Only the build holding its request's claim writes its steps, so a step already recorded
+    /// under this build and number is this one, written by an attempt whose commit succeeded
+    /// although its caller saw an error: it is returned, not recorded twice.
     pub async fn begin_step(&self, buildid: i64, number: i64, name: &str, state: &str) -> Result<(i64, i64)> {
         let mut tx = self.write.begin().await?;
         let row = sqlx::query(
-            "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (buildid, number) DO UPDATE SET number = excluded.number RETURNING id",
         )
         .bind(number)
         .bind(name)
@@ -200,11 +206,13 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let stepid = get_i64(&row, "id")?;
-        let row =
-            sqlx::query("INSERT INTO logs (name, slug, stepid, type) VALUES ('stdio', 'stdio', $1, 's') RETURNING id")
-                .bind(stepid)
-                .fetch_one(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "INSERT INTO logs (name, slug, stepid, type) VALUES ('stdio', 'stdio', $1, 's') \
+             ON CONFLICT (stepid, slug) DO UPDATE SET slug = excluded.slug RETURNING id",
+        )
+        .bind(stepid)
+        .fetch_one(&mut *tx)
+        .await?;
         let logid = get_i64(&row, "id")?;
         tx.commit().await?;
         self.published(vec![

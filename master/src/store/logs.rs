@@ -3,7 +3,7 @@
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use super::{Result, Store, StoreError};
+use super::{Result, Store, StoreError, get_i64};
 use crate::events::{Event, Topic};
 
 /// Chunks smaller than this are stored raw: compression would not pay for its frame.
@@ -79,24 +79,52 @@ impl Store {
         Ok(first_line + lines)
     }
 
-    /// Stores whole lines as one chunk; returns how many lines it held.
+    /// Stores whole lines as chunks from `first_line`; returns how many lines are stored from
+    /// there on.
+    ///
+    /// A log has one writer, the build holding its claim, and it writes each chunk from the line
+    /// after the last one stored. A chunk already stored at `first_line` was therefore written by
+    /// an attempt whose commit succeeded although its caller saw an error (the connection dropped
+    /// as the database answered), and the text given now begins with that attempt's, followed by
+    /// what came since: those lines stay as they are, and only the rest is written.
     pub(super) async fn insert_chunk(conn: &mut AnyConnection, logid: i64, first_line: i64, text: &str) -> Result<i64> {
         let lines = text.matches('\n').count() as i64;
-        if lines == 0 {
-            return Ok(0);
+        let mut stored = 0;
+        let mut rest = text;
+        while stored < lines {
+            let (content, compressed) = encode_chunk(rest.as_bytes());
+            let written = sqlx::query(
+                "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (logid, first_line) DO NOTHING",
+            )
+            .bind(logid)
+            .bind(first_line + stored)
+            .bind(first_line + lines - 1)
+            .bind(content)
+            .bind(compressed)
+            .execute(&mut *conn)
+            .await?;
+            if written.rows_affected() > 0 {
+                return Ok(lines);
+            }
+            let row = sqlx::query("SELECT last_line FROM logchunks WHERE logid = $1 AND first_line = $2")
+                .bind(logid)
+                .bind(first_line + stored)
+                .fetch_one(&mut *conn)
+                .await?;
+            let there = get_i64(&row, "last_line")? + 1 - first_line;
+            if there <= stored {
+                return Err(StoreError::Corrupt(format!(
+                    "log {logid}: a chunk at line {} ends before it",
+                    first_line + stored
+                )));
+            }
+            // The stored lines are skipped: `rest` goes on after the newline ending the last.
+            let skip = (there.min(lines) - stored) as usize;
+            rest = rest.match_indices('\n').nth(skip - 1).map_or("", |(end, _)| &rest[end + 1..]);
+            stored = there;
         }
-        let (content, compressed) = encode_chunk(text.as_bytes());
-        sqlx::query(
-            "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(logid)
-        .bind(first_line)
-        .bind(first_line + lines - 1)
-        .bind(content)
-        .bind(compressed)
-        .execute(&mut *conn)
-        .await?;
-        Ok(lines)
+        Ok(stored)
     }
 
     /// Deletes the text of up to `limit` logs of builds that finished before `before` (in
