@@ -315,6 +315,21 @@ async fn a_report_claim_that_lapsed_is_claimed_again_and_a_live_one_is_not(store
     let states: Vec<String> =
         store.list_reports(None, 10).await.unwrap().iter().map(|r| r["state"].as_str().unwrap().to_owned()).collect();
     assert_eq!(states, ["sent", "sent", "sent"]);
+
+    // Settled reports are forgotten once old enough, the oldest first; those still owed stay.
+    let owed =
+        [NewReport { reporter: "github".into(), order_key: "github\nb\nxyz".into(), event: ReportEvent::Started }];
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(alive, None, LEASE).await.unwrap().unwrap();
+    store.new_build(b, claim.brid, worker, alive, &Properties::new(), &owed).await.unwrap();
+    assert_eq!(store.forget_reports_settled_before(0, 10).await.unwrap(), 0, "none settled that long ago");
+    let later = store.now_ms() + 1;
+    assert_eq!(store.forget_reports_settled_before(later, 2).await.unwrap(), 2, "a batch at a time");
+    assert_eq!(store.forget_reports_settled_before(later, 2).await.unwrap(), 1);
+    assert_eq!(store.forget_reports_settled_before(later, 2).await.unwrap(), 0);
+    let left = store.list_reports(None, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["state"], "pending", "a report still owed is kept");
 }
 
 async fn a_shared_key_is_made_once_and_kept(store: Store) {

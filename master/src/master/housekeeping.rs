@@ -18,6 +18,12 @@ pub(super) const DELIVERY_MEMORY: Duration = Duration::from_secs(7 * 86_400);
 /// How many logs the janitor deletes per transaction.
 pub(super) const LOG_BATCH: i64 = 200;
 
+/// How long a settled report (sent, skipped, refused or abandoned) stays in the `reports` view.
+pub(super) const REPORT_MEMORY: Duration = Duration::from_secs(7 * 86_400);
+
+/// How many settled reports the janitor deletes per transaction.
+const REPORT_BATCH: i64 = 1_000;
+
 /// The name of the lock held by the process running as master `masterid`.
 pub(super) fn instance_lock_name(masterid: i64) -> String {
     format!("kiln-master:{masterid}")
@@ -162,11 +168,12 @@ impl Master {
         }
     }
 
-    /// Forgets what is kept only for a while: webhook deliveries after [`DELIVERY_MEMORY`], and —
-    /// with `logHorizon` set — the logs of builds older than the horizon. A pass every quarter of
-    /// the horizon (between a minute and an hour; hourly without one); logs go in batches of
-    /// [`LOG_BATCH`], each its own short transaction, so the janitor never holds the database for
-    /// long. Every master may run it; deleting twice is harmless.
+    /// Forgets what is kept only for a while: webhook deliveries after [`DELIVERY_MEMORY`],
+    /// settled reports after [`REPORT_MEMORY`], and — with `logHorizon` set — the logs of builds
+    /// older than the horizon. A pass every quarter of the horizon (between a minute and an hour;
+    /// hourly without one); logs and reports go in batches, each its own short transaction, so
+    /// the janitor never holds the database for long. Every master may run it; deleting twice is
+    /// harmless.
     pub async fn run_janitor(self: Arc<Self>) {
         let horizon_ms = self.config.log_horizon.map(|horizon| (horizon * 1000.0) as i64);
         let every = horizon_ms.map_or(Duration::from_secs(3600), |ms| {
@@ -176,7 +183,26 @@ impl Master {
         loop {
             let (now, read_at) = (self.store.now_ms(), tokio::time::Instant::now());
             if let Some(horizon_ms) = horizon_ms {
-                self.delete_old_logs(now - horizon_ms).await;
+                let store = &self.store;
+                let deleted = self
+                    .in_batches("delete old logs", LOG_BATCH, |limit| async move {
+                        let count = store.delete_old_logs(now - horizon_ms, limit).await?;
+                        crate::telemetry::logs_deleted(count);
+                        Ok(count)
+                    })
+                    .await;
+                if deleted > 0 {
+                    info!(logs = deleted, "deleted the logs of old builds");
+                }
+            }
+            let settled_before = now - REPORT_MEMORY.as_millis() as i64;
+            let forgotten = self
+                .in_batches("forget old reports", REPORT_BATCH, |limit| {
+                    self.store.forget_reports_settled_before(settled_before, limit)
+                })
+                .await;
+            if forgotten > 0 {
+                debug!(reports = forgotten, "forgot reports settled long ago");
             }
             match self.store.forget_deliveries_before(now - DELIVERY_MEMORY.as_millis() as i64).await {
                 Ok(0) => {}
@@ -195,27 +221,28 @@ impl Master {
         }
     }
 
-    /// Deletes the logs of builds finished before `before`, batch by batch.
-    async fn delete_old_logs(&self, before: i64) {
+    /// Runs `delete` (given the batch size, answering how many it deleted: fewer than the batch
+    /// when none is left) until nothing is left or the master stops; returns how many in all.
+    async fn in_batches<F, Fut>(&self, what: &str, batch: i64, mut delete: F) -> u64
+    where
+        F: FnMut(i64) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, StoreError>>,
+    {
         let mut deleted = 0;
         loop {
-            match self.store.delete_old_logs(before, LOG_BATCH).await {
+            match delete(batch).await {
                 Ok(count) => {
                     deleted += count;
-                    crate::telemetry::logs_deleted(count);
-                    if count < LOG_BATCH as u64 || self.signals.is_shutting_down() {
-                        break;
+                    if count < batch as u64 || self.signals.is_shutting_down() {
+                        return deleted;
                     }
                     tokio::task::yield_now().await;
                 }
                 Err(error) => {
-                    warn!(%error, "could not delete old logs");
-                    break;
+                    warn!(%error, "could not {what}");
+                    return deleted;
                 }
             }
-        }
-        if deleted > 0 {
-            info!(logs = deleted, "deleted the logs of old builds");
         }
     }
 

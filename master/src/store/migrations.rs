@@ -116,6 +116,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0017_claimable_by_builder.sql"),
         postgres: include_str!("../../migrations/postgres/0017_claimable_by_builder.sql"),
     },
+    Migration {
+        version: 18,
+        description: "settled reports found by when they were settled",
+        sqlite: include_str!("../../migrations/sqlite/0018_settled_reports.sql"),
+        postgres: include_str!("../../migrations/postgres/0018_settled_reports.sql"),
+    },
 ];
 
 /// An arbitrary constant naming Kiln's migration lock.

@@ -259,6 +259,20 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Deletes up to `limit` reports settled before `before` (ms), the oldest first; returns how
+    /// many. Reports still owed are never deleted.
+    pub async fn forget_reports_settled_before(&self, before: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM reports WHERE id IN \
+             (SELECT id FROM reports WHERE settled_at < $1 ORDER BY settled_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Puts a claimed report back for another attempt at `next_attempt_at` (ms).
     pub async fn retry_report(&self, id: i64, masterid: i64, next_attempt_at: i64, answer: &str) -> Result<()> {
         sqlx::query(
