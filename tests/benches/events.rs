@@ -2,7 +2,8 @@
 //! without and then with C WebSocket clients subscribed to builds, steps and logs as Buildbot's
 //! UI subscribes. It reports event latency (a build's completion committed → its `finished`
 //! message read by each client), the master's CPU and resident memory under a paced load of R
-//! builds per second with and without the clients, and burst dispatch throughput with and
+//! builds per second with and without the clients, how long that load's builds take to start
+//! and to complete with and without them, and burst dispatch throughput with and
 //! without them: bursts alone and with the clients alternate, so that the machine's drift
 //! between runs falls on both sides, and the medians are compared.
 //!
@@ -125,11 +126,20 @@ async fn burst(master: &MasterProcess, database: &str, total: usize) -> (f64, f6
     (runs.len() as f64 / ((last_complete - first_submit) as f64 / 1000.0), cpu, own)
 }
 
+/// What a paced run measured: the master's CPU use (cores), and each build's dispatch (request
+/// submitted → build started) and turnaround (submitted → request complete), sorted, in ms.
+struct Paced {
+    cores: f64,
+    dispatch: Vec<f64>,
+    turnaround: Vec<f64>,
+}
+
 /// Forces `rate` builds a second for `seconds`, each on its own task so that a slow answer
-/// does not slow the pace; returns the master's CPU use (cores) over the run.
-async fn paced(master: &MasterProcess, rate: u32, seconds: u32) -> f64 {
+/// does not slow the pace.
+async fn paced(master: &MasterProcess, database: &str, rate: u32, seconds: u32) -> Paced {
     let client = reqwest::Client::new();
     let before = completed(&client, &master.base).await;
+    let last = last_id(database, "buildrequests").await;
     let total = u64::from(rate) * u64::from(seconds);
     let (cpu_before, started) = (master.cpu_seconds(), Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
@@ -144,7 +154,19 @@ async fn paced(master: &MasterProcess, rate: u32, seconds: u32) -> f64 {
     }
     let done = before + total as i64;
     wait_completed(&client, &master.base, done, Duration::from_secs(600), Duration::from_millis(20)).await;
-    (master.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64()
+    let cores = (master.cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
+    let runs = timings(database, last).await;
+    let sorted = |pick: fn(&(i64, i64, i64)) -> i64| {
+        let mut values: Vec<f64> = runs.iter().map(|r| pick(r) as f64).collect();
+        values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        values
+    };
+    Paced { cores, dispatch: sorted(|r| r.1 - r.0), turnaround: sorted(|r| r.2 - r.0) }
+}
+
+/// `p50 / p99` of sorted values, in ms.
+fn spread(values: &[f64]) -> String {
+    format!("p50 {:.0} / p99 {:.0} ms", percentile(values, 50.0), percentile(values, 99.0))
 }
 
 /// Connects `count` clients subscribed as Buildbot's UI subscribes, each read on its own task
@@ -219,13 +241,13 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let cores_alone = paced(&master, args.rate, args.seconds).await;
+    let alone_paced = paced(&master, &database, args.rate, args.seconds).await;
     let rss_alone = master.rss_mib();
 
     let stop = Arc::new(AtomicUsize::new(0));
     let readers = connect_clients(http, args.clients, &stop).await;
     let builds_before = last_id(&database, "builds").await;
-    let cores_with = paced(&master, args.rate, args.seconds).await;
+    let with_paced = paced(&master, &database, args.rate, args.seconds).await;
     let rss_with = master.rss_mib();
     let paced_builds: std::collections::HashMap<i64, i64> =
         finished_builds(&database, builds_before).await.into_iter().map(|(id, _, done)| (id, done)).collect();
@@ -292,7 +314,19 @@ async fn main() {
     println!("connections the master still held a second after each round's clients left   {lingering:?}");
     println!(
         "master CPU at {} builds/s                 {:.2} cores alone, {:.2} cores with the clients",
-        args.rate, cores_alone, cores_with
+        args.rate, alone_paced.cores, with_paced.cores
+    );
+    println!(
+        "at {} builds/s, submitted → started      {} alone, {} with the clients",
+        args.rate,
+        spread(&alone_paced.dispatch),
+        spread(&with_paced.dispatch)
+    );
+    println!(
+        "at {} builds/s, submitted → complete     {} alone, {} with the clients",
+        args.rate,
+        spread(&alone_paced.turnaround),
+        spread(&with_paced.turnaround)
     );
     println!(
         "master RSS                               {rss_alone:.1} MiB alone, {rss_with:.1} MiB with the clients (paced), {rss_burst_with:.1} MiB after the bursts"

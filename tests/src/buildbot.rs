@@ -34,10 +34,24 @@ impl BuildbotWorker {
     /// Creates worker `name` in `<parent>/<name>` for the master at `master` (`HOST:PORT`)
     /// with `password`, speaking `protocol` (`msgpack_experimental_v7`, or `pb`), and starts it.
     pub fn start(parent: &Path, master: &str, name: &str, password: &str, protocol: &str) -> BuildbotWorker {
+        BuildbotWorker::start_with(parent, master, name, password, protocol, &[])
+    }
+
+    /// [`BuildbotWorker::start`] with more of `create-worker`'s options (such as
+    /// `--connection-string`).
+    pub fn start_with(
+        parent: &Path,
+        master: &str,
+        name: &str,
+        password: &str,
+        protocol: &str,
+        options: &[&str],
+    ) -> BuildbotWorker {
         let dir = parent.join(name);
         std::fs::create_dir_all(parent).expect("worker parent directory");
         let created = std::process::Command::new(program())
             .args(["create-worker", "--quiet", &format!("--protocol={protocol}")])
+            .args(options)
             .arg(&dir)
             .args([master, name, password])
             .stdin(Stdio::null())

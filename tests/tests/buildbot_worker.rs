@@ -4,7 +4,7 @@
 //! and run checkouts, shell commands and property steps with the results and logs kiln-workers
 //! give. A failing command fails its build, a stop kills its command, a worker killed mid-build
 //! has its build rerun elsewhere, and a wrong password or a PB worker is refused at once with a
-//! line saying why.
+//! line saying why. Over TLS, Buildbot's worker connects with its own `tls:` connection string.
 
 use std::path::Path;
 use std::time::Duration;
@@ -345,6 +345,55 @@ async fn a_wrong_password_and_a_pb_worker_are_refused_at_once_with_a_clear_line(
         master.log().contains("a worker asked for a protocol Kiln does not speak").then_some(())
     })
     .await;
+    master.signal(libc::SIGTERM);
+}
+
+/// With `workers.tls` set, Buildbot's own worker connects over TLS the way Buildbot documents it —
+/// a Twisted `tls:` connection string trusting the master's CA — and builds, so its password
+/// never crosses the network in clear; the same worker speaking plain text is refused with a
+/// line saying the port serves TLS, and never joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buildbot_worker_builds_over_tls_and_one_in_plain_text_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kiln_tests::tls::Ca::new("kiln test CA");
+    let (cert, key, _) = ca.issue(dir.path(), "master");
+    let roots = dir.path().join("roots");
+    std::fs::create_dir_all(&roots).unwrap();
+    ca.write(&roots, "ca.pem");
+    let tls = format!("  tls: {{cert: \"{}\", key: \"{}\"}}\n", cert.display(), key.display());
+    let body = "builders:\n  - name: b\n    workernames: [bb1]\n    steps:\n      - shell: {name: greet, command: [echo, hello over tls]}\n\
+                schedulers:\n  - {type: force, name: force, builderNames: [b]}\n";
+    let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
+    let workers = format!("{tls}{}", buildbot_workers(dir.path()));
+    let master = MasterNode::start_with_workers(dir.path(), "m", "m", &database, 10, &workers, body).await;
+    let client = reqwest::Client::new();
+    let connection = format!("tls:host=127.0.0.1:port={}:trustRoots={}", master.grpc, roots.display());
+    let _bb1 = BuildbotWorker::start_with(
+        &dir.path().join("bb"),
+        &worker_address(&master),
+        "bb1",
+        PASSWORD,
+        "msgpack_experimental_v7",
+        &["--connection-string", &connection],
+    );
+    let plain = start_buildbot_worker(dir.path(), &master, "bb2");
+    wait_workers(&client, &master, &["bb1"]).await;
+
+    let brid = force(&client, &master, "b", json!({})).await;
+    let builds = builds_of(&client, &master, brid).await;
+    assert_eq!(builds[0]["results"], 0, "{builds:?}");
+    let buildid = builds[0]["buildid"].as_i64().unwrap();
+    let log = log_text(&client, &master, buildid, "greet").await;
+    assert!(output_lines(&log).contains(&"ohello over tls".to_owned()), "{log}");
+
+    eventually("the refusal of the plain-text worker", MINUTE, || async {
+        master.log().contains("a plain-text client connected to the worker port, which serves TLS").then_some(())
+    })
+    .await;
+    let workers = get(&client, &master, "/api/v2/workers?name=bb2").await;
+    let bb2 = &workers["workers"][0];
+    assert!(bb2["connected_to"].as_array().is_none_or(|c| c.is_empty()), "{workers}");
+    assert!(!master.log().contains(PASSWORD) && !plain.log().contains(PASSWORD), "no password in a log");
     master.signal(libc::SIGTERM);
 }
 
