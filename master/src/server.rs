@@ -167,7 +167,9 @@ pub async fn run_with(
         WorkerGrpc::new(Arc::clone(&master), admission),
         stop_rx.clone(),
     )?;
-    let http = serve_http(listeners.http, http_tls, crate::http::router(Arc::clone(&master)).await?, stop_rx)?;
+    let header_timeout = Duration::from_secs_f64(master.config.http.request_timeout);
+    let router = crate::http::router(Arc::clone(&master)).await?;
+    let http = serve_http(listeners.http, http_tls, router, header_timeout, stop_rx)?;
     let background = [
         tokio::spawn(Arc::clone(&master).run_dispatcher()),
         tokio::spawn(Arc::clone(&master).run_housekeeping()),
@@ -282,11 +284,13 @@ fn serve_workers(
     })
 }
 
-/// Serves the HTTP API on `listener`, over TLS when `tls` is given.
+/// Serves the HTTP API on `listener`, over TLS when `tls` is given; a client must send each
+/// request's headers within `header_timeout`.
 fn serve_http(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     router: axum::Router,
+    header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Server, RunError> {
     let stopped = async move {
@@ -294,15 +298,53 @@ fn serve_http(
     };
     Ok(match tls {
         None => tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(|e| e.to_string())
+            serve_router(listener, router, header_timeout, stopped).await;
+            Ok(())
         }),
         Some(acceptor) => {
             let listener = tls::TlsListener::new(listener, acceptor).map_err(|e| RunError::Serve(e.to_string()))?;
             tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(|e| e.to_string())
+                serve_router(listener, router, header_timeout, stopped).await;
+                Ok(())
             })
         }
     })
+}
+
+/// Serves `router` on `listener` until `stopped`, then ends each connection once its request in
+/// progress is answered — as `axum::serve` does, but with a deadline for each request's headers
+/// (which also bounds how long a kept-alive connection waits for its next request), so that
+/// connections that never finish a request cannot pile up. An upgraded connection (`/ws`) is the
+/// WebSocket's own from then on.
+async fn serve_router<L>(
+    mut listener: L,
+    router: axum::Router,
+    header_timeout: Duration,
+    stopped: impl Future<Output = ()>,
+) where
+    L: axum::serve::Listener,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stopped = std::pin::pin!(stopped);
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stopped => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "an HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
 }
 
 /// What local pools need to start workers: one binary per local pool, in configuration order,

@@ -36,13 +36,21 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with("").await
+}
+
+/// [`world`] with more `http` settings (YAML lines under `http:`).
+async fn world_with(http: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
     let repo = TestRepo::init(&dir.path().join("upstream"));
     let parent = repo.commit("start", &[("README", "hello\n")]);
     let first = repo.commit("Add the greeting", &[("hello.txt", "hello\n")]);
     let head = repo.commit("Say hello to Kiln", &[("hello.txt", "hello kiln\n")]);
     let database = format!("sqlite://{}", dir.path().join("kiln.sqlite").display());
-    let master = TestMaster::start(&database, dir.path(), SETUP).await;
+    let text = kiln_tests::system::config_text(&database, dir.path(), SETUP)
+        .replace("  auth: open\n", &format!("  auth: open\n{http}"));
+    let config = kiln_master::config::Config::parse("test.yaml", &text).unwrap();
+    let master = TestMaster::start_with(config, dir.path()).await;
     World { master, repo, parent, first, head, _dir: dir }
 }
 
@@ -363,5 +371,49 @@ async fn a_push_of_a_few_megabytes_is_taken_while_the_api_keeps_a_small_limit() 
         reqwest::Client::new().post(w.master.url("/api/v2/forceschedulers/force")).body(force).send().await.unwrap();
     assert_eq!(response.status(), 413);
     assert_eq!(w.changes().await.len(), 2, "nothing stored from refused requests");
+    w.master.stop().await;
+}
+
+/// Reads what the master sends on `stream` until it closes the connection, for at most `limit`;
+/// `None` when it is still open then.
+async fn until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, stream.read_to_end(&mut got)).await;
+    read.ok().map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A client that never finishes its request's headers is disconnected, and a delivery whose body
+/// is trickled in is answered 408 and stores nothing, both once `http.request_timeout` has passed;
+/// the master answers everyone else meanwhile, and a delivery sent whole is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_trickled_in_is_cut_off_after_the_request_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let w = world_with("  request_timeout: 1\n").await;
+    let master = &w.master;
+    let started = std::time::Instant::now();
+    let mut stalled = tokio::net::TcpStream::connect(master.http).await.unwrap();
+    stalled.write_all(b"GET /api/v2/builders HTTP/1.1\r\nHost: kiln\r\n").await.unwrap();
+    let mut trickled = tokio::net::TcpStream::connect(master.http).await.unwrap();
+    trickled
+        .write_all(
+            b"POST /change_hook/github HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/json\r\n\
+              X-GitHub-Event: push\r\nContent-Length: 5000\r\n\r\n{\"ref\": \"refs/heads/",
+        )
+        .await
+        .unwrap();
+    let answer = master.client.get(master.url("/api/v2/builders")).send().await.unwrap();
+    assert_eq!(answer.status(), 200, "others are answered meanwhile");
+
+    let said = until_closed(&mut stalled, Duration::from_secs(20)).await.expect("the stalled client disconnected");
+    assert!(started.elapsed() >= Duration::from_millis(900), "not before the timeout: {:?}", started.elapsed());
+    assert!(!said.contains("200 OK"), "{said}");
+    let said = until_closed(&mut trickled, Duration::from_secs(20)).await.expect("the trickled delivery ended");
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("http.request_timeout"), "{said}");
+
+    let (status, reply) = w.github("push", w.fixture("github/push.json")).await;
+    assert_eq!((status, reply.as_str()), (200, "2 change found"), "a delivery sent whole is taken");
+    assert_eq!(w.changes().await.len(), 2, "and nothing of the trickled one");
     w.master.stop().await;
 }

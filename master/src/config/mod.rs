@@ -118,6 +118,12 @@ pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
+    /// Seconds a client may take to send a request's headers (also the longest a kept-alive
+    /// connection waits for its next request), and to send a change hook's body. A slower client
+    /// is disconnected, or answered 408, so connections that never finish a request cannot pile
+    /// up. GitHub and GitLab send a delivery within their own 10 s timeout.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: f64,
     /// Who may use control actions (JSON-RPC POSTs to `/api/v2`): holders of a bearer token or
     /// HTTP basic credentials, or — only when it says `open` — anyone. Without it, control
     /// actions are refused. Reading the API and the change hooks (which have their own secrets)
@@ -207,7 +213,14 @@ pub enum ControlAccess {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_http_listen(), max_body_bytes: default_body_limit(), auth: None, tls: None, www: None }
+        Self {
+            listen: default_http_listen(),
+            max_body_bytes: default_body_limit(),
+            request_timeout: default_request_timeout(),
+            auth: None,
+            tls: None,
+            www: None,
+        }
     }
 }
 
@@ -350,6 +363,10 @@ pub(super) fn default_grpc_listen() -> SocketAddr {
 
 pub(super) fn default_body_limit() -> usize {
     1 << 20
+}
+
+pub(super) fn default_request_timeout() -> f64 {
+    30.0
 }
 
 /// How long a worker's commands may outlive its session (see `kiln.proto`): four heartbeats
@@ -546,6 +563,7 @@ impl Config {
             ));
         }
         seconds("workers.heartbeat_interval", self.workers.heartbeat_interval, 0.0)?;
+        seconds("http.request_timeout", self.http.request_timeout, 0.0)?;
         if let Some(horizon) = self.log_horizon {
             // Logs may be kept for many years; the bound only keeps the arithmetic in range.
             if !(horizon.is_finite() && horizon > 0.0 && horizon <= 1000.0 * LONGEST_SECONDS) {

@@ -27,6 +27,7 @@ pub async fn router(master: Arc<Master>) -> Result<Router, crate::store::StoreEr
     let limit = master.config.http.max_body_bytes;
     // Forges send big pushes (GitHub caps a delivery at 25 MB); the hooks get their own limit.
     let hook_limit = DefaultBodyLimit::max(master.config.change_hooks.max_body_bytes);
+    let hook_body = axum::middleware::from_fn_with_state(Arc::clone(&master), hook_body_in_time);
     crate::telemetry::handle();
     let ui = match &master.config.http.www {
         Some(dir) => www::Ui::open(dir).map_err(|error| tracing::error!(%error, "http.www: the web UI is off")).ok(),
@@ -52,8 +53,8 @@ pub async fn router(master: Arc<Master>) -> Result<Router, crate::store::StoreEr
         .route("/api/v2/pools", get(pools))
         .route("/api/v2/reports", get(reports))
         .route("/api/v2/{*path}", get(rest::get).post(rpc::post))
-        .route("/change_hook", any(hooks::base_dialect).layer(hook_limit))
-        .route("/change_hook/{dialect}", any(hooks::dialect).layer(hook_limit))
+        .route("/change_hook", any(hooks::base_dialect).layer(hook_limit).layer(hook_body.clone()))
+        .route("/change_hook/{dialect}", any(hooks::dialect).layer(hook_limit).layer(hook_body))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -66,6 +67,45 @@ pub async fn router(master: Arc<Master>) -> Result<Router, crate::store::StoreEr
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(refuse_nul_in_uri))
         .with_state(master))
+}
+
+/// Reads a change hook's body whole within `http.request_timeout` before the hook sees it: a
+/// sender slower than that (or one that stalls) is answered 408 and nothing is stored, so
+/// deliveries trickled in cannot hold connections open for long.
+async fn hook_body_in_time(
+    axum::extract::State(master): axum::extract::State<Arc<Master>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = master.config.change_hooks.max_body_bytes;
+    let deadline = std::time::Duration::from_secs_f64(master.config.http.request_timeout);
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(body)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(body))).await,
+        Ok(Err(error)) if is_too_large(&error) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than change_hooks.max_body_bytes ({limit} bytes)\n"),
+        )
+            .into_response(),
+        Ok(Err(_)) => (StatusCode::BAD_REQUEST, "the body could not be read\n").into_response(),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within http.request_timeout ({} s)\n", deadline.as_secs_f64()),
+        )
+            .into_response(),
+    }
+}
+
+/// Whether reading a body failed because it passed its limit.
+fn is_too_large(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Refuses a request whose path or query holds a NUL byte (`%00`), which no database stores the
