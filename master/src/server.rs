@@ -252,8 +252,8 @@ fn serve_workers(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service);
-    let buildbot =
-        crate::msgpack::router(Arc::clone(master)).into_make_service_with_connect_info::<worker_port::Peer>();
+    let buildbot = crate::msgpack::router(Arc::clone(master));
+    let header_timeout = Duration::from_secs_f64(master.config.http.request_timeout);
     let mut ws_stop = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
@@ -267,7 +267,7 @@ fn serve_workers(
             let (grpc, websockets) = worker_port::plain(listener).map_err(serve_error)?;
             tokio::spawn(async move {
                 let incoming = ReceiverStream::new(grpc).map(Ok::<_, std::io::Error>);
-                let websockets = axum::serve(websockets, buildbot).with_graceful_shutdown(ws_stopped).into_future();
+                let websockets = serve_router(websockets, buildbot, header_timeout, ws_stopped);
                 let (grpc, _) = tokio::join!(router.serve_with_incoming_shutdown(incoming, stopped), websockets);
                 grpc.map_err(|e| e.to_string())
             })
@@ -276,7 +276,7 @@ fn serve_workers(
             let (grpc, websockets) = worker_port::tls(listener, acceptor).map_err(serve_error)?;
             tokio::spawn(async move {
                 let incoming = ReceiverStream::new(grpc).map(Ok::<_, std::io::Error>);
-                let websockets = axum::serve(websockets, buildbot).with_graceful_shutdown(ws_stopped).into_future();
+                let websockets = serve_router(websockets, buildbot, header_timeout, ws_stopped);
                 let (grpc, _) = tokio::join!(router.serve_with_incoming_shutdown(incoming, stopped), websockets);
                 grpc.map_err(|e| e.to_string())
             })
@@ -314,8 +314,8 @@ fn serve_http(
 /// Serves `router` on `listener` until `stopped`, then ends each connection once its request in
 /// progress is answered — as `axum::serve` does, but with a deadline for each request's headers
 /// (which also bounds how long a kept-alive connection waits for its next request), so that
-/// connections that never finish a request cannot pile up. An upgraded connection (`/ws`) is the
-/// WebSocket's own from then on.
+/// connections that never finish a request cannot pile up. Handlers find the peer as
+/// `ConnectInfo<L::Addr>`. An upgraded connection (a WebSocket) is its handler's from then on.
 async fn serve_router<L>(
     mut listener: L,
     router: axum::Router,
@@ -323,6 +323,7 @@ async fn serve_router<L>(
     stopped: impl Future<Output = ()>,
 ) where
     L: axum::serve::Listener,
+    L::Addr: Clone + Send + Sync + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -330,11 +331,15 @@ async fn serve_router<L>(
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stopped = std::pin::pin!(stopped);
     loop {
-        let (io, _) = tokio::select! {
+        let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut stopped => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service = tower::ServiceExt::map_request(router.clone(), move |mut request: axum::http::Request<_>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer.clone()));
+            request
+        });
+        let service = hyper_util::service::TowerToHyperService::new(service);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
         let connection = connections.watch(connection);
         tokio::spawn(async move {

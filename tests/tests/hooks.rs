@@ -383,8 +383,9 @@ async fn until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Op
     read.ok().map(|_| String::from_utf8_lossy(&got).into_owned())
 }
 
-/// A client that never finishes its request's headers is disconnected, and a delivery whose body
-/// is trickled in is answered 408 and stores nothing, both once `http.request_timeout` has passed;
+/// A client that never finishes its request's headers is disconnected — on the HTTP port and on
+/// the worker port, where Buildbot's workers open their WebSocket — and a delivery whose body is
+/// trickled in is answered 408 and stores nothing, all once `http.request_timeout` has passed;
 /// the master answers everyone else meanwhile, and a delivery sent whole is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_trickled_in_is_cut_off_after_the_request_timeout() {
@@ -394,6 +395,8 @@ async fn a_request_trickled_in_is_cut_off_after_the_request_timeout() {
     let started = std::time::Instant::now();
     let mut stalled = tokio::net::TcpStream::connect(master.http).await.unwrap();
     stalled.write_all(b"GET /api/v2/builders HTTP/1.1\r\nHost: kiln\r\n").await.unwrap();
+    let mut stalled_worker = tokio::net::TcpStream::connect(master.grpc).await.unwrap();
+    stalled_worker.write_all(b"GET / HTTP/1.1\r\nHost: kiln\r\nUpgrade: websocket\r\n").await.unwrap();
     let mut trickled = tokio::net::TcpStream::connect(master.http).await.unwrap();
     trickled
         .write_all(
@@ -408,6 +411,8 @@ async fn a_request_trickled_in_is_cut_off_after_the_request_timeout() {
     let said = until_closed(&mut stalled, Duration::from_secs(20)).await.expect("the stalled client disconnected");
     assert!(started.elapsed() >= Duration::from_millis(900), "not before the timeout: {:?}", started.elapsed());
     assert!(!said.contains("200 OK"), "{said}");
+    let said = until_closed(&mut stalled_worker, Duration::from_secs(20)).await.expect("the worker port let go");
+    assert!(said.is_empty(), "{said}");
     let said = until_closed(&mut trickled, Duration::from_secs(20)).await.expect("the trickled delivery ended");
     assert!(said.starts_with("HTTP/1.1 408"), "{said}");
     assert!(said.contains("http.request_timeout"), "{said}");

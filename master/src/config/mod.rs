@@ -119,7 +119,8 @@ pub struct HttpConfig {
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
     /// Seconds a client may take to send a request's headers (also the longest a kept-alive
-    /// connection waits for its next request), and to send a change hook's body. A slower client
+    /// connection waits for its next request) — on this port and in the WebSocket handshake of
+    /// Buildbot's workers on the worker port — and to send a change hook's body. A slower client
     /// is disconnected, or answered 408, so connections that never finish a request cannot pile
     /// up. GitHub and GitLab send a delivery within their own 10 s timeout.
     #[serde(default = "default_request_timeout")]
