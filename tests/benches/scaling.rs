@@ -266,6 +266,9 @@ async fn main() {
             assert!(Instant::now() < deadline, "the pool did not drain");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // From an empty pool at rest: the scaler, which looks at most once per 25 ms while it is
+        // busy (here, draining the last worker), has settled.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let sent = Instant::now();
         force(&client, &master.base).await;
         loop {

@@ -23,6 +23,37 @@ use kubernetes::KubernetesPool;
 use leader::Leadership;
 use local::{LocalError, LocalPool};
 
+/// How often a busy scaler looks at the queue at most.
+const STEP_SPACING: Duration = Duration::from_millis(25);
+/// How many looks a scaler may take at once after a quiet spell.
+const STEP_BURST: u32 = 8;
+
+/// A token bucket: `burst` steps at once, then one per `spacing`.
+#[derive(Debug)]
+struct Pace {
+    spacing: Duration,
+    burst: u32,
+    /// When the bucket is full again; in the past when it is full.
+    full_at: tokio::time::Instant,
+}
+
+impl Pace {
+    /// A full bucket at `now`.
+    fn new(spacing: Duration, burst: u32, now: tokio::time::Instant) -> Pace {
+        Pace { spacing, burst, full_at: now }
+    }
+
+    /// Takes a step at `now`: how long to wait before taking it.
+    fn take(&mut self, now: tokio::time::Instant) -> Duration {
+        let deepest = self.spacing * self.burst;
+        // A bucket full since long ago holds only `burst` steps.
+        let full_at = self.full_at.max(now);
+        let start = (full_at + self.spacing).saturating_duration_since(now).saturating_sub(deepest);
+        self.full_at = full_at + self.spacing;
+        start
+    }
+}
+
 /// What a pool needs of the master it runs in: the database, the workers connected here, the
 /// wake-ups, and the builders the pool's workers run. Nothing else of the master is reachable.
 #[derive(Debug, Clone)]
@@ -132,7 +163,17 @@ impl Pool {
         let sweep = Duration::from_secs(30);
         let mut wanted = master.signals.scale_events();
         let mut failures = 0u32;
+        let mut pace = Pace::new(STEP_SPACING, STEP_BURST, tokio::time::Instant::now());
         while !*shutdown.borrow() {
+            // Every submission and build start wakes the scalers: in a burst, one look per
+            // STEP_SPACING sees all of them, while a wake after a quiet spell is taken at once.
+            let wait = pace.take(tokio::time::Instant::now());
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
             let leading = match &mut leadership {
                 Some(l) => l.hold().await,
                 None => true,
@@ -325,4 +366,24 @@ fn static_members(master: &MasterPort, pool: &str, running: &HashMap<String, (u3
             busy_for_secs: 0,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scaler_steps_at_once_after_a_quiet_spell_and_once_per_spacing_in_a_burst() {
+        let spacing = Duration::from_millis(25);
+        let start = tokio::time::Instant::now();
+        let mut pace = Pace::new(spacing, 2, start);
+        assert_eq!(pace.take(start), Duration::ZERO);
+        assert_eq!(pace.take(start), Duration::ZERO, "two at once");
+        assert_eq!(pace.take(start), spacing, "then one per spacing");
+        assert_eq!(pace.take(start + spacing), spacing);
+        let later = start + Duration::from_secs(10);
+        assert_eq!(pace.take(later), Duration::ZERO, "a quiet spell fills the bucket");
+        assert_eq!(pace.take(later), Duration::ZERO);
+        assert_eq!(pace.take(later + Duration::from_millis(5)), Duration::from_millis(20));
+    }
 }
