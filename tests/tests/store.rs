@@ -63,6 +63,16 @@ async fn builder(store: &Store, name: &str) -> i64 {
     store.upsert_builder(name, None, &[]).await.unwrap()
 }
 
+/// A build of builder `b` running on worker `w` of master `m`.
+async fn one_running_build(store: &Store) -> kiln_master::store::NewBuild {
+    let master = store.register_master("m").await.unwrap();
+    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
+    let b = builder(store, "b").await;
+    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
+    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
+    store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap()
+}
+
 fn buildset(builderids: Vec<i64>, priority: i64) -> NewBuildset {
     NewBuildset {
         reason: "test".into(),
@@ -484,12 +494,7 @@ async fn a_buildset_completes_with_the_worst_result(store: Store) {
 }
 
 async fn logs_round_trip_through_compressed_chunks(store: Store) {
-    let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
-    let b = builder(&store, "b").await;
-    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
-    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
-    let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
+    let build = one_running_build(&store).await;
     let (step, log) = store.begin_step(build.buildid, 0, "s", "running").await.unwrap();
     let big: String = (0..2000).map(|i| format!("oline {i} of a long build log\n")).collect();
     let next = store.append_log(log, 0, &big).await.unwrap();
@@ -513,12 +518,7 @@ async fn logs_round_trip_through_compressed_chunks(store: Store) {
 /// again: a step is recorded once, and a log's lines written again with more that came meanwhile
 /// are stored once, the rest following.
 async fn a_build_write_tried_again_after_its_commit_is_recorded_once(store: Store) {
-    let master = store.register_master("m").await.unwrap();
-    let worker = store.worker_connected("w", &json!({}), Some(master), &[]).await.unwrap();
-    let b = builder(&store, "b").await;
-    store.add_buildset(&buildset(vec![b], 0)).await.unwrap();
-    let claim = store.claim_next(master, None, LEASE).await.unwrap().unwrap();
-    let build = store.new_build(b, claim.brid, worker, master, &Properties::new(), &[]).await.unwrap();
+    let build = one_running_build(&store).await;
     let skipped = store.skip_step(build.buildid, 0, "first").await.unwrap();
     assert_eq!(store.skip_step(build.buildid, 0, "first").await.unwrap(), skipped, "a step is recorded once");
     let (step, log) = store.begin_step(build.buildid, 1, "s", "running").await.unwrap();
